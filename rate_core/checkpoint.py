@@ -1,0 +1,125 @@
+"""Checkpoints: a folder with `config.json` and `model.safetensors`, the Hugging Face Hub layout.
+
+config.json holds {"format_version", "model_config", "task", "training"} so that
+`MemoryTransformer.from_pretrained(folder)` (PyTorchModelHubMixin) rebuilds the same model.
+Weights are safetensors: loading never unpickles. Every problem with a folder raises
+CheckpointError naming the file and what is wrong with it.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from rate_core.model import MemoryTransformer, ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used; the message names the file and the problem."""
+
+
+def checkpoint_config(model: MemoryTransformer) -> dict:
+    """The JSON-able content of config.json for `model`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": asdict(model.config),
+        "task": model.task,
+        "training": model.training_info,
+    }
+
+
+def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike) -> Path:
+    """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
+    complete checkpoint or the new complete one, never a mix or a half-written file."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, config=checkpoint_config(model))
+    for path in staging.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"
+    if directory.exists():
+        os.replace(directory, retired)
+    os.replace(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+    return directory
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict:
+    """Parse and check config.json of a checkpoint folder; returns the dict with `model_config`
+    turned into a ModelConfig."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint folder does not exist (expected a folder with "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error}); the file is truncated or corrupt") from error
+    if not isinstance(config, dict) or not isinstance(config.get("model_config"), dict):
+        raise CheckpointError(f"{config_path}: no 'model_config' object; this is not a rate_core checkpoint")
+    version = config.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {version} is newer than this rate_core "
+                              f"({FORMAT_VERSION}); upgrade rate_core")
+    try:
+        config["model_config"] = ModelConfig(**config["model_config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: bad model_config: {error}") from error
+    return config
+
+
+def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode: str | None = None,
+                    device: str | torch.device = "cpu") -> MemoryTransformer:
+    """Load a checkpoint folder into a MemoryTransformer in eval mode on `device`.
+
+    task, mode: when given, the checkpoint must have been trained for that task / in that mode.
+    Raises CheckpointError for a missing folder or file, a corrupt or truncated file, weights that
+    do not match the config, or a different task or mode.
+    """
+    directory = Path(directory)
+    config = read_checkpoint_config(directory)
+    config_path = directory / CONFIG_NAME
+    model_config = config["model_config"]
+    if task is not None and config.get("task") != task:
+        raise CheckpointError(f"{config_path}: checkpoint is for task {config.get('task')!r}, expected {task!r}")
+    if mode is not None and model_config.mode != mode:
+        raise CheckpointError(f"{config_path}: checkpoint is a {model_config.mode!r} model, expected {mode!r}")
+
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing; a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights_path}: cannot be read ({error}); the file is truncated or corrupt") from error
+
+    model = MemoryTransformer(model_config, task=config.get("task", ""), training=config.get("training"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(filter(None, [
+            f"missing tensors {missing[:5]}" if missing else "",
+            f"unexpected tensors {unexpected[:5]}" if unexpected else "",
+            f"wrong shapes {wrong_shape[:5]}" if wrong_shape else "",
+        ]))
+        raise CheckpointError(f"{weights_path}: does not match {CONFIG_NAME} ({details})")
+    model.load_state_dict(state)
+    return model.to(device).eval()

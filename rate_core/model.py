@@ -1,0 +1,370 @@
+"""The memory transformer: one module for RATE, RMT, TrXL and DT (see shared spec model.md).
+
+A trajectory is a sequence of (return-to-go R_t, observation o_t, action a_t) steps. Each step
+becomes three tokens R, o, a. A segment of T steps is processed as
+
+    [read memory (m) | 3T trajectory tokens | write memory (m)]
+
+by a stack of post-LN Transformer-XL layers with relative positions (no absolute timestep
+embedding). The action a_t is predicted from the output at the o_t token. The outputs at the write
+positions, passed through the Memory Retention Valve (MRV), become the memory of the next segment.
+Each layer can also keep a Transformer-XL cache of `mem_len` past hidden inputs.
+
+The four modes are configurations of the same class:
+    rate: memory tokens, MRV (n_head_ca > 0), cache optional
+    rmt:  memory tokens, no MRV (memory = write outputs), no cache
+    trxl: no memory tokens, cache only
+    dt:   no memory, no cache, one window of K*N steps
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch.utils.checkpoint import checkpoint
+
+MODES = ("rate", "rmt", "trxl", "dt")
+OBS_KINDS = ("vector", "image")
+MRV_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
+ACTION_PAD = -10  # action value that marks padding in datasets and the unknown current action
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a MemoryTransformer. Defaults: the paper's T-Maze RATE (model.md section 7)."""
+
+    mode: str = "rate"
+    """how memory flows: rate | rmt | trxl | dt"""
+    obs_kind: str = "vector"
+    """vector (float observations of shape (D,)) or image (uint8 (3, H, W))"""
+    obs_shape: tuple[int, ...] = (4,)
+    """shape of one observation"""
+    act_dim: int = 4
+    """number of discrete actions"""
+    context_length: int = 50
+    """K: steps per segment (DT: its window is K * sections steps)"""
+    sections: int = 3
+    """N: segments per training sample"""
+    d_model: int = 64
+    """width of every token"""
+    n_layer: int = 8
+    """number of transformer layers"""
+    n_head: int = 8
+    """attention heads per layer"""
+    d_head: int = 64
+    """width of one attention head (independent of d_model)"""
+    use_ffn: bool = False
+    """whether each layer has a feed-forward block after attention"""
+    d_inner: int = 128
+    """hidden width of the feed-forward block"""
+    dropout: float = 0.2
+    """dropout on inputs, sublayer outputs and the final output"""
+    dropatt: float = 0.1
+    """dropout on attention probabilities (MRV included)"""
+    num_mem_tokens: int = 10
+    """m: memory tokens (0 for trxl and dt)"""
+    mem_len: int = 0
+    """Transformer-XL cache length per layer, in tokens (0: no cache)"""
+    n_head_ca: int = 2
+    """heads of the Memory Retention Valve (0: no MRV, memory = write outputs)"""
+    mrv_act: str = "relu"
+    """activation applied to the write outputs before the MRV"""
+    conv_channels: tuple[int, int, int] = (32, 64, 64)
+    """channels of the three image-encoder convolutions (smaller for CPU training)"""
+
+    def __post_init__(self):
+        # JSON gives lists; keep tuples so configs compare equal after a round trip.
+        self.obs_shape = tuple(int(s) for s in self.obs_shape)
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the field when the configuration is inconsistent."""
+
+        def check(ok, message):
+            if not ok:
+                raise ValueError(f"invalid ModelConfig: {message}")
+
+        check(self.mode in MODES, f"mode={self.mode!r}, expected one of {MODES}")
+        check(self.obs_kind in OBS_KINDS, f"obs_kind={self.obs_kind!r}, expected one of {OBS_KINDS}")
+        check(self.mrv_act in MRV_ACTIVATIONS, f"mrv_act={self.mrv_act!r}, expected one of {MRV_ACTIVATIONS}")
+        if self.obs_kind == "vector":
+            check(len(self.obs_shape) == 1, f"vector observations need obs_shape=(D,), got {self.obs_shape}")
+        else:
+            check(len(self.obs_shape) == 3 and self.obs_shape[0] == 3,
+                  f"image observations need obs_shape=(3, H, W), got {self.obs_shape}")
+        for name in ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_mem_tokens", "mem_len", "n_head_ca"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        m, mem_len, ca = self.num_mem_tokens, self.mem_len, self.n_head_ca
+        if self.mode == "rate":
+            check(m > 0, "mode rate needs num_mem_tokens > 0")
+        elif self.mode == "rmt":
+            check(m > 0 and mem_len == 0 and ca == 0, "mode rmt needs num_mem_tokens > 0, mem_len = 0, n_head_ca = 0")
+        elif self.mode == "trxl":
+            check(m == 0 and mem_len > 0 and ca == 0, "mode trxl needs num_mem_tokens = 0, mem_len > 0, n_head_ca = 0")
+        else:
+            check(m == 0 and mem_len == 0 and ca == 0, "mode dt needs num_mem_tokens = 0, mem_len = 0, n_head_ca = 0")
+        if ca > 0:
+            check(self.d_model % ca == 0, f"d_model={self.d_model} must be divisible by n_head_ca={ca}")
+
+    @property
+    def segment_steps(self) -> int:
+        """Steps the model sees in one forward pass: K, or K * N for DT's single window."""
+        return self.context_length * self.sections if self.mode == "dt" else self.context_length
+
+
+class MemoryState(NamedTuple):
+    """What one segment hands to the next.
+
+    memory: (B, m, d_model) memory tokens, or None when m = 0.
+    cache: one (B, L, d_model) tensor of past hidden inputs per layer (L <= mem_len), or None.
+    """
+
+    memory: torch.Tensor | None
+    cache: tuple[torch.Tensor, ...] | None
+
+
+def sinusoid(distances: torch.Tensor, dim: int) -> torch.Tensor:
+    """(P,) signed relative distances -> (P, dim) sinusoidal embedding (Transformer-XL)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim))
+    angles = distances.float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def relative_shift(scores: torch.Tensor, key_len: int) -> torch.Tensor:
+    """Align position scores to key positions.
+
+    scores: (..., Q, W) where column c holds the score for relative distance key_len - 1 - c
+    (W >= key_len). Returns (..., Q, key_len) where entry (i, j) holds the score for the distance
+    (key_len - Q + i) - j between query i (the last Q positions) and key j. Entries whose distance
+    falls outside the W columns are arbitrary finite values; the attention mask must hide them.
+    """
+    *batch, q_len, width = scores.shape
+    padded = F.pad(scores, (0, 1))  # width + 1 >= key_len + 1 columns make the strided view fit
+    flat = padded.reshape(*batch, q_len * (width + 1))
+    return flat[..., q_len - 1 : q_len - 1 + q_len * width].reshape(*batch, q_len, width)[..., :key_len]
+
+
+class RelativeAttentionLayer(nn.Module):
+    """One post-LN Transformer-XL layer: relative multi-head attention, then an optional FFN."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.d_head = config.n_head, config.d_head
+        inner = config.n_head * config.d_head
+        self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.pos_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.out = nn.Linear(inner, config.d_model, bias=False)
+        self.attn_norm = nn.LayerNorm(config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.dropatt = config.dropatt
+        self.ffn = None
+        if config.use_ffn:
+            self.ffn = nn.Sequential(
+                nn.Linear(config.d_model, config.d_inner), nn.ReLU(), nn.Dropout(config.dropout),
+                nn.Linear(config.d_inner, config.d_model), nn.Dropout(config.dropout),
+            )
+            self.ffn_norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, x, cache, pos_emb, content_bias, position_bias, allowed):
+        """x: (B, Q, d) layer input; cache: (B, L, d) or None; pos_emb: (W, d) embeddings of the
+        distances key_len - 1 down to key_len - W; content_bias, position_bias: (H, d_head);
+        allowed: (Q, L + Q) bool, True where query i may attend to key j. Returns (B, Q, d)."""
+        batch, q_len, _ = x.shape
+        context = x if cache is None else torch.cat([cache, x], dim=1)
+        key_len = context.shape[1]
+        heads = self.qkv(context).view(batch, key_len, 3, self.n_head, self.d_head)
+        query = heads[:, -q_len:, 0]  # (B, Q, H, dh)
+        key, value = heads[:, :, 1].transpose(1, 2), heads[:, :, 2].transpose(1, 2)  # (B, H, K, dh)
+        pos_key = self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # (H, dh, W)
+
+        # Position scores (q + v) . r_distance as one GEMM per head over all batch rows, then
+        # shifted so that entry (i, j) holds the distance between query i and key j.
+        pos_query = (query + position_bias).permute(2, 0, 1, 3).reshape(self.n_head, batch * q_len, self.d_head)
+        pos_scores = torch.bmm(pos_query, pos_key).view(self.n_head, batch, q_len, -1)
+        pos_scores = relative_shift(pos_scores, key_len).transpose(0, 1)  # (B, H, Q, K)
+        bias = (pos_scores * (1.0 / math.sqrt(self.d_head))).masked_fill(~allowed, float("-inf"))
+        attended = F.scaled_dot_product_attention(
+            (query + content_bias).transpose(1, 2), key, value, attn_mask=bias,
+            dropout_p=self.dropatt if self.training else 0.0,
+        )
+        attended = attended.transpose(1, 2).reshape(batch, q_len, -1)
+
+        x = self.attn_norm(x + self.drop(self.out(attended)))
+        if self.ffn is not None:
+            x = self.ffn_norm(x + self.ffn(x))
+        return x
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, H, W) uint8 -> (B, d_model): three convolutions, flatten, Linear, Tanh."""
+
+    def __init__(self, obs_shape, d_model, channels):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, c1, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(c1, c2, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.convs(torch.zeros(1, *obs_shape)).shape[1]
+        self.proj = nn.Sequential(nn.Linear(flat, d_model), nn.Tanh())
+
+    def forward(self, images):
+        return self.proj(self.convs(images.float() / 255.0))
+
+
+class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core", tags=["offline-rl", "rate"]):
+    """RATE, RMT, TrXL or DT, by `model_config.mode`.
+
+    `task` names the task the weights were trained on and `training` holds free-form metadata
+    (dataset, epochs, ...); both are stored in config.json next to the model config.
+    """
+
+    def __init__(self, model_config: ModelConfig, task: str = "", training: dict | None = None):
+        super().__init__()
+        if isinstance(model_config, dict):
+            model_config = ModelConfig(**model_config)
+        self.config = model_config
+        self.task = task
+        self.activation_checkpointing = False  # trade compute for memory in training (not saved)
+        self.training_info = dict(training or {})
+        c = model_config
+        if c.obs_kind == "vector":
+            self.obs_encoder = nn.Linear(c.obs_shape[0], c.d_model)
+        else:
+            self.obs_encoder = ImageEncoder(c.obs_shape, c.d_model, c.conv_channels)
+        self.rtg_encoder = nn.Linear(1, c.d_model)
+        self.action_encoder = nn.Embedding(c.act_dim + 1, c.d_model, padding_idx=c.act_dim)
+        self.initial_memory = nn.Parameter(torch.randn(c.num_mem_tokens, c.d_model)) if c.num_mem_tokens else None
+        self.content_bias = nn.Parameter(torch.zeros(c.n_head, c.d_head))
+        self.position_bias = nn.Parameter(torch.zeros(c.n_head, c.d_head))
+        self.layers = nn.ModuleList(RelativeAttentionLayer(c) for _ in range(c.n_layer))
+        self.drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.d_model, c.act_dim, bias=False)
+        self.mrv = None
+        if c.n_head_ca > 0:
+            self.mrv = nn.MultiheadAttention(c.d_model, c.n_head_ca, dropout=c.dropatt, batch_first=True)
+            self.mrv_proj = nn.Linear(c.d_model, c.d_model)
+        self.mrv_act = {"relu": F.relu, "leaky_relu": F.leaky_relu, "tanh": torch.tanh, "none": lambda w: w}[c.mrv_act]
+
+    # ----------------------------------------------------------------------------------- state
+    def initial_state(self, batch_size: int) -> MemoryState:
+        """Memory and cache before the first segment of an episode."""
+        memory = None
+        if self.initial_memory is not None:
+            memory = self.initial_memory.unsqueeze(0).expand(batch_size, -1, -1)
+        return MemoryState(memory, None)
+
+    # ------------------------------------------------------------------------------ embedding
+    def embed(self, rtg, obs, actions):
+        """rtg (B, T) or (B, T, 1) float; obs (B, T, *obs_shape); actions (B, T) long, negative =
+        padding (the current, not yet chosen action is padding too). Returns (B, 3T, d) tokens in
+        the order R_1, o_1, a_1, R_2, ..."""
+        batch, steps = actions.shape
+        rtg = rtg.reshape(batch, steps, 1).float()
+        obs = obs.reshape(batch * steps, *self.config.obs_shape)
+        obs_tokens = self.obs_encoder(obs.float() if self.config.obs_kind == "vector" else obs)
+        action_ids = torch.where(actions < 0, self.config.act_dim, actions).long()
+        tokens = torch.stack([
+            self.rtg_encoder(rtg),
+            obs_tokens.view(batch, steps, -1),
+            self.action_encoder(action_ids),
+        ], dim=2)
+        return tokens.view(batch, 3 * steps, self.config.d_model)
+
+    # ----------------------------------------------------------------------------------- core
+    def attention_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
+        """(m + S + m, L + m + S + m) bool mask of model.md section 2 for S segment tokens and a
+        cache of L positions: True where the query row may attend to the key column."""
+        m = self.config.num_mem_tokens
+        q_len = 2 * m + num_tokens
+        allowed = torch.zeros(q_len, cache_len + q_len, dtype=torch.bool, device=device)
+        read, seg, write = slice(0, m), slice(m, m + num_tokens), slice(m + num_tokens, q_len)
+        key = lambda s: slice(cache_len + s.start, cache_len + s.stop)  # noqa: E731
+        allowed[read, key(read)] = True
+        allowed[seg, :cache_len] = True
+        allowed[seg, key(read)] = True
+        allowed[seg, key(seg)] = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
+        allowed[write, key(read)] = True
+        allowed[write, key(seg)] = True
+        allowed[write, key(write)] = True
+        return allowed
+
+    def run_core(self, tokens, read_memory=None, write_memory=None, cache=None):
+        """tokens (B, S, d); read_memory, write_memory (B, m, d) or None; cache: per-layer
+        (B, L, d) or None. Returns hidden (B, m + S + m, d) and the new cache (or None)."""
+        parts = [p for p in (read_memory, tokens, write_memory) if p is not None]
+        x = self.drop(torch.cat(parts, dim=1) if len(parts) > 1 else tokens)
+        cache_len = 0 if cache is None else cache[0].shape[1]
+        q_len = x.shape[1]
+        key_len = cache_len + q_len
+        # Signed distances key_len - 1 down to -(m - 1): memory blocks are bidirectional.
+        lowest = -max(self.config.num_mem_tokens - 1, 0)
+        distances = torch.arange(key_len - 1, lowest - 1, -1, device=x.device)
+        pos_emb = self.drop(sinusoid(distances, self.config.d_model).to(x.dtype))
+        allowed = self.attention_mask(tokens.shape[1], cache_len, x.device)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        layer_inputs = []
+        for i, layer in enumerate(self.layers):
+            layer_inputs.append(x)
+            args = (x, None if cache is None else cache[i], pos_emb, self.content_bias, self.position_bias, allowed)
+            # Recomputing a layer in backward keeps only its input alive: the (B, H, Q, K) attention
+            # tensors of all layers and segments would otherwise be held for the whole BPTT step.
+            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+        new_cache = None
+        if self.config.mem_len > 0:
+            with torch.no_grad():
+                new_cache = tuple(
+                    (h if cache is None else torch.cat([cache[i], h], dim=1))[:, -self.config.mem_len:].detach()
+                    for i, h in enumerate(layer_inputs)
+                )
+        return self.drop(x), new_cache
+
+    def update_memory(self, memory, write_out):
+        """memory (B, m, d): this segment's memory; write_out (B, m, d): outputs at the write
+        positions. Returns the next segment's memory (B, m, d) via the MRV, or write_out (RMT)."""
+        if self.mrv is None:
+            return write_out
+        values = self.mrv_act(write_out)
+        attended, _ = self.mrv(memory, values, values, need_weights=False)
+        return self.mrv_proj(attended)
+
+    def forward(self, rtg, obs, actions, state: MemoryState | None = None):
+        """Process one segment of T steps (T <= segment_steps).
+
+        rtg: (B, T) or (B, T, 1); obs: (B, T, *obs_shape) float or uint8; actions: (B, T) long with
+        negative values for padding. state: from initial_state() or the previous segment.
+        Returns logits (B, T, act_dim) (row t predicts a_t from R_<=t, o_<=t, a_<t) and the state
+        for the next segment.
+        """
+        batch, steps = actions.shape
+        if state is None:
+            state = self.initial_state(batch)
+        tokens = self.embed(rtg, obs, actions)
+        m = self.config.num_mem_tokens
+        hidden, cache = self.run_core(tokens, state.memory, state.memory, state.cache)
+        logits = self.head(hidden[:, m + 1 : m + 3 * steps : 3])
+        memory = None
+        if m:
+            memory = self.update_memory(state.memory, hidden[:, m + 3 * steps :])
+        return logits, MemoryState(memory, cache)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------- hub integration
+    @classmethod
+    def _from_pretrained(cls, *, model_id, map_location="cpu", **kwargs):
+        """from_pretrained() of a local folder goes through the validating checkpoint loader."""
+        from rate_core.checkpoint import load_checkpoint
+
+        return load_checkpoint(model_id, device=map_location)

@@ -1,0 +1,141 @@
+"""Checkpoint folders: round trips (ours and the Hub mixin's) and a clear error for each bad case."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rate_core.model import MemoryTransformer
+from tests.tiny import random_batch, sample_logits, tiny_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model("rate_cached", obs_kind="image", obs_shape=(3, 64, 64))
+    model.training_info = {"epochs": 3, "dataset": "unit"}
+    directory = save_checkpoint(model, tmp_path / "ckpt")
+    return model, directory
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, directory = saved
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("README")) == \
+        ["config.json", "model.safetensors"]
+    loaded = load_checkpoint(directory, task="unit_test", mode="rate")
+    assert loaded.config == model.config and loaded.task == "unit_test"
+    assert loaded.training_info == {"epochs": 3, "dataset": "unit"}
+    assert not loaded.training
+    batch = random_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(sample_logits(model, *batch), sample_logits(loaded, *batch))
+
+
+def test_hub_mixin_round_trip(tmp_path, saved):
+    model, directory = saved
+    loaded = MemoryTransformer.from_pretrained(directory)
+    batch = random_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(sample_logits(model, *batch), sample_logits(loaded, *batch))
+    # A folder written by the mixin's own save_pretrained loads through ours.
+    model.save_pretrained(tmp_path / "mixin")
+    again = load_checkpoint(tmp_path / "mixin")
+    assert again.config == model.config and again.task == "unit_test"
+    with torch.no_grad():
+        assert torch.equal(sample_logits(model, *batch), sample_logits(again, *batch))
+
+
+def test_saving_over_a_checkpoint_replaces_it_and_leaves_no_debris(saved):
+    model, directory = saved
+    other = tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64))
+    save_checkpoint(other, directory)
+    loaded = load_checkpoint(directory)
+    assert torch.equal(loaded.head.weight, other.head.weight)
+    assert [p.name for p in directory.parent.iterdir()] == ["ckpt"]
+
+
+def test_config_holds_model_task_and_training(saved):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    assert config["task"] == "unit_test" and config["format_version"] == 1
+    assert config["model_config"]["mode"] == "rate" and config["model_config"]["obs_shape"] == [3, 64, 64]
+    assert config["training"] == {"epochs": 3, "dataset": "unit"}
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_files(saved):
+    _, directory = saved
+    os.remove(directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
+        load_checkpoint(directory)
+    os.remove(directory / "config.json")
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        load_checkpoint(directory)
+
+
+def test_truncated_weights(saved):
+    _, directory = saved
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot be read.*truncated or corrupt"):
+        load_checkpoint(directory)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot be read"):
+        load_checkpoint(directory)
+
+
+def test_corrupt_config(saved):
+    _, directory = saved
+    path = directory / "config.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_checkpoint(directory)
+    path.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: no 'model_config'"):
+        load_checkpoint(directory)
+    path.write_text(json.dumps({"model_config": {"mode": "rate", "num_mem_tokens": 0}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: bad model_config.*num_mem_tokens"):
+        load_checkpoint(directory)
+    path.write_text(json.dumps({"model_config": {"mode": "rate", "d_modle": 3}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: bad model_config.*d_modle"):
+        load_checkpoint(directory)
+
+
+def test_weights_that_do_not_match_the_config(saved):
+    _, directory = saved
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["model_config"]["d_head"] = 4
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not match config\.json.*wrong shapes"):
+        load_checkpoint(directory)
+    config["model_config"]["d_head"] = 8
+    config["model_config"]["n_layer"] = 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"does not match config\.json.*missing tensors"):
+        load_checkpoint(directory)
+
+
+def test_wrong_task_or_mode(saved):
+    _, directory = saved
+    with pytest.raises(CheckpointError, match=r"config\.json: checkpoint is for task 'unit_test', expected 'tmaze'"):
+        load_checkpoint(directory, task="tmaze")
+    with pytest.raises(CheckpointError, match=r"config\.json: checkpoint is a 'rate' model, expected 'dt'"):
+        load_checkpoint(directory, mode="dt")
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    _, directory = saved
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load must not be used")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    load_checkpoint(directory)
+    MemoryTransformer.from_pretrained(directory)

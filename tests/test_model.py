@@ -1,0 +1,265 @@
+"""Behaviour of the memory transformer: shapes, causality, memory flow, gradients, determinism."""
+
+import pytest
+import torch
+
+from rate_core.model import ACTION_PAD, MemoryState, ModelConfig, MemoryTransformer, relative_shift
+from rate_core.paper import PAPER_TASKS, paper_config
+from tests.tiny import ALL_VARIANTS, K, N, random_batch, sample_logits, tiny_config, tiny_model
+from training.step import train_step
+
+RECURRENT = [v for v in ALL_VARIANTS if v != "dt"]
+
+
+def test_config_rejects_inconsistent_modes():
+    with pytest.raises(ValueError, match="mode dt needs"):
+        tiny_config("dt", num_mem_tokens=2)
+    with pytest.raises(ValueError, match="mode rmt needs"):
+        tiny_config("rmt", n_head_ca=2)
+    with pytest.raises(ValueError, match="mode trxl needs"):
+        tiny_config("trxl", mem_len=0)
+    with pytest.raises(ValueError, match="mode rate needs"):
+        tiny_config("rate", num_mem_tokens=0)
+    with pytest.raises(ValueError, match="obs_shape"):
+        tiny_config("rate", obs_kind="image", obs_shape=(64, 64))
+    with pytest.raises(ValueError, match="mrv_act"):
+        tiny_config("rate", mrv_act="gelu")
+
+
+def test_relative_shift_matches_direct_indexing():
+    q_len, key_len, extra = 5, 9, 2  # two negative distances, as memory blocks need
+    width = key_len + extra
+    scores = torch.randn(3, q_len, width)
+    shifted = relative_shift(scores, key_len)
+    for i in range(q_len):
+        for j in range(key_len):
+            distance = (key_len - q_len + i) - j
+            column = key_len - 1 - distance
+            if 0 <= column < width:
+                assert shifted[:, i, j].tolist() == scores[:, i, column].tolist()
+
+
+def test_attention_mask_follows_the_spec():
+    model = tiny_model("rate_cached")
+    m, seg, cache = 3, 6, 5
+    allowed = model.attention_mask(seg, cache)
+    assert allowed.shape == (2 * m + seg, cache + 2 * m + seg)
+    read_rows, seg_rows, write_rows = allowed[:m], allowed[m:m + seg], allowed[m + seg:]
+    # read rows: the read block only
+    assert read_rows[:, cache:cache + m].all() and read_rows.sum() == m * m
+    # segment rows: all of the cache and read block, causal among segment tokens, never the write block
+    assert seg_rows[:, :cache + m].all()
+    assert torch.equal(seg_rows[:, cache + m:cache + m + seg], torch.ones(seg, seg, dtype=torch.bool).tril())
+    assert not seg_rows[:, cache + m + seg:].any()
+    # write rows: no cache, everything else
+    assert not write_rows[:, :cache].any() and write_rows[:, cache:].all()
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_output_shapes_and_state(variant):
+    model = tiny_model(variant)
+    rtg, obs, actions = random_batch(model.config, batch=3, steps=model.config.segment_steps)
+    logits, state = model(rtg, obs, actions)
+    assert logits.shape == (3, model.config.segment_steps, 4)
+    m = model.config.num_mem_tokens
+    assert (state.memory is None) == (m == 0)
+    if m:
+        assert state.memory.shape == (3, m, 16)
+    if model.config.mem_len:
+        assert len(state.cache) == 2
+        assert state.cache[0].shape == (3, min(model.config.mem_len, 2 * m + 3 * K), 16)
+        assert not state.cache[0].requires_grad
+    else:
+        assert state.cache is None
+
+
+@pytest.mark.parametrize("obs_shape", [(3, 64, 112), (3, 84, 84), (3, 64, 64)])
+def test_image_encoder_accepts_task_image_sizes(obs_shape):
+    model = tiny_model("rate", obs_kind="image", obs_shape=obs_shape)
+    rtg, obs, actions = random_batch(model.config, batch=2, steps=K)
+    assert obs.dtype == torch.uint8
+    logits, state = model(rtg, obs, actions)
+    assert logits.shape == (2, K, 4) and state.memory.shape == (2, 3, 16)
+
+
+def test_paper_configs_build_for_all_tasks():
+    for task in PAPER_TASKS:
+        for mode in ("rate", "rmt", "trxl", "dt"):
+            config = paper_config(task, mode)
+            assert config.mode == mode
+    assert paper_config("tmaze", "dt").segment_steps == 150
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_causality_within_and_across_segments(variant):
+    """Perturbing R, o or a at step t leaves every earlier step's logits unchanged; a_t also leaves
+    step t unchanged (it is predicted there), while o_t changes it."""
+    model = tiny_model(variant)
+    rtg, obs, actions = random_batch(model.config)
+    with torch.no_grad():
+        base = sample_logits(model, rtg, obs, actions)
+        for t in range(K * N):
+            for which in ("rtg", "obs", "actions"):
+                r, o, a = rtg.clone(), obs.clone(), actions.clone()
+                if which == "rtg":
+                    r[:, t] += 5.0
+                elif which == "obs":
+                    o[:, t] += 3.0
+                else:
+                    a[:, t] = (a[:, t] + 1) % 4
+                out = sample_logits(model, r, o, a)
+                seen_up_to = t + 1 if which == "actions" else t
+                assert torch.equal(out[:, :seen_up_to], base[:, :seen_up_to]), (which, t)
+                if which == "obs":
+                    assert not torch.allclose(out[:, t], base[:, t]), f"o_{t} must affect its own logits"
+
+
+@pytest.mark.parametrize("variant", ["rate", "rate_cached", "rmt"])
+def test_write_copy_never_influences_same_segment_logits(variant):
+    model = tiny_model(variant)
+    rtg, obs, actions = random_batch(model.config, steps=K)
+    m = model.config.num_mem_tokens
+    with torch.no_grad():
+        # A cache from a previous segment, so cached configurations are covered too.
+        _, state = model(rtg, obs, actions)
+        tokens = model.embed(rtg, obs, actions)
+        hidden, _ = model.run_core(tokens, state.memory, state.memory, state.cache)
+        perturbed, _ = model.run_core(tokens, state.memory, state.memory + 10 * torch.randn_like(state.memory),
+                                      state.cache)
+    assert torch.equal(hidden[:, : m + 3 * K], perturbed[:, : m + 3 * K])
+    assert not torch.allclose(hidden[:, m + 3 * K:], perturbed[:, m + 3 * K:])
+
+
+def _second_segment_logits(model, obs_shift):
+    rtg, obs, actions = random_batch(model.config, steps=2 * K)
+    obs = obs.clone()
+    obs[:, :K] += obs_shift
+    with torch.no_grad():
+        _, state = model(rtg[:, :K], obs[:, :K], actions[:, :K])
+        logits, _ = model(rtg[:, K:], obs[:, K:], actions[:, K:], state)
+    return logits
+
+
+def test_information_crosses_segments_only_through_memory_tokens():
+    """mem_len = 0: segment n's observations reach segment n+1 with memory tokens, not without."""
+    with_memory = tiny_model("rate")
+    assert not torch.allclose(_second_segment_logits(with_memory, 0.0), _second_segment_logits(with_memory, 2.0))
+    rmt = tiny_model("rmt")
+    assert not torch.allclose(_second_segment_logits(rmt, 0.0), _second_segment_logits(rmt, 2.0))
+    # m = 0 and mem_len = 0: the same network run segment by segment carries nothing over.
+    no_memory = tiny_model("dt")
+    assert torch.equal(_second_segment_logits(no_memory, 0.0), _second_segment_logits(no_memory, 2.0))
+    # The Transformer-XL cache is the other channel.
+    trxl = tiny_model("trxl")
+    assert not torch.allclose(_second_segment_logits(trxl, 0.0), _second_segment_logits(trxl, 2.0))
+
+
+class RecordingOptimizer(torch.optim.SGD):
+    """SGD that records the gradients it sees at every step."""
+
+    def __init__(self, model):
+        super().__init__(model.parameters(), lr=0.0)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append({self.names[id(p)]: (None if p.grad is None else p.grad.abs().sum().item())
+                          for group in self.param_groups for p in group["params"]})
+        return super().step(closure)
+
+
+def _last_segment_only_batch(config):
+    rtg, obs, actions = random_batch(config, batch=4)
+    actions = actions.clone()
+    actions[:, : (N - 1) * K] = ACTION_PAD  # no targets before the last segment
+    return rtg, obs, actions
+
+
+MRV_PARAMS = ("mrv.in_proj_weight", "mrv.out_proj.weight", "mrv_proj.weight")
+
+
+def test_bptt_trains_memory_from_a_last_segment_loss():
+    model = tiny_model("rate").train()
+    optimizer = RecordingOptimizer(model)
+    losses = train_step(model, optimizer, *_last_segment_only_batch(model.config), memory_grad="bptt")
+    assert len(losses) == 1 and len(optimizer.seen) == 1
+    grads = optimizer.seen[0]
+    for name in MRV_PARAMS + ("initial_memory",):
+        assert grads[name] is not None and grads[name] > 0, name
+
+
+def test_bptt_gradient_reaches_the_write_path():
+    """The write copy of segment 0 gets a gradient from a loss on segment 1 (through the MRV)."""
+    model = tiny_model("rate")
+    rtg, obs, actions = random_batch(model.config, steps=2 * K)
+    m = model.config.num_mem_tokens
+    memory = model.initial_state(2).memory
+    write_copy = memory.detach().clone().requires_grad_()
+    hidden, _ = model.run_core(model.embed(rtg[:, :K], obs[:, :K], actions[:, :K]), memory, write_copy)
+    next_state = MemoryState(model.update_memory(memory, hidden[:, m + 3 * K:]), None)
+    logits, _ = model(rtg[:, K:], obs[:, K:], actions[:, K:], next_state)
+    logits.sum().backward()
+    assert write_copy.grad is not None and write_copy.grad.abs().sum() > 0
+
+
+def test_detached_mode_leaves_the_mrv_untrained():
+    model = tiny_model("rate").train()
+    optimizer = RecordingOptimizer(model)
+    train_step(model, optimizer, *_last_segment_only_batch(model.config), memory_grad="detached")
+    assert len(optimizer.seen) == 1  # one optimiser step per segment that has targets
+    grads = optimizer.seen[0]
+    for name in MRV_PARAMS + ("initial_memory",):
+        assert not grads[name], name  # None or exactly zero
+    assert grads["head.weight"] > 0
+
+
+def test_detached_mode_steps_once_per_segment():
+    model = tiny_model("rate").train()
+    optimizer = RecordingOptimizer(model)
+    losses = train_step(model, optimizer, *random_batch(model.config), memory_grad="detached")
+    assert len(losses) == N and len(optimizer.seen) == N
+
+
+def test_dt_trains_on_one_window():
+    model = tiny_model("dt").train()
+    optimizer = RecordingOptimizer(model)
+    losses = train_step(model, optimizer, *random_batch(model.config))
+    assert len(losses) == 1 and len(optimizer.seen) == 1
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_eval_mode_is_deterministic(variant):
+    model = tiny_model(variant, dropout=0.5, dropatt=0.5)
+    batch = random_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(sample_logits(model, *batch), sample_logits(model, *batch))
+        model.train()
+        assert not torch.equal(sample_logits(model, *batch), sample_logits(model, *batch))
+
+
+def test_mrv_is_deterministic_in_eval():
+    model = tiny_model("rate", dropatt=0.9)
+    memory = model.initial_state(2).memory
+    write_out = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        assert torch.equal(model.update_memory(memory, write_out), model.update_memory(memory, write_out))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for recompute in (False, True):
+        model = tiny_model("rate_cached").train()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(3)  # same dropout masks in both runs
+        rtg, obs, actions = random_batch(model.config)
+        sample_logits(model, rtg, obs, actions).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_model_config_round_trips_through_dict():
+    config = tiny_config("rate", obs_kind="image", obs_shape=[3, 64, 64])
+    assert config.obs_shape == (3, 64, 64)
+    from dataclasses import asdict
+    assert ModelConfig(**asdict(config)) == config
+    assert MemoryTransformer(asdict(config)).config == config
