@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch.utils.checkpoint import checkpoint
 
+from rate_core.attention import relative_attention, sinusoid
+
 MODES = ("rate", "rmt", "trxl", "dt")
 OBS_KINDS = ("vector", "image")
 MRV_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
@@ -130,27 +132,6 @@ class MemoryState(NamedTuple):
     cache: tuple[torch.Tensor, ...] | None
 
 
-def sinusoid(distances: torch.Tensor, dim: int) -> torch.Tensor:
-    """(P,) signed relative distances -> (P, dim) sinusoidal embedding (Transformer-XL)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim))
-    angles = distances.float()[:, None] * inv_freq[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-def relative_shift(scores: torch.Tensor, key_len: int) -> torch.Tensor:
-    """Align position scores to key positions.
-
-    scores: (..., Q, W) where column c holds the score for relative distance key_len - 1 - c
-    (W >= key_len). Returns (..., Q, key_len) where entry (i, j) holds the score for the distance
-    (key_len - Q + i) - j between query i (the last Q positions) and key j. Entries whose distance
-    falls outside the W columns are arbitrary finite values; the attention mask must hide them.
-    """
-    *batch, q_len, width = scores.shape
-    padded = F.pad(scores, (0, 1))  # width + 1 >= key_len + 1 columns make the strided view fit
-    flat = padded.reshape(*batch, q_len * (width + 1))
-    return flat[..., q_len - 1 : q_len - 1 + q_len * width].reshape(*batch, q_len, width)[..., :key_len]
-
-
 class RelativeAttentionLayer(nn.Module):
     """One post-LN Transformer-XL layer: relative multi-head attention, then an optional FFN."""
 
@@ -179,22 +160,16 @@ class RelativeAttentionLayer(nn.Module):
         batch, q_len, _ = x.shape
         context = x if cache is None else torch.cat([cache, x], dim=1)
         key_len = context.shape[1]
-        heads = self.qkv(context).view(batch, key_len, 3, self.n_head, self.d_head)
-        query = heads[:, -q_len:, 0]  # (B, Q, H, dh)
-        key, value = heads[:, :, 1].transpose(1, 2), heads[:, :, 2].transpose(1, 2)  # (B, H, K, dh)
-        pos_key = self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # (H, dh, W)
-
-        # Position scores (q + v) . r_distance as one GEMM per head over all batch rows, then
-        # shifted so that entry (i, j) holds the distance between query i and key j.
-        pos_query = (query + position_bias).permute(2, 0, 1, 3).reshape(self.n_head, batch * q_len, self.d_head)
-        pos_scores = torch.bmm(pos_query, pos_key).view(self.n_head, batch, q_len, -1)
-        pos_scores = relative_shift(pos_scores, key_len).transpose(0, 1)  # (B, H, Q, K)
-        bias = (pos_scores * (1.0 / math.sqrt(self.d_head))).masked_fill(~allowed, float("-inf"))
-        attended = F.scaled_dot_product_attention(
-            (query + content_bias).transpose(1, 2), key, value, attn_mask=bias,
-            dropout_p=self.dropatt if self.training else 0.0,
+        # unbind, not indexing: the backward of each index would zero-fill the whole projection.
+        query, key, value = self.qkv(context).view(batch, key_len, 3, self.n_head, self.d_head).unbind(2)
+        query = query[:, -q_len:]  # (B, Q, H, dh)
+        rows = lambda t: t.transpose(1, 2).reshape(batch * self.n_head, -1, self.d_head)  # noqa: E731
+        attended = relative_attention(
+            rows(query + content_bias), rows(query + position_bias), rows(key), rows(value),
+            self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1), allowed,
+            scale=1.0 / math.sqrt(self.d_head), dropout=self.dropatt if self.training else 0.0,
         )
-        attended = attended.transpose(1, 2).reshape(batch, q_len, -1)
+        attended = attended.view(batch, self.n_head, q_len, self.d_head).transpose(1, 2).reshape(batch, q_len, -1)
 
         x = self.attn_norm(x + self.drop(self.out(attended)))
         if self.ffn is not None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rate_core.model import ACTION_PAD, MemoryState, ModelConfig, MemoryTransformer, relative_shift
+from rate_core.model import ACTION_PAD, MemoryState, ModelConfig, MemoryTransformer
 from rate_core.paper import PAPER_TASKS, paper_config
 from tests.tiny import ALL_VARIANTS, K, N, random_batch, sample_logits, tiny_config, tiny_model
 from training.step import train_step
@@ -24,19 +24,6 @@ def test_config_rejects_inconsistent_modes():
         tiny_config("rate", obs_kind="image", obs_shape=(64, 64))
     with pytest.raises(ValueError, match="mrv_act"):
         tiny_config("rate", mrv_act="gelu")
-
-
-def test_relative_shift_matches_direct_indexing():
-    q_len, key_len, extra = 5, 9, 2  # two negative distances, as memory blocks need
-    width = key_len + extra
-    scores = torch.randn(3, q_len, width)
-    shifted = relative_shift(scores, key_len)
-    for i in range(q_len):
-        for j in range(key_len):
-            distance = (key_len - q_len + i) - j
-            column = key_len - 1 - distance
-            if 0 <= column < width:
-                assert shifted[:, i, j].tolist() == scores[:, i, column].tolist()
 
 
 def test_attention_mask_follows_the_spec():
@@ -263,3 +250,17 @@ def test_model_config_round_trips_through_dict():
     from dataclasses import asdict
     assert ModelConfig(**asdict(config)) == config
     assert MemoryTransformer(asdict(config)).config == config
+
+
+@pytest.mark.parametrize("memory_grad", ["bptt", "detached"])
+def test_micro_batches_give_the_same_update_as_the_whole_batch(memory_grad):
+    rtg, obs, actions = random_batch(tiny_config("rate"), batch=6)
+    actions[:2, :K] = ACTION_PAD  # uneven targets per micro-batch must still weigh as in the whole batch
+    results = []
+    for micro_batch in (None, 2):
+        model = tiny_model("rate", dropout=0.0, dropatt=0.0).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=memory_grad, micro_batch=micro_batch)
+        results.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -46,11 +46,11 @@ def random_batch(config: ModelConfig, batch: int = 2, steps: int | None = None, 
 
 def sample_logits(model: MemoryTransformer, rtg, obs, actions) -> torch.Tensor:
     """Logits (B, T, A) of a whole sample processed segment by segment, as in training."""
-    from training.step import segments
+    from training.step import segment_slices
 
     state, out = None, []
-    for seg in segments(model, rtg, obs, actions):
-        logits, state = model(*seg, state)
+    for seg in segment_slices(model, actions.shape[1]):
+        logits, state = model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
         out.append(logits)
     return torch.cat(out, dim=1)
 

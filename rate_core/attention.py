@@ -1,0 +1,137 @@
+"""Transformer-XL relative attention, computed in cache-sized chunks.
+
+For every (batch, head) row the scores are
+
+    S = scale * ((q + u) k^T + shift((q + v) r^T)),   masked where the key is not allowed,
+
+followed by softmax, dropout and the weighted sum of values. The (Q x K) matrices of a row are the
+bulk of the work and of the memory. On a CPU, streaming them through main memory op by op is what
+makes attention slow, so `relative_attention` works on a few rows at a time (sized to stay in
+cache) and keeps nothing of size Q x K for backward: the backward pass recomputes each chunk's
+probabilities (as flash attention does). Dropout masks are regenerated from a per-call seed, so
+the recomputation is exact.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 28}  # Q x K elements per chunk: ~2 MB fits a CPU's L2/L3
+
+
+def sinusoid(distances: torch.Tensor, dim: int) -> torch.Tensor:
+    """(P,) signed relative distances -> (P, dim) sinusoidal embedding (Transformer-XL)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim))
+    angles = distances.float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def shifted_view(position_scores: torch.Tensor, q_len: int, key_len: int) -> torch.Tensor:
+    """View of (c, Q, W + 1) position scores, column w holding distance key_len - 1 - w for w < W and
+    a spare last column, as (c, Q, key_len): entry (i, j) holds distance (key_len - Q + i) - j.
+
+    Entries whose distance has no column (below key_len - W) read neighbouring values; the mask hides
+    them. The spare column keeps the rows of the view from overlapping, so it can also be written.
+    """
+    rows, _, width1 = position_scores.shape
+    assert key_len <= width1 - 1, "need a column for every distance from key_len - 1 down to 0"
+    return position_scores.as_strided((rows, q_len, key_len), (q_len * width1, width1 - 1, 1),
+                                      position_scores.storage_offset() + q_len - 1)
+
+
+def _chunk_probabilities(content_query, position_query, key, position_key, allowed, scale):
+    """Softmax probabilities (c, Q, K) of one chunk. position_key: (c, W + 1, dh), last row zero."""
+    q_len, key_len = allowed.shape
+    position_scores = torch.bmm(position_query, position_key.transpose(1, 2))
+    scores = torch.baddbmm(shifted_view(position_scores, q_len, key_len), content_query, key.transpose(1, 2),
+                           beta=scale, alpha=scale)
+    return scores.masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def _keep_mask(shape, dropout, seed, device):
+    """Bool dropout keep-mask, reproducible from seed, and the 1 / P(keep) rescaling factor.
+
+    CPU random number generation costs more than the rest of a chunk's attention, so the mask is
+    cut from 64-bit random words: three uniform 16-bit lanes per word (the generator's words are
+    uniform in [0, 2^63), so the top lane is not used). P(drop) is `dropout` rounded to 1/65536.
+    """
+    count = math.prod(shape)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    words = torch.empty((count + 2) // 3, dtype=torch.int64, device=device).random_(generator=generator)
+    lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:count]
+    dropped = round(dropout * 65536)
+    return (lanes >= dropped - 32768).view(shape), 65536 / (65536 - dropped)
+
+
+class _RelativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, content_query, position_query, key, value, position_key, allowed, scale, dropout, seed, chunk):
+        rows, n_head = content_query.shape[0], position_key.shape[0]
+        padded_key = F.pad(position_key, (0, 0, 0, 1))  # spare zero row -> spare column of the scores
+        out = content_query.new_empty(rows, content_query.shape[1], value.shape[2])
+        for start in range(0, rows, chunk):
+            part = slice(start, min(start + chunk, rows))
+            heads = torch.arange(part.start, part.stop, device=key.device) % n_head
+            probs = _chunk_probabilities(content_query[part], position_query[part], key[part], padded_key[heads],
+                                         allowed, scale)
+            if dropout:
+                keep, rescale = _keep_mask(probs.shape, dropout, seed + start, probs.device)
+                probs.mul_(keep).mul_(rescale)
+            torch.bmm(probs, value[part], out=out[part])
+        ctx.save_for_backward(content_query, position_query, key, value, padded_key, allowed)
+        ctx.config = (scale, dropout, seed, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        content_query, position_query, key, value, padded_key, allowed = ctx.saved_tensors
+        scale, dropout, seed, chunk = ctx.config
+        rows, q_len = content_query.shape[:2]
+        n_head, width1, _ = padded_key.shape
+        grads = [torch.empty_like(t) for t in (content_query, position_query, key, value)]  # all rows written
+        grad_cq, grad_pq, grad_key, grad_value = grads
+        grad_pk = torch.zeros_like(padded_key)
+        grad_out = grad_out.contiguous()
+        for start in range(0, rows, chunk):
+            part = slice(start, min(start + chunk, rows))
+            heads = torch.arange(part.start, part.stop, device=key.device) % n_head
+            chunk_pk = padded_key[heads]
+            probs = _chunk_probabilities(content_query[part], position_query[part], key[part], chunk_pk,
+                                         allowed, scale)
+            g = grad_out[part]
+            grad_probs = torch.bmm(g, value[part].transpose(1, 2))
+            if dropout:
+                keep, rescale = _keep_mask(probs.shape, dropout, seed + start, probs.device)
+                grad_value[part] = torch.bmm((probs * keep).mul_(rescale).transpose(1, 2), g)
+                grad_probs.mul_(keep).mul_(rescale)
+            else:
+                grad_value[part] = torch.bmm(probs.transpose(1, 2), g)
+            # softmax backward: dS = P * (dP - sum(dP * P)); masked entries have P = 0.
+            grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+            grad_scores.mul_(scale)
+            grad_cq[part] = torch.bmm(grad_scores, key[part])
+            grad_key[part] = torch.bmm(grad_scores.transpose(1, 2), content_query[part])
+            grad_position = grad_scores.new_zeros(part.stop - part.start, q_len, width1)
+            shifted_view(grad_position, q_len, allowed.shape[1]).copy_(grad_scores)
+            grad_pq[part] = torch.bmm(grad_position, chunk_pk)
+            grad_pk.index_add_(0, heads, torch.bmm(grad_position.transpose(1, 2), position_query[part]))
+        return grad_cq, grad_pq, grad_key, grad_value, grad_pk[:, :-1], None, None, None, None, None
+
+
+def relative_attention(content_query, position_query, key, value, position_key, allowed, scale,
+                       dropout=0.0, chunk=None):
+    """Relative multi-head attention over (batch x head) rows, row r belonging to head r % H.
+
+    content_query, position_query: (R, Q, dh) queries plus the content / position bias;
+    key, value: (R, K, dh); position_key: (H, W, dh), row w for distance K - 1 - w (W >= K);
+    allowed: (Q, K) bool, query i sits at key position K - Q + i; dropout on probabilities.
+    Returns (R, Q, dh).
+    """
+    if chunk is None:
+        budget = CHUNK_ELEMENTS.get(content_query.device.type, CHUNK_ELEMENTS["cpu"])
+        chunk = max(1, budget // (allowed.shape[0] * allowed.shape[1]))
+    seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
+    return _RelativeAttention.apply(content_query.contiguous(), position_query.contiguous(), key.contiguous(),
+                                    value.contiguous(), position_key.contiguous(), allowed, scale, dropout, seed,
+                                    chunk)

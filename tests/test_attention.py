@@ -1,0 +1,83 @@
+"""The chunked relative-attention kernel equals plain autograd attention, values and gradients."""
+
+import pytest
+import torch
+
+from rate_core.attention import relative_attention, shifted_view
+
+
+def plain_attention(content_query, position_query, key, value, position_key, allowed, scale):
+    """The textbook computation with direct indexing of distances, for comparison."""
+    rows, q_len, _ = content_query.shape
+    key_len = key.shape[1]
+    n_head, width, _ = position_key.shape
+    heads = torch.arange(rows) % n_head
+    scores = content_query @ key.transpose(1, 2)
+    position = torch.zeros(rows, q_len, key_len, dtype=scores.dtype)
+    for i in range(q_len):
+        for j in range(key_len):
+            column = key_len - 1 - ((key_len - q_len + i) - j)
+            if 0 <= column < width and allowed[i, j]:
+                position[:, i, j] = (position_query[:, i] * position_key[heads, column]).sum(-1)
+    scores = ((scores + position) * scale).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ value
+
+
+def random_inputs(rows=6, q_len=5, key_len=8, extra=2, n_head=3, d_head=4, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype, requires_grad=True)  # noqa: E731
+    allowed = torch.rand(q_len, key_len, generator=gen) < 0.7
+    allowed[:, key_len - q_len:] |= torch.eye(q_len, dtype=torch.bool)  # every row sees something
+    # forbid distances that have no position row, as the model's mask does
+    for i in range(q_len):
+        for j in range(key_len):
+            if (key_len - q_len + i) - j < -extra:
+                allowed[i, j] = False
+    return (make(rows, q_len, d_head), make(rows, q_len, d_head), make(rows, key_len, d_head),
+            make(rows, key_len, d_head), make(n_head, key_len + extra, d_head), allowed)
+
+
+def test_shifted_view_indexes_distances():
+    q_len, key_len, width = 4, 6, 7
+    scores = torch.randn(2, q_len, width + 1)
+    view = shifted_view(scores, q_len, key_len)
+    for i in range(q_len):
+        for j in range(key_len):
+            column = key_len - 1 - ((key_len - q_len + i) - j)
+            if column <= width:
+                assert torch.equal(view[:, i, j], scores[:, i, column])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_matches_plain_attention_values_and_gradients(chunk):
+    inputs = random_inputs()
+    *tensors, allowed = inputs
+    ours = relative_attention(*tensors, allowed, scale=0.5, chunk=chunk)
+    reference = plain_attention(*tensors, allowed, scale=0.5)
+    assert torch.allclose(ours, reference, atol=1e-12)
+    weights = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad((ours * weights).sum(), tensors)
+    grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
+    for name, a, b in zip(("content_query", "position_query", "key", "value", "position_key"), grads_ours, grads_ref):
+        assert torch.allclose(a, b, atol=1e-10), name
+
+
+def test_gradcheck_with_dropout():
+    *tensors, allowed = random_inputs(rows=3, q_len=3, key_len=4, extra=1, n_head=3, d_head=2)
+    torch.manual_seed(0)
+
+    def fixed_seed_attention(*args):
+        torch.manual_seed(7)  # the same dropout mask on every evaluation
+        return relative_attention(*args, allowed, scale=0.7, dropout=0.3, chunk=2)
+
+    assert torch.autograd.gradcheck(fixed_seed_attention, tuple(tensors))
+
+
+def test_dropout_drops_and_rescales():
+    *tensors, allowed = random_inputs(dtype=torch.float32)
+    torch.manual_seed(1)
+    a = relative_attention(*tensors, allowed, scale=0.5, dropout=0.5)
+    torch.manual_seed(1)
+    b = relative_attention(*tensors, allowed, scale=0.5, dropout=0.5)
+    c = relative_attention(*tensors, allowed, scale=0.5)
+    assert torch.equal(a, b) and not torch.allclose(a, c)

@@ -1,0 +1,108 @@
+"""Training-step speed and peak memory for the T-Maze paper configs (model.md section 7).
+
+    python -m training.bench_train                # RATE at batch 128 (3 x 50 steps), DT at batch 64 (150 steps)
+    python -m training.bench_train --steps 1 --rate-batch 8 --dt-batch 8   # a quick look
+
+Each case runs in a fresh process so that its peak memory is its own. Tokens are trajectory tokens
+(3 per step: return-to-go, observation, action); memory tokens are not counted.
+"""
+
+import multiprocessing as mp
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+REFERENCE_RATE_TOKENS_PER_S = 1800  # a reference implementation, RATE batch 128, this kind of 2-core machine
+
+
+@dataclass
+class Args:
+    """Measure tokens/s and peak memory of one training step of the T-Maze paper configs."""
+
+    steps: int = 3
+    """timed training steps per case (after one warm-up step)"""
+    rate_batch: int = 128
+    """batch size of the RATE case (samples of 3 segments x 50 steps)"""
+    dt_batch: int = 64
+    """batch size of the DT case (samples of one 150-step window)"""
+    memory_grad: str = "bptt"
+    """bptt (default training) or detached (the reference scheme)"""
+    micro_batch: int = 32
+    """samples per forward/backward; gradients accumulate to one update of the whole batch (0: whole batch)"""
+    activation_checkpointing: bool = False
+    """recompute each layer in backward instead of keeping its activations (less memory, slower)"""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when available)"""
+
+
+def _run_case(mode: str, batch: int, args: Args, queue) -> None:
+    from rate_core.model import MemoryTransformer
+    from rate_core.paper import paper_config
+    from training.step import train_step
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    config = paper_config("tmaze", mode)
+    model = MemoryTransformer(config).to(device)
+    model.activation_checkpointing = args.activation_checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    steps = config.context_length * config.sections
+    rtg = torch.ones(batch, steps, device=device)
+    obs = torch.randn(batch, steps, *config.obs_shape, device=device)
+    actions = torch.randint(0, config.act_dim, (batch, steps), device=device)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB)
+    train_step(model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad, micro_batch=args.micro_batch or None)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad, micro_batch=args.micro_batch or None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put(dict(mode=mode, batch=batch, device=str(device), seconds=seconds,
+                   tokens_per_s=3 * steps * batch / seconds, peak_gib=peak, baseline_gib=baseline_rss,
+                   parameters=model.num_parameters()))
+
+
+def measure(mode: str, batch: int, args: Args) -> dict:
+    """Run one case in a fresh process; returns its measurements."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run_case, args=(mode, batch, args, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{mode} at batch {batch} failed (exit code {process.exitcode}; out of memory?)")
+    return queue.get()
+
+
+def main(args: Args) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory_grad={args.memory_grad}, "
+          f"micro_batch={args.micro_batch or 'whole batch'}, activation_checkpointing={args.activation_checkpointing}")
+    results = []
+    for mode, batch in (("rate", args.rate_batch), ("dt", args.dt_batch)):
+        print(f"measuring {mode} at batch {batch} ...", flush=True)
+        results.append(measure(mode, batch, args))
+    print(f"\n{'mode':<5} {'batch':>5} {'device':<6} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9}")
+    for r in results:
+        print(f"{r['mode']:<5} {r['batch']:>5} {r['device']:<6} {r['seconds']:>7.2f} {r['tokens_per_s']:>9,.0f} "
+              f"{r['peak_gib']:>9.2f}")
+    rate = results[0]
+    print(f"\nRATE vs the reference implementation's ~{REFERENCE_RATE_TOKENS_PER_S:,} tokens/s on a 2-core CPU: "
+          f"{rate['tokens_per_s'] / REFERENCE_RATE_TOKENS_PER_S:.1f}x (only comparable at batch 128 on such a CPU)")
+    print("peak memory: " + ("CUDA max_memory_allocated" if rate["device"].startswith("cuda") else
+                             f"process peak RSS (the interpreter and torch alone take {rate['baseline_gib']:.2f} GiB)"))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
