@@ -1,0 +1,1 @@
+"""The Gradio demo: RATE next to a Decision Transformer, and a look inside the memory."""
