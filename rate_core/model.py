@@ -165,7 +165,7 @@ class RelativeAttentionLayer(nn.Module):
         query = query[:, -q_len:]  # (B, Q, H, dh)
         rows = lambda t: t.transpose(1, 2).reshape(batch * self.n_head, -1, self.d_head)  # noqa: E731
         attended = relative_attention(
-            rows(query + content_bias), rows(query + position_bias), rows(key), rows(value),
+            rows(query), rows(key), rows(value), content_bias, position_bias,
             self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1), allowed,
             scale=1.0 / math.sqrt(self.d_head), dropout=self.dropatt if self.training else 0.0,
         )

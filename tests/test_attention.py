@@ -6,12 +6,13 @@ import torch
 from rate_core.attention import relative_attention, shifted_view
 
 
-def plain_attention(content_query, position_query, key, value, position_key, allowed, scale):
+def plain_attention(query, key, value, content_bias, position_bias, position_key, allowed, scale):
     """The textbook computation with direct indexing of distances, for comparison."""
-    rows, q_len, _ = content_query.shape
+    rows, q_len, _ = query.shape
     key_len = key.shape[1]
     n_head, width, _ = position_key.shape
     heads = torch.arange(rows) % n_head
+    content_query, position_query = query + content_bias[heads, None], query + position_bias[heads, None]
     scores = content_query @ key.transpose(1, 2)
     position = torch.zeros(rows, q_len, key_len, dtype=scores.dtype)
     for i in range(q_len):
@@ -33,8 +34,8 @@ def random_inputs(rows=6, q_len=5, key_len=8, extra=2, n_head=3, d_head=4, dtype
         for j in range(key_len):
             if (key_len - q_len + i) - j < -extra:
                 allowed[i, j] = False
-    return (make(rows, q_len, d_head), make(rows, q_len, d_head), make(rows, key_len, d_head),
-            make(rows, key_len, d_head), make(n_head, key_len + extra, d_head), allowed)
+    return (make(rows, q_len, d_head), make(rows, key_len, d_head), make(rows, key_len, d_head),
+            make(n_head, d_head), make(n_head, d_head), make(n_head, key_len + extra, d_head), allowed)
 
 
 def test_shifted_view_indexes_distances():
@@ -58,7 +59,8 @@ def test_matches_plain_attention_values_and_gradients(chunk):
     weights = torch.randn_like(ours)
     grads_ours = torch.autograd.grad((ours * weights).sum(), tensors)
     grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
-    for name, a, b in zip(("content_query", "position_query", "key", "value", "position_key"), grads_ours, grads_ref):
+    names = ("query", "key", "value", "content_bias", "position_bias", "position_key")
+    for name, a, b in zip(names, grads_ours, grads_ref):
         assert torch.allclose(a, b, atol=1e-10), name
 
 

@@ -28,7 +28,7 @@ def test_bench_train_runs_with_tiny_settings():
     rows = [line.split() for line in out.splitlines() if line.startswith(("rate ", "dt "))]
     assert [r[0] for r in rows] == ["rate", "dt"]
     for row in rows:
-        assert float(row[4].replace(",", "")) > 0 and float(row[5]) > 0  # tokens/s, peak GiB
+        assert float(row[4].replace(",", "")) > 0 and float(row[5]) > 0 and float(row[6].replace(",", "")) > 0
     assert "RATE vs the reference implementation" in out
 
 

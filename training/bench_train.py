@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import tyro
+from torch.utils.flop_counter import FlopCounterMode
 
 REFERENCE_RATE_TOKENS_PER_S = 1800  # a reference implementation, RATE batch 128, this kind of 2-core machine
 
@@ -69,9 +70,27 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # Matrix-multiply work of one step, counted on 2 samples and scaled (it is linear in the batch).
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, optimizer, rtg[:2], obs[:2], actions[:2], memory_grad=args.memory_grad)
+    flops = counter.get_total_flops() * batch / 2
     queue.put(dict(mode=mode, batch=batch, device=str(device), seconds=seconds,
                    tokens_per_s=3 * steps * batch / seconds, peak_gib=peak, baseline_gib=baseline_rss,
-                   parameters=model.num_parameters()))
+                   gflop=flops / 1e9, parameters=model.num_parameters()))
+
+
+def matmul_peak_gflops(device: str) -> float:
+    """Measured float32 throughput of a large square matrix multiply: a ceiling for this model."""
+    a = torch.randn(1024, 1024, device=device)
+    a @ a
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
 def measure(mode: str, batch: int, args: Args) -> dict:
@@ -93,13 +112,18 @@ def main(args: Args) -> None:
     for mode, batch in (("rate", args.rate_batch), ("dt", args.dt_batch)):
         print(f"measuring {mode} at batch {batch} ...", flush=True)
         results.append(measure(mode, batch, args))
-    print(f"\n{'mode':<5} {'batch':>5} {'device':<6} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9}")
+    peak = matmul_peak_gflops(results[0]["device"])
+    print(f"\n{'mode':<5} {'batch':>5} {'device':<6} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9} {'GFLOP/step':>10} "
+          f"{'GFLOP/s':>8}")
     for r in results:
         print(f"{r['mode']:<5} {r['batch']:>5} {r['device']:<6} {r['seconds']:>7.2f} {r['tokens_per_s']:>9,.0f} "
-              f"{r['peak_gib']:>9.2f}")
+              f"{r['peak_gib']:>9.2f} {r['gflop']:>10,.0f} {r['gflop'] / r['seconds']:>8.1f}")
     rate = results[0]
-    print(f"\nRATE vs the reference implementation's ~{REFERENCE_RATE_TOKENS_PER_S:,} tokens/s on a 2-core CPU: "
-          f"{rate['tokens_per_s'] / REFERENCE_RATE_TOKENS_PER_S:.1f}x (only comparable at batch 128 on such a CPU)")
+    ceiling = rate["tokens_per_s"] * peak / (rate["gflop"] / rate["seconds"])
+    print(f"\nmatrix-multiply peak of this device: {peak:.0f} GFLOP/s (float32, 1024 x 1024); at that rate the "
+          f"RATE step's matrix multiplies alone would allow {ceiling:,.0f} tokens/s")
+    print(f"RATE vs the reference implementation's ~{REFERENCE_RATE_TOKENS_PER_S:,} tokens/s (batch 128, 2-core CPU): "
+          f"{rate['tokens_per_s'] / REFERENCE_RATE_TOKENS_PER_S:.1f}x")
     print("peak memory: " + ("CUDA max_memory_allocated" if rate["device"].startswith("cuda") else
                              f"process peak RSS (the interpreter and torch alone take {rate['baseline_gib']:.2f} GiB)"))
 
