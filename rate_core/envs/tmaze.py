@@ -1,0 +1,165 @@
+"""Passive T-Maze: remember a cue shown once, act on it at the end of a long corridor.
+
+    x = 0                                   x = L (junction)
+    [start] -> -> -> ... corridor ... -> -> [J] -- (L, +1) goal if cue = +1
+                                             |
+                                            (L, -1) goal if cue = -1
+
+Observation: float32 [y, cue, flag, noise]. `cue` is the goal side (+1 or -1) in the first
+observation only and 0 afterwards; `flag` is 1 at the junction; `noise` is drawn uniformly from
+{-1, 0, 1} at every step (a distractor).
+Actions: 0 = +x, 1 = +y, 2 = -x, 3 = -y. A move off the corridor leaves the agent in place.
+Reward: 1 when the agent turns from the junction to the cued side, 0 otherwise.
+Start: (0, 0). The cue side is drawn at reset.
+End: terminated when the agent turns at the junction (either side); truncated after `episode_length`
+steps. The corridor is L = episode_length - 2 long, so the shortest episode takes
+episode_length - 1 steps.
+
+`TMazeEnv` is the gymnasium environment; `TMazeVectorEnv` steps many of them as numpy arrays and,
+for the same seeds, produces exactly the same transitions.
+"""
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+FORWARD, UP, BACK, DOWN = 0, 1, 2, 3
+_MOVES = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.int64)  # (dx, dy) per action
+OBSERVATION_SPACE = spaces.Box(low=-1.0, high=1.0, shape=(4,), dtype=np.float32)
+MIN_EPISODE_LENGTH = 3
+
+
+def _draw_episode(rng: np.random.Generator, episode_length: int) -> tuple[int, np.ndarray]:
+    """The random content of one episode: the cue side and the noise of every observation."""
+    cue = 1 if rng.integers(2) else -1
+    noise = rng.integers(-1, 2, size=episode_length + 1).astype(np.float32)
+    return cue, noise
+
+
+class TMazeEnv(gym.Env):
+    """Passive T-Maze with episodes of `episode_length` steps (see the module docstring)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, episode_length: int = 150, render_mode: str | None = None):
+        if episode_length < MIN_EPISODE_LENGTH:
+            raise ValueError(f"episode_length must be at least {MIN_EPISODE_LENGTH}, got {episode_length}")
+        self.episode_length = episode_length
+        self.corridor_length = episode_length - 2
+        self.render_mode = render_mode
+        self.observation_space = OBSERVATION_SPACE
+        self.action_space = spaces.Discrete(4)
+        self._position = np.zeros(2, dtype=np.int64)
+        self._cue, self._noise, self._t = 1, np.zeros(episode_length + 1, dtype=np.float32), 0
+        self._over = True
+
+    def _observation(self) -> np.ndarray:
+        x, y = self._position
+        cue = self._cue if self._t == 0 else 0
+        at_junction = float(x == self.corridor_length and y == 0)
+        return np.array([y, cue, at_junction, self._noise[self._t]], dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._cue, self._noise = _draw_episode(self.np_random, self.episode_length)
+        self._position[:] = 0
+        self._t = 0
+        self._over = False
+        return self._observation(), {"cue": self._cue}
+
+    def step(self, action):
+        action = int(action)
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid T-Maze action {action!r}: expected 0 (+x), 1 (+y), 2 (-x) or 3 (-y)")
+        if self._over:
+            raise RuntimeError("this T-Maze episode is over; call reset() first")
+        x, y = self._position
+        dx, dy = _MOVES[action]
+        terminated = False
+        reward = 0.0
+        if dy == 0:
+            if 0 <= x + dx <= self.corridor_length:
+                self._position[0] = x + dx
+        elif x == self.corridor_length:  # turning is only possible at the junction, and ends the episode
+            self._position[1] = dy
+            terminated = True
+            reward = float(dy == self._cue)
+        self._t += 1
+        truncated = not terminated and self._t >= self.episode_length
+        self._over = terminated or truncated
+        info = {"cue": self._cue, "success": reward > 0}
+        return self._observation(), reward, terminated, truncated, info
+
+
+class TMazeVectorEnv(VectorEnv):
+    """`num_envs` T-Mazes stepped as arrays. Envs do not reset by themselves (autoreset disabled):
+    a finished env keeps returning its last observation with zero reward until `reset`."""
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(self, num_envs: int, episode_length: int = 150):
+        if episode_length < MIN_EPISODE_LENGTH:
+            raise ValueError(f"episode_length must be at least {MIN_EPISODE_LENGTH}, got {episode_length}")
+        self.num_envs = num_envs
+        self.episode_length = episode_length
+        self.corridor_length = episode_length - 2
+        self.single_observation_space = OBSERVATION_SPACE
+        self.single_action_space = spaces.Discrete(4)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.position = np.zeros((num_envs, 2), dtype=np.int64)
+        self.cue = np.ones(num_envs, dtype=np.int64)
+        self.noise = np.zeros((num_envs, episode_length + 1), dtype=np.float32)
+        self.t = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def _observations(self) -> np.ndarray:
+        rows = np.arange(self.num_envs)
+        obs = np.zeros((self.num_envs, 4), dtype=np.float32)
+        obs[:, 0] = self.position[:, 1]
+        obs[:, 1] = np.where(self.t == 0, self.cue, 0)
+        obs[:, 2] = (self.position[:, 0] == self.corridor_length) & (self.position[:, 1] == 0)
+        obs[:, 3] = self.noise[rows, np.minimum(self.t, self.episode_length)]
+        return obs
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """seed: an int (env i gets seed + i, as gymnasium's vector envs do) or one seed per env."""
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, int):
+            seeds = [seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        for i, s in enumerate(seeds):
+            rng, _ = gym.utils.seeding.np_random(s)
+            self.cue[i], self.noise[i] = _draw_episode(rng, self.episode_length)
+        self.position[:] = 0
+        self.t[:] = 0
+        self.done[:] = False
+        return self._observations(), {"cue": self.cue.copy()}
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions, dtype=np.int64)
+        if actions.shape != (self.num_envs,) or ((actions < 0) | (actions > 3)).any():
+            raise ValueError(f"expected {self.num_envs} actions in 0..3, got {actions!r}")
+        active = ~self.done
+        move = _MOVES[actions]
+        along = active & (move[:, 1] == 0)
+        new_x = self.position[:, 0] + move[:, 0]
+        inside = (new_x >= 0) & (new_x <= self.corridor_length)
+        self.position[along & inside, 0] = new_x[along & inside]
+        turning = active & (move[:, 1] != 0) & (self.position[:, 0] == self.corridor_length)
+        self.position[turning, 1] = move[turning, 1]
+        reward = (turning & (move[:, 1] == self.cue)).astype(np.float32)
+        self.t[active] += 1
+        terminated = turning
+        truncated = active & ~turning & (self.t >= self.episode_length)
+        self.done |= terminated | truncated
+        info = {"cue": self.cue.copy(), "success": reward > 0, "active": active}
+        return self._observations(), reward, terminated, truncated, info
