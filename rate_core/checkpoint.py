@@ -37,14 +37,17 @@ def checkpoint_config(model: MemoryTransformer) -> dict:
     }
 
 
-def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike) -> Path:
+def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None) -> Path:
     """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
-    complete checkpoint or the new complete one, never a mix or a half-written file."""
+    complete checkpoint or the new complete one, never a mix or a half-written file.
+    extra: optional callable(folder) that writes more files (e.g. training state) into the same folder."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, config=checkpoint_config(model))
+    if extra is not None:
+        extra(staging)
     for path in staging.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())

@@ -1,0 +1,155 @@
+"""The task registry: one entry per task, read by the collector, the trainer, the evaluator and the app.
+
+An entry knows how to make the task's environment (single and batched), its observation kind and
+shape, its action count, its expert, its dataset defaults, its default model configs (one per
+mode) and its evaluation protocol. Environment packages are imported only when an env is made.
+"""
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from rate_core.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a task's agents are scored."""
+
+    setting: str
+    """the environment setting that varies across the evaluation (e.g. episode_length)"""
+    values: tuple
+    """the values of that setting to evaluate at"""
+    episodes: int = 100
+    """episodes per value"""
+    sample_actions: bool = False
+    """sample from the softmax (True) or take the argmax"""
+    target_return: float = 1.0
+    """return-to-go given to the model at the first step"""
+    metric: str = "success"
+    """success (success rate) or return (mean return)"""
+    balance_key: str | None = None
+    """info key whose two values the seed list is balanced between (e.g. the cue side)"""
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """Training hyper-parameters that reproduce the shipped checkpoint of a task."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-3
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the project knows about one task."""
+
+    name: str
+    title: str
+    obs_kind: str
+    obs_shape: tuple[int, ...]
+    act_dim: int
+    make_env: Callable[..., Any]
+    """make_env(**settings) -> gymnasium.Env"""
+    make_vector_env: Callable[..., Any]
+    """make_vector_env(num_envs, **settings) -> gymnasium.vector.VectorEnv (autoreset disabled)"""
+    make_expert: Callable[[], Any]
+    """make_expert() -> an object with reset(info) and act(obs, info) -> action"""
+    dataset_settings: tuple[dict, ...]
+    """environment settings the collector cycles through (one group of episodes each)"""
+    dataset_episodes: int
+    """default number of expert episodes per setting"""
+    model_configs: dict[str, ModelConfig]
+    """default architecture per mode (rate, rmt, trxl, dt)"""
+    evaluation: EvalProtocol
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    default_settings: dict = field(default_factory=dict)
+    """environment settings used when none are given (e.g. for the app)"""
+
+    def model_config(self, mode: str) -> ModelConfig:
+        if mode not in self.model_configs:
+            raise KeyError(f"task {self.name!r} has no {mode!r} config; available: {', '.join(self.model_configs)}")
+        return self.model_configs[mode]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; a KeyError lists the known ones."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def mode_variants(rate: ModelConfig, cache_len: int) -> dict[str, ModelConfig]:
+    """RATE, RMT, TrXL and DT configs that share `rate`'s layers; cache_len is TrXL's mem_len."""
+    return {
+        "rate": rate,
+        "rmt": replace(rate, mode="rmt", mem_len=0, n_head_ca=0),
+        "trxl": replace(rate, mode="trxl", num_mem_tokens=0, n_head_ca=0, mem_len=cache_len),
+        "dt": replace(rate, mode="dt", num_mem_tokens=0, mem_len=0, n_head_ca=0),
+    }
+
+
+# --------------------------------------------------------------------------------------- T-Maze
+class TMazeOracle:
+    """Always +x, then turn to the cued side at the junction (reads the cue from info)."""
+
+    def reset(self, info):
+        self.cue = int(info["cue"])
+
+    def act(self, obs, info):
+        from rate_core.envs.tmaze import DOWN, FORWARD, UP
+
+        at_junction = obs[2] == 1
+        return (UP if self.cue > 0 else DOWN) if at_junction else FORWARD
+
+
+def _tmaze_env(episode_length: int = 150):
+    from rate_core.envs.tmaze import TMazeEnv
+
+    return TMazeEnv(episode_length=episode_length)
+
+
+def _tmaze_vector_env(num_envs: int, episode_length: int = 150):
+    from rate_core.envs.tmaze import TMazeVectorEnv
+
+    return TMazeVectorEnv(num_envs, episode_length=episode_length)
+
+
+# Smaller than the paper's 8 layers of 8 heads x 64 (rate_core.paper): T-Maze needs memory, not
+# width, and this trains in minutes on two CPU cores.
+_TMAZE_RATE = ModelConfig(
+    mode="rate", obs_kind="vector", obs_shape=(4,), act_dim=4, context_length=50, sections=3,
+    d_model=64, n_layer=4, n_head=4, d_head=16, use_ffn=False, num_mem_tokens=10, mem_len=0, n_head_ca=2,
+    dropout=0.1, dropatt=0.0,
+)
+
+register(Task(
+    name="tmaze",
+    title="T-Maze (passive)",
+    obs_kind="vector",
+    obs_shape=(4,),
+    act_dim=4,
+    make_env=_tmaze_env,
+    make_vector_env=_tmaze_vector_env,
+    make_expert=TMazeOracle,
+    # Oracle episodes whose length is a multiple of K up to K * N (model.md, environments.md).
+    dataset_settings=({"episode_length": 50}, {"episode_length": 100}, {"episode_length": 150}),
+    dataset_episodes=600,
+    model_configs=mode_variants(_TMAZE_RATE, cache_len=3 * 50 * 3),
+    evaluation=EvalProtocol(setting="episode_length", values=(150, 300, 600, 900, 1200, 2400, 4800, 9600),
+                            episodes=100, sample_actions=False, target_return=1.0, metric="success",
+                            balance_key="cue"),
+    train=TrainDefaults(epochs=30, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=100),
+    default_settings={"episode_length": 150},
+))

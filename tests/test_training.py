@@ -1,0 +1,120 @@
+"""Collector, dataset format, trainer (resume) and evaluator on tiny T-Maze settings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rate_core.checkpoint import load_checkpoint
+from rate_core.model import ACTION_PAD
+from rate_core.tasks import get_task
+from training.collect import collect, run_episode
+from training.dataset import DatasetError, load_dataset
+from training.evaluate import balanced_seeds, evaluate
+from training.train import TrainConfig, lr_multiplier, train
+
+TASK = get_task("tmaze")
+
+
+@pytest.fixture(scope="module")
+def dataset_path(tmp_path_factory):
+    return collect(TASK, tmp_path_factory.mktemp("data") / "tmaze", episodes_per_setting=4, seed=0)
+
+
+def test_expert_episode_is_the_oracle():
+    episode = run_episode(TASK, {"episode_length": 20}, seed=1)
+    assert len(episode["actions"]) == 19 and episode["return"] == 1.0
+    assert set(episode["actions"][:-1]) == {0} and episode["actions"][-1] in (1, 3)
+    assert episode["observations"].shape == (19, 4)
+
+
+def test_dataset_round_trip_and_padding(dataset_path):
+    data = load_dataset(dataset_path, task="tmaze")
+    assert data.num_episodes == 12 and list(np.unique(data.episode_lengths())) == [49, 99, 149]
+    assert data.meta["settings"]["mean_return"] == 1.0
+    rtg, obs, actions = data.window(0, 0, 150)  # a 49-step episode padded to 150
+    assert rtg.shape == (150,) and obs.shape == (150, 4) and actions.shape == (150,)
+    assert (rtg[:49] == 1.0).all() and (rtg[49:] == 0).all()
+    assert (actions[49:] == ACTION_PAD).all() and (actions[:49] != ACTION_PAD).all()
+    assert (obs[49:] == obs[48]).all()
+    assert obs[0, 1] in (-1.0, 1.0) and (obs[1:49, 1] == 0).all()  # the cue, then nothing
+
+
+def test_dataset_errors_name_the_problem(dataset_path, tmp_path):
+    with pytest.raises(DatasetError, match="no dataset folder"):
+        load_dataset(tmp_path / "nothing")
+    with pytest.raises(DatasetError, match="dataset is for task 'tmaze', expected 'minigrid_memory'"):
+        load_dataset(dataset_path, task="minigrid_memory")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in dataset_path.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    data = (broken / "observations.npy").read_bytes()
+    (broken / "observations.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"observations\.npy: cannot be read.*truncated or corrupt"):
+        load_dataset(broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(DatasetError, match=r"meta\.json: missing, so the dataset is incomplete"):
+        load_dataset(broken)
+
+
+def test_learning_rate_schedule():
+    assert lr_multiplier(0, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(9, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_multiplier(100, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.55)
+
+
+def _tiny_config(dataset_path, out, **overrides):
+    fields = dict(task="tmaze", model="rate", data=dataset_path, out=out, epochs=3, batch_size=4, warmup_steps=2,
+                  eval_every=0, seed=3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset_path, tmp_path):
+    straight = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "straight")))
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, tmp_path / "resumed"), on_epoch_end=kill_after_first_epoch)
+    assert not (tmp_path / "resumed" / "model").exists()
+    resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True)))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
+
+
+def test_resume_refuses_different_settings(dataset_path, tmp_path):
+    train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
+    with pytest.raises(SystemExit, match="batch_size"):
+        train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, batch_size=2, resume=True))
+
+
+def test_detached_training_runs_and_records_metadata(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "det", epochs=1, memory_grad="detached")))
+    assert model.training_info["memory_grad"] == "detached" and model.task == "tmaze"
+
+
+def test_balanced_seeds_split_the_cue_sides():
+    seeds = balanced_seeds(TASK, {"episode_length": 10}, 10, first=5)
+    assert len(seeds) == 10 and min(seeds) >= 5
+    _, info = TASK.make_vector_env(10, episode_length=10).reset(seed=seeds)
+    assert sorted(info["cue"].tolist()) == [-1] * 5 + [1] * 5
+
+
+def test_evaluate_reports_per_length(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "ev", epochs=1)))
+    results = evaluate(model, TASK, values=(10, 20), episodes=6, seed=0, show_progress=False)
+    assert [r["episode_length"] for r in results] == [10, 20]
+    for r in results:
+        assert r["episodes"] == 6 and 0.0 <= r["success_rate"] <= 1.0 and 1 <= r["mean_length"] <= r["episode_length"]

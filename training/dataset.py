@@ -1,0 +1,144 @@
+"""Offline datasets: a folder of numpy arrays, written by the collectors, read by the trainer.
+
+Format (version 1), a folder such as data/tmaze/oracle/:
+
+    meta.json            {"format_version", "task", "episodes", "steps", "settings", "arrays": {name: {shape, dtype}}}
+    observations.npy     (steps, *obs_shape)   every episode's observations, concatenated
+    actions.npy          (steps,) int64        the action taken after each observation
+    rewards.npy          (steps,) float32      the reward that action received
+    episode_starts.npy   (episodes + 1,) int64 offsets: episode i is steps [starts[i], starts[i+1])
+
+Arrays are plain .npy files (memory-mapped on load, never unpickled). The folder is written under
+a temporary name and renamed when complete, and meta.json is written last, so an interrupted
+collector never leaves something that looks like a dataset. Loading checks every file against
+meta.json and raises DatasetError naming the file and the problem.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rate_core.model import ACTION_PAD
+
+FORMAT_VERSION = 1
+ARRAYS = ("observations", "actions", "rewards", "episode_starts")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the file and what to do."""
+
+
+def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], settings: dict) -> Path:
+    """Write episodes (dicts of observations (T, ...), actions (T,), rewards (T,)) atomically."""
+    path = Path(path)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    lengths = [len(e["actions"]) for e in episodes]
+    arrays = {
+        "observations": np.concatenate([e["observations"] for e in episodes]),
+        "actions": np.concatenate([np.asarray(e["actions"], dtype=np.int64) for e in episodes]),
+        "rewards": np.concatenate([np.asarray(e["rewards"], dtype=np.float32) for e in episodes]),
+        "episode_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    }
+    for name, array in arrays.items():
+        np.save(staging / f"{name}.npy", array, allow_pickle=False)
+    meta = {
+        "format_version": FORMAT_VERSION, "task": task, "episodes": len(episodes), "steps": int(sum(lengths)),
+        "settings": settings,
+        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
+    }
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, path)
+    return path
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: arrays (memory-mapped) and per-step returns-to-go."""
+
+    path: Path
+    meta: dict
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    episode_starts: np.ndarray
+    returns_to_go: np.ndarray
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_starts) - 1
+
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self.episode_starts)
+
+    def window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rtg (L,), observations (L, ...), actions (L,)) of `length` steps from `start` in `episode`,
+        padded past the episode's end: action ACTION_PAD, return-to-go 0, last observation repeated."""
+        first, end = self.episode_starts[episode], self.episode_starts[episode + 1]
+        lo = first + start
+        hi = min(lo + length, end)
+        valid = hi - lo
+        obs = np.asarray(self.observations[lo:hi])
+        rtg = np.zeros(length, dtype=np.float32)
+        actions = np.full(length, ACTION_PAD, dtype=np.int64)
+        rtg[:valid] = self.returns_to_go[lo:hi]
+        actions[:valid] = self.actions[lo:hi]
+        if valid < length:
+            obs = np.concatenate([obs, np.repeat(obs[-1:], length - valid, axis=0)])
+        return rtg, obs, actions
+
+
+def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
+    """Open a dataset folder written by write_dataset. task: when given, the dataset must be for it."""
+    path = Path(path)
+    collect_hint = "run the collector again (python -m training.collect --help)"
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no dataset folder here; {collect_hint}")
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DatasetError(f"{meta_path}: missing, so the dataset is incomplete; {collect_hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        declared = meta["arrays"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DatasetError(f"{meta_path}: corrupt ({error}); {collect_hint}") from error
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise DatasetError(f"{meta_path}: format_version {meta['format_version']} is newer than this code")
+    if task is not None and meta.get("task") != task:
+        raise DatasetError(f"{meta_path}: dataset is for task {meta.get('task')!r}, expected {task!r}")
+    arrays = {}
+    for name in ARRAYS:
+        file = path / f"{name}.npy"
+        if not file.is_file():
+            raise DatasetError(f"{file}: missing; {collect_hint}")
+        try:
+            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DatasetError(f"{file}: cannot be read ({error}); the file is truncated or corrupt; "
+                               f"{collect_hint}") from error
+        expected = declared.get(name, {})
+        if list(arrays[name].shape) != expected.get("shape") or str(arrays[name].dtype) != expected.get("dtype"):
+            raise DatasetError(f"{file}: shape {arrays[name].shape} / {arrays[name].dtype} does not match meta.json "
+                               f"({expected}); the dataset is damaged; {collect_hint}")
+    starts = np.asarray(arrays["episode_starts"])
+    steps = len(arrays["actions"])
+    if starts[0] != 0 or starts[-1] != steps or (np.diff(starts) <= 0).any():
+        raise DatasetError(f"{path / 'episode_starts.npy'}: offsets do not cover the {steps} steps; {collect_hint}")
+    rewards = np.asarray(arrays["rewards"], dtype=np.float32)
+    # Return-to-go: the sum of this and all later rewards of the same episode (undiscounted).
+    returns_to_go = np.empty_like(rewards)
+    for first, end in zip(starts[:-1], starts[1:]):
+        returns_to_go[first:end] = np.cumsum(rewards[first:end][::-1])[::-1]
+    return Dataset(path, meta, arrays["observations"], arrays["actions"], rewards, starts, returns_to_go)

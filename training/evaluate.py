@@ -1,0 +1,119 @@
+"""Evaluate a checkpoint with its task's protocol (rate_core.tasks), batched over episodes.
+
+    python -m training.evaluate --checkpoint assets/checkpoints/tmaze/rate
+    python -m training.evaluate --checkpoint runs/tmaze/rate/model --lengths 150 900 --episodes 50 --json out.json
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.rollout import run_episodes
+from rate_core.tasks import Task, get_task
+
+
+@dataclass
+class Args:
+    """Score a checkpoint on its task: success rate or mean return per setting, as a table and JSON."""
+
+    checkpoint: Path
+    """checkpoint folder (config.json + model.safetensors)"""
+    lengths: tuple[int, ...] | None = None
+    """T-Maze episode lengths to test (default: the protocol's)"""
+    episodes: int | None = None
+    """episodes per setting (default: the protocol's)"""
+    seed: int = 0
+    """first seed; seeds are balanced between the two values of the protocol's balance key"""
+    json: Path | None = None
+    """write the results here (default: eval.json next to the checkpoint's files)"""
+    device: str = "auto"
+    """cpu, cuda or auto"""
+
+
+def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[int]:
+    """`count` seeds from `first` upwards, half of them for each of the two values of the protocol's
+    balance key (e.g. the cue side), read from the info of a reset."""
+    key = task.evaluation.balance_key
+    if key is None:
+        return list(range(first, first + count))
+    groups: dict = {}
+    start = first
+    while True:
+        batch = list(range(start, start + 2 * count))
+        _, info = task.make_vector_env(len(batch), **settings).reset(seed=batch)
+        for seed, value in zip(batch, np.asarray(info[key]).tolist()):
+            groups.setdefault(value, []).append(seed)
+        if len(groups) > 2:
+            raise ValueError(f"balance key {key!r} of task {task.name!r} has more than two values")
+        low, high = (groups[v] for v in sorted(groups)) if len(groups) == 2 else ([], [])
+        if len(low) >= count - count // 2 and len(high) >= count // 2:
+            return sorted(low[: count - count // 2] + high[: count // 2])
+        start += 2 * count
+
+
+def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
+             show_progress: bool = True) -> list[dict]:
+    """Run the protocol at each value of its setting; one dict of results per value."""
+    protocol = task.evaluation
+    sample = protocol.sample_actions if sample is None else sample
+    results = []
+    for value in values:
+        settings = {**task.default_settings, protocol.setting: value}
+        seeds = balanced_seeds(task, settings, episodes, seed)
+        env = task.make_vector_env(episodes, **settings)
+        started = time.perf_counter()
+        with tqdm(desc=f"{protocol.setting}={value}", unit="step", disable=not show_progress, leave=False) as bar:
+            outcome = run_episodes(model, env, seeds, protocol.target_return, sample=sample,
+                                   generator=torch.Generator().manual_seed(seed), progress=lambda _: bar.update())
+        env.close()
+        sem = outcome.returns.std(ddof=1) / np.sqrt(len(outcome.returns)) if len(outcome.returns) > 1 else 0.0
+        results.append({
+            protocol.setting: value, "episodes": episodes, "success_rate": float(outcome.successes.mean()),
+            "mean_return": float(outcome.returns.mean()), "return_sem": float(sem),
+            "mean_length": float(outcome.lengths.mean()), "seconds": round(time.perf_counter() - started, 2),
+        })
+    return results
+
+
+def print_table(task: Task, results: list[dict]) -> None:
+    setting = task.evaluation.setting
+    print(f"{setting:>15} {'episodes':>9} {'success':>8} {'return':>16} {'length':>8} {'seconds':>8}")
+    for r in results:
+        ret = f"{r['mean_return']:.3f} +- {r['return_sem']:.3f}"
+        print(f"{r[setting]:>15} {r['episodes']:>9} {r['success_rate']:>8.2f} {ret:>16} {r['mean_length']:>8.1f} "
+              f"{r['seconds']:>8.1f}")
+
+
+def main(args: Args) -> None:
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    try:
+        model = load_checkpoint(args.checkpoint, device=device)
+        task = get_task(model.task)
+    except (CheckpointError, KeyError) as error:
+        raise SystemExit(f"error: {error}")
+    protocol = task.evaluation
+    values = args.lengths or protocol.values
+    episodes = args.episodes or protocol.episodes
+    print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
+          f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
+          f"target return {protocol.target_return}")
+    results = evaluate(model, task, values, episodes, args.seed)
+    print_table(task, results)
+    out = args.json or Path(args.checkpoint) / "eval.json"
+    out.write_text(json.dumps({
+        "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
+        "protocol": asdict(protocol), "results": results,
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

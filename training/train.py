@@ -1,0 +1,253 @@
+"""Train RATE, RMT, TrXL or DT on a task's offline dataset.
+
+    python -m training.collect --task tmaze
+    python -m training.train --task tmaze --model rate                 # -> runs/tmaze/rate/model
+    python -m training.train --task tmaze --model rate --resume        # continue after a kill
+    python -m training.train --task tmaze --model rate --memory-grad detached   # the reference scheme
+
+Every epoch writes runs/<task>/<model>/last (model + optimiser + schedule + RNG) atomically, and
+`--resume` continues from it exactly: an interrupted and resumed run ends with the same weights as
+an uninterrupted one. The finished model is written to runs/<task>/<model>/model, and log.jsonl
+holds the loss per step and the periodic evaluations.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import tyro
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rate_core.model import MemoryTransformer
+from rate_core.tasks import get_task
+from training.dataset import Dataset, DatasetError, load_dataset
+from training.step import MEMORY_GRADS, train_step
+
+STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Train a memory transformer on an offline dataset. Unset hyper-parameters take the task's defaults."""
+
+    task: str = "tmaze"
+    """task name from the registry (rate_core.tasks)"""
+    model: str = "rate"
+    """rate | rmt | trxl | dt (architecture: the task's default config for that mode)"""
+    data: Path | None = None
+    """dataset folder (default: data/<task>/expert, made by python -m training.collect)"""
+    out: Path | None = None
+    """run folder (default: runs/<task>/<model>)"""
+    epochs: int | None = None
+    """passes over the dataset"""
+    batch_size: int | None = None
+    """samples per optimiser step"""
+    learning_rate: float | None = None
+    """peak AdamW learning rate"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    warmup_steps: int | None = None
+    """optimiser steps of linear warm-up"""
+    decay: str = "cosine"
+    """learning-rate decay after warm-up: cosine | linear | none (to 10% of the peak)"""
+    grad_clip: float | None = None
+    """gradient-norm clipping (0: off)"""
+    memory_grad: str = "bptt"
+    """bptt (train memory through all segments) | detached (the reference scheme)"""
+    micro_batch: int = 0
+    """samples per forward/backward, gradients accumulated (0: the whole batch)"""
+    seed: int = 0
+    """seed of initialisation, data order and dropout"""
+    device: str = "auto"
+    """cpu, cuda or auto"""
+    eval_every: int = 5
+    """evaluate every this many epochs (0: never)"""
+    eval_episodes: int = 20
+    """episodes per evaluation setting during training"""
+    resume: bool = False
+    """continue the run in `out` from its last completed epoch"""
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill unset fields from the task's defaults and check the rest."""
+    task = get_task(config.task)
+    defaults = asdict(task.train)
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    for name, value in defaults.items():
+        if values.get(name) is None:
+            values[name] = value
+    values["data"] = values["data"] or Path("data") / task.name / "expert"
+    values["out"] = values["out"] or Path("runs") / task.name / config.model
+    resolved = TrainConfig(**values)
+    if resolved.memory_grad not in MEMORY_GRADS:
+        raise ValueError(f"--memory-grad must be one of {MEMORY_GRADS}, got {resolved.memory_grad!r}")
+    if resolved.decay not in ("cosine", "linear", "none"):
+        raise ValueError(f"--decay must be cosine, linear or none, got {resolved.decay!r}")
+    task.model_config(resolved.model)  # raises for an unknown mode
+    return resolved
+
+
+def windows(dataset: Dataset, length: int) -> np.ndarray:
+    """(episode, start) of every training sample: each episode tiled into windows of `length`
+    steps from its first step (the last one padded)."""
+    pairs = [(e, start) for e, steps in enumerate(dataset.episode_lengths()) for start in range(0, steps, length)]
+    return np.array(pairs, dtype=np.int64)
+
+
+def make_batch(dataset: Dataset, index: np.ndarray, length: int, device) -> tuple[torch.Tensor, ...]:
+    parts = [dataset.window(int(e), int(s), length) for e, s in index]
+    rtg, obs, actions = (np.stack(p) for p in zip(*parts))
+    return (torch.from_numpy(rtg).to(device), torch.from_numpy(obs).to(device),
+            torch.from_numpy(actions).to(device))
+
+
+def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
+    """Linear warm-up to 1, then decay to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return 0.1 + 0.9 * shape
+
+
+def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step: int, config: TrainConfig) -> None:
+    """Optimiser, schedule, progress and RNG state into `directory` (safetensors + JSON, no pickle)."""
+    state = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()
+               if torch.is_tensor(v)}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps({
+        "epoch": epoch, "step": step, "param_groups": state["param_groups"],
+        "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+    }, indent=2))
+
+
+def load_training_state(directory: Path, optimizer, scheduler) -> tuple[int, int, dict]:
+    """Restore what save_training_state wrote; returns (epoch, step, saved config)."""
+    try:
+        meta = json.loads((directory / STATE_JSON).read_text())
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory}: training state unreadable ({error}); start without --resume") from error
+    state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state["state"].setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict(state)
+    scheduler_state = meta["scheduler"]
+    scheduler_state.pop("lr_lambdas", None)
+    scheduler.load_state_dict(scheduler_state | {"lr_lambdas": [None]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta["epoch"], meta["step"], meta["config"]
+
+
+def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None) -> Path:
+    """Run (or resume) training; returns the folder of the finished model."""
+    config = resolve(config)
+    task = get_task(config.task)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    dataset = load_dataset(config.data, task=task.name)
+    model_config = task.model_config(config.model)
+    sample_len = model_config.context_length * model_config.sections
+    samples = windows(dataset, sample_len)
+    batches_per_epoch = math.ceil(len(samples) / config.batch_size)
+    steps_per_batch = model_config.sections if config.memory_grad == "detached" and config.model != "dt" else 1
+    total_steps = batches_per_epoch * steps_per_batch * config.epochs
+
+    torch.manual_seed(config.seed)
+    model = MemoryTransformer(model_config, task=task.name, training={
+        "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
+        "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+        "seed": config.seed,
+    }).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, config.warmup_steps, total_steps, config.decay))
+
+    out = Path(config.out)
+    last = out / "last"
+    start_epoch, step = 0, 0
+    if config.resume and (last / STATE_JSON).exists():
+        saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
+        model.load_state_dict(saved.state_dict())
+        start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler)
+        for key in ("task", "model", "batch_size", "epochs", "memory_grad", "seed"):
+            if str(saved_config.get(key)) != str(getattr(config, key)):
+                raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
+                                 f"{saved_config.get(key)!r}; use the same settings or another --out")
+        print(f"resuming {out} after epoch {start_epoch}")
+    elif config.resume:
+        print(f"nothing to resume in {out}; starting fresh")
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a")
+    print(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps, "
+          f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}")
+
+    for epoch in range(start_epoch, config.epochs):
+        order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
+        started = time.perf_counter()
+        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+        for b in bar:
+            rtg, obs, actions = make_batch(dataset, samples[order[b * config.batch_size:(b + 1) * config.batch_size]],
+                                           sample_len, device)
+            losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=config.memory_grad,
+                                grad_clip=config.grad_clip, scheduler=scheduler,
+                                micro_batch=config.micro_batch or None)
+            step += steps_per_batch
+            loss = float(np.mean(losses)) if losses else float("nan")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss, "segment_losses": losses,
+                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
+        record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
+        if config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            from training.evaluate import evaluate
+
+            values = task.evaluation.values[:2]
+            rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
+            results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
+            torch.set_rng_state(rng_state)
+            record["eval"] = {str(r[task.evaluation.setting]): r["success_rate" if task.evaluation.metric == "success"
+                                                                  else "mean_return"] for r in results}
+            print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        model.training_info["epochs_done"] = epoch + 1
+        save_checkpoint(model, last, extra=lambda folder: save_training_state(
+            folder, optimizer, scheduler, epoch + 1, step, config))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    log.close()
+    final = save_checkpoint(model, out / "model")
+    print(f"wrote {final}")
+    return final
+
+
+def main(config: TrainConfig) -> None:
+    try:
+        train(config)
+    except (DatasetError, CheckpointError, KeyError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(TrainConfig))
