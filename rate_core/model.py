@@ -153,19 +153,30 @@ class RelativeAttentionLayer(nn.Module):
             )
             self.ffn_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x, cache, pos_emb, content_bias, position_bias, allowed):
-        """x: (B, Q, d) layer input; cache: (B, L, d) or None; pos_emb: (W, d) embeddings of the
-        distances key_len - 1 down to key_len - W; content_bias, position_bias: (H, d_head);
-        allowed: (Q, L + Q) bool, True where query i may attend to key j. Returns (B, Q, d)."""
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, H, dh) -> (B * H, L, dh), the layout of relative_attention."""
+        return t.transpose(1, 2).reshape(-1, t.shape[1], self.d_head)
+
+    def key_values(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value rows (B * H, L, dh) of hidden inputs (B, L, d), e.g. the Transformer-XL cache."""
+        inner = self.n_head * self.d_head
+        projected = F.linear(hidden, self.qkv.weight[inner:]).view(*hidden.shape[:2], 2, self.n_head, self.d_head)
+        key, value = projected.unbind(2)
+        return self.rows(key), self.rows(value)
+
+    def forward(self, x, past, pos_emb, content_bias, position_bias, allowed):
+        """x: (B, Q, d) inputs at the newest Q positions; past: key and value rows (B * H, P, dh) of
+        the P positions before them (XL cache, read memory, earlier tokens), or None; pos_emb:
+        (W, d) embeddings of the distances P + Q - 1 down to P + Q - W; content_bias, position_bias:
+        (H, d_head); allowed: (Q, P + Q) bool, True where query i may attend to key j.
+        Returns the output (B, Q, d) and the key and value rows (B * H, Q, dh) of the new positions."""
         batch, q_len, _ = x.shape
-        context = x if cache is None else torch.cat([cache, x], dim=1)
-        key_len = context.shape[1]
         # unbind, not indexing: the backward of each index would zero-fill the whole projection.
-        query, key, value = self.qkv(context).view(batch, key_len, 3, self.n_head, self.d_head).unbind(2)
-        query = query[:, -q_len:]  # (B, Q, H, dh)
-        rows = lambda t: t.transpose(1, 2).reshape(batch * self.n_head, -1, self.d_head)  # noqa: E731
+        query, key, value = self.qkv(x).view(batch, q_len, 3, self.n_head, self.d_head).unbind(2)
+        key, value = self.rows(key), self.rows(value)
+        keys, values = (key, value) if past is None else (torch.cat([past[0], key], 1), torch.cat([past[1], value], 1))
         attended = relative_attention(
-            rows(query), rows(key), rows(value), content_bias, position_bias,
+            self.rows(query), keys, values, content_bias, position_bias,
             self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1), allowed,
             scale=1.0 / math.sqrt(self.d_head), dropout=self.dropatt if self.training else 0.0,
         )
@@ -174,7 +185,7 @@ class RelativeAttentionLayer(nn.Module):
         x = self.attn_norm(x + self.drop(self.out(attended)))
         if self.ffn is not None:
             x = self.ffn_norm(x + self.ffn(x))
-        return x
+        return x, (key, value)
 
 
 class ImageEncoder(nn.Module):
@@ -280,21 +291,18 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         parts = [p for p in (read_memory, tokens, write_memory) if p is not None]
         x = self.drop(torch.cat(parts, dim=1) if len(parts) > 1 else tokens)
         cache_len = 0 if cache is None else cache[0].shape[1]
-        q_len = x.shape[1]
-        key_len = cache_len + q_len
-        # Signed distances key_len - 1 down to -(m - 1): memory blocks are bidirectional.
-        lowest = -max(self.config.num_mem_tokens - 1, 0)
-        distances = torch.arange(key_len - 1, lowest - 1, -1, device=x.device)
-        pos_emb = self.drop(sinusoid(distances, self.config.d_model).to(x.dtype))
+        # Signed distances down to -(m - 1): the memory blocks are bidirectional.
+        pos_emb = self.position_embedding(cache_len + x.shape[1], lowest=-max(self.config.num_mem_tokens - 1, 0))
         allowed = self.attention_mask(tokens.shape[1], cache_len, x.device)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         layer_inputs = []
         for i, layer in enumerate(self.layers):
             layer_inputs.append(x)
-            args = (x, None if cache is None else cache[i], pos_emb, self.content_bias, self.position_bias, allowed)
-            # Recomputing a layer in backward keeps only its input alive: the (B, H, Q, K) attention
-            # tensors of all layers and segments would otherwise be held for the whole BPTT step.
-            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+            past = None if cache is None else layer.key_values(cache[i])
+            args = (x, past, pos_emb, self.content_bias, self.position_bias, allowed)
+            # Recomputing a layer in backward keeps only its input alive: the activations of all
+            # layers and segments would otherwise be held for the whole BPTT step.
+            x, _ = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         new_cache = None
         if self.config.mem_len > 0:
             with torch.no_grad():
@@ -303,6 +311,60 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
                     for i, h in enumerate(layer_inputs)
                 )
         return self.drop(x), new_cache
+
+    def position_embedding(self, key_len: int, lowest: int = 0) -> torch.Tensor:
+        """(W, d) sinusoidal embeddings of the distances key_len - 1 down to `lowest`."""
+        device = self.content_bias.device
+        distances = torch.arange(key_len - 1, lowest - 1, -1, device=device)
+        return self.drop(sinusoid(distances, self.config.d_model).to(self.content_bias.dtype))
+
+    # ---------------------------------------------------------------- incremental inference
+    @torch.no_grad()
+    def begin_segment(self, state: MemoryState) -> list:
+        """Per layer, the key and value rows (B * H, L + m, dh) of what every token of a segment
+        sees before the segment's own tokens: the Transformer-XL cache and the read memory.
+        (Read tokens see only each other, so their layer outputs do not depend on the segment.)"""
+        m = self.config.num_mem_tokens
+        x = state.memory
+        pos_emb = self.position_embedding(m, lowest=1 - m) if m else None  # read tokens see both ways
+        read_mask = torch.ones(m, m, dtype=torch.bool, device=self.content_bias.device)
+        prefixes = []
+        for i, layer in enumerate(self.layers):
+            keys, values = [], []
+            if state.cache is not None:
+                key, value = layer.key_values(state.cache[i])
+                keys.append(key)
+                values.append(value)
+            if x is not None:
+                x, (key, value) = layer(x, None, pos_emb, self.content_bias, self.position_bias, read_mask)
+                keys.append(key)
+                values.append(value)
+            prefixes.append((torch.cat(keys, 1), torch.cat(values, 1)) if keys else None)
+        return prefixes
+
+    @torch.no_grad()
+    def extend_segment(self, tokens: torch.Tensor, prefixes: list, segment_kv: list | None, done: int):
+        """Process the next `n` trajectory tokens (B, n, d) of a segment whose first `done` tokens
+        were processed before (their key/value rows in segment_kv, None when done = 0), reusing
+        every earlier key and value: the outputs equal a full pass over the segment so far.
+        Returns hidden (B, n, d) and the extended segment_kv."""
+        n = tokens.shape[1]
+        m = self.config.num_mem_tokens
+        prefix_len = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
+        cache_len = prefix_len - m
+        rows = slice(m + done, m + done + n)
+        allowed = self.attention_mask(done + n, cache_len, tokens.device)[rows, : cache_len + m + done + n]
+        pos_emb = self.position_embedding(prefix_len + done + n)
+        x = tokens
+        extended = []
+        for i, layer in enumerate(self.layers):
+            parts = [kv for kv in (prefixes[i], None if segment_kv is None else segment_kv[i]) if kv is not None]
+            past = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)) if parts else None
+            x, (key, value) = layer(x, past, pos_emb, self.content_bias, self.position_bias, allowed)
+            if segment_kv is not None:
+                key, value = torch.cat([segment_kv[i][0], key], 1), torch.cat([segment_kv[i][1], value], 1)
+            extended.append((key, value))
+        return x, extended
 
     def update_memory(self, memory, write_out):
         """memory (B, m, d): this segment's memory; write_out (B, m, d): outputs at the write
