@@ -138,5 +138,7 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
         budget = CHUNK_ELEMENTS.get(query.device.type, CHUNK_ELEMENTS["cpu"])
         chunk = max(1, budget // (allowed.shape[0] * allowed.shape[1]))
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
-    return _RelativeAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), content_bias,
+    # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
+    key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
+    return _RelativeAttention.apply(query.contiguous(), key, value, content_bias,
                                     position_bias, position_key.contiguous(), allowed, scale, dropout, seed, chunk)

@@ -132,6 +132,27 @@ class MemoryState(NamedTuple):
     cache: tuple[torch.Tensor, ...] | None
 
 
+class KeyValueBuffer:
+    """Key and value rows of one layer during incremental inference, preallocated so that each step
+    writes its new rows in place instead of copying everything seen so far."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, rows: int, capacity: int, d_head: int,
+                 like: torch.Tensor):
+        self.keys = like.new_empty(rows, capacity, d_head)
+        self.values = like.new_empty(rows, capacity, d_head)
+        self.length = 0
+        if prefix is not None:
+            self.append(*prefix)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (rows, n, dh) keys and values; returns views of all rows so far."""
+        end = self.length + key.shape[1]
+        self.keys[:, self.length:end] = key
+        self.values[:, self.length:end] = value
+        self.length = end
+        return self.keys[:, :end], self.values[:, :end]
+
+
 class RelativeAttentionLayer(nn.Module):
     """One post-LN Transformer-XL layer: relative multi-head attention, then an optional FFN."""
 
@@ -166,7 +187,8 @@ class RelativeAttentionLayer(nn.Module):
 
     def forward(self, x, past, pos_emb, content_bias, position_bias, allowed):
         """x: (B, Q, d) inputs at the newest Q positions; past: key and value rows (B * H, P, dh) of
-        the P positions before them (XL cache, read memory, earlier tokens), or None; pos_emb:
+        the P positions before them (XL cache, read memory, earlier tokens), a KeyValueBuffer holding
+        them (the new rows are appended in place), or None; pos_emb:
         (W, d) embeddings of the distances P + Q - 1 down to P + Q - W; content_bias, position_bias:
         (H, d_head); allowed: (Q, P + Q) bool, True where query i may attend to key j.
         Returns the output (B, Q, d) and the key and value rows (B * H, Q, dh) of the new positions."""
@@ -174,7 +196,12 @@ class RelativeAttentionLayer(nn.Module):
         # unbind, not indexing: the backward of each index would zero-fill the whole projection.
         query, key, value = self.qkv(x).view(batch, q_len, 3, self.n_head, self.d_head).unbind(2)
         key, value = self.rows(key), self.rows(value)
-        keys, values = (key, value) if past is None else (torch.cat([past[0], key], 1), torch.cat([past[1], value], 1))
+        if past is None:
+            keys, values = key, value
+        elif isinstance(past, KeyValueBuffer):
+            keys, values = past.append(key, value)
+        else:
+            keys, values = torch.cat([past[0], key], 1), torch.cat([past[1], value], 1)
         attended = relative_attention(
             self.rows(query), keys, values, content_bias, position_bias,
             self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1), allowed,
@@ -345,26 +372,24 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
     @torch.no_grad()
     def extend_segment(self, tokens: torch.Tensor, prefixes: list, segment_kv: list | None, done: int):
         """Process the next `n` trajectory tokens (B, n, d) of a segment whose first `done` tokens
-        were processed before (their key/value rows in segment_kv, None when done = 0), reusing
+        were processed before (segment_kv: what this returned then; None when done = 0), reusing
         every earlier key and value: the outputs equal a full pass over the segment so far.
-        Returns hidden (B, n, d) and the extended segment_kv."""
+        Returns hidden (B, n, d) and segment_kv (per-layer KeyValueBuffers) for the next call."""
         n = tokens.shape[1]
         m = self.config.num_mem_tokens
         prefix_len = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
         cache_len = prefix_len - m
+        if segment_kv is None:
+            capacity = prefix_len + 3 * self.config.segment_steps
+            rows = tokens.shape[0] * self.config.n_head
+            segment_kv = [KeyValueBuffer(prefix, rows, capacity, self.config.d_head, tokens) for prefix in prefixes]
         rows = slice(m + done, m + done + n)
         allowed = self.attention_mask(done + n, cache_len, tokens.device)[rows, : cache_len + m + done + n]
         pos_emb = self.position_embedding(prefix_len + done + n)
         x = tokens
-        extended = []
-        for i, layer in enumerate(self.layers):
-            parts = [kv for kv in (prefixes[i], None if segment_kv is None else segment_kv[i]) if kv is not None]
-            past = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)) if parts else None
-            x, (key, value) = layer(x, past, pos_emb, self.content_bias, self.position_bias, allowed)
-            if segment_kv is not None:
-                key, value = torch.cat([segment_kv[i][0], key], 1), torch.cat([segment_kv[i][1], value], 1)
-            extended.append((key, value))
-        return x, extended
+        for layer, buffer in zip(self.layers, segment_kv):
+            x, _ = layer(x, buffer, pos_emb, self.content_bias, self.position_bias, allowed)
+        return x, segment_kv
 
     def update_memory(self, memory, write_out):
         """memory (B, m, d): this segment's memory; write_out (B, m, d): outputs at the write

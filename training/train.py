@@ -28,6 +28,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from rate_core.model import MemoryTransformer
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
+from training.evaluate import evaluate
 from training.step import MEMORY_GRADS, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
@@ -220,8 +221,6 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                                   "lr": scheduler.get_last_lr()[0]}) + "\n")
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
         if config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            from training.evaluate import evaluate
-
             values = task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
             results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
