@@ -37,6 +37,19 @@ def checkpoint_config(model: MemoryTransformer) -> dict:
     }
 
 
+def model_card(model: MemoryTransformer) -> str:
+    """A short Hub model card: what the checkpoint is and how to load it."""
+    c = model.config
+    training = "".join(f"- {key}: {value}\n" for key, value in sorted(model.training_info.items())) or "- none\n"
+    return (f"---\nlibrary_name: rate_core\ntags:\n- offline-rl\n- {c.mode}\n- {model.task or 'untrained'}\n---\n\n"
+            f"# {c.mode.upper()} for {model.task or 'no task'}\n\n"
+            f"A {c.mode} memory transformer (rate_core): {c.n_layer} layers of width {c.d_model}, {c.n_head} heads of "
+            f"{c.d_head}, {c.num_mem_tokens} memory tokens, Transformer-XL cache {c.mem_len}, segments of "
+            f"{c.segment_steps} steps; {model.num_parameters():,} parameters.\n\n"
+            f"```python\nfrom rate_core.checkpoint import load_checkpoint\nmodel = load_checkpoint(folder)\n```\n\n"
+            f"Training:\n{training}")
+
+
 def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None) -> Path:
     """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
     complete checkpoint or the new complete one, never a mix or a half-written file.
@@ -45,6 +58,8 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
     model.save_pretrained(staging, config=checkpoint_config(model))
     if extra is not None:
         extra(staging)
