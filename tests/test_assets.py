@@ -1,0 +1,33 @@
+"""Shipped checkpoints load, carry their evaluation, and still solve their task."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rate_core.checkpoint import load_checkpoint
+from rate_core.tasks import get_task
+from training.evaluate import evaluate
+
+CHECKPOINTS = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "assets" / "checkpoints").glob(
+    "*/*/config.json"))
+
+
+def test_some_checkpoints_are_shipped():
+    assert CHECKPOINTS, "assets/checkpoints holds no checkpoint"
+
+
+@pytest.mark.parametrize("folder", CHECKPOINTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_checkpoint_loads_and_has_its_evaluation(folder):
+    model = load_checkpoint(folder, task=folder.parent.name)
+    assert (folder / "model.safetensors").stat().st_size < 20 * 2**20  # small enough to ship in git
+    report = json.loads((folder / "eval.json").read_text())
+    assert report["task"] == model.task and report["mode"] == model.config.mode
+    setting = get_task(model.task).evaluation.setting
+    assert [r[setting] for r in report["results"]] == list(get_task(model.task).evaluation.values)
+
+
+def test_shipped_tmaze_rate_remembers_the_cue_across_segments():
+    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/tmaze/rate")
+    results = evaluate(model, get_task("tmaze"), values=(600,), episodes=10, seed=123, show_progress=False)
+    assert results[0]["success_rate"] == 1.0  # 12 segments after the cue was seen
