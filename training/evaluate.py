@@ -59,8 +59,9 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
 
 
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
-             show_progress: bool = True) -> list[dict]:
-    """Run the protocol at each value of its setting; one dict of results per value."""
+             show_progress: bool = True, on_result=None) -> list[dict]:
+    """Run the protocol at each value of its setting; one dict of results per value.
+    on_result: optional callable(results so far), called after each value (e.g. to save them)."""
     protocol = task.evaluation
     sample = protocol.sample_actions if sample is None else sample
     results = []
@@ -79,6 +80,8 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             "mean_return": float(outcome.returns.mean()), "return_sem": float(sem),
             "mean_length": float(outcome.lengths.mean()), "seconds": round(time.perf_counter() - started, 2),
         })
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -105,13 +108,16 @@ def main(args: Args) -> None:
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
           f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
           f"target return {protocol.target_return}")
-    results = evaluate(model, task, values, episodes, args.seed)
-    print_table(task, results)
     out = args.json or Path(args.checkpoint) / "eval.json"
-    out.write_text(json.dumps({
-        "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
-        "protocol": asdict(protocol), "results": results,
-    }, indent=2))
+
+    def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
+        out.write_text(json.dumps({
+            "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
+            "protocol": asdict(protocol), "results": results,
+        }, indent=2))
+
+    results = evaluate(model, task, values, episodes, args.seed, on_result=save)
+    print_table(task, results)
     print(f"wrote {out}")
 
 
