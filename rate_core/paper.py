@@ -4,9 +4,8 @@
 `PAPER_PARAMETER_COUNTS` holds the counts the paper reports for RATE and DT (its Table 12).
 """
 
-from dataclasses import replace
-
 from rate_core.model import ModelConfig
+from rate_core.tasks import mode_variants
 
 _PAPER_RATE = {
     "tmaze": ModelConfig(
@@ -46,14 +45,8 @@ def paper_config(task: str, mode: str = "rate") -> ModelConfig:
     if task not in _PAPER_RATE:
         raise KeyError(f"no paper config for task {task!r}; known: {', '.join(PAPER_TASKS)}")
     rate = _PAPER_RATE[task]
-    if mode == "rate":
-        return rate
-    if mode == "rmt":
-        return replace(rate, mode="rmt", mem_len=0, n_head_ca=0)
-    if mode == "trxl":
-        # Without memory tokens the cache must cover the sample by itself: N segments of 3K tokens.
-        return replace(rate, mode="trxl", num_mem_tokens=0, n_head_ca=0,
-                       mem_len=rate.mem_len or 3 * rate.context_length * rate.sections)
-    if mode == "dt":
-        return replace(rate, mode="dt", num_mem_tokens=0, mem_len=0, n_head_ca=0)
-    raise ValueError(f"mode={mode!r}, expected rate | rmt | trxl | dt")
+    # Without memory tokens, TrXL's cache must cover the sample by itself: N segments of 3K tokens.
+    variants = mode_variants(rate, cache_len=rate.mem_len or 3 * rate.context_length * rate.sections)
+    if mode not in variants:
+        raise ValueError(f"mode={mode!r}, expected rate | rmt | trxl | dt")
+    return variants[mode]
