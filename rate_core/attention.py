@@ -142,3 +142,71 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
     return _RelativeAttention.apply(query.contiguous(), key, value, content_bias,
                                     position_bias, position_key.contiguous(), allowed, scale, dropout, seed, chunk)
+
+
+INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference kernel (32 MB in float32)
+QUERY_BLOCK = 64  # long query runs are cut into blocks that skip the keys their mask hides
+
+
+def _query_blocks(allowed: torch.Tensor):
+    """[(q_start, q_end, key_end)]: blocks of query rows and the keys they need. Query i sits at key
+    position K - Q + i; a block [s, e) can stop at key K - Q + e when no row of it sees a later
+    key (causal rows); otherwise it runs to the last query with all keys."""
+    q_len, key_len = allowed.shape
+    if q_len < 2 * QUERY_BLOCK:
+        return [(0, q_len, key_len)]
+    columns = torch.arange(1, key_len + 1, device=allowed.device)
+    extent = (allowed * columns).amax(1).tolist()  # last allowed key + 1, per query row
+    blocks, start = [], 0
+    while start < q_len:
+        end = min(start + QUERY_BLOCK, q_len)
+        key_end = key_len - q_len + end
+        if max(extent[start:end]) > key_end:
+            end, key_end = q_len, key_len
+        blocks.append((start, end, key_end))
+        start = end
+    return blocks
+
+
+@torch.no_grad()
+def relative_attention_inference(query, key, value, content_bias, position_bias, position_key, allowed, scale,
+                                 need_weights=False):
+    """relative_attention without autograd or dropout, for rollouts.
+
+    Incremental inference attends from a few new queries to many keys. There the per-row gather
+    of position keys and the many small products of the training kernel cost more than the
+    arithmetic, so the position scores of all rows of a head come from one matrix product. Rows
+    are processed in groups of whole batch entries to bound memory for long windows (DT), and
+    long causal query runs in blocks that skip the keys they cannot see.
+    Same arguments as relative_attention; returns the output (R, Q, dh) and, with need_weights,
+    the attention probabilities (R, Q, K) (else None).
+    """
+    rows, q_len, d_head = query.shape
+    n_head, key_len = position_key.shape[0], allowed.shape[1]
+    padded_key = F.pad(position_key, (0, 0, 0, 1)).transpose(1, 2)  # (H, dh, W + 1), spare zero column
+    width1 = padded_key.shape[2]
+    batch_per_group = max(1, INFERENCE_ELEMENTS // (n_head * q_len * (key_len + width1)))
+    blocked = ~allowed
+    out = query.new_empty(rows, q_len, value.shape[2])
+    weights = query.new_zeros(rows, q_len, key_len) if need_weights else None
+    blocks = _query_blocks(allowed)
+    for start in range(0, rows, batch_per_group * n_head):
+        part = slice(start, min(start + batch_per_group * n_head, rows))
+        grouped = query[part].view(-1, n_head, q_len, d_head)  # (b, H, Q, dh)
+        batch = grouped.shape[0]
+        for q_start, q_end, key_end in blocks:
+            q_rows = q_end - q_start
+            block = grouped[:, :, q_start:q_end]
+            content_query = (block + content_bias[:, None]).reshape(-1, q_rows, d_head)
+            position_query = (block + position_bias[:, None]).transpose(0, 1).reshape(n_head, batch * q_rows, d_head)
+            # column w of the full table holds distance K - 1 - w: drop the K - key_end largest ones
+            position_scores = torch.bmm(position_query, padded_key[:, :, key_len - key_end:])
+            position_scores = position_scores.view(n_head, batch, q_rows, -1).transpose(0, 1)
+            position_scores = position_scores.reshape(batch * n_head, q_rows, -1)
+            scores = torch.baddbmm(shifted_view(position_scores, q_rows, key_end), content_query,
+                                   key[part, :key_end].transpose(1, 2), beta=scale, alpha=scale)
+            probs = scores.masked_fill_(blocked[q_start:q_end, :key_end], float("-inf")).softmax(dim=-1)
+            torch.bmm(probs, value[part, :key_end], out=out[part, q_start:q_end])
+            if need_weights:
+                weights[part, q_start:q_end, :key_end] = probs
+    return out, weights

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch.utils.checkpoint import checkpoint
 
-from rate_core.attention import relative_attention, sinusoid
+from rate_core.attention import relative_attention, relative_attention_inference, sinusoid
 
 MODES = ("rate", "rmt", "trxl", "dt")
 OBS_KINDS = ("vector", "image")
@@ -152,6 +152,44 @@ class KeyValueBuffer:
         self.length = end
         return self.keys[:, :end], self.values[:, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (e.g. of the environments still running)."""
+        self.keys = self.keys[rows]
+        self.values = self.values[rows]
+
+
+class SegmentContext:
+    """What incremental inference keeps while a segment fills up, step by step.
+
+    state: the memory and cache the segment started from; prefix_len: positions every segment
+    token sees before the segment's own (XL cache + read memory), of which cache_len are the XL
+    cache; buffers: per-layer keys and values so far (None until the batch size is known);
+    position_keys: per layer, (H, W, dh) projected embeddings of the distances top down to
+    -(m - 1), computed once per segment; mask: the segment's full attention mask; inputs: per
+    layer, the hidden inputs so far (only when an XL cache must be built); done: trajectory
+    tokens processed so far."""
+
+    def __init__(self, state, buffers, position_keys, top, mask, prefix_len, cache_len, n_head, inputs):
+        self.state, self.buffers, self.position_keys, self.top, self.mask = state, buffers, position_keys, top, mask
+        self.prefix_len, self.cache_len, self.n_head, self.inputs = prefix_len, cache_len, n_head, inputs
+        self.done = 0
+
+    def position_key(self, layer: int, key_len: int, lowest: int = 0) -> torch.Tensor:
+        """(H, W, dh) position keys for distances key_len - 1 down to `lowest`."""
+        return self.position_keys[layer][:, self.top - (key_len - 1): self.top - lowest + 1]
+
+    def select(self, batch_index: torch.Tensor) -> None:
+        """Keep only these batch entries (e.g. the environments still running)."""
+        memory, cache = self.state
+        self.state = MemoryState(None if memory is None else memory[batch_index],
+                                 None if cache is None else tuple(c[batch_index] for c in cache))
+        rows = (batch_index[:, None] * self.n_head + torch.arange(self.n_head, device=batch_index.device)).reshape(-1)
+        if self.buffers[0] is not None:
+            for buffer in self.buffers:
+                buffer.select(rows)
+        if self.inputs is not None:
+            self.inputs = [[x[batch_index] for x in layer] for layer in self.inputs]
+
 
 class RelativeAttentionLayer(nn.Module):
     """One post-LN Transformer-XL layer: relative multi-head attention, then an optional FFN."""
@@ -185,13 +223,19 @@ class RelativeAttentionLayer(nn.Module):
         key, value = projected.unbind(2)
         return self.rows(key), self.rows(value)
 
-    def forward(self, x, past, pos_emb, content_bias, position_bias, allowed):
+    def position_keys(self, pos_emb: torch.Tensor) -> torch.Tensor:
+        """(W, d) position embeddings -> (H, W, dh) position keys of this layer."""
+        return self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1)
+
+    def forward(self, x, past, pos_emb, content_bias, position_bias, allowed, position_key=None, need_weights=False):
         """x: (B, Q, d) inputs at the newest Q positions; past: key and value rows (B * H, P, dh) of
         the P positions before them (XL cache, read memory, earlier tokens), a KeyValueBuffer holding
         them (the new rows are appended in place), or None; pos_emb:
         (W, d) embeddings of the distances P + Q - 1 down to P + Q - W; content_bias, position_bias:
         (H, d_head); allowed: (Q, P + Q) bool, True where query i may attend to key j.
-        Returns the output (B, Q, d) and the key and value rows (B * H, Q, dh) of the new positions."""
+        position_key: this layer's position_keys(pos_emb), when the caller has them already.
+        Returns the output (B, Q, d), the key and value rows (B * H, Q, dh) of the new positions and,
+        with need_weights (inference only), the attention probabilities (B, H, Q, P + Q), else None."""
         batch, q_len, _ = x.shape
         # unbind, not indexing: the backward of each index would zero-fill the whole projection.
         query, key, value = self.qkv(x).view(batch, q_len, 3, self.n_head, self.d_head).unbind(2)
@@ -202,17 +246,24 @@ class RelativeAttentionLayer(nn.Module):
             keys, values = past.append(key, value)
         else:
             keys, values = torch.cat([past[0], key], 1), torch.cat([past[1], value], 1)
-        attended = relative_attention(
-            self.rows(query), keys, values, content_bias, position_bias,
-            self.pos_proj(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1), allowed,
-            scale=1.0 / math.sqrt(self.d_head), dropout=self.dropatt if self.training else 0.0,
-        )
+        if position_key is None:
+            position_key = self.position_keys(pos_emb)
+        scale = 1.0 / math.sqrt(self.d_head)
+        weights = None
+        if torch.is_grad_enabled() or (self.training and self.dropatt):
+            attended = relative_attention(self.rows(query), keys, values, content_bias, position_bias, position_key,
+                                          allowed, scale=scale, dropout=self.dropatt if self.training else 0.0)
+        else:
+            attended, weights = relative_attention_inference(self.rows(query), keys, values, content_bias,
+                                                             position_bias, position_key, allowed, scale, need_weights)
+            if weights is not None:
+                weights = weights.view(batch, self.n_head, q_len, -1)
         attended = attended.view(batch, self.n_head, q_len, self.d_head).transpose(1, 2).reshape(batch, q_len, -1)
 
         x = self.attn_norm(x + self.drop(self.out(attended)))
         if self.ffn is not None:
             x = self.ffn_norm(x + self.ffn(x))
-        return x, (key, value)
+        return x, (key, value), weights
 
 
 class ImageEncoder(nn.Module):
@@ -329,7 +380,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
             args = (x, past, pos_emb, self.content_bias, self.position_bias, allowed)
             # Recomputing a layer in backward keeps only its input alive: the activations of all
             # layers and segments would otherwise be held for the whole BPTT step.
-            x, _ = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+            x = (checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args))[0]
         new_cache = None
         if self.config.mem_len > 0:
             with torch.no_grad():
@@ -347,49 +398,112 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
 
     # ---------------------------------------------------------------- incremental inference
     @torch.no_grad()
-    def begin_segment(self, state: MemoryState) -> list:
-        """Per layer, the key and value rows (B * H, L + m, dh) of what every token of a segment
-        sees before the segment's own tokens: the Transformer-XL cache and the read memory.
-        (Read tokens see only each other, so their layer outputs do not depend on the segment.)"""
-        m = self.config.num_mem_tokens
+    def begin_segment(self, state: MemoryState) -> SegmentContext:
+        """Start incremental inference of a segment from `state`: per layer, the key and value rows
+        of what every token of the segment sees before the segment's own tokens (the
+        Transformer-XL cache and the read memory; read tokens see only each other, so their outputs
+        do not depend on the segment), in buffers with room for the whole segment and the write
+        tokens. Then call extend_segment for each step and finish_segment at the end."""
+        c = self.config
+        m = c.num_mem_tokens
+        device = self.content_bias.device
         x = state.memory
         pos_emb = self.position_embedding(m, lowest=1 - m) if m else None  # read tokens see both ways
-        read_mask = torch.ones(m, m, dtype=torch.bool, device=self.content_bias.device)
-        prefixes = []
+        read_mask = torch.ones(m, m, dtype=torch.bool, device=device)
+        cache_len = 0 if state.cache is None else state.cache[0].shape[1]
+        batch = x.shape[0] if x is not None else (None if state.cache is None else state.cache[0].shape[0])
+        prefix_len = cache_len + m
+        capacity = prefix_len + 3 * c.segment_steps + m
+        # Every distance a segment can need: capacity - 1 down to -(m - 1) (write tokens see each other).
+        top = capacity - 1
+        full_pos_emb = self.position_embedding(capacity, lowest=-max(m - 1, 0))
+        mask = self.attention_mask(3 * c.segment_steps, cache_len, device)
+        inputs = [] if c.mem_len > 0 else None
+        buffers, position_keys = [], []
         for i, layer in enumerate(self.layers):
             keys, values = [], []
             if state.cache is not None:
                 key, value = layer.key_values(state.cache[i])
                 keys.append(key)
                 values.append(value)
+            if inputs is not None:
+                inputs.append([] if x is None else [x])
             if x is not None:
-                x, (key, value) = layer(x, None, pos_emb, self.content_bias, self.position_bias, read_mask)
+                x, (key, value), _ = layer(x, None, pos_emb, self.content_bias, self.position_bias, read_mask)
                 keys.append(key)
                 values.append(value)
-            prefixes.append((torch.cat(keys, 1), torch.cat(values, 1)) if keys else None)
-        return prefixes
+            prefix = (torch.cat(keys, 1), torch.cat(values, 1)) if keys else None
+            buffers.append(None if batch is None else
+                           KeyValueBuffer(prefix, batch * c.n_head, capacity, c.d_head, self.content_bias))
+            position_keys.append(layer.position_keys(full_pos_emb))
+        return SegmentContext(state, buffers, position_keys, top, mask, prefix_len, cache_len, c.n_head, inputs)
+
+    def _extend(self, x: torch.Tensor, context: SegmentContext, rows: slice, lowest: int, need_weights: bool):
+        """Run new positions x (B, n, d) through every layer against the context's keys."""
+        n = x.shape[1]
+        if context.buffers[0] is None:  # no memory and no cache yet: the batch size is known now
+            capacity = 3 * self.config.segment_steps
+            context.buffers = [KeyValueBuffer(None, x.shape[0] * self.config.n_head, capacity, self.config.d_head, x)
+                               for _ in self.layers]
+        key_len = context.buffers[0].length + n
+        allowed = context.mask[rows, :key_len]
+        weights = []
+        for i, (layer, buffer) in enumerate(zip(self.layers, context.buffers)):
+            if context.inputs is not None:
+                context.inputs[i].append(x)
+            x, _, w = layer(x, buffer, None, self.content_bias, self.position_bias, allowed,
+                            position_key=context.position_key(i, key_len, lowest), need_weights=need_weights)
+            weights.append(w)
+        return x, (weights if need_weights else None)
 
     @torch.no_grad()
-    def extend_segment(self, tokens: torch.Tensor, prefixes: list, segment_kv: list | None, done: int):
-        """Process the next `n` trajectory tokens (B, n, d) of a segment whose first `done` tokens
-        were processed before (segment_kv: what this returned then; None when done = 0), reusing
-        every earlier key and value: the outputs equal a full pass over the segment so far.
-        Returns hidden (B, n, d) and segment_kv (per-layer KeyValueBuffers) for the next call."""
+    def extend_segment(self, tokens: torch.Tensor, context: SegmentContext, need_weights: bool = False):
+        """Process the next n trajectory tokens (B, n, d) of the segment of `context`, reusing every
+        earlier key and value: the outputs equal a full pass over the segment so far.
+        Returns hidden (B, n, d) and, with need_weights, per layer the attention probabilities
+        (B, H, n, prefix_len + done + n) of the new tokens (else None)."""
+        m, done, n = self.config.num_mem_tokens, context.done, tokens.shape[1]
+        out = self._extend(tokens, context, slice(m + done, m + done + n), 0, need_weights)
+        context.done = done + n
+        return out
+
+    @torch.no_grad()
+    def finish_segment(self, context: SegmentContext) -> MemoryState:
+        """After all 3K trajectory tokens of a full segment (its last action included) went through
+        extend_segment: run the write tokens and return the next segment's memory and cache, equal
+        to those of forward() over the whole segment."""
+        m, done = self.config.num_mem_tokens, context.done
+        if done != context.mask.shape[0] - 2 * m:
+            raise ValueError(f"finish_segment needs a full segment of {context.mask.shape[0] - 2 * m} tokens, got {done}")
+        memory, cache = context.state
+        if m:
+            write_out, _ = self._extend(memory, context, slice(m + done, 2 * m + done), -(m - 1), False)
+            memory = self.update_memory(memory, write_out)
+        new_cache = None
+        if context.inputs is not None:
+            new_cache = tuple(
+                torch.cat(([] if cache is None else [cache[i]]) + layer_inputs, 1)[:, -self.config.mem_len:]
+                for i, layer_inputs in enumerate(context.inputs)
+            )
+        return MemoryState(memory, new_cache)
+
+    @torch.no_grad()
+    def last_step_logits(self, rtg, obs, actions) -> torch.Tensor:
+        """Logits (B, A) of the last step of a window of a model without memory or cache (DT),
+        equal to forward()[0][:, -1]: the top layer computes only the o_t row that predicts it."""
+        if self.config.num_mem_tokens or self.config.mem_len:
+            raise ValueError("last_step_logits is for models without memory tokens or cache (dt)")
+        tokens = self.embed(rtg, obs, actions)
         n = tokens.shape[1]
-        m = self.config.num_mem_tokens
-        prefix_len = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
-        cache_len = prefix_len - m
-        if segment_kv is None:
-            capacity = prefix_len + 3 * self.config.segment_steps
-            rows = tokens.shape[0] * self.config.n_head
-            segment_kv = [KeyValueBuffer(prefix, rows, capacity, self.config.d_head, tokens) for prefix in prefixes]
-        rows = slice(m + done, m + done + n)
-        allowed = self.attention_mask(done + n, cache_len, tokens.device)[rows, : cache_len + m + done + n]
-        pos_emb = self.position_embedding(prefix_len + done + n)
+        pos_emb = self.position_embedding(n)
+        allowed = self.attention_mask(n, 0, tokens.device)
         x = tokens
-        for layer, buffer in zip(self.layers, segment_kv):
-            x, _ = layer(x, buffer, pos_emb, self.content_bias, self.position_bias, allowed)
-        return x, segment_kv
+        for layer in self.layers[:-1]:
+            x = layer(x, None, pos_emb, self.content_bias, self.position_bias, allowed)[0]
+        top, row = self.layers[-1], n - 2  # the last o_t; the pad action token after it is unseen
+        x = top(x[:, row:row + 1], top.key_values(x[:, :row]), pos_emb[n - row - 1:], self.content_bias,
+                self.position_bias, allowed[row:row + 1, :row + 1])[0]
+        return self.head(x[:, 0])
 
     def update_memory(self, memory, write_out):
         """memory (B, m, d): this segment's memory; write_out (B, m, d): outputs at the write

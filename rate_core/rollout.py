@@ -1,17 +1,145 @@
 """Run a model in many environments in lockstep, on the model's device.
 
-Segment-recurrent modes (rate, rmt, trxl) act inside a segment of K steps from the segment's
-tokens so far plus the memory and cache carried in; when a segment is full, one more pass over
-the finished segment (its last action included, exactly as in training) produces the next
-memory and cache. DT acts from a sliding window of its last K * N steps.
+Segment-recurrent modes (rate, rmt, trxl) act inside a segment of K steps with cached keys and
+values: each step computes only its new tokens (the previous action, R_t, o_t). When a segment is
+full, one more pass over the finished segment (its last action included, exactly as in training)
+produces the next memory (through the MRV) and Transformer-XL cache. DT acts from a sliding window
+of its last K * N steps, recomputed every step (a multi-layer sliding window cannot be cached
+exactly), batched over environments.
+
+Environments that finish early drop out of the batch, so the model only works for the running
+ones. Sampled actions use one random stream per environment (seeded by the sampling seed and the
+environment's seed), so an episode does not depend on which other episodes share its batch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from rate_core.model import ACTION_PAD, MemoryTransformer
+
+
+class SegmentRecurrentPolicy:
+    """Acts for a batch of envs step by step with cached keys and values (rate, rmt, trxl)."""
+
+    def __init__(self, model: MemoryTransformer, num_envs: int, need_weights: bool = False):
+        self.model = model
+        self.need_weights = need_weights
+        self.context = model.begin_segment(model.initial_state(num_envs))
+        self.steps = 0  # steps of the current segment so far
+        self.previous = None  # the previous step's actions, fed as the first token of the next step
+        self.memory_attention = None  # (B, n_layer) share of the last step's attention on read memory
+
+    def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """rtg (B,), obs (B, *obs_shape) of the current step -> action logits (B, A)."""
+        model = self.model
+        pad = torch.full((rtg.shape[0], 1), ACTION_PAD, dtype=torch.long, device=rtg.device)
+        tokens = model.embed(rtg[:, None], obs[:, None], pad)[:, :2]  # R_t, o_t
+        if self.steps:
+            tokens = torch.cat([model.action_encoder(self.previous)[:, None], tokens], dim=1)
+        want = self.need_weights and model.config.num_mem_tokens > 0
+        hidden, weights = model.extend_segment(tokens, self.context, need_weights=want)
+        if want:
+            read = slice(self.context.cache_len, self.context.cache_len + model.config.num_mem_tokens)
+            # the o_t token's query (the last new one) predicts the action; sum over the read
+            # tokens, average over heads
+            self.memory_attention = torch.stack([w[:, :, -1, read].sum(-1).mean(1) for w in weights], dim=1)
+        self.steps += 1
+        return model.head(hidden[:, -1])
+
+    def record_action(self, action: torch.Tensor):
+        """Store the chosen actions (B,). At the end of a segment, feed its last action, compute
+        the next memory and cache and start the next segment; returns (memory before, memory
+        after) (B, m, d) then, else None."""
+        self.previous = action
+        if self.steps < self.model.config.segment_steps:
+            return None
+        model = self.model
+        model.extend_segment(model.action_encoder(action)[:, None], self.context)
+        before = self.context.state.memory
+        state = model.finish_segment(self.context)
+        self.context = model.begin_segment(state)
+        self.steps = 0
+        return None if before is None else (before, state.memory)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only these batch rows (the envs still running)."""
+        self.context.select(index)
+        if self.previous is not None:
+            self.previous = self.previous[index]
+
+
+class SlidingWindowPolicy:
+    """DT: recomputes its window of the last K * N steps at every step, batched over envs."""
+
+    def __init__(self, model: MemoryTransformer, num_envs: int, need_weights: bool = False):
+        self.model = model
+        self.history = []
+        self.memory_attention = None
+
+    def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        self.history.append([rtg, obs, torch.full_like(rtg, ACTION_PAD, dtype=torch.long)])
+        del self.history[: -self.model.config.segment_steps]
+        rtg_w, obs_w, act_w = (torch.stack(x, dim=1) for x in zip(*self.history))
+        return self.model.last_step_logits(rtg_w, obs_w, act_w)
+
+    def record_action(self, action: torch.Tensor):
+        self.history[-1][2] = action
+        return None
+
+    def select(self, index: torch.Tensor) -> None:
+        self.history = [[r[index], o[index], a[index]] for r, o, a in self.history]
+
+
+def make_policy(model: MemoryTransformer, num_envs: int, need_weights: bool = False):
+    cls = SlidingWindowPolicy if model.config.mode == "dt" else SegmentRecurrentPolicy
+    return cls(model, num_envs, need_weights)
+
+
+@dataclass
+class EpisodeTrace:
+    """Everything recorded about one episode of T steps (what the app shows)."""
+
+    seed: int
+    actions: np.ndarray
+    """(T,) chosen actions"""
+    logits: np.ndarray
+    """(T, A) action logits"""
+    probs: np.ndarray
+    """(T, A) action probabilities (softmax of the logits)"""
+    rewards: np.ndarray
+    """(T,) rewards"""
+    returns_to_go: np.ndarray
+    """(T,) return-to-go given to the model at each step"""
+    reset_info: dict
+    """task info at reset (e.g. the T-Maze cue)"""
+    info: dict
+    """per info key of the env's step, a (T,) array (e.g. success, health)"""
+    segment_steps: int
+    """K: a segment boundary falls before every step that is a multiple of it (DT: its window)"""
+    memory: np.ndarray | None
+    """(U + 1, m, d) memory tokens: the initial ones, then after each of the U updates (None without memory)"""
+    memory_update_steps: list = field(default_factory=list)
+    """the step after which each memory update happened"""
+    memory_attention: np.ndarray | None = None
+    """(T, n_layer) attention share of each step's o_t query on the read memory tokens, averaged over heads"""
+    frames: np.ndarray | None = None
+    """(T + 1, H, W, 3) uint8 rendered frames: before each step and after the last (when asked)"""
+    observations: np.ndarray | None = None
+    """(T + 1, *obs_shape) observations (when asked)"""
+
+    @property
+    def length(self) -> int:
+        return len(self.actions)
+
+    @property
+    def total_return(self) -> float:
+        return float(self.rewards.sum())
+
+    @property
+    def success(self) -> bool:
+        return bool(np.any(self.info.get("success", False)))
 
 
 @dataclass
@@ -21,102 +149,156 @@ class EpisodeBatch:
     returns: np.ndarray
     lengths: np.ndarray
     successes: np.ndarray
+    traces: list[EpisodeTrace] | None = None
+    model_steps: int = 0
+    """batch rows the model processed in total (sum over steps of the running envs)"""
 
 
-class SegmentRecurrentPolicy:
-    """Acts for a batch of envs step by step with cached keys and values (rate, rmt, trxl).
-
-    Each step processes only the new tokens (the previous action, R_t, o_t); a finished segment
-    gets one full pass with its last action (as in training) for the next memory and cache."""
-
-    def __init__(self, model: MemoryTransformer, num_envs: int):
-        self.model = model
-        self.state = model.initial_state(num_envs)
-        self.prefixes = model.begin_segment(self.state)
-        self.segment_kv, self.done_tokens = None, 0
-        self.history = []  # (rtg, obs, action) of the current segment's steps
-
-    def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """rtg (B,), obs (B, *obs_shape) of the current step -> action logits (B, A)."""
-        model = self.model
-        pad = torch.full((rtg.shape[0], 1), ACTION_PAD, dtype=torch.long, device=rtg.device)
-        tokens = model.embed(rtg[:, None], obs[:, None], pad)[:, :2]  # R_t, o_t
-        if self.history:
-            previous = self.history[-1][2]
-            tokens = torch.cat([model.action_encoder(previous)[:, None], tokens], dim=1)
-        hidden, self.segment_kv = model.extend_segment(tokens, self.prefixes, self.segment_kv, self.done_tokens)
-        self.done_tokens += tokens.shape[1]
-        self.history.append([rtg, obs, None])
-        return model.head(hidden[:, -1])
-
-    def record_action(self, action: torch.Tensor) -> None:
-        self.history[-1][2] = action
-        if len(self.history) == self.model.config.segment_steps:
-            rtg, obs, actions = (torch.stack(x, dim=1) for x in zip(*self.history))
-            _, self.state = self.model(rtg, obs, actions, self.state)
-            self.prefixes = self.model.begin_segment(self.state)
-            self.segment_kv, self.done_tokens, self.history = None, 0, []
+def _per_env(value, num: int) -> bool:
+    return isinstance(value, np.ndarray) and value.shape[:1] == (num,) and value.ndim == 1
 
 
-class SlidingWindowPolicy:
-    """DT: recomputes its window of the last K * N steps at every step, batched over envs."""
+class _Recorder:
+    """Collects traces of all envs, step by step."""
 
-    def __init__(self, model: MemoryTransformer, num_envs: int):
-        self.model = model
-        self.history = []
+    def __init__(self, model, seeds, reset_info, num, frames, observations):
+        self.model, self.seeds, self.num = model, list(seeds), num
+        self.want_frames, self.want_obs = frames, observations
+        self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[], attention=[],
+                           frames=[], obs=[]) for _ in range(num)]
+        self.reset_info = [{k: v[i].item() for k, v in reset_info.items() if _per_env(v, num)} for i in range(num)]
+        if model.initial_memory is not None:
+            for rec in self.steps:
+                rec["memory"].append(model.initial_memory.detach().cpu().numpy())
 
-    def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        self.history.append([rtg, obs, torch.full_like(rtg, ACTION_PAD, dtype=torch.long)])
-        del self.history[: -self.model.config.segment_steps]
-        rtg_w, obs_w, act_w = (torch.stack(x, dim=1) for x in zip(*self.history))
-        return self.model(rtg_w, obs_w, act_w)[0][:, -1]
+    def observe(self, ids, obs, frames):
+        for i in ids:
+            if self.want_obs:
+                self.steps[i]["obs"].append(np.asarray(obs[i]).copy())
+            if self.want_frames:
+                self.steps[i]["frames"].append(frames[i])
 
-    def record_action(self, action: torch.Tensor) -> None:
-        self.history[-1][2] = action
+    def act(self, ids, rtg, logits, probs, actions, attention):
+        for row, i in enumerate(ids):
+            rec = self.steps[i]
+            rec["rtg"].append(rtg[row])
+            rec["logits"].append(logits[row])
+            rec["probs"].append(probs[row])
+            rec["actions"].append(actions[row])
+            if attention is not None:
+                rec["attention"].append(attention[row])
+
+    def memory_update(self, ids, step, after):
+        for row, i in enumerate(ids):
+            self.steps[i]["memory"].append(after[row])
+            self.steps[i]["updates"].append(step)
+
+    def result(self, ids, reward, info):
+        for i in ids:
+            rec = self.steps[i]
+            rec["rewards"].append(float(reward[i]))
+            for key, value in info.items():
+                if key != "active" and _per_env(value, self.num):
+                    rec["info"].setdefault(key, []).append(value[i].item())
+
+    def traces(self) -> list[EpisodeTrace]:
+        out = []
+        for seed, reset_info, rec in zip(self.seeds, self.reset_info, self.steps):
+            out.append(EpisodeTrace(
+                seed=seed, actions=np.array(rec["actions"], dtype=np.int64),
+                logits=np.array(rec["logits"], dtype=np.float32).reshape(len(rec["actions"]), -1),
+                probs=np.array(rec["probs"], dtype=np.float32).reshape(len(rec["actions"]), -1),
+                rewards=np.array(rec["rewards"], dtype=np.float32),
+                returns_to_go=np.array(rec["rtg"], dtype=np.float32), reset_info=reset_info,
+                info={k: np.array(v) for k, v in rec["info"].items()},
+                segment_steps=self.model.config.segment_steps,
+                memory=np.array(rec["memory"]) if rec["memory"] else None, memory_update_steps=rec["updates"],
+                memory_attention=np.array(rec["attention"]) if rec["attention"] else None,
+                frames=np.array(rec["frames"]) if rec["frames"] else None,
+                observations=np.array(rec["obs"]) if rec["obs"] else None,
+            ))
+        return out
 
 
-def make_policy(model: MemoryTransformer, num_envs: int):
-    return SlidingWindowPolicy(model, num_envs) if model.config.mode == "dt" else SegmentRecurrentPolicy(model, num_envs)
+def _render_all(vector_env, num: int):
+    frames = vector_env.render()
+    if frames is None or len(frames) != num:
+        raise ValueError("frames were asked for, but the environment's render() gave none: create it with "
+                         "render_mode='rgb_array'")
+    return frames
 
 
 @torch.no_grad()
-def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return: float, sample: bool = False,
-                 max_steps: int | None = None, generator: torch.Generator | None = None,
-                 progress=None) -> EpisodeBatch:
+def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
+                 sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
+                 frames: bool = False, observations: bool = False) -> EpisodeBatch:
     """Play one episode in each env of `vector_env` (autoreset disabled), seeded by `seeds`.
 
-    target_return: return-to-go at the first step (then R_{t+1} = R_t - r_t); sample: draw actions
-    from the softmax instead of the argmax; max_steps: stop after this many steps (default: when
-    every env is done); progress: optional callable(step) for progress bars.
+    target_return: return-to-go at the first step, one number or one per env (then
+    R_{t+1} = R_t - r_t); sample: draw actions from the softmax instead of the argmax, with
+    per-env random streams seeded by (sample_seed, env seed); max_steps: stop after this many steps
+    (default: when every env is done); progress: optional callable(step) for progress bars;
+    trace: record an EpisodeTrace per env (frames and observations only when asked; frames need
+    an env made with render_mode='rgb_array').
     """
     model.eval()
     device = next(model.parameters()).device
     num = vector_env.num_envs
-    obs, _ = vector_env.reset(seed=list(seeds))
+    seeds = list(seeds)
+    obs, reset_info = vector_env.reset(seed=seeds)
     obs_dtype = torch.uint8 if model.config.obs_kind == "image" else torch.float32
-    policy = make_policy(model, num)
-    rtg = torch.full((num,), float(target_return), device=device)
+    policy = make_policy(model, num, need_weights=trace)
+    rtg_all = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (num,)).copy()
+    rngs = [np.random.default_rng([sample_seed, int(s)]) for s in seeds] if sample else None
+    recorder = _Recorder(model, seeds, reset_info, num, frames, observations) if trace else None
     returns = np.zeros(num)
     lengths = np.zeros(num, dtype=np.int64)
     successes = np.zeros(num, dtype=bool)
-    done = np.zeros(num, dtype=bool)
-    step = 0
-    while not done.all() and (max_steps is None or step < max_steps):
-        logits = policy.logits(rtg, torch.as_tensor(obs, device=device).to(obs_dtype))
+    ids = np.arange(num)  # envs still running, in the order of the policy's batch rows
+    full_actions = np.zeros(num, dtype=np.int64)
+    step, model_steps = 0, 0
+    while len(ids) and (max_steps is None or step < max_steps):
+        if recorder is not None:
+            recorder.observe(ids, obs, _render_all(vector_env, num) if frames else None)
+        rtg = torch.as_tensor(rtg_all[ids], dtype=torch.float32, device=device)
+        logits = policy.logits(rtg, torch.as_tensor(np.asarray(obs)[ids], device=device).to(obs_dtype))
+        model_steps += len(ids)
+        probs = logits.float().softmax(-1)
         if sample:
-            action = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            uniform = torch.as_tensor([rngs[i].random() for i in ids], dtype=torch.float32, device=device)
+            action = (probs.cumsum(-1) < uniform[:, None]).sum(-1).clamp_(max=probs.shape[-1] - 1)
         else:
             action = logits.argmax(-1)
-        policy.record_action(action)
-        obs, reward, terminated, truncated, info = vector_env.step(action.cpu().numpy())
-        active = ~done
-        returns[active] += reward[active]
-        lengths[active] += 1
+        attention = policy.memory_attention
+        update = policy.record_action(action)
+        action_np = action.cpu().numpy()
+        if recorder is not None:
+            recorder.act(ids, rtg_all[ids].copy(), logits.float().cpu().numpy(), probs.cpu().numpy(), action_np,
+                         None if attention is None else attention.cpu().numpy())
+            if update is not None:
+                recorder.memory_update(ids, step, update[1].cpu().numpy())
+        full_actions[:] = 0
+        full_actions[ids] = action_np
+        obs, reward, terminated, truncated, info = vector_env.step(full_actions)
+        reward = np.asarray(reward, dtype=np.float64)
+        returns[ids] += reward[ids]
+        lengths[ids] += 1
         if "success" in info:
-            successes[active] |= np.asarray(info["success"])[active]
-        done |= np.asarray(terminated) | np.asarray(truncated)
-        rtg = rtg - torch.as_tensor(reward, device=device, dtype=torch.float32)
+            successes[ids] |= np.asarray(info["success"], dtype=bool)[ids]
+        rtg_all[ids] -= reward[ids]
+        if recorder is not None:
+            recorder.result(ids, reward, info)
+        finished = (np.asarray(terminated) | np.asarray(truncated))[ids]
         step += 1
+        if finished.any():
+            if recorder is not None:  # the frame after the last step
+                recorder.observe(ids[finished], obs, _render_all(vector_env, num) if frames else None)
+            keep = np.flatnonzero(~finished)
+            ids = ids[keep]
+            if len(ids):
+                policy.select(torch.as_tensor(keep, device=device))
         if progress is not None:
             progress(step)
-    return EpisodeBatch(returns, lengths, successes)
+    if recorder is not None and len(ids):  # stopped by max_steps
+        recorder.observe(ids, obs, _render_all(vector_env, num) if frames else None)
+    return EpisodeBatch(returns, lengths, successes, recorder.traces() if recorder else None, model_steps)

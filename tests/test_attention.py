@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rate_core import attention
 from rate_core.attention import relative_attention, shifted_view
 
 
@@ -83,3 +84,26 @@ def test_dropout_drops_and_rescales():
     b = relative_attention(*tensors, allowed, scale=0.5, dropout=0.5)
     c = relative_attention(*tensors, allowed, scale=0.5)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("q_len,key_len,causal", [(3, 9, True), (150, 160, True), (150, 150, False)])
+def test_inference_kernel_matches_plain_attention(q_len, key_len, causal, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # several query blocks, some cut short
+    monkeypatch.setattr(attention, "INFERENCE_ELEMENTS", 3 * q_len * key_len * 4)  # several row groups
+    gen = torch.Generator().manual_seed(0)
+    rows, n_head, d_head = 12, 3, 4
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    query, key, value = make(rows, q_len, d_head), make(rows, key_len, d_head), make(rows, key_len, d_head)
+    content_bias, position_bias, position_key = make(n_head, d_head), make(n_head, d_head), make(n_head, key_len + 2, d_head)
+    offset = key_len - q_len
+    positions = torch.arange(key_len)[None, :] <= torch.arange(q_len)[:, None] + offset
+    allowed = positions if causal else torch.rand(q_len, key_len, generator=gen) < 0.5
+    allowed[:, offset:] |= torch.eye(q_len, dtype=torch.bool)
+    if not causal:  # rows that see later keys (as write tokens do) within the available distances
+        allowed &= torch.arange(key_len)[None, :] <= torch.arange(q_len)[:, None] + offset + 2
+    out, weights = attention.relative_attention_inference(query, key, value, content_bias, position_bias, position_key,
+                                                          allowed, 0.5, need_weights=True)
+    expected = plain_attention(query, key, value, content_bias, position_bias, position_key, allowed, 0.5)
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.allclose(weights.sum(-1), torch.ones(rows, q_len, dtype=torch.float64))
+    assert torch.allclose(weights @ value, expected, atol=1e-12)

@@ -35,3 +35,12 @@ def test_bench_train_runs_with_tiny_settings():
 def test_help_explains_options():
     assert "--rate-batch" in run("-m", "training.bench_train", "--help")
     assert "--port" in run("app.py", "--help")
+
+
+def test_bench_rollout_prints_ratios_last():
+    out = run("-m", "training.bench_rollout", "--length", "60", "--envs", "4", "--reference-envs", "1",
+              "--recompute-steps", "50")
+    assert "actions of the three loops agree: True" in out
+    last = out.strip().splitlines()[-1]
+    ref, batched = (float(part.split("=")[1]) for part in last.split())
+    assert last.startswith("speedup_vs_reference=") and ref > 0 and batched > 0

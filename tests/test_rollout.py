@@ -74,3 +74,90 @@ def test_batched_episodes_match_single_env_reference(variant):
     for i, seed in enumerate(seeds):
         total, length = reference_episode(model, task, settings, seed, 1.0)
         assert (outcome.returns[i], outcome.lengths[i]) == (total, length), i
+
+
+class RaggedVectorEnv:
+    """Random observations and rewards; env i ends after lengths[i] steps (autoreset disabled)."""
+
+    def __init__(self, lengths, obs_dim=4):
+        self.lengths = np.asarray(lengths)
+        self.num_envs = len(lengths)
+        self.obs_dim = obs_dim
+
+    def reset(self, seed=None):
+        self.rng = np.random.default_rng(seed)
+        self.t = np.zeros(self.num_envs, dtype=np.int64)
+        return self.rng.normal(size=(self.num_envs, self.obs_dim)).astype(np.float32), {"tag": np.arange(self.num_envs)}
+
+    def step(self, actions):
+        active = self.t < self.lengths
+        self.t += active
+        obs = self.rng.normal(size=(self.num_envs, self.obs_dim)).astype(np.float32)
+        reward = np.where(active, self.rng.random(self.num_envs), 0.0)
+        terminated = active & (self.t == self.lengths)
+        return obs, reward, terminated, np.zeros(self.num_envs, dtype=bool), {"success": terminated & (actions == 1)}
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_engine_logits_equal_recompute_with_envs_ending_at_different_steps(variant):
+    model = tiny_model(variant)
+    lengths = [3 * K + 1, 5, 3 * K * N + 2, K, 2 * K + 3]  # more than three segments, ragged ends
+    batch = run_episodes(model, RaggedVectorEnv(lengths), seeds=[7] * 5, target_return=[1.0, 2.0, 0.5, 3.0, 1.5],
+                         sample=True, trace=True, observations=True)
+    assert batch.lengths.tolist() == lengths
+    assert batch.model_steps == sum(lengths)  # finished envs cost no model work
+    for trace in batch.traces:
+        rtg = torch.tensor(trace.returns_to_go)[None]
+        obs = torch.tensor(trace.observations[: trace.length])[None]
+        actions = torch.tensor(trace.actions)[None]
+        assert trace.observations.shape[0] == trace.length + 1
+        with torch.no_grad():
+            for t in range(trace.length):
+                expected = recomputed_logits(model, rtg, obs, actions, t)[0]
+                assert torch.allclose(torch.tensor(trace.logits[t]), expected, atol=1e-5), (variant, t)
+        assert np.allclose(trace.probs.sum(-1), 1.0, atol=1e-5)
+        assert np.allclose(trace.returns_to_go[1:], trace.returns_to_go[:-1] - trace.rewards[:-1], atol=1e-5)
+
+
+def test_sampled_episode_does_not_depend_on_its_batch():
+    model = tiny_model("rate")
+    task = get_task("tmaze")
+    settings = {"episode_length": 2 * K + 5}
+    together = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
+                            sample_seed=3, trace=True)
+    alone = run_episodes(model, task.make_vector_env(1, **settings), [12], 1.0, sample=True, sample_seed=3, trace=True)
+    assert np.array_equal(together.traces[2].actions, alone.traces[0].actions)
+    again = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
+                         sample_seed=3, trace=True)
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, again.traces))
+    other = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
+                         sample_seed=4, trace=True)
+    assert any(not np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, other.traces))
+
+
+def test_trace_records_memory_updates_and_attention_on_memory():
+    model = tiny_model("rate")
+    steps = 3 * K + 2
+    batch = run_episodes(model, RaggedVectorEnv([steps, 2 * K]), seeds=[1, 1], target_return=1.0, trace=True,
+                         observations=True)
+    trace = batch.traces[0]
+    assert trace.memory_update_steps == [K - 1, 2 * K - 1, 3 * K - 1]
+    assert trace.memory.shape == (4, model.config.num_mem_tokens, model.config.d_model)
+    assert np.allclose(trace.memory[0], model.initial_memory.detach().numpy())
+    # the memory after the first update is what a full forward pass over the first segment gives
+    rtg = torch.tensor(trace.returns_to_go)[None, :K]
+    obs = torch.tensor(trace.observations[:K])[None]
+    with torch.no_grad():
+        _, state = model(rtg, obs, torch.tensor(trace.actions[:K])[None])
+    assert np.allclose(trace.memory[1], state.memory[0].numpy(), atol=1e-5)
+    assert trace.memory_attention.shape == (steps, model.config.n_layer)
+    assert ((trace.memory_attention > 0) & (trace.memory_attention < 1)).all()
+    assert batch.traces[1].memory.shape[0] == 3  # two updates before its end
+    assert trace.reset_info == {"tag": 0} and batch.traces[1].reset_info == {"tag": 1}
+    assert trace.info["success"].shape == (steps,)
+
+
+def test_dt_trace_has_no_memory():
+    model = tiny_model("dt")
+    batch = run_episodes(model, RaggedVectorEnv([K + 1]), seeds=[0], target_return=1.0, trace=True)
+    assert batch.traces[0].memory is None and batch.traces[0].memory_attention is None

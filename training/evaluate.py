@@ -72,7 +72,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         started = time.perf_counter()
         with tqdm(desc=f"{protocol.setting}={value}", unit="step", disable=not show_progress, leave=False) as bar:
             outcome = run_episodes(model, env, seeds, protocol.target_return, sample=sample,
-                                   generator=torch.Generator().manual_seed(seed), progress=lambda _: bar.update())
+                                   sample_seed=seed, progress=lambda _: bar.update())
         env.close()
         sem = outcome.returns.std(ddof=1) / np.sqrt(len(outcome.returns)) if len(outcome.returns) > 1 else 0.0
         results.append({
