@@ -1,23 +1,30 @@
-"""The demo page. Until the playback issue lands it lists the shipped checkpoints and lets a visitor
-inspect the model configurations of the paper's four tasks."""
+"""The demo page: a RATE agent and a Decision Transformer play the same seeded episode side by side,
+and a look inside RATE's memory. Tasks and checkpoints come from the registry and assets/."""
 
+import json
+import threading
 from pathlib import Path
 
 import gradio as gr
 
+from app import plots
+from app.episodes import (CHECKPOINT_ROOT, AppError, agent_name, default_pair, demo_tasks, episode_videos,
+                          load_model, make_request, outcome, play, shipped_choices)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
-
-CHECKPOINT_ROOT = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
+from rate_core.tasks import get_task
 
 INTRO = """# RATE: Recurrent Action Transformer with Memory
-A transformer for offline reinforcement learning that reads a trajectory in segments and carries
-what matters from one segment to the next in a few **memory tokens**. RATE, RMT, Transformer-XL and
-the Decision Transformer are configurations of the same model here.
+RATE reads a long episode in **segments** of K steps and carries what matters from one segment to
+the next in a few **memory tokens**. A Decision Transformer (DT) only sees a fixed window of recent
+steps. Press **Run**: both agents play the same episode, left and right. In the T-Maze the cue
+(up or down) is shown only at the first step; at the far end of the corridor the agent must turn to
+that side. RATE still knows it there; DT, whose window no longer reaches the first step, can only
+guess."""
 
-The side-by-side playback (a RATE agent next to a Decision Transformer on the same episode) comes
-with the trained checkpoints. Below: what is shipped, and what each task's model looks like."""
+RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
+_cache_lock = threading.Lock()
 
 
 def shipped_checkpoints(root: Path = CHECKPOINT_ROOT) -> list[list[str]]:
@@ -45,21 +52,170 @@ def describe(task: str, mode: str) -> tuple[str, dict]:
     return text, vars(config)
 
 
-def build_demo() -> gr.Blocks:
+# ------------------------------------------------------------------------------ callbacks
+def run_episodes(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
+                 step_cap: float, sample: bool, progress=gr.Progress()):
+    """Play the same seeded episode with the left and the right checkpoint.
+    Returns the two videos, a JSON summary per agent, and the traces for the memory panel."""
+    key = (task, left, right, seed, setting, target_return, step_cap, bool(sample))
+    cacheable = all(str(choice).startswith("shipped: ") for choice in (left, right))
+    with _cache_lock:
+        if cacheable and key in RESULT_CACHE:
+            return RESULT_CACHE[key]
+    try:
+        request = make_request(task, seed, setting, target_return, step_cap, sample)
+        models = [load_model(choice, request.task.name) for choice in (left, right)]
+    except AppError as error:
+        raise gr.Error(str(error), duration=None) from None
+    names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
+    traces = []
+    for model, name in zip(models, names):
+        limit = request.step_cap or request.settings.get("episode_length")
+
+        def report(step, name=name, limit=limit):
+            if step % 10 == 0:
+                progress((step, limit) if limit else None, desc=f"{name}: step {step}")
+
+        traces.append(play(model, request, report))
+    progress(None, desc="writing videos")
+    videos = episode_videos(traces, models, names, request.task)
+    summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
+               "target_return": request.target_return, "sampled_actions": request.sample,
+               "info": traces[0].reset_info,
+               "left": {"checkpoint": left, **outcome(traces[0], models[0], request.task)},
+               "right": {"checkpoint": right, **outcome(traces[1], models[1], request.task)}}
+    for trace in traces:  # the panel does not need the pictures again
+        trace.frames = None
+    panel_input = {"traces": traces, "names": names, "task": request.task.name, "summary": summary}
+    result = (str(videos[0]), str(videos[1]), summary, panel_input)
+    if cacheable:
+        with _cache_lock:
+            RESULT_CACHE[key] = result
+    return result
+
+
+def _verdict(side: dict) -> str:
+    parts = []
+    if "success" in side:
+        parts.append("**success**" if side["success"] else "**failed**")
+    parts.append(f"return {side['return']:g} in {side['steps']} steps")
+    if side.get("segments"):
+        parts.append(f"{side['segments']} segments, {side['memory_updates']} memory updates")
+    return ", ".join(parts)
+
+
+def memory_panel(panel_input):
+    """Outcome text, four figures and their captions for the traces of a run."""
+    if not panel_input:
+        return ["", *[None] * 4, *[""] * 4]
+    traces, names = panel_input["traces"], panel_input["names"]
+    task = get_task(panel_input["task"])
+    summary = panel_input["summary"]
+    told = f" The episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
+    text = (f"**{names[0]}**: {_verdict(summary['left'])}.  \n**{names[1]}**: {_verdict(summary['right'])}."
+            f"  \nSeed {summary['seed']}, {json.dumps(summary['settings'])}.{told}")
+    memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
+    trace = traces[memory_index] if memory_index is not None else None
+    name = names[memory_index] if memory_index is not None else names[0]
+    figures = [plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
+               plots.memory_attention(trace, name), plots.action_probabilities(traces, names, task.action_names)]
+    return [text, *[f for f, _ in figures], *[c for _, c in figures]]
+
+
+def task_changed(task_name: str):
+    """Checkpoint choices and settings of the chosen task."""
+    task = get_task(task_name)
+    choices = shipped_choices(task_name)
+    left, right = default_pair(task_name)
+    spec = task.demo_setting
+    setting = gr.update(visible=False) if spec is None else gr.update(
+        visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", value=spec.default, info=spec.info,
+        minimum=spec.minimum, maximum=spec.maximum)
+    return (gr.update(choices=choices, value=left), gr.update(choices=choices, value=right), setting,
+            gr.update(value=task.evaluation.target_return), gr.update(value=task.demo_step_cap or 0),
+            gr.update(value=task.evaluation.sample_actions))
+
+
+def default_inputs(task_name: str) -> list:
+    task = get_task(task_name)
+    left, right = default_pair(task_name)
+    setting = task.demo_setting.default if task.demo_setting else None
+    return [task_name, left, right, 0, setting, task.evaluation.target_return, task.demo_step_cap or 0,
+            task.evaluation.sample_actions]
+
+
+def warm_cache(examples: list[list]) -> None:
+    """Play the examples in the background so that their results are ready when asked for."""
+    for example in examples:
+        try:
+            run_episodes(*example, progress=lambda *a, **k: None)
+        except Exception as error:  # a broken shipped checkpoint must not stop the app
+            print(f"could not precompute example {example}: {error}")
+
+
+# ----------------------------------------------------------------------------------- page
+def build_demo(warm: bool = True) -> gr.Blocks:
+    tasks = demo_tasks()
+    examples = []
+    for name in tasks:
+        first = default_inputs(name)
+        examples.append(first)
+        if get_task(name).demo_setting:
+            examples.append([*first[:3], 1, get_task(name).demo_setting.maximum // 2, *first[5:]])
     with gr.Blocks(title="RATE: memory transformers for offline RL") as demo:
         gr.Markdown(INTRO)
-        rows = shipped_checkpoints()
-        gr.Markdown("## Shipped checkpoints")
-        if rows:
-            gr.Dataframe(value=rows, headers=["task", "mode", "folder", "status"], interactive=False)
-        else:
+        if not tasks:
             gr.Markdown("No trained checkpoints are shipped yet (they land under `assets/checkpoints/`).")
-        gr.Markdown("## The model of each task (paper configuration)")
+        first = default_inputs(tasks[0]) if tasks else [None] * 8
+        spec = get_task(tasks[0]).demo_setting if tasks else None
         with gr.Row():
-            task = gr.Dropdown(list(PAPER_TASKS), value=PAPER_TASKS[0], label="task")
-            mode = gr.Radio(["rate", "rmt", "trxl", "dt"], value="rate", label="mode")
-        summary = gr.Markdown()
-        config_view = gr.JSON(label="model config")
-        for trigger in (demo.load, task.change, mode.change):
-            trigger(describe, [task, mode], [summary, config_view], api_name=False)
+            task = gr.Dropdown(tasks, value=first[0], label="task")
+            left = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[1], allow_custom_value=True,
+                               label="left agent", info="a shipped checkpoint, or the path of a checkpoint folder")
+            right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
+                                label="right agent", info="a shipped checkpoint, or the path of a checkpoint folder")
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, label="seed", info="the same episode for both agents")
+            setting = gr.Number(value=first[4], precision=0, visible=spec is not None,
+                                label=f"{spec.label} ({spec.minimum} to {spec.maximum})" if spec else "setting",
+                                info=spec.info if spec else None)
+            target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step")
+            cap = gr.Number(value=first[6], precision=0, label="step cap", info="0: play each episode to its end")
+            sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action")
+        run = gr.Button("Run", variant="primary")
+        outcome_text = gr.Markdown()
+        with gr.Row():
+            left_video = gr.Video(label="left agent", autoplay=True, loop=True, interactive=False)
+            right_video = gr.Video(label="right agent", autoplay=True, loop=True, interactive=False)
+        gr.Markdown("## Inside the memory")
+        figures, captions = [], []
+        for _ in range(4):
+            figures.append(gr.Plot(show_label=False))
+            captions.append(gr.Markdown())
+        summary = gr.JSON(label="summary")
+        panel_state = gr.State()
+        inputs = [task, left, right, seed, setting, target, cap, sample]
+        gr.Examples(examples, inputs=inputs, label="examples (precomputed: press Run after choosing one)")
+        with gr.Accordion("Shipped checkpoints and model configurations", open=False):
+            rows = shipped_checkpoints()
+            if rows:
+                gr.Dataframe(value=rows, headers=["task", "mode", "folder", "status"], interactive=False)
+            with gr.Row():
+                paper_task = gr.Dropdown(list(PAPER_TASKS), value=PAPER_TASKS[0], label="task (paper configuration)")
+                paper_mode = gr.Radio(["rate", "rmt", "trxl", "dt"], value="rate", label="mode")
+            paper_text = gr.Markdown()
+            config_view = gr.JSON(label="model config")
+
+        panel_outputs = [outcome_text, *figures, *captions]
+        run.click(run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
+                  concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
+        task.change(task_changed, task, [left, right, setting, target, cap, sample], api_name=False)
+        if tasks:
+            demo.load(lambda: run_episodes(*first, progress=lambda *a, **k: None), None,
+                      [left_video, right_video, summary, panel_state], api_name=False).success(
+                memory_panel, panel_state, panel_outputs, api_name=False)
+        for trigger in (demo.load, paper_task.change, paper_mode.change):
+            trigger(describe, [paper_task, paper_mode], [paper_text, config_view], api_name=False)
+    if warm and examples:
+        threading.Thread(target=warm_cache, args=(examples,), daemon=True).start()
     return demo

@@ -13,6 +13,7 @@ the recomputation is exact.
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,9 @@ INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference k
 QUERY_BLOCK = 64  # long query runs are cut into blocks that skip the keys their mask hides
 
 
+_BLOCKS = weakref.WeakKeyDictionary()  # mask -> its query blocks (masks are reused, e.g. DT's per window size)
+
+
 def _query_blocks(allowed: torch.Tensor):
     """[(q_start, q_end, key_end)]: blocks of query rows and the keys they need. Query i sits at key
     position K - Q + i; a block [s, e) can stop at key K - Q + e when no row of it sees a later
@@ -155,6 +159,9 @@ def _query_blocks(allowed: torch.Tensor):
     q_len, key_len = allowed.shape
     if q_len < 2 * QUERY_BLOCK:
         return [(0, q_len, key_len)]
+    cached = _BLOCKS.get(allowed)
+    if cached is not None and cached[0] == (QUERY_BLOCK, allowed._version):
+        return cached[1]
     columns = torch.arange(1, key_len + 1, device=allowed.device)
     extent = (allowed * columns).amax(1).tolist()  # last allowed key + 1, per query row
     blocks, start = [], 0
@@ -165,6 +172,7 @@ def _query_blocks(allowed: torch.Tensor):
             end, key_end = q_len, key_len
         blocks.append((start, end, key_end))
         start = end
+    _BLOCKS[allowed] = ((QUERY_BLOCK, allowed._version), blocks)
     return blocks
 
 

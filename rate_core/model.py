@@ -348,7 +348,17 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
     # ----------------------------------------------------------------------------------- core
     def attention_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
         """(m + S + m, L + m + S + m) bool mask of model.md section 2 for S segment tokens and a
-        cache of L positions: True where the query row may attend to the key column."""
+        cache of L positions: True where the query row may attend to the key column. Masks are
+        built once per shape and shared (do not modify them)."""
+        key = (num_tokens, cache_len, str(torch.device(device or "cpu")))
+        masks = self.__dict__.setdefault("_masks", {})
+        if key not in masks:
+            if len(masks) > 64:
+                masks.clear()
+            masks[key] = self._build_mask(num_tokens, cache_len, device)
+        return masks[key]
+
+    def _build_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
         m = self.config.num_mem_tokens
         q_len = 2 * m + num_tokens
         allowed = torch.zeros(q_len, cache_len + q_len, dtype=torch.bool, device=device)

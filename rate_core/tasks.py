@@ -44,6 +44,19 @@ class TrainDefaults:
 
 
 @dataclass(frozen=True)
+class DemoSetting:
+    """The one environment setting the app lets a visitor change (e.g. the T-Maze length)."""
+
+    name: str
+    """keyword of make_env / make_vector_env"""
+    label: str
+    minimum: int
+    maximum: int
+    default: int
+    info: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
     """Everything the project knows about one task."""
 
@@ -68,6 +81,14 @@ class Task:
     train: TrainDefaults = field(default_factory=TrainDefaults)
     default_settings: dict = field(default_factory=dict)
     """environment settings used when none are given (e.g. for the app)"""
+    action_names: tuple[str, ...] = ()
+    """short names of the actions, for the app"""
+    demo_setting: DemoSetting | None = None
+    """the setting the app exposes (None: none)"""
+    demo_step_cap: int | None = None
+    """default step cap of the app's episodes (None: play to the end)"""
+    explain: Callable[[dict], str] | None = None
+    """explain(reset_info) -> a few words on what the agent must remember (e.g. 'cue: up')"""
 
     def model_config(self, mode: str) -> ModelConfig:
         if mode not in self.model_configs:
@@ -114,16 +135,20 @@ class TMazeOracle:
         return (UP if self.cue > 0 else DOWN) if at_junction else FORWARD
 
 
-def _tmaze_env(episode_length: int = 150):
+def _tmaze_env(episode_length: int = 150, render_mode: str | None = None):
     from rate_core.envs.tmaze import TMazeEnv
 
-    return TMazeEnv(episode_length=episode_length)
+    return TMazeEnv(episode_length=episode_length, render_mode=render_mode)
 
 
-def _tmaze_vector_env(num_envs: int, episode_length: int = 150):
+def _tmaze_vector_env(num_envs: int, episode_length: int = 150, render_mode: str | None = None):
     from rate_core.envs.tmaze import TMazeVectorEnv
 
-    return TMazeVectorEnv(num_envs, episode_length=episode_length)
+    return TMazeVectorEnv(num_envs, episode_length=episode_length, render_mode=render_mode)
+
+
+def _tmaze_explain(reset_info: dict) -> str:
+    return f"cue: {'up' if reset_info.get('cue', 1) > 0 else 'down'}"
 
 
 # Smaller than the paper's 8 layers of 8 heads x 64 (rate_core.paper): T-Maze needs memory, not
@@ -152,4 +177,8 @@ register(Task(
                             balance_key="cue"),
     train=TrainDefaults(epochs=30, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=100),
     default_settings={"episode_length": 150},
+    action_names=("right", "up", "left", "down"),
+    demo_setting=DemoSetting("episode_length", "corridor length T (steps)", minimum=10, maximum=1200, default=150,
+                             info="the agent walks T - 2 cells, then must turn to the side the cue showed at step 0"),
+    explain=_tmaze_explain,
 ))

@@ -1,4 +1,5 @@
-"""The demo page starts, serves its content, and reports unusable checkpoints instead of failing."""
+"""The demo app: starts, plays episode pairs through its API and in a browser, and answers bad input
+with a message while it keeps serving."""
 
 import json
 import os
@@ -9,6 +10,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import imageio.v2 as imageio
+import pytest
+
+from app.episodes import AppError, load_model, make_request
 from app.ui import build_demo, describe, shipped_checkpoints
 from rate_core.checkpoint import save_checkpoint
 from tests.tiny import tiny_model
@@ -39,16 +44,83 @@ def test_shipped_checkpoints_lists_good_and_reports_bad(tmp_path):
     assert broken[3].startswith("unusable:") and "not valid JSON" in broken[3]
 
 
-def test_page_serves(tmp_path):
-    demo = build_demo()
+@pytest.fixture(scope="module")
+def served_app():
+    demo = build_demo(warm=False)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
-            config = json.loads(response.read())
-        assert "Recurrent Action Transformer with Memory" in json.dumps(config)
-    finally:
-        demo.close()
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_page_serves(served_app):
+    with urllib.request.urlopen(served_app + "config", timeout=10) as response:
+        config = json.loads(response.read())
+    assert "Recurrent Action Transformer with Memory" in json.dumps(config)
+
+
+def test_settings_out_of_range_are_refused_with_the_allowed_range():
+    with pytest.raises(AppError, match="from 10 to 1200"):
+        make_request("tmaze", 0, 5, 1.0, 0, False)
+    with pytest.raises(AppError, match="from 10 to 1200"):
+        make_request("tmaze", 0, 100000, 1.0, 0, False)
+    with pytest.raises(AppError, match="seed"):
+        make_request("tmaze", -1, 150, 1.0, 0, False)
+    with pytest.raises(AppError, match="step cap"):
+        make_request("tmaze", 0, 150, 1.0, 2.5, False)
+    with pytest.raises(AppError, match="unknown task"):
+        make_request("chess", 0, 150, 1.0, 0, False)
+    request = make_request("tmaze", 3, 200, None, 0, False)
+    assert request.settings == {"episode_length": 200} and request.target_return == 1.0 and request.step_cap is None
+
+
+def test_bad_checkpoints_are_refused_with_a_message(tmp_path):
+    with pytest.raises(AppError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"), "tmaze")
+    other = tmp_path / "other_task"
+    save_checkpoint(tiny_model("rate"), other)  # a unit_test checkpoint, not a T-Maze one
+    with pytest.raises(AppError, match="unit_test"):
+        load_model(str(other), "tmaze")
+    corrupt = tmp_path / "corrupt"
+    save_checkpoint(tiny_model("rate"), corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AppError, match="model.safetensors"):
+        load_model(str(corrupt), "unit_test")
+
+
+def frame_count(path) -> int:
+    """Frames that decode from a video file."""
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        return sum(1 for _ in reader)
+
+
+def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp_path):
+    from gradio_client import Client
+
+    client = Client(served_app, verbose=False)
+    started = time.perf_counter()
+    left, right, summary = client.predict("tmaze", "shipped: rate", "shipped: dt", 0, 150, 1.0, 0, False,
+                                          api_name="/run_episodes")
+    seconds = time.perf_counter() - started
+    assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
+    assert summary["left"]["success"] and summary["left"]["steps"] == 149 and summary["left"]["segments"] == 3
+    assert summary["settings"] == {"episode_length": 150} and summary["info"]["cue"] in (-1, 1)
+    frames = max(summary["left"]["steps"], summary["right"]["steps"]) + 1
+    for video in (left, right):
+        path = video["video"] if isinstance(video, dict) else video
+        assert frame_count(path) == frames
+    print(f"T-Maze pair at T = 150 through the API: {seconds:.2f} s")
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    for inputs, message in [(("tmaze", str(tmp_path / "missing"), "shipped: dt", 0, 150, 1.0, 0, False), "does not exist"),
+                            (("tmaze", str(bad), "shipped: dt", 0, 150, 1.0, 0, False), "config.json"),
+                            (("tmaze", "shipped: rate", "shipped: dt", 0, 5000, 1.0, 0, False), "from 10 to 1200")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(*inputs, api_name="/run_episodes")
+    again = client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, api_name="/run_episodes")
+    assert again[2]["left"]["steps"] == 59
 
 
 def test_app_py_starts_from_the_command_line():
@@ -57,7 +129,7 @@ def test_app_py_starts_from_the_command_line():
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 15
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
@@ -67,7 +139,17 @@ def test_app_py_starts_from_the_command_line():
                 assert process.poll() is None, process.stdout.read().decode()
                 time.sleep(0.5)
         else:
-            raise AssertionError("app.py did not serve within 30 s")
+            raise AssertionError("app.py did not serve within 15 s")
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_readme_is_a_space_card_matching_the_pins():
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = dict(line.split(": ", 1) for line in text.split("---\n")[1].strip().splitlines())
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().split() if "==" in line)
+    assert front["sdk"] == "gradio" and front["sdk_version"] == pins["gradio"]
+    assert front["app_file"] == "app.py" and (ROOT / front["app_file"]).exists()
+    assert front["python_version"].strip('"') == "3.11"

@@ -161,3 +161,14 @@ def test_dt_trace_has_no_memory():
     model = tiny_model("dt")
     batch = run_episodes(model, RaggedVectorEnv([K + 1]), seeds=[0], target_return=1.0, trace=True)
     assert batch.traces[0].memory is None and batch.traces[0].memory_attention is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("variant", ["rate_cached", "dt"])
+def test_engine_on_cuda_matches_cpu(variant):
+    model = tiny_model(variant)
+    cpu = run_episodes(model, RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0, trace=True)
+    gpu = run_episodes(model.to("cuda"), RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0,
+                       trace=True)
+    for a, b in zip(cpu.traces, gpu.traces):
+        assert np.allclose(a.logits, b.logits, atol=1e-4)

@@ -33,6 +33,58 @@ OBSERVATION_SPACE = spaces.Box(low=-1.0, high=1.0, shape=(4,), dtype=np.float32)
 MIN_EPISODE_LENGTH = 3
 
 
+FRAME_SIZE = (640, 176)  # width, height of rendered frames
+_VISIBLE_CELLS = 100  # longer corridors are drawn as a window that follows the agent
+
+
+def render_frame(x: int, y: int, corridor_length: int, cue: int, t: int) -> np.ndarray:
+    """(H, W, 3) uint8 picture of a T-Maze: the corridor from the start (left) to the junction
+    (right) with its two arms, the cue drawn at the start cell while it is shown (t = 0) and as a
+    small reminder above the start afterwards, the agent as an orange disc. An arm the agent
+    turned into turns green (the cued side) or red."""
+    from PIL import Image, ImageDraw
+
+    width, height = FRAME_SIZE
+    image = Image.new("RGB", FRAME_SIZE, (30, 33, 40))
+    draw = ImageDraw.Draw(image)
+    cells = corridor_length + 1
+    first = 0 if cells <= _VISIBLE_CELLS else int(np.clip(x - _VISIBLE_CELLS // 2, 0, cells - _VISIBLE_CELLS))
+    shown = min(cells, _VISIBLE_CELLS)
+    margin = 24
+    cell = min(40.0, (width - 2 * margin) / shown)
+    row_h = 32.0
+    mid = height / 2
+
+    def box(cx: int, cy: int) -> tuple[float, float, float, float]:
+        left = margin + (cx - first) * cell
+        top = mid - row_h / 2 - cy * row_h
+        return left + 1, top + 1, left + cell - 1, top + row_h - 1
+
+    cue_colour = (80, 160, 255) if cue > 0 else (230, 120, 255)
+    for cx in range(first, first + shown):
+        draw.rectangle(box(cx, 0), fill=(200, 200, 200) if cx else cue_colour)
+    if first + shown - 1 == corridor_length:
+        for arm in (1, -1):
+            colour = (120, 120, 120)
+            if y == arm:
+                colour = (60, 200, 90) if arm == cue else (230, 70, 60)
+            draw.rectangle(box(corridor_length, arm), fill=colour, outline=(255, 255, 255) if arm == cue else None)
+        jx = box(corridor_length, 0)
+        draw.text((jx[0], height - 18), "junction", fill=(220, 220, 220))
+    if first == 0:
+        sx = box(0, 0)
+        side = "UP" if cue > 0 else "DOWN"
+        draw.text((sx[0], mid - 1.5 * row_h - 14), f"cue: {side}" + (" (shown now)" if t == 0 else " (shown at t=0 only)"),
+                  fill=cue_colour)
+    else:
+        draw.text((4, mid - 1.5 * row_h - 14), f"<- start ({first} cells back)", fill=(220, 220, 220))
+    if first <= x < first + shown:
+        left, top, right, bottom = box(x, y)
+        cx, cy, radius = (left + right) / 2, (top + bottom) / 2, max(7.0, min(cell, row_h) * 0.35)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 150, 30))
+    return np.asarray(image)
+
+
 def _draw_episode(rng: np.random.Generator, episode_length: int) -> tuple[int, np.ndarray]:
     """The random content of one episode: the cue side and the noise of every observation."""
     cue = 1 if rng.integers(2) else -1
@@ -43,7 +95,7 @@ def _draw_episode(rng: np.random.Generator, episode_length: int) -> tuple[int, n
 class TMazeEnv(gym.Env):
     """Passive T-Maze with episodes of `episode_length` steps (see the module docstring)."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
     def __init__(self, episode_length: int = 150, render_mode: str | None = None):
         if episode_length < MIN_EPISODE_LENGTH:
@@ -94,14 +146,20 @@ class TMazeEnv(gym.Env):
         info = {"cue": self._cue, "success": reward > 0}
         return self._observation(), reward, terminated, truncated, info
 
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return render_frame(int(self._position[0]), int(self._position[1]), self.corridor_length, self._cue, self._t)
+
 
 class TMazeVectorEnv(VectorEnv):
     """`num_envs` T-Mazes stepped as arrays. Envs do not reset by themselves (autoreset disabled):
     a finished env keeps returning its last observation with zero reward until `reset`."""
 
-    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.DISABLED}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30, "autoreset_mode": AutoresetMode.DISABLED}
 
-    def __init__(self, num_envs: int, episode_length: int = 150):
+    def __init__(self, num_envs: int, episode_length: int = 150, render_mode: str | None = None):
+        self.render_mode = render_mode
         if episode_length < MIN_EPISODE_LENGTH:
             raise ValueError(f"episode_length must be at least {MIN_EPISODE_LENGTH}, got {episode_length}")
         self.num_envs = num_envs
@@ -163,3 +221,10 @@ class TMazeVectorEnv(VectorEnv):
         self.done |= terminated | truncated
         info = {"cue": self.cue.copy(), "success": reward > 0, "active": active}
         return self._observations(), reward, terminated, truncated, info
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """One frame per env (render_mode 'rgb_array'), as gymnasium's vector envs return them."""
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(render_frame(int(x), int(y), self.corridor_length, int(c), int(t))
+                     for (x, y), c, t in zip(self.position, self.cue, self.t))

@@ -1,0 +1,225 @@
+"""What the app does, without the UI: load the chosen checkpoints, play the same seeded episode with
+both, and turn the traces into videos, plots and a summary. Everything reads the task registry, so
+a task with shipped checkpoints appears without app changes."""
+
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.model import MemoryTransformer
+from rate_core.rollout import EpisodeTrace, run_episodes
+from rate_core.tasks import TASKS, Task, get_task
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_ROOT = ROOT / "assets" / "checkpoints"
+VIDEO_ROOT = ROOT / "outputs" / "videos"
+SHIPPED = "shipped: "  # prefix of the checkpoint choices that name a shipped folder
+MODE_NAMES = {"rate": "RATE", "rmt": "RMT", "trxl": "TrXL", "dt": "DT"}
+OVERLAY_HEIGHT = 48
+
+
+class AppError(Exception):
+    """A problem with the visitor's input, with a message that says what to do."""
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def demo_tasks(root: Path = CHECKPOINT_ROOT) -> list[str]:
+    """Registered tasks that have at least one shipped checkpoint, in registry order."""
+    return [name for name in TASKS if any((root / name).glob("*/config.json"))]
+
+
+def shipped_choices(task: str, root: Path = CHECKPOINT_ROOT) -> list[str]:
+    """Checkpoint choices of a task: 'shipped: <folder>' for each folder under assets/checkpoints/<task>."""
+    return [SHIPPED + path.parent.name for path in sorted((root / task).glob("*/config.json"))]
+
+
+def default_pair(task: str, root: Path = CHECKPOINT_ROOT) -> tuple[str | None, str | None]:
+    """(left, right) defaults: the shipped RATE and DT of the task, else the first two shipped."""
+    choices = shipped_choices(task, root)
+    left = SHIPPED + "rate" if SHIPPED + "rate" in choices else (choices[0] if choices else None)
+    right = SHIPPED + "dt" if SHIPPED + "dt" in choices else (choices[-1] if choices else None)
+    return left, right
+
+
+def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Path:
+    """Folder of a checkpoint choice: a shipped name or a local folder path."""
+    choice = (choice or "").strip()
+    if not choice:
+        raise AppError("choose a checkpoint: a shipped one from the list, or type the path of a local checkpoint folder")
+    if choice.startswith(SHIPPED):
+        return root / task / choice[len(SHIPPED):]
+    return Path(os.path.expanduser(choice))
+
+
+_models: dict = {}
+_models_lock = threading.Lock()
+
+
+def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
+    """The model of a checkpoint choice for `task`, cached while its files do not change."""
+    path = checkpoint_path(choice, task, root)
+    if not path.exists():
+        raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of a "
+                       f"folder with config.json and model.safetensors")
+    try:
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.glob("*")) if p.is_file())
+    except OSError as error:
+        raise AppError(f"cannot read checkpoint folder {path}: {error}") from None
+    key = (str(path.resolve()), task, stamp)
+    with _models_lock:
+        if key not in _models:
+            try:
+                model = load_checkpoint(path, task=task)
+            except CheckpointError as error:
+                raise AppError(str(error)) from None
+            _models[key] = model.eval()
+        return _models[key]
+
+
+# ------------------------------------------------------------------------------- episodes
+@dataclass
+class EpisodeRequest:
+    """One side-by-side run, validated."""
+
+    task: Task
+    settings: dict
+    seed: int
+    target_return: float
+    step_cap: int | None
+    sample: bool
+
+
+def make_request(task_name: str, seed, setting_value, target_return, step_cap, sample: bool) -> EpisodeRequest:
+    """Check the visitor's settings; AppError says which one is wrong and what is allowed."""
+    try:
+        task = get_task(task_name)
+    except KeyError:
+        raise AppError(f"unknown task {task_name!r}; choose one of: {', '.join(demo_tasks())}") from None
+    settings = dict(task.default_settings)
+    spec = task.demo_setting
+    if spec is not None:
+        value = spec.default if setting_value is None else setting_value
+        if not float(value).is_integer() or not spec.minimum <= value <= spec.maximum:
+            raise AppError(f"{spec.label} must be a whole number from {spec.minimum} to {spec.maximum}, got {value}")
+        settings[spec.name] = int(value)
+    if seed is None or not float(seed).is_integer() or not 0 <= seed < 2**31:
+        raise AppError(f"seed must be a whole number from 0 to {2**31 - 1}, got {seed}")
+    target = task.evaluation.target_return if target_return is None else float(target_return)
+    if not math.isfinite(target):
+        raise AppError(f"target return must be a number, got {target_return}")
+    cap = None
+    if step_cap not in (None, 0):
+        if not float(step_cap).is_integer() or not 1 <= step_cap <= 100_000:
+            raise AppError(f"step cap must be a whole number from 1 to 100000 (0: play to the end), got {step_cap}")
+        cap = int(step_cap)
+    return EpisodeRequest(task, settings, int(seed), target, cap, bool(sample))
+
+
+def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> EpisodeTrace:
+    """One traced episode with rendered frames."""
+    env = request.task.make_vector_env(1, render_mode="rgb_array", **request.settings)
+    try:
+        batch = run_episodes(model, env, [request.seed], request.target_return, sample=request.sample,
+                             sample_seed=request.seed, max_steps=request.step_cap, progress=progress, trace=True,
+                             frames=True)
+    finally:
+        env.close()
+    return batch.traces[0]
+
+
+def agent_name(model: MemoryTransformer, side: str) -> str:
+    return f"{MODE_NAMES.get(model.config.mode, model.config.mode)} ({side})"
+
+
+def outcome(trace: EpisodeTrace, model: MemoryTransformer, task: Task) -> dict:
+    """The JSON summary of one agent's episode."""
+    steps = trace.length
+    result = {
+        "mode": model.config.mode, "steps": steps, "return": round(trace.total_return, 4),
+        "segments": math.ceil(steps / model.config.context_length) if model.config.mode != "dt" else None,
+        "memory_updates": len(trace.memory_update_steps),
+    }
+    if task.evaluation.metric == "success":
+        result["success"] = trace.success
+    return result
+
+
+# ---------------------------------------------------------------------------------- video
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: str, memory: bool) -> np.ndarray:
+    """The frame before step t (t = T: after the last step) with a strip of text under it: step,
+    action, reward, return so far, target return left; a yellow mark when a segment begins."""
+    height, width = frame.shape[:2]
+    image = Image.new("RGB", (width, height + OVERLAY_HEIGHT), (16, 18, 22))
+    image.paste(Image.fromarray(frame), (0, 0))
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    k = trace.segment_steps
+    done_return = float(trace.rewards[:t].sum())
+    if t < trace.length:
+        action = int(trace.actions[t])
+        action_name = task.action_names[action] if action < len(task.action_names) else str(action)
+        reward = float(trace.rewards[t])
+        line = (f"{name}   step {t}   action {action_name} (p={trace.probs[t, action]:.2f})   reward {reward:g}   "
+                f"return {done_return:g}   target left {trace.returns_to_go[t]:g}")
+    else:
+        verdict = ("success" if trace.success else "failed") if "success" in trace.info else "episode over"
+        line = f"{name}   {verdict} after {trace.length} steps   return {done_return:g}"
+    draw.text((8, height + 6), line, fill=(235, 235, 235), font=font)
+    segment = t // k
+    if memory and t % k == 0 and 0 < t < trace.length:
+        draw.rectangle((0, height, width, height + 3), fill=(250, 210, 40))
+        note = f"segment {segment + 1} begins: memory updated from the last {k} steps"
+        draw.text((8, height + 27), note, fill=(250, 210, 40), font=small)
+    else:
+        what = f"segment {segment + 1} (K = {k} steps)" if memory else f"window of the last {k} steps"
+        draw.text((8, height + 27), what, fill=(150, 150, 150), font=small)
+    return np.asarray(image)
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: int) -> Path:
+    """H.264 MP4 (yuv420p) that browsers play; written to a temporary name, then renamed."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.mp4")
+    with imageio.get_writer(partial, fps=fps, codec="libx264", quality=7, macro_block_size=16,
+                            pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    partial.replace(path)
+    return path
+
+
+def video_fps(steps: int) -> int:
+    """30 frames per second, faster for long episodes so that a video lasts at most ~20 s."""
+    return int(min(120, max(30, math.ceil(steps / 20))))
+
+
+def episode_videos(traces: list[EpisodeTrace], models: list[MemoryTransformer], names: list[str], task: Task,
+                   folder: Path | None = None) -> list[Path]:
+    """One video per agent, with the same number of frames and frame rate (a shorter episode holds
+    its last frame)."""
+    folder = folder or Path(tempfile.mkdtemp(prefix="episode_", dir=VIDEO_ROOT.mkdir(parents=True, exist_ok=True) or VIDEO_ROOT))
+    count = max(len(trace.frames) for trace in traces)
+    fps = video_fps(count)
+    paths = []
+    for side, trace, model, name in zip(("left", "right"), traces, models, names):
+        memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
+        frames = [annotate(frame, trace, t, task, name, memory) for t, frame in enumerate(trace.frames)]
+        frames += [frames[-1]] * (count - len(frames))
+        paths.append(write_video(frames, folder / f"{side}.mp4", fps))
+    return paths

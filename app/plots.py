@@ -1,0 +1,141 @@
+"""The memory panel: what the memory tokens hold, how they change, how much each step reads them,
+and both agents' action probabilities. Each function returns a matplotlib figure and a one-line
+caption."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rate_core.rollout import EpisodeTrace  # noqa: E402
+
+MAX_HEATMAPS = 8
+
+
+def _empty(title: str, message: str):
+    figure, axis = plt.subplots(figsize=(8, 2.2))
+    axis.set_axis_off()
+    axis.set_title(title)
+    axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, color="0.4", transform=axis.transAxes)
+    figure.tight_layout()
+    return figure
+
+
+def _segment_lines(axis, trace: EpisodeTrace):
+    for step in range(trace.segment_steps, trace.length, trace.segment_steps):
+        axis.axvline(step, color="0.6", linestyle=":", linewidth=1)
+
+
+def memory_heatmaps(trace: EpisodeTrace | None, name: str):
+    """Memory tokens (tokens x features) at the start and after each update (up to 8, evenly spread)."""
+    title = f"{name}: memory tokens at each segment boundary"
+    if trace is None or trace.memory is None:
+        return _empty(title, "this model has no memory tokens"), ""
+    count = len(trace.memory)
+    shown = np.unique(np.linspace(0, count - 1, min(count, MAX_HEATMAPS)).round().astype(int))
+    limit = float(np.abs(trace.memory).max()) or 1.0
+    figure, axes = plt.subplots(1, len(shown), figsize=(min(16, 2.2 * len(shown) + 1.5), 3.0), squeeze=False,
+                                layout="constrained")
+    for axis, index in zip(axes[0], shown):
+        image = axis.imshow(trace.memory[index], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                            interpolation="nearest")
+        when = "start" if index == 0 else f"after step {trace.memory_update_steps[index - 1] + 1}"
+        axis.set_title(when, fontsize=9)
+        axis.set_xlabel("feature", fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("memory token", fontsize=8)
+    figure.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01)
+    figure.suptitle(title, fontsize=11)
+    caption = (f"Each panel is the {trace.memory.shape[1]} x {trace.memory.shape[2]} memory the model reads at the "
+               f"start of a segment: rows are memory tokens, columns their features (red positive, blue negative).")
+    return figure, caption
+
+
+def memory_change(trace: EpisodeTrace | None, name: str):
+    """Relative change and cosine similarity of the memory at each update."""
+    title = f"{name}: how much the memory changed at each update"
+    if trace is None or trace.memory is None or len(trace.memory) < 2:
+        message = "no memory update in this episode" if trace is not None and trace.memory is not None \
+            else "this model has no memory tokens"
+        return _empty(title, message), ""
+    before, after = trace.memory[:-1], trace.memory[1:]
+    flat_before, flat_after = before.reshape(len(before), -1), after.reshape(len(after), -1)
+    change = np.linalg.norm(flat_after - flat_before, axis=1) / np.maximum(np.linalg.norm(flat_before, axis=1), 1e-9)
+    cosine = (flat_after * flat_before).sum(1) / np.maximum(
+        np.linalg.norm(flat_after, axis=1) * np.linalg.norm(flat_before, axis=1), 1e-9)
+    steps = np.array(trace.memory_update_steps) + 1
+    figure, axis = plt.subplots(figsize=(8, 2.8))
+    axis.plot(steps, change, "o-", color="tab:orange", label="relative change |M_new - M_old| / |M_old|")
+    axis.set_xlabel("step of the update")
+    axis.set_ylabel("relative change", color="tab:orange")
+    twin = axis.twinx()
+    twin.plot(steps, cosine, "s--", color="tab:blue", label="cosine similarity to the previous memory")
+    twin.set_ylabel("cosine similarity", color="tab:blue")
+    twin.set_ylim(min(-0.05, cosine.min() - 0.05), 1.05)
+    axis.set_title(title, fontsize=11)
+    lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    axis.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
+    figure.tight_layout()
+    caption = ("At every segment boundary the Memory Retention Valve writes new memory; a large change with low "
+               "similarity means the segment rewrote what was stored, a small one that it kept it.")
+    return figure, caption
+
+
+def memory_attention(trace: EpisodeTrace | None, name: str):
+    """Share of each step's attention on the read memory tokens, per layer."""
+    title = f"{name}: attention each step puts on the memory tokens"
+    if trace is None or trace.memory_attention is None:
+        return _empty(title, "this model has no memory tokens"), ""
+    figure, axis = plt.subplots(figsize=(8, 2.8))
+    steps = np.arange(trace.length)
+    for layer in range(trace.memory_attention.shape[1]):
+        axis.plot(steps, trace.memory_attention[:, layer], linewidth=1.2, label=f"layer {layer + 1}")
+    _segment_lines(axis, trace)
+    axis.set_xlabel("step (dotted: segment boundaries)")
+    axis.set_ylabel("share of attention")
+    axis.set_ylim(0, 1)
+    axis.set_title(title, fontsize=11)
+    axis.legend(fontsize=8, ncol=4, loc="upper right")
+    figure.tight_layout()
+    caption = ("For the observation token that chooses each action: the fraction of its attention (averaged over "
+               "heads) that goes to the memory tokens rather than the current segment's own tokens.")
+    return figure, caption
+
+
+def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_names: tuple[str, ...]):
+    """Both agents' action probabilities over the episode (stacked areas) and over its last steps."""
+    figure, axes = plt.subplots(len(traces), 2, figsize=(9, 1.9 * len(traces) + 0.8), squeeze=False,
+                                gridspec_kw={"width_ratios": [3, 1]}, layout="constrained")
+    longest = max(t.length for t in traces)
+    for row, (trace, name) in enumerate(zip(traces, names)):
+        labels = [action_names[a] if a < len(action_names) else str(a) for a in range(trace.probs.shape[1])]
+        colours = [f"C{a}" for a in range(len(labels))]
+        axis = axes[row, 0]
+        axis.stackplot(np.arange(trace.length), trace.probs.T, labels=labels, colors=colours, alpha=0.85)
+        _segment_lines(axis, trace)
+        axis.set_ylim(0, 1)
+        axis.set_xlim(0, max(1, longest - 1))
+        axis.set_ylabel("probability", fontsize=9)
+        axis.set_title(f"{name}: whole episode", fontsize=10, loc="left")
+        last = axes[row, 1]
+        tail = np.arange(max(0, trace.length - 8), trace.length)
+        bottom = np.zeros(len(tail))
+        for a, (label, colour) in enumerate(zip(labels, colours)):
+            last.bar(tail, trace.probs[tail, a], bottom=bottom, color=colour, alpha=0.85, width=0.8)
+            bottom += trace.probs[tail, a]
+        last.set_ylim(0, 1)
+        last.set_title("last steps", fontsize=10, loc="left")
+        last.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("step (dotted: segment boundaries)")
+    axes[-1, 1].set_xlabel("step")
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=8, ncol=len(labels), loc="outside upper center")
+    figure.suptitle("Action probabilities of both agents over time", fontsize=11)
+    caption = ("How sure each agent is of each action at every step; the right-hand panels zoom into the last "
+               "steps, where a memory task is decided.")
+    return figure, caption
+
+
+def close(figures) -> None:
+    for figure in figures:
+        plt.close(figure)

@@ -1,0 +1,61 @@
+"""The page in a real browser (Debian's chromium, driven by playwright): run an episode pair and see
+both videos play. Saves outputs/screenshots/app.png."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_app import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_browser_runs_an_episode_and_both_videos_play():
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                assert app.poll() is None and time.time() < deadline, "the app did not start"
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.wait_for_function("document.querySelectorAll('video').length >= 2", timeout=60_000)
+            # both videos load and advance: they play in this browser
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('video')).every(v => v.readyState >= 2 && v.currentTime > 0.3)",
+                timeout=60_000)
+            durations = page.evaluate("Array.from(document.querySelectorAll('video')).map(v => v.duration)")
+            assert len(durations) == 2 and abs(durations[0] - durations[1]) < 0.1, durations
+            page.get_by_text("Inside the memory").scroll_into_view_if_needed()
+            page.wait_for_function("!document.body.innerText.includes('processing')", timeout=60_000)
+            page.wait_for_timeout(1000)
+            out = ROOT / "outputs" / "screenshots"
+            out.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out / "app.png"), full_page=True)
+            assert "success" in page.content()
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(timeout=10)
