@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.hub import is_hub_reference, load_reference
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import EpisodeTrace, run_episodes
 from rate_core.tasks import TASKS, Task, get_task
@@ -52,7 +53,8 @@ def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Pat
     """Folder of a checkpoint choice: a shipped name or a local folder path."""
     choice = (choice or "").strip()
     if not choice:
-        raise AppError("choose a checkpoint: a shipped one from the list, or type the path of a local checkpoint folder")
+        raise AppError("choose a checkpoint: a shipped one from the list, the path of a local checkpoint folder, "
+                       "or hf://USER/NAME")
     if choice.startswith(SHIPPED):
         return root / task / choice[len(SHIPPED):]
     return Path(os.path.expanduser(choice))
@@ -63,7 +65,17 @@ _models_lock = threading.Lock()
 
 
 def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
-    """The model of a checkpoint choice for `task`, cached while its files do not change."""
+    """The model of a checkpoint choice for `task` (shipped, a folder, or hf://USER/NAME), cached
+    while its files do not change."""
+    choice = (choice or "").strip()
+    if is_hub_reference(choice):  # through MemoryTransformer.from_pretrained (the Hub cache when offline)
+        with _models_lock:
+            if (choice, task) not in _models:
+                try:
+                    _models[(choice, task)] = load_reference(choice, task=task).eval()
+                except CheckpointError as error:
+                    raise AppError(str(error)) from None
+            return _models[(choice, task)]
     path = checkpoint_path(choice, task, root)
     if not path.exists():
         raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of a "

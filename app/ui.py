@@ -171,9 +171,9 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         with gr.Row():
             task = gr.Dropdown(tasks, value=first[0], label="task")
             left = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[1], allow_custom_value=True,
-                               label="left agent", info="a shipped checkpoint, or the path of a checkpoint folder")
+                               label="left agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
             right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
-                                label="right agent", info="a shipped checkpoint, or the path of a checkpoint folder")
+                                label="right agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
         with gr.Row():
             seed = gr.Number(value=0, precision=0, label="seed", info="the same episode for both agents")
             setting = gr.Number(value=first[4], precision=0, visible=spec is not None,

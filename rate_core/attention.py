@@ -13,7 +13,6 @@ the recomputation is exact.
 """
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +148,6 @@ INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference k
 QUERY_BLOCK = 64  # long query runs are cut into blocks that skip the keys their mask hides
 
 
-_BLOCKS = weakref.WeakKeyDictionary()  # mask -> its query blocks (masks are reused, e.g. DT's per window size)
-
-
 def _query_blocks(allowed: torch.Tensor):
     """[(q_start, q_end, key_end)]: blocks of query rows and the keys they need. Query i sits at key
     position K - Q + i; a block [s, e) can stop at key K - Q + e when no row of it sees a later
@@ -159,7 +155,7 @@ def _query_blocks(allowed: torch.Tensor):
     q_len, key_len = allowed.shape
     if q_len < 2 * QUERY_BLOCK:
         return [(0, q_len, key_len)]
-    cached = _BLOCKS.get(allowed)
+    cached = getattr(allowed, "_query_blocks", None)  # masks are reused (e.g. DT's, per window size)
     if cached is not None and cached[0] == (QUERY_BLOCK, allowed._version):
         return cached[1]
     columns = torch.arange(1, key_len + 1, device=allowed.device)
@@ -172,7 +168,7 @@ def _query_blocks(allowed: torch.Tensor):
             end, key_end = q_len, key_len
         blocks.append((start, end, key_end))
         start = end
-    _BLOCKS[allowed] = ((QUERY_BLOCK, allowed._version), blocks)
+    allowed._query_blocks = ((QUERY_BLOCK, allowed._version), blocks)
     return blocks
 
 

@@ -549,8 +549,14 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
 
     # ------------------------------------------------------------------------- hub integration
     @classmethod
-    def _from_pretrained(cls, *, model_id, map_location="cpu", **kwargs):
-        """from_pretrained() of a local folder goes through the validating checkpoint loader."""
-        from rate_core.checkpoint import load_checkpoint
+    def _from_pretrained(cls, *, model_id, revision=None, map_location="cpu", **kwargs):
+        """from_pretrained() of a local folder or a Hub repository goes through the validating
+        checkpoint loader (safetensors only, never pickle)."""
+        import os
 
-        return load_checkpoint(model_id, device=map_location)
+        from rate_core.checkpoint import load_checkpoint
+        from rate_core.hub import HF_PREFIX, checkpoint_folder
+
+        folder = model_id if os.path.isdir(model_id) else checkpoint_folder(
+            HF_PREFIX + model_id + (f"@{revision}" if revision else ""))
+        return load_checkpoint(folder, device=map_location)

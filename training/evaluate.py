@@ -14,7 +14,8 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.checkpoint import CheckpointError
+from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import run_episodes
 from rate_core.tasks import Task, get_task
 
@@ -23,8 +24,8 @@ from rate_core.tasks import Task, get_task
 class Args:
     """Score a checkpoint on its task: success rate or mean return per setting, as a table and JSON."""
 
-    checkpoint: Path
-    """checkpoint folder (config.json + model.safetensors)"""
+    checkpoint: str
+    """checkpoint folder (config.json + model.safetensors) or hf://USER/NAME"""
     lengths: tuple[int, ...] | None = None
     """T-Maze episode lengths to test (default: the protocol's)"""
     episodes: int | None = None
@@ -98,7 +99,7 @@ def main(args: Args) -> None:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     try:
-        model = load_checkpoint(args.checkpoint, device=device)
+        model = load_reference(args.checkpoint, device=device)
         task = get_task(model.task)
     except (CheckpointError, KeyError) as error:
         raise SystemExit(f"error: {error}")
@@ -108,6 +109,8 @@ def main(args: Args) -> None:
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
           f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
           f"target return {protocol.target_return}")
+    if args.json is None and is_hub_reference(args.checkpoint):
+        raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     out = args.json or Path(args.checkpoint) / "eval.json"
 
     def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured

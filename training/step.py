@@ -11,6 +11,8 @@ and run them in order, carrying memory tokens and the Transformer-XL cache:
 DT processes the whole K*N window as one segment.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +38,29 @@ def detach_state(state: MemoryState) -> MemoryState:
     return MemoryState(memory, state.cache)
 
 
+class SegmentLosses(torch.nn.Module):
+    """The losses of consecutive segments of a batch in one module call, carrying memory and cache
+    between them: one forward per backward, as DistributedDataParallel expects."""
+
+    def __init__(self, model: MemoryTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None):
+        """Returns (sum of the per-segment mean losses or None, per-segment detached losses, state).
+        counts: the number of targets of each segment that its summed loss is divided by."""
+        total, values = None, []
+        for seg, count in zip(times, counts):
+            logits, state = self.model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+            if count:
+                loss = action_loss_sum(logits, actions[:, seg]) / count
+                values.append(loss.detach())
+                total = loss if total is None else total + loss
+            else:
+                values.append(None)
+        return total, values, state
+
+
 def _optimizer_step(model, optimizer, grad_clip, scheduler):
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -47,52 +72,68 @@ def _optimizer_step(model, optimizer, grad_clip, scheduler):
 
 def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
-               micro_batch: int | None = None) -> list[float]:
+               micro_batch: int | None = None, runner: torch.nn.Module | None = None) -> list[float]:
     """One training step on a batch of K*N-step samples.
 
     rtg (B, K*N) float; obs (B, K*N, *obs_shape); actions (B, K*N) long, ACTION_PAD for padding.
     micro_batch: process the batch in pieces of this many samples and accumulate gradients (the
     same update as the whole batch at once, with less memory and better cache use on a CPU).
-    Returns the mean loss of each segment that has targets (a list of floats, in segment order).
+    runner: SegmentLosses(model), possibly wrapped in DistributedDataParallel; then this process's
+    batch is its shard of the global batch, losses are normalised by the global target counts and
+    the update equals one process training on the global batch.
+    Returns the mean loss of each segment that has targets (a list of floats, in segment order;
+    over the global batch when distributed).
     """
     if memory_grad not in MEMORY_GRADS:
         raise ValueError(f"memory_grad={memory_grad!r}, expected one of {MEMORY_GRADS}")
-    model.train()
+    runner = runner or SegmentLosses(model)
+    distributed = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
+    world = torch.distributed.get_world_size() if distributed else 1
+    runner.train()
     batch = actions.shape[0]
     step = micro_batch or batch
     parts = [slice(start, start + step) for start in range(0, batch, step)]
     times = segment_slices(model, actions.shape[1])
-    # Per-segment target counts over the whole batch, so that micro-batches add up to batch means.
-    counts = [int((actions[:, seg] != ACTION_PAD).sum()) for seg in times]
+    # Per-segment target counts over the whole (global) batch, so that pieces add up to batch means.
+    counts_tensor = torch.stack([(actions[:, seg] != ACTION_PAD).sum() for seg in times]).to(torch.float64)
+    if distributed:
+        torch.distributed.all_reduce(counts_tensor)
+    counts = counts_tensor.tolist()
     active = [i for i, count in enumerate(counts) if count]
-    losses = [0.0] * len(times)
+    losses = torch.zeros(len(times), dtype=torch.float64, device=actions.device)
+    # DistributedDataParallel averages gradients over processes; the losses here are partial sums.
+    scale = float(world)
 
-    def segment_loss(part, i, state):
-        logits, state = model(rtg[part, times[i]], obs[part, times[i]], actions[part, times[i]], state)
-        loss = action_loss_sum(logits, actions[part, times[i]]) / counts[i] if counts[i] else None
-        if loss is not None:
-            losses[i] += loss.item()
-        return loss, state
+    def run(part, which, state, sync: bool):
+        context = runner.no_sync() if distributed and not sync else contextlib.nullcontext()
+        with context:
+            total, values, state = runner(rtg[part], obs[part], actions[part], [times[i] for i in which],
+                                          [counts[i] for i in which], state)
+            for i, value in zip(which, values):
+                if value is not None:
+                    losses[i] += value.to(torch.float64)
+            if total is None and distributed and any(counts[i] for i in which):
+                # no targets in this process's shard, but in others': every process must run backward
+                total = sum(p.sum() for p in model.parameters()) * 0.0
+            return total, state
 
     if memory_grad == "bptt":
-        for part in parts:
-            state, total = None, 0.0
-            for i in range(len(times)):
-                loss, state = segment_loss(part, i, state)
-                if loss is not None:
-                    total = total + loss
-            if active:
-                (total / len(active)).backward()
+        for p, part in enumerate(parts):
+            total, _ = run(part, range(len(times)), None, sync=p == len(parts) - 1)
+            if total is not None:
+                (total * (scale / len(active))).backward()
         if active:
             _optimizer_step(model, optimizer, grad_clip, scheduler)
     else:
         states = [None] * len(parts)
         for i in range(len(times)):
             for p, part in enumerate(parts):
-                loss, state = segment_loss(part, i, states[p])
-                if loss is not None:
-                    loss.backward()
+                total, state = run(part, [i], states[p], sync=p == len(parts) - 1)
+                if total is not None:
+                    (total * scale).backward()
                 states[p] = detach_state(state)
             if counts[i]:
                 _optimizer_step(model, optimizer, grad_clip, scheduler)
-    return [losses[i] for i in active]
+    if distributed:
+        torch.distributed.all_reduce(losses)
+    return [float(losses[i]) for i in active]

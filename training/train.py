@@ -4,6 +4,11 @@
     python -m training.train --task tmaze --model rate                 # -> runs/tmaze/rate/model
     python -m training.train --task tmaze --model rate --resume        # continue after a kill
     python -m training.train --task tmaze --model rate --memory-grad detached   # the reference scheme
+    torchrun --nproc_per_node=4 -m training.train --task tmaze --model rate    # several GPUs (or CPU procs)
+
+Under torchrun every process trains on its shard of each global batch (--batch-size is global)
+with DistributedDataParallel (nccl on GPUs, gloo on CPU); process 0 logs, evaluates and writes
+checkpoints; the update equals one process training on the global batch.
 
 Every epoch writes runs/<task>/<model>/last (model + optimiser + schedule + RNG) atomically, and
 `--resume` continues from it exactly: an interrupted and resumed run ends with the same weights as
@@ -13,14 +18,17 @@ holds the loss per step and the periodic evaluations.
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
+from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -29,7 +37,7 @@ from rate_core.model import MemoryTransformer
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
-from training.step import MEMORY_GRADS, train_step
+from training.step import MEMORY_GRADS, SegmentLosses, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 
@@ -74,6 +82,12 @@ class TrainConfig:
     """episodes per evaluation setting during training"""
     resume: bool = False
     """continue the run in `out` from its last completed epoch"""
+    dropout: float | None = None
+    """override the model config's dropout and attention dropout"""
+    bf16: bool = False
+    """bfloat16 autocast on CUDA (ignored on CPU)"""
+    compile: bool = False
+    """torch.compile the model (slow to start; pays off on long GPU runs)"""
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -160,14 +174,34 @@ def load_training_state(directory: Path, optimizer, scheduler) -> tuple[int, int
     return meta["epoch"], meta["step"], meta["config"]
 
 
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    if device_choice not in ("auto", "cuda", "cpu"):
+        device = torch.device(device_choice)
+    else:
+        device = torch.device(f"cuda:{local}" if use_cuda and world > 1 else ("cuda" if use_cuda else "cpu"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
 def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training; returns the folder of the finished model."""
     config = resolve(config)
     task = get_task(config.task)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    rank, world, device = setup_distributed(config.device)
+    main_process = rank == 0
+    if config.batch_size < world:
+        raise ValueError(f"--batch-size ({config.batch_size}) must be at least the number of processes ({world})")
     dataset = load_dataset(config.data, task=task.name)
     model_config = task.model_config(config.model)
+    if config.dropout is not None:
+        model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
     batches_per_epoch = math.ceil(len(samples) / config.batch_size)
@@ -178,7 +212,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model = MemoryTransformer(model_config, task=task.name, training={
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-        "seed": config.seed,
+        "seed": config.seed, "processes": world,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -196,31 +230,46 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
-        print(f"resuming {out} after epoch {start_epoch}")
-    elif config.resume:
+        if main_process:
+            print(f"resuming {out} after epoch {start_epoch}")
+    elif config.resume and main_process:
         print(f"nothing to resume in {out}; starting fresh")
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a")
-    print(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps, "
-          f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}")
+    runner = SegmentLosses(model)
+    if config.compile:
+        runner = torch.compile(runner)
+    if world > 1:
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a") if main_process else None
+    say = print if main_process else (lambda *a, **k: None)
+    say(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps, "
+          f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}"
+        + (f", {world} processes" if world > 1 else ""))
 
     for epoch in range(start_epoch, config.epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
         started = time.perf_counter()
-        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not main_process)
         for b in bar:
-            rtg, obs, actions = make_batch(dataset, samples[order[b * config.batch_size:(b + 1) * config.batch_size]],
-                                           sample_len, device)
-            losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=config.memory_grad,
-                                grad_clip=config.grad_clip, scheduler=scheduler,
-                                micro_batch=config.micro_batch or None)
+            index = samples[order[b * config.batch_size:(b + 1) * config.batch_size]]
+            if len(index) < world:  # a last global batch too small to give every process a sample
+                continue
+            rtg, obs, actions = make_batch(dataset, index[rank::world], sample_len, device)
+            with autocast:
+                losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=config.memory_grad,
+                                    grad_clip=config.grad_clip, scheduler=scheduler,
+                                    micro_batch=config.micro_batch or None, runner=runner)
             step += steps_per_batch
             loss = float(np.mean(losses)) if losses else float("nan")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss, "segment_losses": losses,
-                                  "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if main_process:
+                log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss, "segment_losses": losses,
+                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
-        if config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             values = task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
             results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
@@ -228,16 +277,23 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             record["eval"] = {str(r[task.evaluation.setting]): r["success_rate" if task.evaluation.metric == "success"
                                                                   else "mean_return"] for r in results}
             print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        model.training_info["epochs_done"] = epoch + 1
-        save_checkpoint(model, last, extra=lambda folder: save_training_state(
-            folder, optimizer, scheduler, epoch + 1, step, config))
+        if main_process:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            model.training_info["epochs_done"] = epoch + 1
+            save_checkpoint(model, last, extra=lambda folder: save_training_state(
+                folder, optimizer, scheduler, epoch + 1, step, config))
+        if world > 1:
+            dist.barrier()  # the others wait for the checkpoint (and evaluation) of process 0
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
-    log.close()
-    final = save_checkpoint(model, out / "model")
-    print(f"wrote {final}")
+    final = out / "model"
+    if main_process:
+        log.close()
+        save_checkpoint(model, final)
+        print(f"wrote {final}")
+    if world > 1:
+        dist.barrier()
     return final
 
 
@@ -246,6 +302,9 @@ def main(config: TrainConfig) -> None:
         train(config)
     except (DatasetError, CheckpointError, KeyError, ValueError) as error:
         raise SystemExit(f"error: {error}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

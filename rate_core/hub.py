@@ -1,0 +1,119 @@
+"""Checkpoints on the Hugging Face Hub: `hf://USER/NAME` references, and the model card that says
+what a checkpoint scores (the Hub's model-index metadata, from the evaluator's eval.json).
+
+Nothing here needs the network unless a hf:// reference is not in the local Hub cache; then the
+error says what to do (go online, or set HF_HUB_OFFLINE=1 only once the files are cached).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
+from rate_core.model import MemoryTransformer
+
+HF_PREFIX = "hf://"
+CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval.json", "*.mp4"]
+
+
+def is_hub_reference(ref) -> bool:
+    return str(ref).startswith(HF_PREFIX)
+
+
+def checkpoint_folder(ref: str | os.PathLike) -> Path:
+    """The local folder of a checkpoint reference: a path, or `hf://USER/NAME[@REVISION]`, which is
+    fetched into (or found in) the local Hub cache."""
+    if not is_hub_reference(ref):
+        return Path(ref)
+    repo_id, _, revision = str(ref)[len(HF_PREFIX):].partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise CheckpointError(f"{ref}: expected hf://USER/NAME (optionally @REVISION)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=CHECKPOINT_FILES))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{ref}: not in the local Hugging Face cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1); "
+            f"connect to download it once, or give a local checkpoint folder instead") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{ref}: no such model repository on the Hub (or it is private: log in with "
+                              f"`huggingface-cli login`)") from None
+    except (HfHubHTTPError, OSError) as error:
+        raise CheckpointError(f"{ref}: download failed ({error})") from None
+
+
+def load_reference(ref: str | os.PathLike, task: str | None = None, mode: str | None = None,
+                   device: str | torch.device = "cpu") -> MemoryTransformer:
+    """load_checkpoint for a local folder; MemoryTransformer.from_pretrained for `hf://USER/NAME`."""
+    if not is_hub_reference(ref):
+        return load_checkpoint(ref, task=task, mode=mode, device=device)
+    folder = checkpoint_folder(ref)  # download (or find in the cache), with a clear error when it cannot
+    model = MemoryTransformer.from_pretrained(str(folder), map_location=str(device))
+    if task is not None and model.task != task:
+        raise CheckpointError(f"{ref}: checkpoint is for task {model.task!r}, expected {task!r}")
+    if mode is not None and model.config.mode != mode:
+        raise CheckpointError(f"{ref}: checkpoint is a {model.config.mode!r} model, expected {mode!r}")
+    return model
+
+
+def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | None = None,
+                   video: str | None = None, title: str | None = None) -> str:
+    """A model card for the Hub: YAML metadata (library, tags, model-index with the evaluation
+    table) and a body that says what the model is, how it was trained and what it scores."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    c = model.config
+    task_name = model.task or "unknown"
+    results = []
+    rows = []
+    if evaluation:
+        setting = evaluation["protocol"]["setting"]
+        metric = evaluation["protocol"]["metric"]
+        for r in evaluation["results"]:
+            key, value = ("success_rate", r["success_rate"]) if metric == "success" else ("mean_return", r["mean_return"])
+            results.append(EvalResult(
+                task_type="reinforcement-learning", task_name="Offline reinforcement learning",
+                dataset_type=task_name, dataset_name=title or task_name, dataset_config=f"{setting}={r[setting]}",
+                metric_type=key, metric_name=f"{key.replace('_', ' ')} ({setting} = {r[setting]}, "
+                                             f"{r['episodes']} episodes)", metric_value=value))
+            rows.append(f"| {r[setting]} | {r['episodes']} | {r['success_rate']:.2f} | "
+                        f"{r['mean_return']:.3f} ± {r['return_sem']:.3f} |")
+    data = ModelCardData(library_name="rate_core", tags=["offline-rl", "reinforcement-learning", c.mode, task_name],
+                         model_name=repo_id.split("/")[-1], eval_results=results or None)
+    training = "\n".join(f"- {key}: {value}" for key, value in sorted(model.training_info.items())) or "- not recorded"
+    table = ""
+    if rows:
+        table = (f"\n## Evaluation\n\n{evaluation['protocol']['episodes']} episodes per setting, "
+                 f"{'sampled' if evaluation['protocol']['sample_actions'] else 'argmax'} actions, target return "
+                 f"{evaluation['protocol']['target_return']} (`python -m training.evaluate`):\n\n"
+                 f"| {evaluation['protocol']['setting']} | episodes | success | return |\n| --- | --- | --- | --- |\n"
+                 + "\n".join(rows) + "\n")
+    video_md = f"\n## Example episode\n\n<video src=\"{video}\" controls></video>\n" if video else ""
+    body = f"""
+# {c.mode.upper()} on {title or task_name}
+
+A `{c.mode}` memory transformer from rate_core (RATE: Recurrent Action Transformer with Memory,
+arXiv 2306.09459): {c.n_layer} layers of width {c.d_model}, {c.n_head} heads of {c.d_head},
+{c.num_mem_tokens} memory tokens, Transformer-XL cache {c.mem_len}, segments of {c.segment_steps}
+steps; {model.num_parameters():,} parameters. Weights are safetensors (no pickle).
+
+```python
+from rate_core.hub import load_reference
+model = load_reference("hf://{repo_id}")
+```
+
+## Model config
+
+```json
+{json.dumps(vars(c), indent=2)}
+```
+
+## Training
+
+{training}
+{table}{video_md}"""
+    return f"---\n{data.to_yaml()}\n---\n{body}"

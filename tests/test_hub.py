@@ -1,0 +1,74 @@
+"""Publishing: the dry-run upload folder loads through from_pretrained offline to the same model,
+its card's metadata parses, and hf:// references fail clearly when the Hub is out of reach."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.hub import checkpoint_folder, load_reference
+from rate_core.model import MemoryTransformer
+from tests.tiny import random_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "assets" / "checkpoints" / "tmaze" / "rate"
+
+
+@pytest.fixture(scope="module")
+def dry_run_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("push") / "rate-tmaze"
+    result = subprocess.run([sys.executable, "-m", "training.push", "--checkpoint", str(SHIPPED), "--repo-id",
+                             "someone/rate-tmaze", "--dry-run", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "dry run: nothing uploaded" in result.stdout
+    return out
+
+
+def test_dry_run_folder_holds_what_would_be_uploaded(dry_run_folder):
+    names = sorted(p.name for p in dry_run_folder.iterdir())
+    assert names == ["README.md", "config.json", "episode.mp4", "eval.json", "model.safetensors"]
+    assert (dry_run_folder / "model.safetensors").read_bytes() == (SHIPPED / "model.safetensors").read_bytes()
+    assert (dry_run_folder / "episode.mp4").stat().st_size > 1000
+
+
+def test_dry_run_folder_round_trips_through_from_pretrained_offline(dry_run_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    original = load_checkpoint(SHIPPED)
+    loaded = MemoryTransformer.from_pretrained(str(dry_run_folder))
+    assert loaded.task == "tmaze" and loaded.config == original.config
+    rtg, obs, actions = random_batch(original.config, batch=2, steps=60)
+    with torch.no_grad():
+        expected, _ = original(rtg[:, :50], obs[:, :50], actions[:, :50])
+        got, _ = loaded.eval()(rtg[:, :50], obs[:, :50], actions[:, :50])
+    assert torch.equal(expected, got)
+    assert load_reference(dry_run_folder, task="tmaze").config == original.config
+
+
+def test_card_metadata_parses_with_the_evaluation_table(dry_run_folder):
+    card = ModelCard.load(dry_run_folder / "README.md")
+    evaluation = json.loads((SHIPPED / "eval.json").read_text())
+    results = card.data.eval_results
+    assert len(results) == len(evaluation["results"])
+    assert [r.metric_value for r in results] == [r["success_rate"] for r in evaluation["results"]]
+    assert results[0].dataset_type == "tmaze" and results[0].metric_type == "success_rate"
+    assert card.data.library_name == "rate_core" and "rate" in card.data.tags
+    assert "episode.mp4" in card.text and "| 9600 |" in card.text
+
+
+def test_hub_reference_offline_without_cache_says_what_to_do(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        checkpoint_folder("hf://someone/rate-tmaze")
+    with pytest.raises(CheckpointError, match="expected hf://USER/NAME"):
+        checkpoint_folder("hf://not-a-repo-id")
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        load_reference("hf://someone/rate-tmaze")
