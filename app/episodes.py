@@ -2,10 +2,12 @@
 both, and turn the traces into videos, plots and a summary. Everything reads the task registry, so
 a task with shipped checkpoints appears without app changes."""
 
+import functools
 import math
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ VIDEO_ROOT = ROOT / "outputs" / "videos"
 SHIPPED = "shipped: "  # prefix of the checkpoint choices that name a shipped folder
 MODE_NAMES = {"rate": "RATE", "rmt": "RMT", "trxl": "TrXL", "dt": "DT"}
 OVERLAY_HEIGHT = 48
+MIN_VIDEO_WIDTH = 640
 
 
 class AppError(Exception):
@@ -136,7 +139,10 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
 
 def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> EpisodeTrace:
     """One traced episode with rendered frames."""
-    env = request.task.make_vector_env(1, render_mode="rgb_array", **request.settings)
+    try:
+        env = request.task.make_vector_env(1, render_mode="rgb_array", **request.settings)
+    except ValueError as error:  # a setting the environment refuses (e.g. an even Minigrid size)
+        raise AppError(f"{request.task.title}: {error}") from None
     try:
         batch = run_episodes(model, env, [request.seed], request.target_return, sample=request.sample,
                              sample_seed=request.seed, max_steps=request.step_cap, progress=progress, trace=True,
@@ -164,6 +170,7 @@ def outcome(trace: EpisodeTrace, model: MemoryTransformer, task: Task) -> dict:
 
 
 # ---------------------------------------------------------------------------------- video
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -174,11 +181,14 @@ def _font(size: int):
 def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: str, memory: bool) -> np.ndarray:
     """The frame before step t (t = T: after the last step) with a strip of text under it: step,
     action, reward, return so far, target return left; a yellow mark when a segment begins."""
-    height, width = frame.shape[:2]
+    frame_height, frame_width = frame.shape[:2]
+    # at least 640 wide for the text, and sizes divisible by 16 for H.264
+    width = max(MIN_VIDEO_WIDTH, -(-frame_width // 16) * 16)
+    height = -(-(frame_height + OVERLAY_HEIGHT) // 16) * 16 - OVERLAY_HEIGHT
     image = Image.new("RGB", (width, height + OVERLAY_HEIGHT), (16, 18, 22))
-    image.paste(Image.fromarray(frame), (0, 0))
+    image.paste(Image.fromarray(frame), ((width - frame_width) // 2, 0))
     draw = ImageDraw.Draw(image)
-    font, small = _font(15), _font(12)
+    font = _font(15)
     k = trace.segment_steps
     done_return = float(trace.rewards[:t].sum())
     if t < trace.length:
@@ -194,12 +204,20 @@ def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: s
     segment = t // k
     if memory and t % k == 0 and 0 < t < trace.length:
         draw.rectangle((0, height, width, height + 3), fill=(250, 210, 40))
-        note = f"segment {segment + 1} begins: memory updated from the last {k} steps"
-        draw.text((8, height + 27), note, fill=(250, 210, 40), font=small)
+        note, colour = f"segment {segment + 1} begins: memory updated from the last {k} steps", (250, 210, 40)
     else:
-        what = f"segment {segment + 1} (K = {k} steps)" if memory else f"window of the last {k} steps"
-        draw.text((8, height + 27), what, fill=(150, 150, 150), font=small)
+        note = f"segment {segment + 1} (K = {k} steps)" if memory else f"window of the last {k} steps"
+        colour = (150, 150, 150)
+    image.paste(_text_strip(note, colour, width), (0, height + 27))
     return np.asarray(image)
+
+
+@functools.lru_cache(maxsize=64)
+def _text_strip(text: str, colour: tuple, width: int):
+    """A rendered line of small text (the second overlay line repeats a lot: render it once)."""
+    strip = Image.new("RGB", (width, 18), (16, 18, 22))
+    ImageDraw.Draw(strip).text((8, 0), text, fill=colour, font=_font(12))
+    return strip
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: int) -> Path:
@@ -228,10 +246,11 @@ def episode_videos(traces: list[EpisodeTrace], models: list[MemoryTransformer], 
     folder = folder or Path(tempfile.mkdtemp(prefix="episode_", dir=VIDEO_ROOT.mkdir(parents=True, exist_ok=True) or VIDEO_ROOT))
     count = max(len(trace.frames) for trace in traces)
     fps = video_fps(count)
-    paths = []
-    for side, trace, model, name in zip(("left", "right"), traces, models, names):
-        memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
-        frames = [annotate(frame, trace, t, task, name, memory) for t, frame in enumerate(trace.frames)]
-        frames += [frames[-1]] * (count - len(frames))
-        paths.append(write_video(frames, folder / f"{side}.mp4", fps))
-    return paths
+    jobs = []
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the encoders are ffmpeg processes: encode both at once
+        for side, trace, model, name in zip(("left", "right"), traces, models, names):
+            memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
+            frames = [annotate(frame, trace, t, task, name, memory) for t, frame in enumerate(trace.frames)]
+            frames += [frames[-1]] * (count - len(frames))
+            jobs.append(pool.submit(write_video, frames, folder / f"{side}.mp4", fps))
+        return [job.result() for job in jobs]

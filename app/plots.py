@@ -129,8 +129,8 @@ def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_na
         last.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("step (dotted: segment boundaries)")
     axes[-1, 1].set_xlabel("step")
-    figure.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=8, ncol=len(labels), loc="outside upper center")
     figure.suptitle("Action probabilities of both agents over time", fontsize=11)
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=8, ncol=len(labels), loc="outside lower center")
     caption = ("How sure each agent is of each action at every step; the right-hand panels zoom into the last "
                "steps, where a memory task is decided.")
     return figure, caption

@@ -65,18 +65,18 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     try:
         request = make_request(task, seed, setting, target_return, step_cap, sample)
         models = [load_model(choice, request.task.name) for choice in (left, right)]
+        names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
+        traces = []
+        for model, name in zip(models, names):
+            limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
+
+            def report(step, name=name, limit=limit):
+                if step % 10 == 0:
+                    progress((step, limit) if limit else None, desc=f"{name}: step {step}")
+
+            traces.append(play(model, request, report))
     except AppError as error:
         raise gr.Error(str(error), duration=None) from None
-    names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
-    traces = []
-    for model, name in zip(models, names):
-        limit = request.step_cap or request.settings.get("episode_length")
-
-        def report(step, name=name, limit=limit):
-            if step % 10 == 0:
-                progress((step, limit) if limit else None, desc=f"{name}: step {step}")
-
-        traces.append(play(model, request, report))
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task)
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,

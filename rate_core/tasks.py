@@ -70,7 +70,8 @@ class Task:
     make_vector_env: Callable[..., Any]
     """make_vector_env(num_envs, **settings) -> gymnasium.vector.VectorEnv (autoreset disabled)"""
     make_expert: Callable[[], Any]
-    """make_expert() -> an object with reset(info) and act(obs, info) -> action"""
+    """make_expert() -> an object with reset(env, info) and act(env, obs, info) -> action; `env` is the
+    single env (from make_env) so that experts may read privileged state"""
     dataset_settings: tuple[dict, ...]
     """environment settings the collector cycles through (one group of episodes each)"""
     dataset_episodes: int
@@ -79,6 +80,8 @@ class Task:
     """default architecture per mode (rate, rmt, trxl, dt)"""
     evaluation: EvalProtocol
     train: TrainDefaults = field(default_factory=TrainDefaults)
+    dataset_success_only: bool = False
+    """keep only successful expert episodes (the collector runs more seeds until it has enough)"""
     default_settings: dict = field(default_factory=dict)
     """environment settings used when none are given (e.g. for the app)"""
     action_names: tuple[str, ...] = ()
@@ -125,10 +128,10 @@ def mode_variants(rate: ModelConfig, cache_len: int) -> dict[str, ModelConfig]:
 class TMazeOracle:
     """Always +x, then turn to the cued side at the junction (reads the cue from info)."""
 
-    def reset(self, info):
+    def reset(self, env, info):
         self.cue = int(info["cue"])
 
-    def act(self, obs, info):
+    def act(self, env, obs, info):
         from rate_core.envs.tmaze import DOWN, FORWARD, UP
 
         at_junction = obs[2] == 1
@@ -178,7 +181,113 @@ register(Task(
     train=TrainDefaults(epochs=30, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=100),
     default_settings={"episode_length": 150},
     action_names=("right", "up", "left", "down"),
-    demo_setting=DemoSetting("episode_length", "corridor length T (steps)", minimum=10, maximum=1200, default=150,
+    demo_setting=DemoSetting("episode_length", "corridor length T (steps)", minimum=10, maximum=1200, default=300,
                              info="the agent walks T - 2 cells, then must turn to the side the cue showed at step 0"),
     explain=_tmaze_explain,
+))
+
+
+# ------------------------------------------------------------------------------ Minigrid-Memory
+def _minigrid_env(size: int = 41, step_cap: int = 500, render_mode: str | None = None):
+    from rate_core.envs.minigrid_memory import MinigridMemoryEnv
+
+    return MinigridMemoryEnv(size=size, step_cap=step_cap, render_mode=render_mode)
+
+
+def _minigrid_vector_env(num_envs: int, size: int = 41, step_cap: int = 500, render_mode: str | None = None):
+    from rate_core.envs.lockstep import LockstepVectorEnv
+
+    return LockstepVectorEnv([lambda: _minigrid_env(size, step_cap, render_mode)] * num_envs)
+
+
+def _minigrid_expert():
+    from rate_core.envs.minigrid_memory import MinigridMemoryExpert
+
+    return MinigridMemoryExpert()
+
+
+def _minigrid_explain(reset_info: dict) -> str:
+    return f"cue: {('key', 'ball')[int(reset_info.get('cue', 0))]}"
+
+
+# K = 30, N = 3 as the paper; a small encoder and 4 layers so that it trains on two CPU cores.
+_MINIGRID_RATE = ModelConfig(
+    mode="rate", obs_kind="image", obs_shape=(3, 84, 84), act_dim=3, context_length=30, sections=3,
+    d_model=64, n_layer=4, n_head=4, d_head=16, use_ffn=False, num_mem_tokens=10, mem_len=0, n_head_ca=2,
+    dropout=0.1, dropatt=0.0, conv_channels=(16, 32, 32),
+)
+
+register(Task(
+    name="minigrid_memory",
+    title="Minigrid-Memory",
+    obs_kind="image",
+    obs_shape=(3, 84, 84),
+    act_dim=3,
+    make_env=_minigrid_env,
+    make_vector_env=_minigrid_vector_env,
+    make_expert=_minigrid_expert,
+    dataset_settings=({"size": 41},),
+    dataset_episodes=1500,
+    dataset_success_only=True,
+    model_configs=mode_variants(_MINIGRID_RATE, cache_len=3 * 30 * 3),
+    evaluation=EvalProtocol(setting="size", values=(11, 21, 41, 61, 91, 201), episodes=100, sample_actions=True,
+                            target_return=0.96, metric="success", balance_key="cue"),
+    train=TrainDefaults(epochs=10, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
+    default_settings={"size": 41, "step_cap": 500},
+    action_names=("left", "right", "forward"),
+    demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41,
+                             info="the hallway is about size - 5 cells long; RATE was trained at 41"),
+    explain=_minigrid_explain,
+))
+
+
+# --------------------------------------------------------------------------- ViZDoom-Two-Colors
+def _two_colors_env(step_cap: int = 2100, render_mode: str | None = None):
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
+
+    return TwoColorsEnv(step_cap=step_cap, render_mode=render_mode)
+
+
+def _two_colors_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None):
+    from rate_core.envs.vizdoom_two_colors import make_vector_env
+
+    return make_vector_env(num_envs, step_cap=step_cap, render_mode=render_mode)
+
+
+def _two_colors_expert():
+    from rate_core.envs.vizdoom_two_colors import TwoColorsExpert
+
+    return TwoColorsExpert()
+
+
+def _two_colors_explain(reset_info: dict) -> str:
+    return f"pillar: {'red' if reset_info.get('is_red', 0) else 'green'}"
+
+
+# K = 50, N = 3 as the paper; a small encoder and 4 layers so that it trains on two CPU cores.
+_TWO_COLORS_RATE = ModelConfig(
+    mode="rate", obs_kind="image", obs_shape=(3, 64, 112), act_dim=5, context_length=50, sections=3,
+    d_model=64, n_layer=4, n_head=4, d_head=16, num_mem_tokens=10, n_head_ca=2, conv_channels=(16, 32, 32),
+    dropout=0.1, dropatt=0.0,
+)
+
+register(Task(
+    name="vizdoom_two_colors",
+    title="ViZDoom Two-Colors",
+    obs_kind="image",
+    obs_shape=(3, 64, 112),
+    act_dim=5,
+    make_env=_two_colors_env,
+    make_vector_env=_two_colors_vector_env,
+    make_expert=_two_colors_expert,
+    # As the paper's dataset: the first 150 steps (K * N) of each episode.
+    dataset_settings=({"step_cap": 150},),
+    dataset_episodes=500,
+    model_configs=mode_variants(_TWO_COLORS_RATE, cache_len=3 * 50 * 3),
+    evaluation=EvalProtocol(setting="step_cap", values=(2100,), episodes=100, sample_actions=True,
+                            target_return=56.5, metric="return", balance_key="is_red"),
+    default_settings={"step_cap": 2100},
+    action_names=("left", "right", "forward", "left+fwd", "right+fwd"),
+    demo_step_cap=500,
+    explain=_two_colors_explain,
 ))

@@ -34,10 +34,10 @@ def run_episode(task: Task, settings: dict, seed: int) -> dict:
     env = task.make_env(**settings)
     expert = task.make_expert()
     obs, info = env.reset(seed=seed)
-    expert.reset(info)
+    expert.reset(env, info)
     observations, actions, rewards = [], [], []
     while True:
-        action = expert.act(obs, info)
+        action = expert.act(env, obs, info)
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, info = env.step(action)
@@ -46,24 +46,38 @@ def run_episode(task: Task, settings: dict, seed: int) -> dict:
             break
     env.close()
     return {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
-            "return": float(np.sum(rewards))}
+            "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0))}
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int) -> Path:
-    episodes = []
+    """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
+    ones when the task asks for that; seeds go on from `seed` until there are enough)."""
+    episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
     with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
         for settings in task.dataset_settings:
-            for _ in range(episodes_per_setting):
-                episodes.append(run_episode(task, settings, seed + len(episodes)))
+            kept = 0
+            while kept < episodes_per_setting:
+                if tried >= 10 * total + 100:
+                    raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} episodes")
+                episode = run_episode(task, settings, seed + tried)
+                tried += 1
+                successes += episode["success"]
+                if task.dataset_success_only and not episode["success"]:
+                    continue
+                episodes.append(episode)
+                kept += 1
                 progress.update()
     returns = np.array([e["return"] for e in episodes])
+    lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
         "settings": list(task.dataset_settings), "episodes_per_setting": episodes_per_setting, "seed": seed,
         "expert": type(task.make_expert()).__name__, "mean_return": float(returns.mean()),
+        "expert_episodes_run": tried, "expert_success_rate": successes / tried,
+        "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
     })
-    steps = sum(len(e["actions"]) for e in episodes)
-    print(f"wrote {len(episodes)} episodes ({steps:,} steps, mean return {returns.mean():.3f}) to {path}")
+    print(f"wrote {len(episodes)} episodes ({lengths.sum():,} steps, mean length {lengths.mean():.1f}, mean return "
+          f"{returns.mean():.3f}) to {path}; the expert succeeded in {successes} of {tried} episodes")
     return path
 
 

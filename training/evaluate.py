@@ -6,8 +6,9 @@
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -26,8 +27,13 @@ class Args:
 
     checkpoint: str
     """checkpoint folder (config.json + model.safetensors) or hf://USER/NAME"""
-    lengths: tuple[int, ...] | None = None
-    """T-Maze episode lengths to test (default: the protocol's)"""
+    values: Annotated[tuple[int, ...] | None, tyro.conf.arg(aliases=("--lengths", "--sizes"))] = None
+    """values of the task's evaluation setting to test (T-Maze episode lengths, Minigrid grid sizes; default:
+    the protocol's)"""
+    step_cap: int | None = None
+    """override the episode step cap of tasks that have one (Minigrid 500, ViZDoom 2100)"""
+    target_return: float | None = None
+    """override the protocol's target return"""
     episodes: int | None = None
     """episodes per setting (default: the protocol's)"""
     seed: int = 0
@@ -40,39 +46,47 @@ class Args:
 
 def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[int]:
     """`count` seeds from `first` upwards, half of them for each of the two values of the protocol's
-    balance key (e.g. the cue side), read from the info of a reset."""
+    balance key (e.g. the cue side), read from the info of a reset of one env."""
     key = task.evaluation.balance_key
     if key is None:
         return list(range(first, first + count))
     groups: dict = {}
-    start = first
-    while True:
-        batch = list(range(start, start + 2 * count))
-        _, info = task.make_vector_env(len(batch), **settings).reset(seed=batch)
-        for seed, value in zip(batch, np.asarray(info[key]).tolist()):
-            groups.setdefault(value, []).append(seed)
-        if len(groups) > 2:
-            raise ValueError(f"balance key {key!r} of task {task.name!r} has more than two values")
-        low, high = (groups[v] for v in sorted(groups)) if len(groups) == 2 else ([], [])
-        if len(low) >= count - count // 2 and len(high) >= count // 2:
-            return sorted(low[: count - count // 2] + high[: count // 2])
-        start += 2 * count
+    env = task.make_env(**settings)
+    try:
+        seed = first
+        while True:
+            _, info = env.reset(seed=seed)
+            groups.setdefault(np.asarray(info[key]).item(), []).append(seed)
+            if len(groups) > 2:
+                raise ValueError(f"balance key {key!r} of task {task.name!r} has more than two values")
+            if len(groups) == 2:
+                low, high = (groups[v] for v in sorted(groups))
+                if len(low) >= count - count // 2 and len(high) >= count // 2:
+                    return sorted(low[: count - count // 2] + high[: count // 2])
+            if seed - first > 100 * count + 100:
+                raise ValueError(f"could not balance {count} seeds between two values of {key!r} for {task.name}")
+            seed += 1
+    finally:
+        env.close()
 
 
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
-             show_progress: bool = True, on_result=None) -> list[dict]:
+             show_progress: bool = True, on_result=None, overrides: dict | None = None,
+             target_return: float | None = None) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
-    on_result: optional callable(results so far), called after each value (e.g. to save them)."""
+    on_result: optional callable(results so far), called after each value (e.g. to save them);
+    overrides: environment settings that replace the task's defaults (e.g. step_cap)."""
     protocol = task.evaluation
     sample = protocol.sample_actions if sample is None else sample
+    target = protocol.target_return if target_return is None else target_return
     results = []
     for value in values:
-        settings = {**task.default_settings, protocol.setting: value}
+        settings = {**task.default_settings, **(overrides or {}), protocol.setting: value}
         seeds = balanced_seeds(task, settings, episodes, seed)
         env = task.make_vector_env(episodes, **settings)
         started = time.perf_counter()
         with tqdm(desc=f"{protocol.setting}={value}", unit="step", disable=not show_progress, leave=False) as bar:
-            outcome = run_episodes(model, env, seeds, protocol.target_return, sample=sample,
+            outcome = run_episodes(model, env, seeds, target, sample=sample,
                                    sample_seed=seed, progress=lambda _: bar.update())
         env.close()
         sem = outcome.returns.std(ddof=1) / np.sqrt(len(outcome.returns)) if len(outcome.returns) > 1 else 0.0
@@ -104,7 +118,14 @@ def main(args: Args) -> None:
     except (CheckpointError, KeyError) as error:
         raise SystemExit(f"error: {error}")
     protocol = task.evaluation
-    values = args.lengths or protocol.values
+    values = args.values or protocol.values
+    overrides = {}
+    if args.step_cap is not None:
+        if "step_cap" not in task.default_settings:
+            raise SystemExit(f"error: task {task.name} has no step cap setting")
+        overrides["step_cap"] = args.step_cap
+    if args.target_return is not None:
+        protocol = replace(protocol, target_return=args.target_return)
     episodes = args.episodes or protocol.episodes
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
           f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
@@ -116,10 +137,11 @@ def main(args: Args) -> None:
     def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
         out.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
-            "protocol": asdict(protocol), "results": results,
+            "protocol": asdict(protocol), "overrides": overrides, "results": results,
         }, indent=2))
 
-    results = evaluate(model, task, values, episodes, args.seed, on_result=save)
+    results = evaluate(model, task, values, episodes, args.seed, on_result=save, overrides=overrides,
+                       target_return=protocol.target_return)
     print_table(task, results)
     print(f"wrote {out}")
 

@@ -19,6 +19,7 @@ episode_length - 1 steps.
 for the same seeds, produces exactly the same transitions.
 """
 
+import functools
 from typing import Any
 
 import gymnasium as gym
@@ -34,7 +35,7 @@ MIN_EPISODE_LENGTH = 3
 
 
 FRAME_SIZE = (640, 176)  # width, height of rendered frames
-_VISIBLE_CELLS = 100  # longer corridors are drawn as a window that follows the agent
+_VISIBLE_CELLS = 160  # longer corridors are drawn as a window that follows the agent
 
 
 def render_frame(x: int, y: int, corridor_length: int, cue: int, t: int) -> np.ndarray:
@@ -42,47 +43,72 @@ def render_frame(x: int, y: int, corridor_length: int, cue: int, t: int) -> np.n
     (right) with its two arms, the cue drawn at the start cell while it is shown (t = 0) and as a
     small reminder above the start afterwards, the agent as an orange disc. An arm the agent
     turned into turns green (the cued side) or red."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
+    cells = corridor_length + 1
+    first = 0 if cells <= _VISIBLE_CELLS else int(np.clip(x - _VISIBLE_CELLS // 2, 0, cells - _VISIBLE_CELLS))
+    image = _background(corridor_length, cue, first, t == 0, y).copy()
+    layout = _Layout(corridor_length, first)
+    if first <= x < first + layout.shown:
+        left, top, right, bottom = layout.box(x, y)
+        cx, cy, radius = (left + right) / 2, (top + bottom) / 2, max(8.0, min(layout.cell, layout.row_h) * 0.35)
+        ImageDraw.Draw(image).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 150, 30))
+    return np.asarray(image)
+
+
+class _Layout:
+    """Where the cells of a (window of a) corridor are drawn."""
+
+    margin, row_h = 24, 32.0
+
+    def __init__(self, corridor_length: int, first: int):
+        self.first = first
+        self.shown = min(corridor_length + 1, _VISIBLE_CELLS)
+        self.cell = min(40.0, (FRAME_SIZE[0] - 2 * self.margin - 20) / self.shown)
+        self.mid = FRAME_SIZE[1] / 2
+
+    def box(self, cx: int, cy: int) -> tuple[float, float, float, float]:
+        left = self.margin + (cx - self.first) * self.cell
+        top = self.mid - self.row_h / 2 - cy * self.row_h
+        return left + 1, top + 1, left + self.cell - 1, top + self.row_h - 1
+
+
+@functools.lru_cache(maxsize=256)
+def _background(corridor_length: int, cue: int, first: int, cue_shown: bool, y: int):
+    """Everything of a frame but the agent (a PIL image; frames of an episode share a few)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow without FreeType
+        font = ImageFont.load_default()
     width, height = FRAME_SIZE
     image = Image.new("RGB", FRAME_SIZE, (30, 33, 40))
     draw = ImageDraw.Draw(image)
-    cells = corridor_length + 1
-    first = 0 if cells <= _VISIBLE_CELLS else int(np.clip(x - _VISIBLE_CELLS // 2, 0, cells - _VISIBLE_CELLS))
-    shown = min(cells, _VISIBLE_CELLS)
-    margin = 24
-    cell = min(40.0, (width - 2 * margin) / shown)
-    row_h = 32.0
-    mid = height / 2
-
-    def box(cx: int, cy: int) -> tuple[float, float, float, float]:
-        left = margin + (cx - first) * cell
-        top = mid - row_h / 2 - cy * row_h
-        return left + 1, top + 1, left + cell - 1, top + row_h - 1
-
+    layout = _Layout(corridor_length, first)
+    box, mid, row_h = layout.box, layout.mid, layout.row_h
     cue_colour = (80, 160, 255) if cue > 0 else (230, 120, 255)
-    for cx in range(first, first + shown):
+    for cx in range(first, first + layout.shown):
         draw.rectangle(box(cx, 0), fill=(200, 200, 200) if cx else cue_colour)
-    if first + shown - 1 == corridor_length:
+    if first + layout.shown - 1 == corridor_length:
+        jl, _, jr, _ = box(corridor_length, 0)
+        arm_width = max(jr - jl, 20.0)  # arms stay visible however thin the corridor cells are
+        centre = (jl + jr) / 2
         for arm in (1, -1):
+            _, top, _, bottom = box(corridor_length, arm)
             colour = (120, 120, 120)
             if y == arm:
                 colour = (60, 200, 90) if arm == cue else (230, 70, 60)
-            draw.rectangle(box(corridor_length, arm), fill=colour, outline=(255, 255, 255) if arm == cue else None)
-        jx = box(corridor_length, 0)
-        draw.text((jx[0], height - 18), "junction", fill=(220, 220, 220))
+            draw.rectangle((centre - arm_width / 2, top, centre + arm_width / 2, bottom), fill=colour,
+                           outline=(255, 255, 255) if arm == cue else None, width=2)
+        draw.text((width - 4, height - 20), "junction: turn up or down", fill=(220, 220, 220), font=font, anchor="ra")
     if first == 0:
-        sx = box(0, 0)
         side = "UP" if cue > 0 else "DOWN"
-        draw.text((sx[0], mid - 1.5 * row_h - 14), f"cue: {side}" + (" (shown now)" if t == 0 else " (shown at t=0 only)"),
-                  fill=cue_colour)
+        draw.text((box(0, 0)[0], mid - 1.5 * row_h - 18),
+                  f"cue: {side}" + (" (shown now)" if cue_shown else " (shown at step 0 only)"), fill=cue_colour, font=font)
     else:
-        draw.text((4, mid - 1.5 * row_h - 14), f"<- start ({first} cells back)", fill=(220, 220, 220))
-    if first <= x < first + shown:
-        left, top, right, bottom = box(x, y)
-        cx, cy, radius = (left + right) / 2, (top + bottom) / 2, max(7.0, min(cell, row_h) * 0.35)
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 150, 30))
-    return np.asarray(image)
+        draw.text((4, mid - 1.5 * row_h - 18), f"<- start and cue ({first} cells back)", fill=(220, 220, 220), font=font)
+    return image
 
 
 def _draw_episode(rng: np.random.Generator, episode_length: int) -> tuple[int, np.ndarray]:

@@ -1,0 +1,72 @@
+"""Many single gymnasium envs stepped together, for the rollout engine and the collector.
+
+Unlike gymnasium's SyncVectorEnv, an env that has finished is not stepped again (no autoreset, no
+wasted simulation): until the next reset it keeps returning its last observation, reward 0 and
+terminated/truncated False. Info values that are numbers or booleans become arrays of shape
+(num_envs,) (the last value for finished envs).
+"""
+
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+
+class LockstepVectorEnv(VectorEnv):
+    """`len(env_fns)` envs made by the given callables, stepped in lockstep (see the module docstring)."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]]):
+        self.envs = [make() for make in env_fns]
+        first = self.envs[0]
+        self.num_envs = len(self.envs)
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.render_mode = first.render_mode
+        self.metadata = {**first.metadata, "autoreset_mode": AutoresetMode.DISABLED}
+        self._obs = [None] * self.num_envs
+        self._info: list[dict] = [{} for _ in range(self.num_envs)]
+        self.done = np.ones(self.num_envs, dtype=bool)
+
+    def _infos(self) -> dict[str, np.ndarray]:
+        keys = {k for info in self._info for k, v in info.items() if isinstance(v, (bool, int, float, np.number, np.bool_))}
+        return {k: np.array([info.get(k, 0) for info in self._info]) for k in sorted(keys)}
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """seed: an int (env i gets seed + i), one seed per env, or None."""
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = [None if s is None else int(s) for s in seed]
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        for i, (env, s) in enumerate(zip(self.envs, seeds)):
+            self._obs[i], self._info[i] = env.reset(seed=s, options=options)
+        self.done[:] = False
+        return np.stack(self._obs), self._infos()
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions)
+        if actions.shape[:1] != (self.num_envs,):
+            raise ValueError(f"expected {self.num_envs} actions, got an array of shape {actions.shape}")
+        reward = np.zeros(self.num_envs)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        for i in np.flatnonzero(~self.done):
+            self._obs[i], reward[i], terminated[i], truncated[i], self._info[i] = self.envs[i].step(actions[i])
+        self.done |= terminated | truncated
+        return np.stack(self._obs), reward, terminated, truncated, self._infos()
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(env.render() for env in self.envs)
+
+    def close_extras(self, **kwargs) -> None:
+        for env in self.envs:
+            env.close()

@@ -1,0 +1,177 @@
+"""Minigrid-Memory: see an object in the start room, walk a long hallway, go to the matching object.
+
+Built on minigrid 3.x `MemoryEnv` (the grid size is its constructor argument):
+
+    +-----+----------------------------+-+
+    |cue  |                            |o|   o: a key and a ball at the two ends of the split
+    |  @ ->  hallway ----------------->  |   @: the agent, starting anywhere on the middle row
+    |     |                            |o|
+    +-----+----------------------------+-+
+
+Observation: uint8 (3, 84, 84): the 3x3 cells in front of the agent (it sees two cells ahead and
+one to each side), rendered at 28 pixels per cell, channels first.
+Actions: 0 = turn left, 1 = turn right, 2 = forward.
+Reward: minigrid's 1 - 0.9 * step_count / max_steps (max_steps = 5 * size^2) for reaching the
+object that matches the cue, 0 for the other one.
+Start: the agent on the middle row at a random x between the start room and the hallway's end,
+facing east; the cue (key or ball) at the start room's north wall.
+End: terminated next to either object; truncated after `step_cap` steps.
+info: cue (0 = key, 1 = ball), success.
+"""
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+VIEW_TILE = 28
+ACTIONS = ("left", "right", "forward")
+CUE_TYPES = ("key", "ball")
+FRAME_PIXELS = 480  # the full-grid render for videos is at most about this wide
+
+
+class MinigridMemoryEnv(gym.Env):
+    """Minigrid-Memory on a size x size grid (odd size >= 7), see the module docstring."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
+
+    def __init__(self, size: int = 41, step_cap: int = 500, render_mode: str | None = None):
+        from minigrid.envs import MemoryEnv
+
+        if size < 7 or size % 2 == 0:
+            raise ValueError(f"size must be odd and at least 7, got {size}")
+        if step_cap < 1:
+            raise ValueError(f"step_cap must be positive, got {step_cap}")
+        self.size, self.step_cap, self.render_mode = size, step_cap, render_mode
+        self.grid_env = MemoryEnv(size=size, agent_view_size=3)
+        self.observation_space = spaces.Box(0, 255, shape=(3, 3 * VIEW_TILE, 3 * VIEW_TILE), dtype=np.uint8)
+        self.action_space = spaces.Discrete(len(ACTIONS))
+        self._steps = 0
+        self._cue = 0
+
+    def _observation(self) -> np.ndarray:
+        return np.ascontiguousarray(self.grid_env.get_pov_render(VIEW_TILE).transpose(2, 0, 1))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.grid_env.reset(seed=seed)
+        self._steps = 0
+        cue = self.grid_env.grid.get(1, self.size // 2 - 1)
+        self._cue = CUE_TYPES.index(cue.type)
+        return self._observation(), {"cue": self._cue}
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        action = int(action)
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid Minigrid-Memory action {action!r}: expected 0 (left), 1 (right) or 2 (forward)")
+        _, reward, terminated, _, _ = self.grid_env.step(action)
+        self._steps += 1
+        truncated = not terminated and self._steps >= self.step_cap
+        return self._observation(), float(reward), bool(terminated), truncated, {
+            "cue": self._cue, "success": bool(terminated and reward > 0)}
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        tile = max(4, FRAME_PIXELS // self.size)
+        return self.grid_env.get_frame(highlight=True, tile_size=tile)
+
+    # Privileged state, for the expert.
+    @property
+    def agent_pos(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.grid_env.agent_pos)
+
+    @property
+    def agent_dir(self) -> int:
+        return int(self.grid_env.agent_dir)
+
+    @property
+    def success_pos(self) -> tuple[int, int]:
+        return tuple(self.grid_env.success_pos)
+
+    @property
+    def failure_pos(self) -> tuple[int, int]:
+        return tuple(self.grid_env.failure_pos)
+
+    @property
+    def cue_pos(self) -> tuple[int, int]:
+        return 1, self.size // 2 - 1
+
+    def cue_in_view(self) -> bool:
+        return bool(self.grid_env.in_view(*self.cue_pos))
+
+    def free(self, x: int, y: int) -> bool:
+        """Whether the agent can stand on cell (x, y)."""
+        cell = self.grid_env.grid.get(x, y)
+        return cell is None or cell.can_overlap()
+
+
+_DIRECTIONS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # minigrid's agent_dir: 0 east, 1 south, 2 west, 3 north
+
+
+class MinigridMemoryExpert:
+    """Plans on the privileged grid: first makes sure the cue has been in the agent's 3x3 view,
+    then walks (shortest path) to the cell next to the matching object. Randomness for diverse
+    data: a few random turns or steps at the start, and with probability `noise` per step a
+    random action that the planner then recovers from."""
+
+    def __init__(self, noise: float = 0.05, wander: int = 4, seed: int | None = None):
+        self.noise, self.wander = noise, wander
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, env: MinigridMemoryEnv, info: dict) -> None:
+        self.rng = np.random.default_rng(self.rng.integers(2**63))
+        self.seen_cue = env.cue_in_view()
+        self.blocked = set()
+        self.wander_left = int(self.rng.integers(0, self.wander + 1))
+
+    def act(self, env: MinigridMemoryEnv, obs, info) -> int:
+        self.seen_cue = self.seen_cue or env.cue_in_view()
+        # cells that end the episode: the wrong object always, the right one until the cue was seen
+        self.blocked = {env.failure_pos} | (set() if self.seen_cue else {env.success_pos})
+        if self.wander_left > 0 or self.rng.random() < self.noise:
+            self.wander_left = max(0, self.wander_left - 1)
+            action = int(self.rng.integers(len(ACTIONS)))
+            if action == 2 and self._ahead(env) in self.blocked:
+                action = int(self.rng.integers(2))  # turn instead of ending the episode by chance
+            return action
+        if not self.seen_cue:
+            # Stand two cells east of the cue's column on the middle row, facing west: the cue is
+            # then in the view's front-right corner.
+            return self._toward(env, [((3, env.size // 2), 2), ((2, env.size // 2), 2), ((1, env.size // 2), 3)])
+        goal = env.success_pos
+        return self._toward(env, [(goal, d) for d in range(4)])
+
+    @staticmethod
+    def _ahead(env: MinigridMemoryEnv) -> tuple[int, int]:
+        x, y = env.agent_pos
+        dx, dy = _DIRECTIONS[env.agent_dir]
+        return x + dx, y + dy
+
+    def _toward(self, env: MinigridMemoryEnv, targets: list[tuple[tuple[int, int], int]]) -> int:
+        """The first action of a shortest (x, y, dir) path to any of the target poses."""
+        start = (*env.agent_pos, env.agent_dir)
+        wanted = {(x, y, d) for (x, y), d in targets}
+        if start in wanted:
+            return 2  # already there: step forward (into the goal cell, or harmlessly)
+        first = {start: None}
+        frontier = [start]
+        while frontier:
+            next_frontier = []
+            for state in frontier:
+                x, y, d = state
+                moves = [(0, (x, y, (d - 1) % 4)), (1, (x, y, (d + 1) % 4))]
+                dx, dy = _DIRECTIONS[d]
+                ahead = (x + dx, y + dy)
+                if env.free(*ahead) and (ahead not in self.blocked or any(ahead == t[:2] for t in wanted)):
+                    moves.append((2, (*ahead, d)))
+                for action, nxt in moves:
+                    if nxt in first:
+                        continue
+                    first[nxt] = action if first[state] is None else first[state]
+                    if nxt in wanted:
+                        return first[nxt]
+                    next_frontier.append(nxt)
+            frontier = next_frontier
+        return 0

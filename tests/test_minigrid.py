@@ -1,0 +1,76 @@
+"""Minigrid-Memory: the environment wrapper, its batched lockstep version, and the expert."""
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from rate_core.envs.minigrid_memory import MinigridMemoryEnv, MinigridMemoryExpert
+from rate_core.tasks import get_task
+from training.collect import run_episode
+
+TASK = get_task("minigrid_memory")
+
+
+def test_env_passes_the_gymnasium_checker_and_has_the_documented_spaces():
+    env = MinigridMemoryEnv(size=11)
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (3, 84, 84) and obs.dtype == np.uint8 and info["cue"] in (0, 1)
+    with pytest.raises(ValueError, match="expected 0"):
+        env.step(3)
+    with pytest.raises(ValueError, match="odd"):
+        MinigridMemoryEnv(size=40)
+
+
+def test_step_cap_truncates_and_rewards_follow_minigrid():
+    env = MinigridMemoryEnv(size=11, step_cap=5)
+    env.reset(seed=1)
+    results = [env.step(0) for _ in range(5)]  # turning in place never ends an episode
+    assert [r[3] for r in results] == [False] * 4 + [True] and all(r[1] == 0 for r in results)
+
+
+def test_expert_sees_the_cue_then_reaches_the_matching_object():
+    env = MinigridMemoryEnv(size=21)
+    for seed in range(10):
+        expert = MinigridMemoryExpert(seed=seed)
+        obs, info = env.reset(seed=seed)
+        expert.reset(env, info)
+        seen, steps = env.cue_in_view(), 0
+        while True:
+            obs, reward, terminated, truncated, info = env.step(expert.act(env, obs, info))
+            steps += 1
+            seen = seen or env.cue_in_view()
+            if terminated or truncated:
+                break
+        assert seen and info["success"] and reward == pytest.approx(1 - 0.9 * steps / (5 * 21**2))
+
+
+def test_expert_episodes_differ_and_succeed_at_41():
+    episodes = [run_episode(TASK, {"size": 41}, seed) for seed in range(6)]
+    assert all(e["success"] for e in episodes)
+    assert len({len(e["actions"]) for e in episodes}) > 1
+
+
+def test_lockstep_vector_env_equals_single_envs_and_leaves_finished_ones_alone():
+    vector = TASK.make_vector_env(3, size=11, step_cap=4, render_mode="rgb_array")
+    singles = [TASK.make_env(size=11, step_cap=4) for _ in range(3)]
+    seeds = [3, 4, 5]
+    obs, info = vector.reset(seed=seeds)
+    for env, seed, o in zip(singles, seeds, obs):
+        assert np.array_equal(env.reset(seed=seed)[0], o)
+    rng = np.random.default_rng(0)
+    done = [False] * 3
+    for _ in range(6):  # the cap ends every episode after 4 steps (or earlier at an object)
+        actions = rng.integers(0, 3, size=3)
+        obs, reward, terminated, truncated, info = vector.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # finished: not stepped again
+                assert reward[i] == 0 and not terminated[i] and not truncated[i]
+                continue
+            o, r, te, tr, _ = env.step(actions[i])
+            assert np.array_equal(o, obs[i]) and (r, te, tr) == (reward[i], terminated[i], truncated[i])
+            done[i] = te or tr
+    assert all(done)
+    frames = vector.render()
+    assert len(frames) == 3 and frames[0].ndim == 3
+    assert set(info) >= {"cue", "success"} and info["cue"].shape == (3,)

@@ -1,0 +1,321 @@
+"""ViZDoom-Two-Colors: the scenario's mechanics in the running game, and the gymnasium envs around it.
+
+The mechanics tests drive one ViZDoom game tic by tic and read the things in the room from its
+objects info. The pickup tests teleport the player onto an item with the `warp` console command
+(a cheat, enabled for this game only), so the real pickup scripts run.
+Frames of the room with and without the pillar are saved to outputs/vizdoom_frames/.
+"""
+
+import gc
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import vizdoom as vzd
+from gymnasium.utils.env_checker import check_env
+
+from rate_core.envs.vizdoom_two_colors import (ACTIONS, OBS_SHAPE, SCREEN_SHAPE, GameCrashedError, TwoColorsEnv,
+                                               TwoColorsExpert, make_vector_env)
+from rate_core.scenario import two_colors
+
+FRAMES_DIR = Path(__file__).resolve().parents[1] / "outputs" / "vizdoom_frames"
+HEALTH, SHAPING, IS_RED = 0, 1, 2  # the game variables' order in the config
+STAND = [0, 0, 0, 0]
+FORWARD = [0, 0, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def game():
+    game = vzd.DoomGame()
+    config = two_colors.scenario_config()
+    game.load_config(str(config))
+    game.set_doom_config_path(str(config.parent / "_vizdoom.ini"))
+    game.set_objects_info_enabled(True)
+    game.add_game_args("+sv_cheats 1")  # for warp
+    game.init()
+    yield game
+    game.close()
+
+
+def start(game, seed: int):
+    game.set_seed(seed)
+    game.new_episode()
+    return game.get_state()
+
+
+def advance_to(game, tic: int, buttons=STAND):
+    while game.get_state().tic < tic:
+        game.make_action(buttons, 1)
+    return game.get_state()
+
+
+def things(state) -> Counter:
+    return Counter(thing.name for thing in state.objects)
+
+
+@pytest.fixture(scope="module")
+def seeds(game) -> dict[int, list[int]]:
+    """Seeds by pillar colour (1: red), the first few of each."""
+    found = {0: [], 1: []}
+    seed = 0
+    while min(len(v) for v in found.values()) < 3:
+        found[int(start(game, seed).game_variables[IS_RED])].append(seed)
+        seed += 1
+    return found
+
+
+# ------------------------------------------------------------------------------- the scenario
+@pytest.mark.parametrize("is_red", [0, 1])
+def test_pillar_shows_the_drawn_colour_for_90_tics(game, seeds, is_red):
+    pillar = two_colors.RED_PILLAR if is_red else two_colors.GREEN_PILLAR
+    other = two_colors.GREEN_PILLAR if is_red else two_colors.RED_PILLAR
+    for seed in seeds[is_red]:
+        state = start(game, seed)
+        assert state.tic == 1 and state.game_variables[IS_RED] == is_red
+        assert things(state)[pillar] == 1 and things(state)[other] == 0
+        column = next(t for t in state.objects if t.name == pillar)
+        assert (column.position_x, column.position_y) == (0, 0)
+        assert things(advance_to(game, 90))[pillar] == 1
+        assert things(advance_to(game, 91))[pillar] == 0
+        assert things(advance_to(game, 380))[pillar] == 0 and game.get_state().game_variables[IS_RED] == is_red
+
+
+def test_items_ten_of_each_then_one_every_30_tics(game):
+    expected = {1: (10, 10), 90: (10, 10), 91: (11, 10), 120: (11, 10), 121: (11, 11), 151: (12, 11), 181: (12, 12),
+                211: (13, 12)}
+    positions = []
+    for seed in (3, 4):
+        start(game, seed)
+        for tic, (green, red) in expected.items():
+            state = advance_to(game, tic)
+            counts = things(state)
+            assert (counts[two_colors.GREEN_ITEM], counts[two_colors.RED_ITEM]) == (green, red), tic
+        positions += [(t.position_x, t.position_y, t.position_z) for t in state.objects if t.name.endswith("Armor")]
+    positions = np.array(positions)
+    assert np.abs(positions[:, :2]).max() <= 620 and ((0 <= positions[:, 2]) & (positions[:, 2] <= 20)).all()
+    assert np.abs(positions[:, :2]).max() > 400  # spread over the room
+
+
+def test_red_and_green_about_equally_likely(game):
+    reds = [start(game, seed).game_variables[IS_RED] for seed in range(400)]
+    assert set(reds) == {0, 1}
+    assert 0.40 <= np.mean(reds) <= 0.60
+
+
+def test_same_seed_same_episode(game):
+    def layout(seed):
+        state = start(game, seed)
+        return [(t.name, t.position_x, t.position_y) for t in state.objects]
+
+    assert layout(11) == layout(11)
+    assert layout(11) != layout(12)
+
+
+def test_floor_costs_8_health_every_32_tics_until_death(game):
+    start(game, 5)
+    health = {}
+    while not game.is_episode_finished():
+        state = game.get_state()
+        health[state.tic] = state.game_variables[HEALTH]
+        game.make_action(STAND, 1)
+    assert health[1] == 92
+    assert all(h == 100 - 8 * (1 + (tic - 1) // 32) for tic, h in health.items())
+    assert game.is_player_dead() and max(health) == 384  # the 13th hit (tic 384) kills
+
+
+@pytest.mark.parametrize("is_red, item, tic, change", [
+    (1, two_colors.RED_ITEM, 101, +25),  # right items heal
+    (0, two_colors.GREEN_ITEM, 101, +25),
+    (0, two_colors.GREEN_ITEM, 5, +8),  # ... up to 100
+    (1, two_colors.GREEN_ITEM, 101, -17),  # wrong items hurt, less the armour's share
+    (0, two_colors.RED_ITEM, 101, -13),
+])
+def test_pickup_scripts(game, seeds, is_red, item, tic, change):
+    start(game, seeds[is_red][0])
+    state = advance_to(game, tic)  # five tics past a floor hit: the next one is 27 tics away
+    before, counts = state.game_variables, things(state)
+    items = [(t.position_x, t.position_y) for t in state.objects if t.name.endswith("Armor")]
+
+    def room(x, y):  # distance to the nearest other item
+        return sorted(np.hypot(*(np.array(items) - (x, y)).T))[1]
+
+    target = max((t for t in state.objects if t.name == item), key=lambda t: room(t.position_x, t.position_y))
+    assert room(target.position_x, target.position_y) > 80  # walking onto it touches nothing else
+    game.send_game_command(f"warp {target.position_x} {target.position_y}")
+    rewards = [game.make_action(FORWARD, 1) for _ in range(4)]
+    state = game.get_state()
+    after = state.game_variables
+    assert after[HEALTH] - before[HEALTH] == change
+    assert things(state)[item] == counts[item] - 1 and sum(things(state).values()) == sum(counts.values()) - 1
+    right = (item == two_colors.RED_ITEM) == bool(is_red)
+    assert after[SHAPING] - before[SHAPING] == (65536 if right else -65536)  # USER1: 16.16 fixed point
+    assert game.get_game_variable(vzd.GameVariable.ARMOR) == 0  # inventory cleared
+    assert rewards == pytest.approx([0.01] * 4)  # the scenario's own reward stays 0
+
+
+def test_frames_show_the_pillar_then_the_empty_room(game, seeds):
+    """Saves the screen at a few tics (standing still) and checks that pillar-coloured pixels fill
+    the pillar's top, seen against the far wall just above the horizon (where no item reaches),
+    only while it stands. Tic 1 is tinted red by the floor's first hit, so the check starts later."""
+    import cv2
+
+    FRAMES_DIR.mkdir(parents=True, exist_ok=True)
+    for is_red in (0, 1):
+        start(game, seeds[is_red][0])
+        shares = {}
+        for tic in (1, 16, 45, 90, 91, 150):
+            screen = advance_to(game, tic).screen_buffer
+            cv2.imwrite(str(FRAMES_DIR / f"{'red' if is_red else 'green'}_tic{tic:03d}.png"), screen[:, :, ::-1])
+            top = screen[82:92, 145:175].astype(int)
+            main, other = (top[..., 0], top[..., 1]) if is_red else (top[..., 1], top[..., 0])
+            shares[tic] = float(np.mean((main > 40) & (main > 1.5 * other) & (main > 1.5 * top[..., 2])))
+        assert min(shares[16], shares[45], shares[90]) > 0.03, shares
+        assert max(shares[91], shares[150]) == 0, shares
+
+
+# ------------------------------------------------------------------------------- the envs
+def test_env_observation_reward_and_death():
+    env = TwoColorsEnv()
+    obs, info = env.reset(seed=0)
+    assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8 and obs.std() > 10
+    assert info == {"is_red": info["is_red"], "health": 92} and info["is_red"] in (0, 1)
+    rewards = []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        obs, reward, terminated, truncated, info = env.step(0)  # turning in place picks up nothing
+        rewards.append(reward)
+    assert terminated and not truncated and len(rewards) == 192 and info["health"] <= 0
+    assert rewards == pytest.approx([0.02] * 192)
+    with pytest.raises(RuntimeError, match="over"):
+        env.step(0)
+    env.close()
+
+
+def test_env_is_deterministic_per_seed_and_truncates_at_the_step_cap():
+    env = TwoColorsEnv(step_cap=60)
+    actions = np.random.default_rng(0).integers(len(ACTIONS), size=60)
+
+    def play(seed):
+        obs, info = env.reset(seed=seed)
+        frames, rewards = [obs], []
+        for action in actions:
+            obs, reward, terminated, truncated, info = env.step(action)
+            frames.append(obs)
+            rewards.append(reward)
+        assert truncated and not terminated
+        return np.stack(frames), rewards
+
+    first, again, other = play(7), play(7), play(8)
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1]
+    assert not np.array_equal(first[0], other[0])
+    env.close()
+
+
+def test_env_passes_gymnasium_env_checker():
+    env = TwoColorsEnv(step_cap=20)
+    check_env(env, skip_render_check=True)
+    env.close()
+
+
+def test_expert_collects_right_items_for_a_bonus():
+    env = TwoColorsEnv(step_cap=300)
+    expert = TwoColorsExpert()
+    obs, info = env.reset(seed=1)
+    expert.reset(env, info)
+    health, bonuses = info["health"], 0
+    for _ in range(300):
+        obs, reward, terminated, truncated, info = env.step(expert.act(env, obs, info))
+        rose = info["health"] > health
+        assert reward == pytest.approx(1.02 if rose else 0.02)
+        bonuses += rose
+        health = info["health"]
+        if terminated or truncated:
+            break
+    assert truncated and not terminated and bonuses >= 5  # it outlives the 192 steps of an idle player
+    env.close()
+
+
+def test_vector_env_matches_single_envs_and_ignores_finished_ones():
+    vector = make_vector_env(3, step_cap=4, render_mode="rgb_array")
+    obs, info = vector.reset(seed=[5, 6, 7])
+    assert obs.shape == (3, *OBS_SHAPE) and info["is_red"].shape == (3,) and info["health"].tolist() == [92] * 3
+    single = TwoColorsEnv(step_cap=4)
+    for i, seed in enumerate([5, 6, 7]):
+        single_obs, single_info = single.reset(seed=seed)
+        assert np.array_equal(obs[i], single_obs) and info["is_red"][i] == single_info["is_red"]
+    single.close()
+    frames = vector.render()
+    assert len(frames) == 3 and all(f.shape == SCREEN_SHAPE and f.dtype == np.uint8 for f in frames)
+    for step in range(4):
+        obs, reward, terminated, truncated, info = vector.step([2, 3, 4])
+    assert truncated.all() and not terminated.any()
+    last = obs.copy()
+    obs, reward, terminated, truncated, info = vector.step([2, 2, 2])  # finished envs: harmless
+    assert np.array_equal(obs, last) and not reward.any() and not (terminated | truncated).any()
+    vector.close()
+
+
+def _engine_pids(instance_id: str) -> list[int]:
+    """Live ViZDoom processes with this instance id on their command line."""
+    tag = b"+viz_instance_id\0" + instance_id.encode() + b"\0"
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and tag in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # a process that ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the processes through /proc")
+def test_close_and_garbage_collection_end_the_game():
+    env = TwoColorsEnv()
+    instance = env.game.get_instance_id()
+    assert len(_engine_pids(instance)) == 1
+    env.close()
+    assert _engine_pids(instance) == []
+    env = TwoColorsEnv()
+    instance = env.game.get_instance_id()
+    del env
+    gc.collect()
+    assert _engine_pids(instance) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the process through /proc")
+def test_crashed_game_raises_a_clear_error():
+    env = TwoColorsEnv()
+    env.reset(seed=0)
+    (pid,) = _engine_pids(env.game.get_instance_id())
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(GameCrashedError, match=r"stopped during step\(\)"):
+        env.step(2)
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset(seed=0)
+    env.close()  # again: harmless
+
+
+def test_registry_entry_plays_in_the_rollout_engine():
+    """The task's vector env under run_episodes: per-env info arrays, frames, early finishers."""
+    import torch
+
+    from rate_core.model import MemoryTransformer
+    from rate_core.rollout import run_episodes
+    from rate_core.tasks import get_task
+
+    task = get_task("vizdoom_two_colors")
+    torch.manual_seed(0)
+    model = MemoryTransformer(task.model_config("rate"), task=task.name)
+    env = task.make_vector_env(2, step_cap=12, render_mode="rgb_array")
+    batch = run_episodes(model, env, seeds=[0, 3], target_return=task.evaluation.target_return, sample=True,
+                         trace=True, frames=True)
+    env.close()
+    assert batch.lengths.tolist() == [12, 12]
+    bonuses = batch.returns - 0.02 * 12  # 1.0 per right item
+    assert np.allclose(bonuses, np.round(bonuses)) and (np.round(bonuses) >= 0).all()
+    trace = batch.traces[0]
+    assert trace.frames.shape == (13, 180, 320, 3) and trace.info["health"].shape == (12,)
+    assert task.explain(trace.reset_info) in ("pillar: red", "pillar: green")
