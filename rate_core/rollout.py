@@ -151,6 +151,8 @@ class EpisodeBatch:
     successes: np.ndarray
     traces: list[EpisodeTrace] | None = None
     model_steps: int = 0
+    reset_info: dict = field(default_factory=dict)
+    """per-env task info at reset (numbers per env, e.g. the cue), as arrays"""
     """batch rows the model processed in total (sum over steps of the running envs)"""
 
 
@@ -301,4 +303,5 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
             progress(step)
     if recorder is not None and len(ids):  # stopped by max_steps
         recorder.observe(ids, obs, _render_all(vector_env, num) if frames else None)
-    return EpisodeBatch(returns, lengths, successes, recorder.traces() if recorder else None, model_steps)
+    start_info = {k: np.asarray(v) for k, v in reset_info.items() if _per_env(np.asarray(v), num)}
+    return EpisodeBatch(returns, lengths, successes, recorder.traces() if recorder else None, model_steps, start_info)

@@ -28,7 +28,10 @@ class EvalProtocol:
     metric: str = "success"
     """success (success rate) or return (mean return)"""
     balance_key: str | None = None
-    """info key whose two values the seed list is balanced between (e.g. the cue side)"""
+    """info key whose two values the seed list is balanced between (e.g. the cue side); results are
+    also reported per value"""
+    group_names: tuple[tuple[Any, str], ...] = ()
+    """names of the balance key's values for the report, e.g. ((1, "red"), (0, "green"))"""
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ register(Task(
     model_configs=mode_variants(_TMAZE_RATE, cache_len=3 * 50 * 3),
     evaluation=EvalProtocol(setting="episode_length", values=(150, 300, 600, 900, 1200, 2400, 4800, 9600),
                             episodes=100, sample_actions=False, target_return=1.0, metric="success",
-                            balance_key="cue"),
+                            balance_key="cue", group_names=((1, "up"), (-1, "down"))),
     train=TrainDefaults(epochs=30, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=100),
     default_settings={"episode_length": 150},
     action_names=("right", "up", "left", "down"),
@@ -231,8 +234,9 @@ register(Task(
     dataset_success_only=True,
     model_configs=mode_variants(_MINIGRID_RATE, cache_len=3 * 30 * 3),
     evaluation=EvalProtocol(setting="size", values=(11, 21, 41, 61, 91, 201), episodes=100, sample_actions=True,
-                            target_return=0.96, metric="success", balance_key="cue"),
-    train=TrainDefaults(epochs=10, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
+                            target_return=0.96, metric="success", balance_key="cue",
+                            group_names=((0, "key"), (1, "ball"))),
+    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
     default_settings={"size": 41, "step_cap": 500},
     action_names=("left", "right", "forward"),
     demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41,
@@ -285,7 +289,8 @@ register(Task(
     dataset_episodes=500,
     model_configs=mode_variants(_TWO_COLORS_RATE, cache_len=3 * 50 * 3),
     evaluation=EvalProtocol(setting="step_cap", values=(2100,), episodes=100, sample_actions=True,
-                            target_return=56.5, metric="return", balance_key="is_red"),
+                            target_return=56.5, metric="return", balance_key="is_red",
+                            group_names=((1, "red"), (0, "green"))),
     default_settings={"step_cap": 2100},
     action_names=("left", "right", "forward", "left+fwd", "right+fwd"),
     demo_step_cap=500,

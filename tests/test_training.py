@@ -118,3 +118,7 @@ def test_evaluate_reports_per_length(dataset_path, tmp_path):
     assert [r["episode_length"] for r in results] == [10, 20]
     for r in results:
         assert r["episodes"] == 6 and 0.0 <= r["success_rate"] <= 1.0 and 1 <= r["mean_length"] <= r["episode_length"]
+        assert list(r["groups"]) == ["up", "down"] and [g["episodes"] for g in r["groups"].values()] == [3, 3]
+        up, down = r["groups"].values()
+        assert r["mean_return"] == pytest.approx((up["mean_return"] + down["mean_return"]) / 2)
+        assert r["imbalance"] == pytest.approx(abs(up["mean_return"] - down["mean_return"]))

@@ -89,24 +89,44 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             outcome = run_episodes(model, env, seeds, target, sample=sample,
                                    sample_seed=seed, progress=lambda _: bar.update())
         env.close()
-        sem = outcome.returns.std(ddof=1) / np.sqrt(len(outcome.returns)) if len(outcome.returns) > 1 else 0.0
-        results.append({
-            protocol.setting: value, "episodes": episodes, "success_rate": float(outcome.successes.mean()),
-            "mean_return": float(outcome.returns.mean()), "return_sem": float(sem),
+        result = {
+            protocol.setting: value, "episodes": episodes, **summarize(outcome.returns, outcome.successes),
             "mean_length": float(outcome.lengths.mean()), "seconds": round(time.perf_counter() - started, 2),
-        })
+        }
+        if protocol.balance_key and protocol.balance_key in outcome.reset_info:
+            names = dict(protocol.group_names)
+            keys = outcome.reset_info[protocol.balance_key]
+            result["groups"] = {
+                str(names.get(v, v)): {"episodes": int((keys == v).sum()),
+                                       **summarize(outcome.returns[keys == v], outcome.successes[keys == v])}
+                for v in sorted(np.unique(keys).tolist(), key=lambda v: list(names).index(v) if v in names else 99)}
+            if len(result["groups"]) == 2:
+                first, second = result["groups"].values()
+                result["imbalance"] = abs(first["mean_return"] - second["mean_return"])
+        results.append(result)
         if on_result is not None:
             on_result(results)
     return results
 
 
+def summarize(returns: np.ndarray, successes: np.ndarray) -> dict:
+    """Success rate, mean return and its standard error."""
+    sem = returns.std(ddof=1) / np.sqrt(len(returns)) if len(returns) > 1 else 0.0
+    return {"success_rate": float(successes.mean()), "mean_return": float(returns.mean()), "return_sem": float(sem)}
+
+
 def print_table(task: Task, results: list[dict]) -> None:
     setting = task.evaluation.setting
-    print(f"{setting:>15} {'episodes':>9} {'success':>8} {'return':>16} {'length':>8} {'seconds':>8}")
+    print(f"{setting:>15} {'episodes':>9} {'success':>8} {'return':>16} {'length':>8} {'seconds':>8}   per "
+          f"{task.evaluation.balance_key or '-'}")
     for r in results:
         ret = f"{r['mean_return']:.3f} +- {r['return_sem']:.3f}"
+        groups = "  ".join(f"{name}: {g['success_rate']:.2f} / {g['mean_return']:.2f} +- {g['return_sem']:.2f}"
+                           for name, g in r.get("groups", {}).items())
+        if "imbalance" in r:
+            groups += f"  imbalance {r['imbalance']:.2f}"
         print(f"{r[setting]:>15} {r['episodes']:>9} {r['success_rate']:>8.2f} {ret:>16} {r['mean_length']:>8.1f} "
-              f"{r['seconds']:>8.1f}")
+              f"{r['seconds']:>8.1f}   {groups}")
 
 
 def main(args: Args) -> None:

@@ -1,0 +1,84 @@
+"""How good is a task's expert? Run it on the evaluation's balanced seeds and report.
+
+    python -m training.expert_report --task minigrid_memory --episodes 100 --settings size=41
+    python -m training.expert_report --task vizdoom_two_colors --episodes 100 --settings step_cap=2100
+
+Prints success rate, mean return (with SEM) and mean length, per value of the task's balance key
+(e.g. pillar colour) too, and writes them as JSON with --json.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+from tqdm import tqdm
+
+from rate_core.tasks import get_task
+from training.collect import run_episode
+from training.evaluate import balanced_seeds, summarize
+
+
+@dataclass
+class Args:
+    """Score a task's expert over seeds balanced like the evaluation's."""
+
+    task: str = "tmaze"
+    """task name from the registry"""
+    episodes: int = 100
+    """episodes (balanced between the two values of the task's balance key)"""
+    settings: tuple[str, ...] = ()
+    """environment settings as NAME=INT (default: the task's default settings)"""
+    seed: int = 0
+    """first seed"""
+    json: Path | None = None
+    """also write the report here"""
+
+
+def report(task_name: str, episodes: int, settings: dict, seed: int) -> dict:
+    task = get_task(task_name)
+    settings = {**task.default_settings, **settings}
+    seeds = balanced_seeds(task, settings, episodes, seed)
+    runs = [run_episode(task, settings, s) for s in tqdm(seeds, desc=f"{task.name} expert", unit="episode")]
+    returns = np.array([r["return"] for r in runs])
+    successes = np.array([r["success"] for r in runs])
+    lengths = np.array([len(r["actions"]) for r in runs])
+    result = {"task": task.name, "settings": settings, "episodes": episodes, "seed": seed,
+              **summarize(returns, successes), "mean_length": float(lengths.mean())}
+    key = task.evaluation.balance_key
+    if key:
+        names = dict(task.evaluation.group_names)
+        values = []
+        env = task.make_env(**settings)
+        for s in seeds:
+            values.append(np.asarray(env.reset(seed=s)[1][key]).item())
+        env.close()
+        values = np.array(values)
+        result["groups"] = {str(names.get(v, v)): {"episodes": int((values == v).sum()),
+                                                   **summarize(returns[values == v], successes[values == v]),
+                                                   "mean_length": float(lengths[values == v].mean())}
+                            for v in np.unique(values).tolist()}
+    return result
+
+
+def main(args: Args) -> None:
+    settings = {}
+    for item in args.settings:
+        name, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"error: --settings takes NAME=INT, got {item!r}")
+        settings[name] = int(value)
+    result = report(args.task, args.episodes, settings, args.seed)
+    print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: success "
+          f"{result['success_rate']:.3f}, return {result['mean_return']:.3f} +- {result['return_sem']:.3f}, "
+          f"mean length {result['mean_length']:.1f}")
+    for name, group in result.get("groups", {}).items():
+        print(f"  {name:>8}: {group['episodes']} episodes, success {group['success_rate']:.3f}, return "
+              f"{group['mean_return']:.3f} +- {group['return_sem']:.3f}, mean length {group['mean_length']:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
