@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.hub import is_hub_reference, load_reference
-from rate_core.model import MemoryTransformer
+from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.rollout import EpisodeTrace, run_episodes
 from rate_core.tasks import TASKS, Task, get_task
 
@@ -146,10 +147,42 @@ def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> Ep
     try:
         batch = run_episodes(model, env, [request.seed], request.target_return, sample=request.sample,
                              sample_seed=request.seed, max_steps=request.step_cap, progress=progress, trace=True,
-                             frames=True)
+                             frames=True, observations=request.task.counterfactual is not None)
     finally:
         env.close()
     return batch.traces[0]
+
+
+@torch.no_grad()
+def last_step_probs(model: MemoryTransformer, trace: EpisodeTrace, observations: np.ndarray) -> np.ndarray:
+    """Action probabilities (A,) at the last step of the episode replayed with these observations and
+    the trace's actions and returns-to-go (teacher forcing: segment by segment as in training, or
+    DT's last window)."""
+    steps = trace.length
+    device = next(model.parameters()).device
+    rtg = torch.as_tensor(trace.returns_to_go, device=device)[None]
+    obs = torch.as_tensor(observations[:steps], device=device)[None]
+    actions = torch.as_tensor(trace.actions, device=device)[None].clone()
+    actions[:, -1] = ACTION_PAD  # the action being chosen is not known yet
+    k = model.config.segment_steps
+    if model.config.mode == "dt":
+        logits = model.last_step_logits(rtg[:, -k:], obs[:, -k:], actions[:, -k:])
+    else:
+        state = None
+        for start in range(0, steps, k):
+            seg = slice(start, start + k)
+            out, state = model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+        logits = out[:, -1]
+    return logits.float().softmax(-1)[0].cpu().numpy()
+
+
+def what_if(traces: list[EpisodeTrace], models: list[MemoryTransformer], task: Task) -> list[dict] | None:
+    """Per agent, the last step's action probabilities as played and with the task's counterfactual
+    observations (e.g. the other cue); None when the task has no counterfactual."""
+    if task.counterfactual is None or any(t.observations is None for t in traces):
+        return None
+    return [{"played": trace.probs[-1], "flipped": last_step_probs(model, trace, task.counterfactual(trace.observations))}
+            for trace, model in zip(traces, models)]
 
 
 def agent_name(model: MemoryTransformer, side: str) -> str:

@@ -136,6 +136,28 @@ def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_na
     return figure, caption
 
 
+def what_if(results: list[dict] | None, names: list[str], action_names: tuple[str, ...], label: str):
+    """Last-step action probabilities of each agent as played and with the counterfactual."""
+    title = f"What if the {label} had been the other way? The last decision of each agent"
+    if results is None:
+        return _empty(title, "this task has no counterfactual replay"), ""
+    figure, axes = plt.subplots(1, len(results), figsize=(9, 2.8), squeeze=False, sharey=True, layout="constrained")
+    labels = [action_names[a] if a < len(action_names) else str(a) for a in range(len(results[0]["played"]))]
+    positions = np.arange(len(labels))
+    for axis, result, name in zip(axes[0], results, names):
+        axis.bar(positions - 0.2, result["played"], width=0.4, label="as played", color="tab:blue")
+        axis.bar(positions + 0.2, result["flipped"], width=0.4, label=f"with the other {label}", color="tab:orange")
+        axis.set_xticks(positions, labels)
+        axis.set_ylim(0, 1)
+        axis.set_title(name, fontsize=10, loc="left")
+    axes[0, 0].set_ylabel("probability of the action")
+    axes[0, -1].legend(fontsize=8, loc="upper right")
+    figure.suptitle(title, fontsize=11)
+    caption = (f"The same episode replayed with only the {label} changed (same steps and actions otherwise). An agent "
+               f"that remembers the {label} changes its final choice; one that has forgotten it cannot.")
+    return figure, caption
+
+
 def close(figures) -> None:
     for figure in figures:
         plt.close(figure)

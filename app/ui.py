@@ -9,7 +9,7 @@ import gradio as gr
 
 from app import plots
 from app.episodes import (CHECKPOINT_ROOT, AppError, agent_name, default_pair, demo_tasks, episode_videos,
-                          load_model, make_request, outcome, play, shipped_choices)
+                          load_model, make_request, outcome, play, shipped_choices, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -23,6 +23,7 @@ steps. Press **Run**: both agents play the same episode, left and right. In the 
 that side. RATE still knows it there; DT, whose window no longer reaches the first step, can only
 guess."""
 
+PANELS = 5  # figures in the memory panel
 RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
 _cache_lock = threading.Lock()
 
@@ -86,7 +87,8 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
                "right": {"checkpoint": right, **outcome(traces[1], models[1], request.task)}}
     for trace in traces:  # the panel does not need the pictures again
         trace.frames = None
-    panel_input = {"traces": traces, "names": names, "task": request.task.name, "summary": summary}
+    panel_input = {"traces": traces, "names": names, "task": request.task.name, "summary": summary,
+                   "what_if": what_if(traces, models, request.task)}
     result = (str(videos[0]), str(videos[1]), summary, panel_input)
     if cacheable:
         with _cache_lock:
@@ -107,7 +109,7 @@ def _verdict(side: dict) -> str:
 def memory_panel(panel_input):
     """Outcome text, four figures and their captions for the traces of a run."""
     if not panel_input:
-        return ["", *[None] * 4, *[""] * 4]
+        return ["", *[None] * PANELS, *[""] * PANELS]
     traces, names = panel_input["traces"], panel_input["names"]
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
@@ -117,7 +119,8 @@ def memory_panel(panel_input):
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]
-    figures = [plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
+    figures = [plots.what_if(panel_input.get("what_if"), names, task.action_names, task.counterfactual_label),
+               plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
                plots.memory_attention(trace, name), plots.action_probabilities(traces, names, task.action_names)]
     return [text, *[f for f, _ in figures], *[c for _, c in figures]]
 
@@ -189,7 +192,7 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             right_video = gr.Video(label="right agent", autoplay=True, loop=True, interactive=False)
         gr.Markdown("## Inside the memory")
         figures, captions = [], []
-        for _ in range(4):
+        for _ in range(PANELS):
             figures.append(gr.Plot(show_label=False))
             captions.append(gr.Markdown())
         summary = gr.JSON(label="summary")

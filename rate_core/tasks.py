@@ -95,6 +95,11 @@ class Task:
     """default step cap of the app's episodes (None: play to the end)"""
     explain: Callable[[dict], str] | None = None
     """explain(reset_info) -> a few words on what the agent must remember (e.g. 'cue: up')"""
+    counterfactual_label: str = "cue"
+    """what the counterfactual changes, in words"""
+    counterfactual: Callable[[Any], Any] | None = None
+    """counterfactual(observations (T, ...)) -> a copy with what the agent must remember flipped (the
+    other T-Maze cue), everything else equal: the app replays an episode with it ('what if')"""
 
     def model_config(self, mode: str) -> ModelConfig:
         if mode not in self.model_configs:
@@ -157,6 +162,12 @@ def _tmaze_explain(reset_info: dict) -> str:
     return f"cue: {'up' if reset_info.get('cue', 1) > 0 else 'down'}"
 
 
+def _tmaze_flip_cue(observations):
+    flipped = observations.copy()
+    flipped[0, 1] = -flipped[0, 1]  # the cue is in the first observation only
+    return flipped
+
+
 # Smaller than the paper's 8 layers of 8 heads x 64 (rate_core.paper): T-Maze needs memory, not
 # width, and this trains in minutes on two CPU cores.
 _TMAZE_RATE = ModelConfig(
@@ -187,6 +198,7 @@ register(Task(
     demo_setting=DemoSetting("episode_length", "corridor length T (steps)", minimum=10, maximum=1200, default=300,
                              info="the agent walks T - 2 cells, then must turn to the side the cue showed at step 0"),
     explain=_tmaze_explain,
+    counterfactual=_tmaze_flip_cue,
 ))
 
 

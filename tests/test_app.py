@@ -153,3 +153,16 @@ def test_readme_is_a_space_card_matching_the_pins():
     assert front["sdk"] == "gradio" and front["sdk_version"] == pins["gradio"]
     assert front["app_file"] == "app.py" and (ROOT / front["app_file"]).exists()
     assert front["python_version"].strip('"') == "3.11"
+
+
+def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
+    from app.episodes import play, what_if
+    from rate_core.tasks import get_task
+
+    request = make_request("tmaze", 0, 300, 1.0, 0, False)
+    models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
+    traces = [play(model, request) for model in models]
+    rate, dt = what_if(traces, models, get_task("tmaze"))
+    assert abs(rate["played"] - traces[0].probs[-1]).max() < 1e-4  # the replay reproduces the played step
+    assert rate["played"].argmax() != rate["flipped"].argmax()  # the other cue, the other turn
+    assert dt["played"].argmax() == dt["flipped"].argmax()  # the cue left DT's window long ago
