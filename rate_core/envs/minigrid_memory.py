@@ -116,12 +116,12 @@ class MinigridMemoryExpert:
     data: a few random turns or steps at the start, and with probability `noise` per step a
     random action that the planner then recovers from."""
 
-    def __init__(self, noise: float = 0.05, wander: int = 4, seed: int | None = None):
+    def __init__(self, noise: float = 0.05, wander: int = 4):
         self.noise, self.wander = noise, wander
-        self.rng = np.random.default_rng(seed)
 
     def reset(self, env: MinigridMemoryEnv, info: dict) -> None:
-        self.rng = np.random.default_rng(self.rng.integers(2**63))
+        # the episode's seed fixes the expert's randomness too (env.np_random is seeded by reset)
+        self.rng = np.random.default_rng(env.np_random.integers(2**63))
         self.seen_cue = env.cue_in_view()
         self.blocked = set()
         self.wander_left = int(self.rng.integers(0, self.wander + 1))

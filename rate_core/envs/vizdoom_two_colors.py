@@ -190,7 +190,8 @@ class TwoColorsExpert:
     place otherwise (so that it does not circle around a near item).
 
     It reads the pillar's colour from the first info and the positions from the env's game state
-    (TwoColorsEnv.objects()), so it needs the single env, not just the observation.
+    (TwoColorsEnv.objects()), so it needs the single env, not just the observation. With probability
+    `noise` per step it takes a random action instead, for a more diverse dataset.
     """
 
     clearance = 64.0  # units between a path and a wrong item's centre (player radius 16 + item 20 + margin)
@@ -199,10 +200,18 @@ class TwoColorsExpert:
     curve = 30.0  # degrees off the target up to which it turns while walking (when far)
     far = 160.0  # units from which it turns while walking
 
+    def __init__(self, noise: float = 0.1):
+        self.noise = noise
+        """probability of a random action at each step (coverage of the states it would not visit)"""
+
     def reset(self, env, info) -> None:
         self.is_red = bool(info["is_red"])
+        # the episode's seed fixes the noise too (env.np_random is seeded by reset)
+        self.rng = np.random.default_rng(env.np_random.integers(2**63))
 
     def act(self, env, obs, info) -> int:
+        if self.noise and self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS)))
         pose, items = env.objects()
         right = items[items[:, 2] == self.is_red, :2]
         wrong = items[items[:, 2] != self.is_red, :2]
