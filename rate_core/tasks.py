@@ -309,3 +309,62 @@ register(Task(
     demo_step_cap=500,
     explain=_two_colors_explain,
 ))
+
+
+# ------------------------------------------------------------------------------ Memory Maze 9x9
+def _memory_maze_env(step_cap: int = 1000, render_mode: str | None = None):
+    from rate_core.envs.memory_maze import MemoryMazeEnv
+
+    return MemoryMazeEnv(step_cap=step_cap, render_mode=render_mode)
+
+
+def _memory_maze_vector_env(num_envs: int, step_cap: int = 1000, render_mode: str | None = None):
+    from rate_core.envs.memory_maze import make_vector_env
+
+    return make_vector_env(num_envs, step_cap=step_cap, render_mode=render_mode)
+
+
+def _memory_maze_expert():
+    from rate_core.envs.memory_maze import MemoryMazeExpert
+
+    return MemoryMazeExpert()
+
+
+def _memory_maze_explain(reset_info: dict) -> str:
+    from rate_core.envs.memory_maze import TARGET_NAMES
+
+    first = TARGET_NAMES[int(reset_info.get("target_index", 0))]
+    return f"first target: {first} (the frame border shows the current one)"
+
+
+# K = 30, N = 3 (90-step windows) as the paper; a small encoder and 4 layers for two CPU cores.
+_MEMORY_MAZE_RATE = ModelConfig(
+    mode="rate", obs_kind="image", obs_shape=(3, 64, 64), act_dim=6, context_length=30, sections=3,
+    d_model=64, n_layer=4, n_head=4, d_head=16, num_mem_tokens=10, n_head_ca=2, conv_channels=(16, 32, 32),
+    dropout=0.1, dropatt=0.0,
+)
+
+register(Task(
+    name="memory_maze",
+    title="Memory Maze 9x9",
+    obs_kind="image",
+    obs_shape=(3, 64, 64),
+    act_dim=6,
+    make_env=_memory_maze_env,
+    make_vector_env=_memory_maze_vector_env,
+    make_expert=_memory_maze_expert,
+    # Whole 1000-step episodes (returns-to-go over the whole episode, as the paper). 100 episodes
+    # are 100k frames (1.2 GB of uint8 observations) and about half an hour of collection on one
+    # core (about 90 env steps/s plus a reset of about 2 s per episode).
+    dataset_settings=({},),
+    dataset_episodes=100,
+    model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=3 * 30 * 3),
+    evaluation=EvalProtocol(setting="step_cap", values=(1000,), episodes=30, sample_actions=True,
+                            target_return=18.1, metric="return"),
+    # 100 episodes tile into 1,200 windows of 90 steps: 38 updates of 32 per epoch, about a minute.
+    train=TrainDefaults(epochs=30, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
+    default_settings={"step_cap": 1000},
+    action_names=("noop", "forward", "left", "right", "fwd+left", "fwd+right"),
+    demo_step_cap=300,
+    explain=_memory_maze_explain,
+))

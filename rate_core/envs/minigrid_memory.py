@@ -49,6 +49,7 @@ class MinigridMemoryEnv(gym.Env):
         self.action_space = spaces.Discrete(len(ACTIONS))
         self._steps = 0
         self._cue = 0
+        self._background = None
 
     def _observation(self) -> np.ndarray:
         return np.ascontiguousarray(self.grid_env.get_pov_render(VIEW_TILE).transpose(2, 0, 1))
@@ -56,6 +57,7 @@ class MinigridMemoryEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.grid_env.reset(seed=seed)
+        self._background = None
         self._steps = 0
         cue = self.grid_env.grid.get(1, self.size // 2 - 1)
         self._cue = CUE_TYPES.index(cue.type)
@@ -72,10 +74,28 @@ class MinigridMemoryEnv(gym.Env):
             "cue": self._cue, "success": bool(terminated and reward > 0)}
 
     def render(self) -> np.ndarray | None:
+        """The full grid (about FRAME_PIXELS wide), the agent's 3x3 view highlighted. Walls and
+        objects never move in this task, so they are drawn once per episode and each frame only
+        adds the view and the agent (drawing a 201 x 201 grid tile by tile takes a quarter second)."""
         if self.render_mode != "rgb_array":
             return None
-        tile = max(4, FRAME_PIXELS // self.size)
-        return self.grid_env.get_frame(highlight=True, tile_size=tile)
+        from minigrid.core.grid import Grid
+
+        tile = max(3, FRAME_PIXELS // self.size)
+        if self._background is None:
+            self._background = self.grid_env.grid.render(tile, agent_pos=(-1, -1))
+        frame = self._background.copy()
+        env = self.grid_env
+        for i in range(3):  # the 3x3 cells in front of the agent, as minigrid highlights them
+            for j in range(3):
+                x, y = env.agent_pos + env.dir_vec * j + env.right_vec * (i - 1)
+                if 0 <= x < self.size and 0 <= y < self.size:
+                    cell = frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile]
+                    cell += ((255 - cell) * 0.3).astype(np.uint8)
+        x, y = env.agent_pos
+        frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = Grid.render_tile(
+            None, agent_dir=env.agent_dir, highlight=True, tile_size=tile)
+        return frame
 
     # Privileged state, for the expert.
     @property
@@ -111,10 +131,14 @@ _DIRECTIONS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # minigrid's agent_dir: 0 east
 
 
 class MinigridMemoryExpert:
-    """Plans on the privileged grid: first makes sure the cue has been in the agent's 3x3 view,
-    then walks (shortest path) to the cell next to the matching object. Randomness for diverse
-    data: a few random turns or steps at the start, and with probability `noise` per step a
-    random action that the planner then recovers from."""
+    """Plans on the privileged grid, but acts on what an agent can know: first it makes sure the cue
+    has been in its 3x3 view, then walks (shortest path) to the junction at the end of the hallway
+    and turns to one side (chosen at random) until that side's object is in view; it walks to it if
+    it matches the cue, else turns around to the other one. (Walking straight to the right side
+    would need the privileged answer: from the junction the objects are out of view.)
+    Randomness for diverse data: a few random turns or steps at the start, and with probability
+    `noise` per step a random action that the planner then recovers from; all drawn from the
+    episode's seed."""
 
     def __init__(self, noise: float = 0.05, wander: int = 4):
         self.noise, self.wander = noise, wander
@@ -123,13 +147,17 @@ class MinigridMemoryExpert:
         # the episode's seed fixes the expert's randomness too (env.np_random is seeded by reset)
         self.rng = np.random.default_rng(env.np_random.integers(2**63))
         self.seen_cue = env.cue_in_view()
+        self.looked = False
+        self.look_dir = int(self.rng.choice([1, 3]))  # south or north first
         self.blocked = set()
         self.wander_left = int(self.rng.integers(0, self.wander + 1))
 
     def act(self, env: MinigridMemoryEnv, obs, info) -> int:
         self.seen_cue = self.seen_cue or env.cue_in_view()
-        # cells that end the episode: the wrong object always, the right one until the cue was seen
-        self.blocked = {env.failure_pos} | (set() if self.seen_cue else {env.success_pos})
+        junction = (env.success_pos[0], env.size // 2)
+        self.looked = self.looked or (self.seen_cue and (*env.agent_pos, env.agent_dir) == (*junction, self.look_dir))
+        # cells that end the episode: the wrong object always, the right one until it was looked at
+        self.blocked = {env.failure_pos} | (set() if self.looked else {env.success_pos})
         if self.wander_left > 0 or self.rng.random() < self.noise:
             self.wander_left = max(0, self.wander_left - 1)
             action = int(self.rng.integers(len(ACTIONS)))
@@ -140,8 +168,9 @@ class MinigridMemoryExpert:
             # Stand two cells east of the cue's column on the middle row, facing west: the cue is
             # then in the view's front-right corner.
             return self._toward(env, [((3, env.size // 2), 2), ((2, env.size // 2), 2), ((1, env.size // 2), 3)])
-        goal = env.success_pos
-        return self._toward(env, [(goal, d) for d in range(4)])
+        if not self.looked:
+            return self._toward(env, [(junction, self.look_dir)])
+        return self._toward(env, [(env.success_pos, d) for d in range(4)])
 
     @staticmethod
     def _ahead(env: MinigridMemoryEnv) -> tuple[int, int]:

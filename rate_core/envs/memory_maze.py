@@ -1,0 +1,377 @@
+"""Memory Maze 9x9: touch the target whose colour the frame border shows, again and again, in a
+maze that the agent only ever sees from the inside.
+
+    +---------------------+
+    |  r  |       |     b |   a random 9 x 9 maze of rooms and corridors per episode
+    |     +--  ---+       |   r, g, b: red, green and blue spheres, fixed for the episode
+    |        g        @>  |   @>: the agent, a rolling ball with a camera
+    +---------------------+
+
+Built on memory-maze 1.0.3 (`memory_maze.tasks.memory_maze_9x9`: dm_control and MuJoCo, 4 actions
+per simulated second, 50 physics steps per action).
+
+Observation: uint8 (3, 64, 64): the agent's camera, channels first, with a 2-pixel border in the
+colour of the current target.
+Actions: 0 = no-op, 1 = forward, 2 = turn left, 3 = turn right, 4 = forward + left, 5 = forward + right.
+Reward: +1 for touching the current target; another target (drawn at random) becomes the current one.
+Start: a new maze, new target places, spawn point, heading and first target, all drawn from the
+reset's seed (a seed fixes the whole episode).
+End: never terminated; truncated after `step_cap` steps (memory-maze's episodes last 1000 steps).
+info: target_index (0 red, 1 green, 2 blue: the current target), targets_collected, agent_x and
+agent_y (the agent's position in grid cells, from the bottom-left corner).
+
+Speed and memory: memory-maze checks target contacts with a Python loop over MuJoCo's contacts,
+for each of the 3 targets at each of the 50 physics steps of an action; that loop takes two thirds
+of the time of a step (about 30 steps/s). This env replaces it, on its own targets only, by the
+same test in numpy (about 3 times faster), and lets memory-maze's 10 identical copies of its wall
+textures share one (about 0.3 GB instead of 0.85 GB per env, resets twice as fast). Frames and
+rewards are those of memory-maze as published (tests/test_memory_maze.py compares them).
+
+Rendering: MuJoCo renders offscreen with EGL where it works (no GPU needed), else OSMesa (Debian
+package libosmesa6); MUJOCO_GL, when set, is left alone. `MemoryMazeExpert` plans on the privileged
+state (the maze layout, the agent's pose, the targets' places) with a breadth-first search and
+steers along the path.
+"""
+
+import ctypes.util
+import functools
+import os
+import subprocess
+import sys
+import warnings
+from collections import deque
+from types import MethodType
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+OBS_SHAPE = (3, 64, 64)
+ACTIONS = ("noop", "forward", "left", "right", "fwd+left", "fwd+right")
+TARGET_NAMES = ("red", "green", "blue")
+MAZE_STEPS = 1000  # memory-maze's time limit for 9x9 (250 s at 4 actions per second)
+FRAME_SIZE = 256  # render(): the agent's view and the top-down view, each FRAME_SIZE pixels square
+
+# Whether EGL can render here: a failed OpenGL backend cannot be swapped once dm_control has picked
+# it (at import), so the probe runs in a child process.
+_EGL_PROBE = "from dm_control import _render; _render.Renderer(max_width=8, max_height=8).free()"
+
+
+def choose_gl_backend() -> str:
+    """Set MUJOCO_GL for this process (and the processes it starts) unless it is set already:
+    'egl' when an EGL context can be made (software EGL works without a GPU), else 'osmesa'.
+    Returns the backend. Must run before dm_control is imported to have an effect."""
+    if "dm_control._render" in sys.modules:  # too late to choose: report what dm_control took
+        backend = sys.modules["dm_control._render"].BACKEND
+        if "MUJOCO_GL" not in os.environ:
+            warnings.warn(f"dm_control was imported before MUJOCO_GL was set and picked {backend!r}; if rendering "
+                          "fails, set MUJOCO_GL=egl (or osmesa) or make the Memory Maze env first", stacklevel=2)
+        return backend
+    if "MUJOCO_GL" not in os.environ:
+        try:
+            probe = subprocess.run([sys.executable, "-c", _EGL_PROBE], env={**os.environ, "MUJOCO_GL": "egl"},
+                                   capture_output=True, text=True, timeout=120)
+            egl_error = probe.stderr.strip().splitlines()[-1] if probe.returncode else None
+        except subprocess.TimeoutExpired:
+            egl_error = "the EGL probe did not finish in 120 s"
+        if egl_error and ctypes.util.find_library("OSMesa") is None:
+            raise RuntimeError(f"MuJoCo cannot render here: EGL failed ({egl_error}) and OSMesa is not installed. "
+                               "Install it (Debian/Ubuntu: apt-get install libosmesa6) or set MUJOCO_GL.")
+        os.environ["MUJOCO_GL"] = "osmesa" if egl_error else "egl"
+    return os.environ["MUJOCO_GL"]
+
+
+def _update_activation_vectorised(target, physics) -> None:
+    """dm_control's TargetSphere._update_activation without the Python loop over contacts: the
+    target is activated (and hidden) when any current contact involves its geom."""
+    if target._activated:
+        return
+    geoms = physics.data.contact.geom  # (ncon, 2): the two geoms of each contact
+    touching = (geoms == target._geom_id).any(axis=1)
+    if target._specific_collision_geom_ids:
+        touching &= np.isin(geoms, target._specific_collision_geom_ids).any(axis=1)
+    if touching.any():
+        target._activated = True
+        physics.bind(target._material).rgba[-1] = 0
+
+
+def _share_wall_textures(arena) -> None:
+    """Keep one copy of each set of identical wall textures in `arena`'s model.
+
+    memory-maze gives each of its 10 wall variations its own copy of the same 8 wall textures:
+    80 images of 1024 x 1024, held by MuJoCo's model and again by the OpenGL context, about
+    0.55 GB per env, and uploaded at every reset. The variations now share the first copy; each
+    episode still picks a variation's texture by its index in the (equal) list, so frames are
+    unchanged. Must run before the maze is next regenerated (the next reset)."""
+    from dm_control.locomotion.arenas.labmaze_textures import WallTextures
+
+    kept = {}  # the images' file contents -> the provider that stays
+    for provider in [entity for entity in arena.iter_entities() if isinstance(entity, WallTextures)]:
+        images = tuple(texture.file.contents for texture in provider.textures)
+        if images not in kept:
+            kept[images] = provider
+            continue
+        for wall_char, textures in arena._wall_textures.items():
+            if textures is provider.textures:
+                arena._wall_textures[wall_char] = kept[images].textures
+        provider.detach()
+
+
+def _new_maze_generator(maze, seed: int):
+    """A copy of memory-maze's labmaze generator `maze` (same sizes and tokens) seeded by `seed`:
+    labmaze seeds its generator once, when it is made."""
+    return type(maze)(height=maze.height, width=maze.width, max_rooms=maze.max_rooms,
+                      room_min_size=maze.room_min_size, room_max_size=maze.room_max_size,
+                      max_variations=maze.max_variations, spawns_per_room=maze.spawns_per_room,
+                      spawn_token=maze.spawn_token, objects_per_room=maze.objects_per_room,
+                      object_token=maze.object_token, random_seed=seed)
+
+
+class MemoryMazeEnv(gym.Env):
+    """Memory Maze 9x9 with episodes of at most `step_cap` steps (see the module docstring).
+
+    patched: check target contacts with numpy and share the wall textures (True: the same frames
+    and rewards, about 3 times faster, about 0.55 GB less memory); False: memory-maze as published,
+    for comparison.
+    render_mode "rgb_array": render() gives a (256, 512, 3) frame: on the left the observation
+    (with its border) scaled up 4 times, on the right memory-maze's top-down camera over the whole
+    maze, the agent marked by an orange disc with a white line towards its heading.
+    Privileged state for experts: maze_layout, agent_pos, agent_dir, targets_pos, target_index.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, step_cap: int = MAZE_STEPS, render_mode: str | None = None, patched: bool = True):
+        if not 1 <= step_cap <= MAZE_STEPS:
+            raise ValueError(f"step_cap must be in 1..{MAZE_STEPS} (memory-maze's episode length), got {step_cap}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.step_cap, self.render_mode = step_cap, render_mode
+        self.observation_space = spaces.Box(0, 255, shape=OBS_SHAPE, dtype=np.uint8)
+        self.action_space = spaces.Discrete(len(ACTIONS))
+        choose_gl_backend()
+        from memory_maze import tasks  # imports gym (0.26) too, which memory-maze needs but does not declare
+
+        # global_observables: the privileged state (layout, poses) next to the image, for the expert.
+        self.maze_env = tasks.memory_maze_9x9(global_observables=True)
+        self._task = self.maze_env.task  # the wrappers hand attribute lookups down to the composer env
+        if patched:  # this env's task only; memory-maze itself is unchanged
+            for target in self._task._targets:
+                target._update_activation = MethodType(_update_activation_vectorised, target)
+            _share_wall_textures(self._task.root_entity)
+        self._state: dict[str, Any] = {}
+        self._obs = np.zeros(OBS_SHAPE, dtype=np.uint8)
+        self._steps = 0
+        self._collected = 0
+        self._over = True
+
+    def _read(self, timestep) -> None:
+        self._state = timestep.observation
+        self._obs = np.ascontiguousarray(self._state["image"].transpose(2, 0, 1))
+
+    def _info(self) -> dict:
+        x, y = self._state["agent_pos"]
+        return {"target_index": self.target_index, "targets_collected": self._collected,
+                "agent_x": float(x), "agent_y": float(y)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """seed: fixes the episode (maze, targets, spawn); without one, the episode is drawn from the
+        env's generator (itself seeded by the last seed given)."""
+        super().reset(seed=seed)
+        if self.maze_env is None:
+            raise RuntimeError("this Memory Maze env is closed; make a new one")
+        maze_seed, episode_seed = (int(s) for s in self.np_random.integers(2**31, size=2))
+        # memory-maze draws each episode's layout from a labmaze generator seeded once, when the env
+        # is built (rebuilding it costs a second); a fresh generator, where the arena's regenerate()
+        # looks for it, makes the reset's seed fix the layout too.
+        arena = self._task.root_entity
+        arena._maze = _new_maze_generator(arena.maze, maze_seed)
+        self.maze_env.random_state.seed(episode_seed)  # spawn, target places, textures, target order
+        self._read(self.maze_env.reset())
+        self._steps = 0
+        self._collected = 0
+        self._over = False
+        return self._obs.copy(), self._info()
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        action = int(action)
+        if not 0 <= action < len(ACTIONS):
+            raise ValueError(f"invalid Memory Maze action {action!r}: expected 0..{len(ACTIONS) - 1} "
+                             f"({', '.join(ACTIONS)})")
+        if self._over:
+            raise RuntimeError("this Memory Maze episode is over; call reset() first")
+        timestep = self.maze_env.step(action)
+        self._read(timestep)
+        reward = float(timestep.reward)
+        self._collected += reward > 0
+        self._steps += 1
+        truncated = timestep.last() or self._steps >= self.step_cap
+        self._over = truncated
+        return self._obs.copy(), reward, False, truncated, self._info()
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        from PIL import Image, ImageDraw
+
+        view = np.kron(self._obs.transpose(1, 2, 0), np.ones((4, 4, 1), dtype=np.uint8))
+        physics, camera = self.maze_env.physics, self._task.root_entity.top_camera.full_identifier
+        top = Image.fromarray(physics.render(FRAME_SIZE, FRAME_SIZE, camera_id=camera))
+        # The ball is a dot from above: mark it and its heading. The camera looks straight down
+        # from `eye`; cells are xy_scale metres, with the maze's centre at the origin.
+        eye = physics.named.data.cam_xpos[camera]
+        pixels_per_metre = FRAME_SIZE / 2 / np.tan(np.radians(physics.named.model.cam_fovy[camera]) / 2) / eye[2]
+        world = (self.agent_pos - np.array(self.maze_layout.shape[::-1]) / 2) * self._task.root_entity.xy_scale
+        u, v = FRAME_SIZE / 2 + (world - eye[:2]) * pixels_per_metre * np.array([1, -1])
+        dx, dy = self.agent_dir
+        draw = ImageDraw.Draw(top)
+        draw.line((u, v, u + 14 * dx, v - 14 * dy), fill=(255, 255, 255), width=3)
+        draw.ellipse((u - 5, v - 5, u + 5, v + 5), fill=(255, 150, 30), outline=(255, 255, 255))
+        return np.concatenate([view, np.asarray(top)], axis=1)
+
+    def close(self) -> None:
+        """Free MuJoCo's model and rendering contexts (again is harmless)."""
+        maze_env = getattr(self, "maze_env", None)
+        if maze_env is not None:
+            maze_env.close()
+            self.maze_env = None
+
+    # Privileged state, for the expert (grid coordinates: x along columns, y along rows from the bottom).
+    @property
+    def maze_layout(self) -> np.ndarray:
+        """(9, 9) uint8, 1 where the agent can go; row 0 is the bottom row (y = 0)."""
+        return self._state["maze_layout"]
+
+    @property
+    def agent_pos(self) -> np.ndarray:
+        """(2,) float: x, y in cells; the cell is the integer part."""
+        return self._state["agent_pos"]
+
+    @property
+    def agent_dir(self) -> np.ndarray:
+        """(2,) float: the unit vector the agent faces (forward moves along it)."""
+        return self._state["agent_dir"]
+
+    @property
+    def targets_pos(self) -> np.ndarray:
+        """(3, 2) float: the targets' centres, in cells."""
+        return self._state["targets_pos"]
+
+    @property
+    def target_index(self) -> int:
+        """The current target (0 red, 1 green, 2 blue)."""
+        return int(np.flatnonzero((self._state["targets_pos"] == self._state["target_pos"]).all(axis=1))[0])
+
+
+_STEPS4 = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def grid_distances(layout: np.ndarray, goal: tuple[int, int]) -> np.ndarray:
+    """(H, W) steps from each cell to `goal` (x, y) through free cells of `layout` (4-connected
+    breadth-first search); -1 where the goal cannot be reached."""
+    distance = np.full(layout.shape, -1, dtype=np.int64)
+    x, y = goal
+    distance[y, x] = 0
+    queue = deque([goal])
+    while queue:
+        x, y = queue.popleft()
+        for dx, dy in _STEPS4:
+            nx, ny = x + dx, y + dy
+            if 0 <= ny < layout.shape[0] and 0 <= nx < layout.shape[1] and layout[ny, nx] and distance[ny, nx] < 0:
+                distance[ny, nx] = distance[y, x] + 1
+                queue.append((nx, ny))
+    return distance
+
+
+class MemoryMazeExpert:
+    """Walks shortest paths to the current target on the privileged maze layout.
+
+    A breadth-first search from each target gives the grid distance of every cell; from the
+    agent's cell it follows the path and aims at the farthest path cell that it sees in a straight
+    line with room for the ball (so it cuts corners and crosses rooms diagonally). It walks
+    straight when the aim is within `aim` degrees, curves when within `curve` degrees and turns in
+    place otherwise. With probability `noise` per step it takes a random action instead.
+    """
+
+    aim = 10.0  # degrees off the aim point that count as straight ahead (a turn step is about 18)
+    curve = 60.0  # degrees off up to which it turns while walking
+    lookahead = 6  # path cells it considers as aim points
+    clearance = 0.2  # cells between the straight line to an aim point and a wall (the ball's radius is 0.1)
+
+    def __init__(self, noise: float = 0.1):
+        self.noise = noise
+        """probability of a random action at each step (coverage of states the planner would not visit)"""
+
+    def reset(self, env: MemoryMazeEnv, info: dict) -> None:
+        # the episode's seed fixes the noise too (env.np_random is seeded by reset)
+        self.rng = np.random.default_rng(env.np_random.integers(2**63))
+        self.layout = np.asarray(env.maze_layout).astype(bool)
+        cells = np.floor(env.targets_pos).astype(int)
+        self.distances = [grid_distances(self.layout, (int(x), int(y))) for x, y in cells]
+
+    def act(self, env: MemoryMazeEnv, obs, info) -> int:
+        if self.noise and self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS)))
+        position = np.asarray(env.agent_pos, dtype=float)
+        aim = self._aim_point(position, env.target_index, env.targets_pos[env.target_index])
+        heading = env.agent_dir
+        to_aim = aim - position
+        off = np.degrees(np.arctan2(heading[0] * to_aim[1] - heading[1] * to_aim[0], heading @ to_aim))  # > 0: left
+        if abs(off) <= self.aim:
+            return 1
+        if abs(off) <= self.curve:
+            return 4 if off > 0 else 5
+        return 2 if off > 0 else 3
+
+    def _aim_point(self, position: np.ndarray, target: int, target_pos: np.ndarray) -> np.ndarray:
+        """The farthest cell centre along the shortest path (up to `lookahead` cells) in clear sight."""
+        distance = self.distances[target]
+        cell = self._cell(position)
+        path = []
+        while len(path) < self.lookahead and distance[cell[1], cell[0]] > 0:
+            x, y = cell
+            cell = min(((x + dx, y + dy) for dx, dy in _STEPS4 if self._free(x + dx, y + dy)
+                        and distance[y + dy, x + dx] >= 0), key=lambda c: distance[c[1], c[0]])
+            path.append(cell)
+        if not path:
+            return np.asarray(target_pos, dtype=float)
+        centres = [np.asarray(target_pos, dtype=float) if distance[y, x] == 0 else np.array([x + 0.5, y + 0.5])
+                   for x, y in path]
+        for centre in reversed(centres[1:]):
+            if self._clear(position, centre):
+                return centre
+        return centres[0]
+
+    def _cell(self, position: np.ndarray) -> tuple[int, int]:
+        x, y = (int(v) for v in np.clip(np.floor(position), 0, np.array(self.layout.shape[::-1]) - 1))
+        return x, y
+
+    def _free(self, x: int, y: int) -> bool:
+        return 0 <= y < self.layout.shape[0] and 0 <= x < self.layout.shape[1] and bool(self.layout[y, x])
+
+    def _clear(self, start: np.ndarray, end: np.ndarray) -> bool:
+        """Whether a ball can roll straight from `start` to `end`: points along the line and
+        `clearance` to either side of it are all in free cells."""
+        line = end - start
+        length = float(np.hypot(*line))
+        if length == 0:
+            return True
+        side = np.array([-line[1], line[0]]) / length * self.clearance
+        t = np.linspace(0.0, 1.0, int(length / 0.1) + 2)[:, None]
+        points = np.concatenate([start + t * line + offset for offset in (0.0, side, -side)])
+        cells = np.floor(points).astype(int)
+        inside = ((cells >= 0) & (cells < np.array(self.layout.shape[::-1]))).all(axis=1)
+        return bool(inside.all() and self.layout[cells[:, 1], cells[:, 0]].all())
+
+
+def make_vector_env(num_envs: int, step_cap: int = MAZE_STEPS, render_mode: str | None = None,
+                    num_workers: int | None = None):
+    """`num_envs` Memory Maze envs stepped in lockstep in `num_workers` processes (default: one per
+    CPU core), autoreset disabled; info arrays target_index, targets_collected, agent_x, agent_y of
+    shape (num_envs,)."""
+    from rate_core.envs.subproc import SubprocLockstepVectorEnv
+
+    choose_gl_backend()  # here, once: the workers inherit the choice
+    make = functools.partial(MemoryMazeEnv, step_cap=step_cap, render_mode=render_mode)
+    return SubprocLockstepVectorEnv([make] * num_envs, num_workers=num_workers)

@@ -1,0 +1,192 @@
+"""Many single gymnasium envs stepped together in worker processes, for envs whose simulation is
+slow enough (Memory Maze: about 10 ms a step) that stepping them on several cores pays for the
+transfer of observations between processes.
+
+The semantics are those of rate_core.envs.lockstep.LockstepVectorEnv, which each worker runs over
+its share of the envs: no autoreset; an env that has finished keeps returning its last
+observation, reward 0 and terminated/truncated False until the next reset; info values that are
+numbers or booleans become arrays of shape (num_envs,); render() gives one frame per env.
+Workers are started with the "spawn" method (or "forkserver"), so the env-making callables must be
+picklable: module-level functions or functools.partial of them, not lambdas.
+"""
+
+import multiprocessing as mp
+import os
+import traceback
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from rate_core.envs.lockstep import LockstepVectorEnv
+
+
+def _send_error(connection, error: BaseException) -> None:
+    """Send an exception and its traceback (as text when the exception cannot be pickled)."""
+    text = "".join(traceback.format_exception(error))
+    try:
+        connection.send(("error", (error, text)))
+    except Exception:
+        connection.send(("error", (RuntimeError(text), text)))
+
+
+def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
+    """Serve (command, argument) requests for a LockstepVectorEnv over `env_fns` until "close" or
+    until the parent goes; answers ("ok", result) or ("error", (exception, traceback text))."""
+    try:
+        envs = LockstepVectorEnv(env_fns)
+    except Exception as error:
+        _send_error(connection, error)
+        return
+    connection.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.render_mode,
+                            envs.metadata)))
+    try:
+        while True:
+            try:
+                command, argument = connection.recv()
+            except (EOFError, ConnectionError):
+                break  # the parent has gone
+            if command == "close":
+                break
+            try:
+                if command == "reset":
+                    result = envs.reset(seed=argument[0], options=argument[1])
+                elif command == "step":
+                    result = envs.step(argument)
+                elif command == "render":
+                    result = envs.render()
+                else:
+                    raise ValueError(f"unknown command {command!r}")
+            except Exception as error:  # the env's own error: report it, the env stays as it is
+                _send_error(connection, error)
+                continue
+            connection.send(("ok", result))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the workers too; the parent reports it
+    finally:
+        envs.close()
+        connection.close()
+
+
+class SubprocLockstepVectorEnv(VectorEnv):
+    """`len(env_fns)` envs made by the given (picklable) callables in `num_workers` processes
+    (default: one per CPU core, at most one per env), each holding a contiguous share of the envs.
+    Same semantics as LockstepVectorEnv (see the module docstring); close() ends the workers."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int | None = None,
+                 start_method: str = "spawn"):
+        if not env_fns:
+            raise ValueError("need at least one env")
+        self.num_envs = len(env_fns)
+        num_workers = min(num_workers or os.cpu_count() or 1, self.num_envs)
+        self._shares = [len(share) for share in np.array_split(np.arange(self.num_envs), num_workers)]
+        context = mp.get_context(start_method)
+        self._connections, self._processes = [], []
+        first = 0
+        for size in self._shares:
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child, env_fns[first:first + size]), daemon=True)
+            process.start()
+            child.close()
+            self._connections.append(parent)
+            self._processes.append(process)
+            first += size
+        self.closed = False
+        try:
+            described = self._receive_all()
+        except BaseException:
+            self.close()
+            raise
+        self.single_observation_space, self.single_action_space, self.render_mode, metadata = described[0]
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.metadata = {**metadata, "autoreset_mode": AutoresetMode.DISABLED}
+        self.done = np.ones(self.num_envs, dtype=bool)
+
+    def _receive_all(self) -> list:
+        """Every worker's answer to the last request, in worker order. A worker's exception is
+        raised again here (the first one, with the worker's traceback as a note)."""
+        answers, failure = [], None
+        for worker, connection in enumerate(self._connections):
+            try:
+                status, result = connection.recv()
+            except (EOFError, ConnectionError):
+                code = self._processes[worker].exitcode
+                status, result = "error", (RuntimeError(f"env worker {worker} ended (exit code {code})"), "")
+            if status == "error":
+                error, text = result
+                if failure is None:
+                    error.add_note(f"raised in env worker {worker}:\n{text}".rstrip())
+                    failure = error
+            answers.append(result)
+        if failure is not None:
+            raise failure
+        return answers
+
+    def _request(self, command: str, arguments: list) -> list:
+        if self.closed:
+            raise RuntimeError("this vector env is closed; make a new one")
+        for connection, argument in zip(self._connections, arguments):
+            connection.send((command, argument))
+        return self._receive_all()
+
+    def _split(self, values) -> list:
+        return np.split(np.asarray(values), np.cumsum(self._shares)[:-1])
+
+    def _merge_infos(self, infos: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        keys = sorted({key for info in infos for key in info})
+        merged = {}
+        for key in keys:
+            like = next(info[key] for info in infos if key in info)
+            merged[key] = np.concatenate([info.get(key, np.zeros(size, dtype=like.dtype))
+                                          for info, size in zip(infos, self._shares)])
+        return merged
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        """seed: an int (env i gets seed + i), one seed per env, or None."""
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = [None if s is None else int(s) for s in seed]
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        bounds = np.cumsum([0, *self._shares])
+        answers = self._request("reset", [(seeds[lo:hi], options) for lo, hi in zip(bounds[:-1], bounds[1:])])
+        self.done[:] = False
+        return np.concatenate([obs for obs, _ in answers]), self._merge_infos([info for _, info in answers])
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions)
+        if actions.shape[:1] != (self.num_envs,):
+            raise ValueError(f"expected {self.num_envs} actions, got an array of shape {actions.shape}")
+        answers = self._request("step", self._split(actions))
+        obs, reward, terminated, truncated = (np.concatenate(parts) for parts in list(zip(*answers))[:4])
+        self.done |= terminated | truncated
+        return obs, reward, terminated, truncated, self._merge_infos([answer[4] for answer in answers])
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(frame for frames in self._request("render", [None] * len(self._connections)) for frame in frames)
+
+    def close_extras(self, **kwargs) -> None:
+        for connection in self._connections:
+            try:
+                connection.send(("close", None))
+            except (BrokenPipeError, ConnectionError, OSError):
+                pass  # the worker has already gone
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        for connection in self._connections:
+            connection.close()
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            self.close()

@@ -1,0 +1,204 @@
+"""Memory Maze 9x9: the gymnasium env over memory-maze, its numpy contact check against
+memory-maze's own loop, the planning expert, and the subprocess vector env (also on the cheap
+T-Maze, against LockstepVectorEnv).
+
+A reset costs about half a second (memory-maze recompiles the MuJoCo model and its rendering
+context for each new maze), so the tests share one env where they can."""
+
+import functools
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from rate_core.envs.lockstep import LockstepVectorEnv
+from rate_core.envs.memory_maze import (ACTIONS, FRAME_SIZE, OBS_SHAPE, MemoryMazeEnv, MemoryMazeExpert,
+                                        _update_activation_vectorised, grid_distances)
+from rate_core.envs.subproc import SubprocLockstepVectorEnv
+from rate_core.envs.tmaze import TMazeEnv
+from rate_core.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = MemoryMazeEnv(step_cap=150, render_mode="rgb_array")
+    yield env
+    env.close()
+
+
+def run_expert(env: MemoryMazeEnv, seed: int, steps: int, noise: float = 0.1, replay: MemoryMazeEnv | None = None):
+    """Observations (steps + 1, ...), rewards and infos of the expert's episode on `env`; with
+    `replay`, the same actions are also taken in that env and its results are returned too."""
+    expert = MemoryMazeExpert(noise=noise)
+    obs, info = env.reset(seed=seed)
+    expert.reset(env, info)
+    runs = [(env, [obs], [], [info])]
+    if replay is not None:
+        replay_obs, replay_info = replay.reset(seed=seed)
+        runs.append((replay, [replay_obs], [], [replay_info]))
+    for _ in range(steps):
+        action = expert.act(env, obs, info)
+        for run_env, observations, rewards, infos in runs:
+            step_obs, reward, terminated, truncated, step_info = run_env.step(action)
+            observations.append(step_obs)
+            rewards.append(reward)
+            infos.append(step_info)
+            assert not terminated
+        obs, info = runs[0][1][-1], runs[0][3][-1]
+    return [(np.stack(o), np.array(r), i) for _, o, r, i in runs]
+
+
+# --------------------------------------------------------------------------------- the env
+@pytest.mark.filterwarnings("ignore:.*alternative render modes")  # an env made without gymnasium.make
+def test_spaces_and_gymnasium_checker(env):
+    assert env.observation_space.shape == OBS_SHAPE == (3, 64, 64)
+    assert env.observation_space.dtype == np.uint8
+    assert env.action_space.n == len(ACTIONS) == 6
+    check_env(env)  # a dozen resets, seed determinism, render
+
+
+def test_observation_border_info_and_render(env):
+    obs, info = env.reset(seed=3)
+    assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8 and obs.flags.c_contiguous
+    assert set(info) == {"target_index", "targets_collected", "agent_x", "agent_y"}
+    assert info["targets_collected"] == 0 and 0 <= info["agent_x"] < 9 and 0 <= info["agent_y"] < 9
+    # the 2-pixel frame border has the current target's colour (memory-maze draws it at 0.7 x 255;
+    # imported here, after the env has chosen the OpenGL backend, which memory-maze would set itself)
+    from memory_maze.maze import TARGET_COLORS
+
+    border = obs[:, 0, 0].astype(float)
+    distances = [np.abs(border - colour * 255 * 0.7).sum() for colour in TARGET_COLORS[:3]]
+    assert np.argmin(distances) == info["target_index"]
+    assert (obs[:, :2, :] == obs[:, :1, :1]).all() and (obs[:, :, -2:] == obs[:, :1, :1]).all()
+    frame = env.render()
+    assert frame.shape == (FRAME_SIZE, 2 * FRAME_SIZE, 3) and frame.dtype == np.uint8
+    np.testing.assert_array_equal(frame[::4, :FRAME_SIZE:4], obs.transpose(1, 2, 0))  # the observation, 4x
+    assert frame[:, FRAME_SIZE:].std() > 10  # the top-down view is a picture, not a blank
+
+
+def test_step_cap_truncates_and_bad_actions_raise(env):
+    env.reset(seed=1)
+    with pytest.raises(ValueError, match="invalid Memory Maze action"):
+        env.step(6)
+    for step in range(1, 151):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert not terminated and truncated == (step == 150)
+    with pytest.raises(RuntimeError, match="over"):
+        env.step(0)
+    with pytest.raises(ValueError, match="step_cap"):
+        MemoryMazeEnv(step_cap=1001)
+
+
+def test_seed_fixes_the_episode(env):
+    actions = np.random.default_rng(0).integers(6, size=10)
+
+    def play(seed):
+        observations = [env.reset(seed=seed)[0]]
+        layout = env.maze_layout.copy()
+        observations += [env.step(a)[0] for a in actions]
+        return layout, np.stack(observations)
+
+    layout, first = play(7)
+    other_layout, _ = play(8)
+    again_layout, again = play(7)
+    np.testing.assert_array_equal(layout, again_layout)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(layout, other_layout)
+
+
+def test_patched_env_matches_memory_maze_as_published():
+    """Same seeds, same actions (the expert's, so that targets are touched): the numpy contact
+    check and the shared wall textures give exactly the observations, rewards and infos of
+    memory-maze's Python loop and texture copies."""
+    fast, slow = MemoryMazeEnv(step_cap=150), MemoryMazeEnv(step_cap=150, patched=False)
+    try:
+        assert fast._task._targets[0]._update_activation.__func__ is _update_activation_vectorised
+        assert slow._task._targets[0]._update_activation.__func__ is not _update_activation_vectorised
+        rewards = 0.0
+        for seed in (0, 1):
+            (fast_obs, fast_rewards, fast_infos), (slow_obs, slow_rewards, slow_infos) = run_expert(
+                fast, seed, steps=120, replay=slow)
+            np.testing.assert_array_equal(fast_obs, slow_obs)
+            np.testing.assert_array_equal(fast_rewards, slow_rewards)
+            assert fast_infos == slow_infos
+            rewards += fast_rewards.sum()
+        assert rewards >= 4  # the check was exercised
+        assert fast.maze_env.physics.model.ntex < slow.maze_env.physics.model.ntex / 4  # 16 textures, not 88
+    finally:
+        fast.close()
+        slow.close()
+
+
+# ------------------------------------------------------------------------------- the expert
+def test_grid_distances():
+    layout = np.array([[1, 1, 1],
+                       [0, 0, 1],
+                       [1, 1, 1]], dtype=np.uint8)  # row 0 is y = 0
+    distance = grid_distances(layout, (0, 0))
+    np.testing.assert_array_equal(distance, [[0, 1, 2], [-1, -1, 3], [6, 5, 4]])
+
+
+def test_expert_collects_targets(env):
+    [(_, rewards, infos)] = run_expert(env, seed=5, steps=150, noise=0.0)
+    assert rewards.sum() >= 3  # about one target per 36 steps (28 per 1000-step episode)
+    assert infos[-1]["targets_collected"] == rewards.sum()
+    assert len({info["target_index"] for info in infos}) >= 2  # the current target changes
+
+
+# ------------------------------------------------------------------ the subprocess vector env
+def assert_same(ours: tuple, reference: tuple) -> None:
+    """Equal results of reset() or step(): arrays with equal values and dtypes, info dicts with the same keys."""
+    for got, expected in zip(ours, reference, strict=True):
+        if isinstance(got, dict):
+            assert got.keys() == expected.keys()
+            assert_same(tuple(got.values()), tuple(expected.values()))
+        else:
+            np.testing.assert_array_equal(got, expected)
+            assert got.dtype == expected.dtype
+
+
+def test_subproc_vector_env_matches_lockstep_on_tmaze():
+    env_fns = [functools.partial(TMazeEnv, episode_length=n, render_mode="rgb_array") for n in (5, 8, 12, 6, 9)]
+    ours, reference = SubprocLockstepVectorEnv(env_fns, num_workers=2), LockstepVectorEnv(env_fns)
+    try:
+        assert ours.single_observation_space == reference.single_observation_space
+        assert ours.action_space == reference.action_space
+        rng = np.random.default_rng(0)
+        for seed in ([3, 4, 5, 6, 7], 11):
+            assert_same(ours.reset(seed=seed), reference.reset(seed=seed))
+            for _ in range(14):  # past every episode's end: finished envs are not stepped
+                actions = rng.integers(4, size=5)
+                assert_same(ours.step(actions), reference.step(actions))
+            assert ours.done.all()
+        for frame, reference_frame in zip(ours.render(), reference.render(), strict=True):
+            np.testing.assert_array_equal(frame, reference_frame)
+        ours.reset(seed=0)
+        with pytest.raises(ValueError, match="invalid T-Maze action") as error:  # the env's error, from its worker
+            ours.step([9, 0, 0, 0, 0])
+        assert "env worker 0" in "".join(error.value.__notes__)
+        with pytest.raises(ValueError, match="expected 5 actions"):
+            ours.step([0, 0])
+        assert ours.step([0] * 5)[0].shape == (5, 4)  # the workers go on after an env's error
+    finally:
+        ours.close()
+        reference.close()
+    assert not any(process.is_alive() for process in ours._processes)
+
+
+def test_subproc_vector_env_matches_lockstep_on_memory_maze():
+    ours = get_task("memory_maze").make_vector_env(2, step_cap=12, render_mode="rgb_array")  # a worker per env
+    reference = LockstepVectorEnv([functools.partial(MemoryMazeEnv, step_cap=12, render_mode="rgb_array")] * 2)
+    try:
+        assert ours.observation_space.shape == (2, *OBS_SHAPE)
+        seeds = [21, 22]
+        obs, info = ours.reset(seed=seeds)
+        assert_same((obs, info), reference.reset(seed=seeds))
+        assert info["target_index"].shape == (2,)
+        actions = np.random.default_rng(1).integers(6, size=(14, 2))
+        for step_actions in actions:  # 2 steps past the cap
+            assert_same(ours.step(step_actions), reference.step(step_actions))
+        for frame, reference_frame in zip(ours.render(), reference.render(), strict=True):
+            np.testing.assert_array_equal(frame, reference_frame)
+    finally:
+        ours.close()
+        reference.close()
