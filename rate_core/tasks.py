@@ -30,6 +30,8 @@ class EvalProtocol:
     balance_key: str | None = None
     """info key whose two values the seed list is balanced between (e.g. the cue side); results are
     also reported per value"""
+    max_envs: int | None = None
+    """at most this many envs at once (memory-hungry envs); more episodes run in consecutive batches"""
     group_names: tuple[tuple[Any, str], ...] = ()
     """names of the balance key's values for the report, e.g. ((1, "red"), (0, "green"))"""
 
@@ -360,7 +362,7 @@ register(Task(
     dataset_episodes=100,
     model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=3 * 30 * 3),
     evaluation=EvalProtocol(setting="step_cap", values=(1000,), episodes=30, sample_actions=True,
-                            target_return=18.1, metric="return"),
+                            target_return=18.1, metric="return", max_envs=10),
     # 100 episodes tile into 1,200 windows of 90 steps: 38 updates of 32 per epoch, about a minute.
     train=TrainDefaults(epochs=30, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
     default_settings={"step_cap": 1000},

@@ -122,3 +122,14 @@ def test_evaluate_reports_per_length(dataset_path, tmp_path):
         up, down = r["groups"].values()
         assert r["mean_return"] == pytest.approx((up["mean_return"] + down["mean_return"]) / 2)
         assert r["imbalance"] == pytest.approx(abs(up["mean_return"] - down["mean_return"]))
+
+
+def test_evaluation_in_batches_gives_the_same_results(dataset_path, tmp_path):
+    from dataclasses import replace
+
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "chunks", epochs=1)))
+    whole = evaluate(model, TASK, values=(12,), episodes=6, seed=0, show_progress=False)[0]
+    chunked_task = replace(TASK, evaluation=replace(TASK.evaluation, max_envs=4))
+    chunked = evaluate(model, chunked_task, values=(12,), episodes=6, seed=0, show_progress=False)[0]
+    for key in ("success_rate", "mean_return", "mean_length", "groups"):
+        assert whole[key] == chunked[key], key

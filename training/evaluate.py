@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
-from rate_core.rollout import run_episodes
+from rate_core.rollout import EpisodeBatch, run_episodes
 from rate_core.tasks import Task, get_task
 
 
@@ -83,12 +83,20 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
     for value in values:
         settings = {**task.default_settings, **(overrides or {}), protocol.setting: value}
         seeds = balanced_seeds(task, settings, episodes, seed)
-        env = task.make_vector_env(episodes, **settings)
         started = time.perf_counter()
-        with tqdm(desc=f"{protocol.setting}={value}", unit="step", disable=not show_progress, leave=False) as bar:
-            outcome = run_episodes(model, env, seeds, target, sample=sample,
-                                   sample_seed=seed, progress=lambda _: bar.update())
-        env.close()
+        batch = protocol.max_envs or episodes
+        parts = []
+        for start in range(0, episodes, batch):
+            chunk = seeds[start:start + batch]
+            env = task.make_vector_env(len(chunk), **settings)
+            desc = f"{protocol.setting}={value}" + (f" episodes {start + 1}-{start + len(chunk)}" if batch < episodes else "")
+            with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
+                parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
+                                          progress=lambda _: bar.update()))
+            env.close()
+        outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
+            *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
+            reset_info={k: np.concatenate([p.reset_info[k] for p in parts]) for k in parts[0].reset_info})
         result = {
             protocol.setting: value, "episodes": episodes, **summarize(outcome.returns, outcome.successes),
             "mean_length": float(outcome.lengths.mean()), "seconds": round(time.perf_counter() - started, 2),
