@@ -501,9 +501,13 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
     def last_step_logits(self, rtg, obs, actions) -> torch.Tensor:
         """Logits (B, A) of the last step of a window of a model without memory or cache (DT),
         equal to forward()[0][:, -1]: the top layer computes only the o_t row that predicts it."""
+        return self.last_step_logits_from_tokens(self.embed(rtg, obs, actions))
+
+    @torch.no_grad()
+    def last_step_logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """last_step_logits from already embedded tokens (B, 3T, d) (a rollout embeds each step once)."""
         if self.config.num_mem_tokens or self.config.mem_len:
             raise ValueError("last_step_logits is for models without memory tokens or cache (dt)")
-        tokens = self.embed(rtg, obs, actions)
         n = tokens.shape[1]
         pos_emb = self.position_embedding(n)
         allowed = self.attention_mask(n, 0, tokens.device)

@@ -71,25 +71,29 @@ class SegmentRecurrentPolicy:
 
 
 class SlidingWindowPolicy:
-    """DT: recomputes its window of the last K * N steps at every step, batched over envs."""
+    """DT: recomputes its window of the last K * N steps at every step, batched over envs. Each
+    step's tokens are embedded once (the observation encoder is per step), only the transformer
+    runs over the whole window."""
 
     def __init__(self, model: MemoryTransformer, num_envs: int, need_weights: bool = False):
         self.model = model
-        self.history = []
+        self.steps = []  # per step in the window: its (B, 3, d) tokens R, o, a
         self.memory_attention = None
 
     def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        self.history.append([rtg, obs, torch.full_like(rtg, ACTION_PAD, dtype=torch.long)])
-        del self.history[: -self.model.config.segment_steps]
-        rtg_w, obs_w, act_w = (torch.stack(x, dim=1) for x in zip(*self.history))
-        return self.model.last_step_logits(rtg_w, obs_w, act_w)
+        pad = torch.full((rtg.shape[0], 1), ACTION_PAD, dtype=torch.long, device=rtg.device)
+        self.steps.append(self.model.embed(rtg[:, None], obs[:, None], pad))
+        del self.steps[: -self.model.config.segment_steps]
+        return self.model.last_step_logits_from_tokens(torch.cat(self.steps, dim=1))
 
     def record_action(self, action: torch.Tensor):
-        self.history[-1][2] = action
+        last = self.steps[-1].clone()
+        last[:, 2] = self.model.action_encoder(action)
+        self.steps[-1] = last
         return None
 
     def select(self, index: torch.Tensor) -> None:
-        self.history = [[r[index], o[index], a[index]] for r, o, a in self.history]
+        self.steps = [tokens[index] for tokens in self.steps]
 
 
 def make_policy(model: MemoryTransformer, num_envs: int, need_weights: bool = False):
