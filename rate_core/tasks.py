@@ -46,6 +46,8 @@ class TrainDefaults:
     weight_decay: float = 1e-3
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    eval_values: tuple = ()
+    """values of the evaluation setting checked during training (default: the protocol's first two)"""
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ register(Task(
     evaluation=EvalProtocol(setting="size", values=(11, 21, 41, 61, 91, 201), episodes=100, sample_actions=True,
                             target_return=0.96, metric="success", balance_key="cue",
                             group_names=((0, "key"), (1, "ball"))),
-    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
+    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100,
+                        eval_values=(41, 91)),
     default_settings={"size": 41, "step_cap": 500},
     action_names=("left", "right", "forward"),
     demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41,
@@ -305,7 +308,8 @@ register(Task(
     evaluation=EvalProtocol(setting="step_cap", values=(2100,), episodes=100, sample_actions=True,
                             target_return=56.5, metric="return", balance_key="is_red",
                             group_names=((1, "red"), (0, "green"))),
-    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=50),
+    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=50,
+                        eval_values=(500,)),
     default_settings={"step_cap": 2100},
     action_names=("left", "right", "forward", "left+fwd", "right+fwd"),
     demo_step_cap=500,
@@ -364,7 +368,8 @@ register(Task(
     evaluation=EvalProtocol(setting="step_cap", values=(1000,), episodes=30, sample_actions=True,
                             target_return=18.1, metric="return", max_envs=10),
     # 100 episodes tile into 1,200 windows of 90 steps: 38 updates of 32 per epoch, about a minute.
-    train=TrainDefaults(epochs=30, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100),
+    train=TrainDefaults(epochs=30, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100,
+                        eval_values=(300,)),
     default_settings={"step_cap": 1000},
     action_names=("noop", "forward", "left", "right", "fwd+left", "fwd+right"),
     demo_step_cap=300,

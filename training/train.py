@@ -96,7 +96,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     defaults = asdict(task.train)
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     for name, value in defaults.items():
-        if values.get(name) is None:
+        if name in values and values[name] is None:
             values[name] = value
     values["data"] = values["data"] or Path("data") / task.name / "expert"
     values["out"] = values["out"] or Path("runs") / task.name / config.model
@@ -270,7 +270,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                                       "lr": scheduler.get_last_lr()[0]}) + "\n")
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            values = task.evaluation.values[:2]
+            values = task.train.eval_values or task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
             results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
             torch.set_rng_state(rng_state)
