@@ -44,3 +44,14 @@ def test_bench_rollout_prints_ratios_last():
     last = out.strip().splitlines()[-1]
     ref, batched = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_reference=") and ref > 0 and batched > 0
+
+
+def test_expert_report_scores_the_expert_per_group():
+    out = run("-m", "training.expert_report", "--task", "tmaze", "--episodes", "4", "--settings", "episode_length=20")
+    assert "tmaze expert over 4 episodes" in out and "success 1.000" in out
+    assert "up: 2 episodes" in out and "down: 2 episodes" in out
+
+
+def test_bench_env_prints_steps_per_second_last():
+    out = run("-m", "training.bench_env", "--task", "tmaze", "--steps", "200")
+    assert float(out.strip().splitlines()[-1].split("=")[1]) > 0
