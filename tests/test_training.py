@@ -133,3 +133,10 @@ def test_evaluation_in_batches_gives_the_same_results(dataset_path, tmp_path):
     chunked = evaluate(model, chunked_task, values=(12,), episodes=6, seed=0, show_progress=False)[0]
     for key in ("success_rate", "mean_return", "mean_length", "groups"):
         assert whole[key] == chunked[key], key
+
+
+def test_parallel_collection_writes_the_same_dataset(tmp_path):
+    one = load_dataset(collect(TASK, tmp_path / "one", episodes_per_setting=2, seed=5), task="tmaze")
+    two = load_dataset(collect(TASK, tmp_path / "two", episodes_per_setting=2, seed=5, workers=2), task="tmaze")
+    for name in ("observations", "actions", "rewards"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name

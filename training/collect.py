@@ -4,6 +4,9 @@
     python -m training.collect --task tmaze --episodes 100 --out data/tmaze/small
 """
 
+import collections
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ class Args:
     """episodes per environment setting (default: the task's)"""
     seed: int = 0
     """seed of the first episode; episode i uses seed + i"""
+    workers: int = 1
+    """processes running the expert in parallel (the dataset is the same for any number)"""
 
 
 def run_episode(task: Task, settings: dict, seed: int) -> dict:
@@ -49,25 +54,58 @@ def run_episode(task: Task, settings: dict, seed: int) -> dict:
             "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0))}
 
 
-def collect(task: Task, out: Path, episodes_per_setting: int, seed: int) -> Path:
+def _episode_job(task_name: str, settings: dict, seed: int) -> dict:
+    return run_episode(get_task(task_name), settings, seed)
+
+
+def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int):
+    """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
+    the pool's processes when there is a pool)."""
+    seed = first_seed
+    if pool is None:
+        while True:
+            yield run_episode(task, settings, seed)
+            seed += 1
+    pending = collections.deque()
+    try:
+        while True:
+            while len(pending) < ahead:
+                pending.append(pool.submit(_episode_job, task.name, settings, seed))
+                seed += 1
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
-    ones when the task asks for that; seeds go on from `seed` until there are enough)."""
+    ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
+    consumed in order, so the dataset does not depend on `workers`."""
     episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
-    with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
-        for settings in task.dataset_settings:
-            kept = 0
-            while kept < episodes_per_setting:
-                if tried >= 10 * total + 100:
-                    raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} episodes")
-                episode = run_episode(task, settings, seed + tried)
-                tried += 1
-                successes += episode["success"]
-                if task.dataset_success_only and not episode["success"]:
-                    continue
-                episodes.append(episode)
-                kept += 1
-                progress.update()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
+            for settings in task.dataset_settings:
+                kept = 0
+                stream = _episodes(task, settings, seed + tried, pool, 2 * workers)
+                while kept < episodes_per_setting:
+                    if tried >= 10 * total + 100:
+                        raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} "
+                                           f"episodes")
+                    episode = next(stream)
+                    tried += 1
+                    successes += episode["success"]
+                    if task.dataset_success_only and not episode["success"]:
+                        continue
+                    episodes.append(episode)
+                    kept += 1
+                    progress.update()
+                stream.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     returns = np.array([e["return"] for e in episodes])
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
@@ -84,7 +122,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int) -> Path
 def main(args: Args) -> None:
     task = get_task(args.task)
     out = args.out or Path("data") / task.name / "expert"
-    collect(task, out, args.episodes or task.dataset_episodes, args.seed)
+    collect(task, out, args.episodes or task.dataset_episodes, args.seed, args.workers)
 
 
 if __name__ == "__main__":
