@@ -14,6 +14,19 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 
+def env_seeds(seed: int | list[int] | None, num_envs: int) -> list[int | None]:
+    """One seed per env from a vector env's reset(seed=...): an int (env i gets seed + i, as
+    gymnasium's vector envs do), one seed per env, or None."""
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_envs)]
+    seeds = [None if s is None else int(s) for s in seed]
+    if len(seeds) != num_envs:
+        raise ValueError(f"got {len(seeds)} seeds for {num_envs} envs")
+    return seeds
+
+
 class LockstepVectorEnv(VectorEnv):
     """`len(env_fns)` envs made by the given callables, stepped in lockstep (see the module docstring)."""
 
@@ -37,14 +50,7 @@ class LockstepVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
-        if seed is None:
-            seeds = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(self.num_envs)]
-        else:
-            seeds = [None if s is None else int(s) for s in seed]
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        seeds = env_seeds(seed, self.num_envs)
         for i, (env, s) in enumerate(zip(self.envs, seeds)):
             self._obs[i], self._info[i] = env.reset(seed=s, options=options)
         self.done[:] = False

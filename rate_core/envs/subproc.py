@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rate_core.envs.lockstep import LockstepVectorEnv
+from rate_core.envs.lockstep import LockstepVectorEnv, env_seeds
 
 
 def _send_error(connection, error: BaseException) -> None:
@@ -146,14 +146,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
-        if seed is None:
-            seeds = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(self.num_envs)]
-        else:
-            seeds = [None if s is None else int(s) for s in seed]
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        seeds = env_seeds(seed, self.num_envs)
         bounds = np.cumsum([0, *self._shares])
         answers = self._request("reset", [(seeds[lo:hi], options) for lo, hi in zip(bounds[:-1], bounds[1:])])
         self.done[:] = False

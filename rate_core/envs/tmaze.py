@@ -212,15 +212,9 @@ class TMazeVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i, as gymnasium's vector envs do) or one seed per env."""
-        if seed is None:
-            seeds = [None] * self.num_envs
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(self.num_envs)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
-        for i, s in enumerate(seeds):
+        from rate_core.envs.lockstep import env_seeds
+
+        for i, s in enumerate(env_seeds(seed, self.num_envs)):
             rng, _ = gym.utils.seeding.np_random(s)
             self.cue[i], self.noise[i] = _draw_episode(rng, self.episode_length)
         self.position[:] = 0
