@@ -283,7 +283,47 @@ class ImageEncoder(nn.Module):
         self.proj = nn.Sequential(nn.Linear(flat, d_model), nn.Tanh())
 
     def forward(self, images):
+        # Views repeat a lot in grid worlds (a corridor looks the same at every cell): encode each
+        # distinct image of the batch once. Exact: the rows are compared, not just hashed, and the
+        # gradient of a repeated image sums over its uses as it would without the shortcut.
+        distinct = _distinct_images(images) if images.shape[0] >= 32 else None
+        if distinct is not None:
+            first, inverse = distinct
+            return self._encode(images[first])[inverse]
+        return self._encode(images)
+
+    def _encode(self, images):
         return self.proj(self.convs(images.float() / 255.0))
+
+
+_HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _distinct_images(images: torch.Tensor, worth_below: float = 0.75):
+    """(first, inverse) such that images == images[first][inverse], when the batch has few enough
+    distinct images (< worth_below of it) for encoding them alone to pay; else None."""
+    count = images.shape[0]
+    flat = images.reshape(count, -1)
+    if flat.shape[1] % 8:
+        return None
+    try:
+        words = flat.contiguous().view(torch.int64)
+    except RuntimeError:  # storage not 8-byte aligned
+        return None
+    key = (words.shape[1], str(words.device))
+    if key not in _HASH_WEIGHTS:
+        generator = torch.Generator().manual_seed(words.shape[1])
+        weights = torch.randint(-2**62, 2**62, (words.shape[1],), generator=generator) | 1
+        _HASH_WEIGHTS[key] = weights.to(words.device)
+    hashes = (words * _HASH_WEIGHTS[key]).sum(1)  # int64 arithmetic wraps around
+    unique, inverse = torch.unique(hashes, return_inverse=True)
+    if unique.numel() >= worth_below * count:
+        return None
+    positions = torch.arange(count, device=images.device)
+    first = torch.full((unique.numel(),), count, device=images.device).scatter_reduce_(0, inverse, positions, "amin")
+    if not torch.equal(flat, flat[first[inverse]]):  # a hash collision: rare, stay exact
+        return None
+    return first, inverse
 
 
 class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core", tags=["offline-rl", "rate"]):

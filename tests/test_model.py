@@ -264,3 +264,25 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(memory_grad):
         results.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_image_encoder_encodes_repeated_images_once_with_equal_outputs_and_gradients():
+    from rate_core.model import ImageEncoder, _distinct_images
+
+    torch.manual_seed(0)
+    encoder = ImageEncoder((3, 84, 84), 16, (4, 8, 8))
+    distinct = torch.randint(0, 256, (5, 3, 84, 84), dtype=torch.uint8)
+    images = distinct[torch.tensor([0, 1, 0, 2, 3, 1, 4, 0] * 8)]  # 64 images, 5 distinct
+    first, inverse = _distinct_images(images)
+    assert first.numel() == 5 and torch.equal(images[first][inverse], images)
+    outputs = encoder(images)
+    outputs.square().sum().backward()
+    grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    reference = encoder._encode(images)  # every image through the convolutions
+    reference.square().sum().backward()
+    assert torch.allclose(outputs, reference, atol=1e-6)
+    for grad, parameter in zip(grads, encoder.parameters()):
+        assert torch.allclose(grad, parameter.grad, atol=1e-5, rtol=1e-4)
+    # all distinct (or a small batch): the plain path
+    assert _distinct_images(torch.randint(0, 256, (64, 3, 84, 84), dtype=torch.uint8)) is None
