@@ -140,3 +140,19 @@ def test_parallel_collection_writes_the_same_dataset(tmp_path):
     two = load_dataset(collect(TASK, tmp_path / "two", episodes_per_setting=2, seed=5, workers=2), task="tmaze")
     for name in ("observations", "actions", "rewards"):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
+
+
+def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    checkpoint = train(_tiny_config(dataset_path, tmp_path / "decile", epochs=1))
+    out = tmp_path / "eval.json"
+    main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, target_return="top-decile", data=dataset_path,
+              json=out))
+    returns = load_dataset(dataset_path).episode_returns()
+    assert len(returns) == load_dataset(dataset_path).num_episodes > 1
+    written = json.loads(out.read_text())
+    assert written["protocol"]["target_return"] == pytest.approx(np.percentile(returns, 90), abs=1e-3)
+    with pytest.raises(SystemExit, match="top-decile reads the dataset"):
+        main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, target_return="top-decile",
+                  data=tmp_path / "no_data", json=out))

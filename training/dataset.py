@@ -83,6 +83,9 @@ class Dataset:
     def episode_lengths(self) -> np.ndarray:
         return np.diff(self.episode_starts)
 
+    def episode_returns(self) -> np.ndarray:
+        return np.asarray(self.returns_to_go[self.episode_starts[:-1]], dtype=np.float64)
+
     def window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rtg (L,), observations (L, ...), actions (L,)) of `length` steps from `start` in `episode`,
         padded past the episode's end: action ACTION_PAD, return-to-go 0, last observation repeated."""

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, run_episodes
 from rate_core.tasks import Task, get_task
+from training.dataset import DatasetError, load_dataset
 
 
 @dataclass
@@ -32,8 +33,11 @@ class Args:
     the protocol's)"""
     step_cap: int | None = None
     """override the episode step cap of tasks that have one (Minigrid 500, ViZDoom 2100)"""
-    target_return: float | None = None
-    """override the protocol's target return"""
+    target_return: float | Literal["top-decile"] | None = None
+    """override the protocol's target return: a number, or top-decile (the 90th percentile of the episode
+    returns of the dataset in --data)"""
+    data: Path | None = None
+    """dataset for --target-return top-decile (default: data/<task>/expert)"""
     episodes: int | None = None
     """episodes per setting (default: the protocol's)"""
     seed: int = 0
@@ -152,7 +156,15 @@ def main(args: Args) -> None:
         if "step_cap" not in task.default_settings:
             raise SystemExit(f"error: task {task.name} has no step cap setting")
         overrides["step_cap"] = args.step_cap
-    if args.target_return is not None:
+    if args.target_return == "top-decile":
+        data = args.data or Path("data") / task.name / "expert"
+        try:
+            returns = load_dataset(data, task.name).episode_returns()
+        except DatasetError as error:
+            raise SystemExit(f"error: --target-return top-decile reads the dataset's returns: {error}")
+        protocol = replace(protocol, target_return=round(float(np.percentile(returns, 90)), 3))
+        print(f"top-decile return of {data} ({len(returns)} episodes): {protocol.target_return}")
+    elif args.target_return is not None:
         protocol = replace(protocol, target_return=args.target_return)
     episodes = args.episodes or protocol.episodes
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
