@@ -100,6 +100,12 @@ def test_resume_refuses_different_settings(dataset_path, tmp_path):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, batch_size=2, resume=True))
 
 
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(dataset_path, tmp_path):
+    train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
+    with pytest.raises(SystemExit, match="already holds a run; continue it with --resume"):
+        train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
+
+
 def test_detached_training_runs_and_records_metadata(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "det", epochs=1, memory_grad="detached")))
     assert model.training_info["memory_grad"] == "detached" and model.task == "tmaze"

@@ -234,6 +234,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             print(f"resuming {out} after epoch {start_epoch}")
     elif config.resume and main_process:
         print(f"nothing to resume in {out}; starting fresh")
+    elif (out / "log.jsonl").exists() or last.exists():
+        raise SystemExit(f"error: {out} already holds a run; continue it with --resume, or give another --out "
+                         f"(or delete the folder to start over)")
     runner = SegmentLosses(model)
     if config.compile:
         runner = torch.compile(runner)
