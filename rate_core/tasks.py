@@ -255,7 +255,7 @@ register(Task(
     evaluation=EvalProtocol(setting="size", values=(11, 21, 41, 61, 91, 201), episodes=100, sample_actions=True,
                             target_return=0.96, metric="success", balance_key="cue",
                             group_names=((0, "key"), (1, "ball"))),
-    train=TrainDefaults(epochs=25, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=200,
+    train=TrainDefaults(epochs=20, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=200,
                         eval_values=(41, 91)),
     default_settings={"size": 41, "step_cap": 500},
     action_names=("left", "right", "forward"),
