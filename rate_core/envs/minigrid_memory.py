@@ -133,14 +133,14 @@ _DIRECTIONS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # minigrid's agent_dir: 0 east
 class MinigridMemoryExpert:
     """Plans on the privileged grid, but acts on what an agent can know: first it makes sure the cue
     has been in its 3x3 view, then walks (shortest path) to the junction at the end of the hallway
-    and turns to one side (north for a key cue, south for a ball, 80% of the time) until that side's
+    and turns to one side (north for a key cue, south for a ball) until that side's
     object is in view; it walks to it if it matches the cue, else turns around to the other one. (Walking straight to the right side
     would need the privileged answer: from the junction the objects are out of view.)
     Randomness for diverse data: a few random turns or steps at the start, and with probability
     `noise` per step a random action that the planner then recovers from; all drawn from the
     episode's seed."""
 
-    def __init__(self, noise: float = 0.05, wander: int = 4, look_by_cue: float = 0.8):
+    def __init__(self, noise: float = 0.05, wander: int = 4, look_by_cue: float = 1.0):
         self.noise, self.wander, self.look_by_cue = noise, wander, look_by_cue
 
     def reset(self, env: MinigridMemoryEnv, info: dict) -> None:
@@ -148,12 +148,13 @@ class MinigridMemoryExpert:
         self.rng = np.random.default_rng(env.np_random.integers(2**63))
         self.seen_cue = env.cue_in_view()
         self.looked = False
-        # Which side to look at first: north for a key, south for a ball, 80% of the time (the other
-        # side otherwise). Any order is fair play once the cue was seen; tying it to the cue gives the
-        # data a choice that depends on the cue alone. Without one, the only cue-dependent action is
-        # the XOR at the look pose (go if the seen object matches the cue), and models trained on
-        # that data stayed at chance: nothing pulls the cue into their context until they already
-        # compute the XOR (T-Maze, where the cue alone sets the turn, is learnt in ~1,000 updates).
+        # Which side to look at first: north for a key, south for a ball. Any order is fair play once
+        # the cue was seen; tying it to the cue gives the data a choice that depends on the cue alone.
+        # With a random side, the only cue-dependent action is the XOR at the look pose (go if the
+        # seen object matches the cue), and models trained on that data stayed at chance: nothing
+        # pulls the cue into their context until they already compute the XOR. (With the rule kept
+        # 80% of the time, a model learnt the rule and then the look-pose choice from its own turn,
+        # right only when the rule was kept.)
         preferred = 3 if env._cue == 0 else 1  # minigrid's agent_dir: 3 north, 1 south
         self.look_dir = preferred if self.rng.random() < self.look_by_cue else 4 - preferred
         self.blocked = set()
