@@ -163,8 +163,9 @@ def build_demo(warm: bool = True) -> gr.Blocks:
     for name in tasks:
         first = default_inputs(name)
         examples.append(first)
-        if get_task(name).demo_setting:
-            examples.append([*first[:3], 1, get_task(name).demo_setting.maximum // 2, *first[5:]])
+        setting = get_task(name).demo_setting
+        if setting:
+            examples.append([*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]])
     with gr.Blocks(title="RATE: memory transformers for offline RL") as demo:
         gr.Markdown(INTRO)
         if not tasks:

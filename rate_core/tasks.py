@@ -61,6 +61,8 @@ class DemoSetting:
     maximum: int
     default: int
     info: str = ""
+    example: int | None = None
+    """the value of the app's second example (default: half the maximum)"""
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,8 @@ register(Task(
                         eval_values=(41, 91)),
     default_settings={"size": 41, "step_cap": 500},
     action_names=("left", "right", "forward"),
-    demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41,
-                             info="the hallway is about size - 5 cells long; RATE was trained at 41"),
+    demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91,
+                             info="the hallway is about size - 5 cells long; trained at 11, 21 and 41"),
     explain=_minigrid_explain,
 ))
 

@@ -33,3 +33,9 @@ def test_shipped_tmaze_rate_remembers_the_cue_across_segments():
     model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/tmaze/rate")
     results = evaluate(model, get_task("tmaze"), values=(600,), episodes=10, seed=123, show_progress=False)
     assert results[0]["success_rate"] == 1.0  # 12 segments after the cue was seen
+
+
+def test_shipped_minigrid_rate_carries_the_cue_down_a_long_hallway():
+    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/minigrid_memory/rate")
+    results = evaluate(model, get_task("minigrid_memory"), values=(91,), episodes=10, seed=123, show_progress=False)
+    assert results[0]["success_rate"] >= 0.8  # the cue is 4-5 segments back at the junction (chance: 0.5)
