@@ -123,6 +123,23 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
     assert again[2]["left"]["steps"] == 59
 
 
+def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
+    """A second task through the same UI, with no app code of its own: grid size as the setting."""
+    from gradio_client import Client
+
+    client = Client(served_app, verbose=False)
+    left, right, summary = client.predict("minigrid_memory", "shipped: rate", "shipped: dt", 0, 21, 0.96, 0, True,
+                                          api_name="/run_episodes")
+    assert summary["settings"] == {"size": 21} and summary["info"]["cue"] in (0, 1)
+    assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
+    frames = max(summary["left"]["steps"], summary["right"]["steps"]) + 1
+    for video in (left, right):
+        assert frame_count(video["video"] if isinstance(video, dict) else video) == frames
+    with pytest.raises(Exception, match="odd"):
+        client.predict("minigrid_memory", "shipped: rate", "shipped: dt", 0, 20, 0.96, 0, True,
+                       api_name="/run_episodes")
+
+
 def test_app_py_starts_from_the_command_line():
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
