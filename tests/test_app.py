@@ -130,7 +130,7 @@ def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
     client = Client(served_app, verbose=False)
     left, right, summary = client.predict("minigrid_memory", "shipped: rate", "shipped: dt", 0, 21, 0.96, 0, True,
                                           api_name="/run_episodes")
-    assert summary["settings"] == {"size": 21} and summary["info"]["cue"] in (0, 1)
+    assert summary["settings"] == {"size": 21, "step_cap": 500} and summary["info"]["cue"] in (0, 1)
     assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
     frames = max(summary["left"]["steps"], summary["right"]["steps"]) + 1
     for video in (left, right):
