@@ -87,3 +87,15 @@ def test_lockstep_vector_env_equals_single_envs_and_leaves_finished_ones_alone()
     frames = vector.render()
     assert len(frames) == 3 and frames[0].ndim == 3
     assert set(info) >= {"cue", "success"} and info["cue"].shape == (3,)
+
+
+@pytest.mark.parametrize("size", [7, 41, 201])
+def test_render_shows_the_map_and_the_agents_view_beside_it(size):
+    env = MinigridMemoryEnv(size=size, render_mode="rgb_array")
+    obs, _ = env.reset(seed=1)
+    frame = env.render()
+    view = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
+    assert frame.dtype == np.uint8 and frame.shape[0] >= view.shape[0]
+    assert np.array_equal(frame[:view.shape[0], -view.shape[1]:], view)
+    obs, *_ = env.step(0)  # the view follows the agent
+    assert np.array_equal(env.render()[:view.shape[0], -view.shape[1]:], obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))

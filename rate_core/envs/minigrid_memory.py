@@ -29,6 +29,7 @@ VIEW_TILE = 28
 ACTIONS = ("left", "right", "forward")
 CUE_TYPES = ("key", "ball")
 FRAME_PIXELS = 480  # the full-grid render for videos is at most about this wide
+VIEW_ZOOM, VIEW_GAP = 2, 8  # the agent's view beside the map in render(): 2x, after an 8-pixel gap
 
 
 class MinigridMemoryEnv(gym.Env):
@@ -95,7 +96,14 @@ class MinigridMemoryEnv(gym.Env):
         x, y = env.agent_pos
         frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = Grid.render_tile(
             None, agent_dir=env.agent_dir, highlight=True, tile_size=tile)
-        return frame
+        # On a big grid a cell is a few pixels wide: show what the agent sees next to the map, twice
+        # the observation's size (the agent at the bottom middle, facing up).
+        view = self._observation().transpose(1, 2, 0).repeat(VIEW_ZOOM, 0).repeat(VIEW_ZOOM, 1)
+        panel = np.full((max(frame.shape[0], view.shape[0]), view.shape[1] + VIEW_GAP, 3), 30, dtype=np.uint8)
+        panel[:view.shape[0], VIEW_GAP:] = view
+        if frame.shape[0] < panel.shape[0]:
+            frame = np.pad(frame, ((0, panel.shape[0] - frame.shape[0]), (0, 0), (0, 0)), constant_values=30)
+        return np.concatenate([frame, panel], axis=1)
 
     # Privileged state, for the expert.
     @property
