@@ -237,8 +237,7 @@ def _minigrid_explain(reset_info: dict) -> str:
 _MINIGRID_RATE = ModelConfig(
     mode="rate", obs_kind="image", obs_shape=(3, 84, 84), act_dim=3, context_length=30, sections=3,
     d_model=64, n_layer=4, n_head=4, d_head=16, use_ffn=True, d_inner=256, num_mem_tokens=10, mem_len=0,
-    n_head_ca=2,
-    dropout=0.1, dropatt=0.0, conv_channels=(16, 32, 32),
+    n_head_ca=2, dropout=0.1, dropatt=0.0, conv_channels=(16, 32, 32),
 )
 
 register(Task(

@@ -99,10 +99,8 @@ class MinigridMemoryEnv(gym.Env):
         # On a big grid a cell is a few pixels wide: show what the agent sees next to the map, twice
         # the observation's size (the agent at the bottom middle, facing up).
         view = self._observation().transpose(1, 2, 0).repeat(VIEW_ZOOM, 0).repeat(VIEW_ZOOM, 1)
-        panel = np.full((max(frame.shape[0], view.shape[0]), view.shape[1] + VIEW_GAP, 3), 30, dtype=np.uint8)
+        panel = np.full((frame.shape[0], view.shape[1] + VIEW_GAP, 3), 30, dtype=np.uint8)  # the map is taller
         panel[:view.shape[0], VIEW_GAP:] = view
-        if frame.shape[0] < panel.shape[0]:
-            frame = np.pad(frame, ((0, panel.shape[0] - frame.shape[0]), (0, 0), (0, 0)), constant_values=30)
         return np.concatenate([frame, panel], axis=1)
 
     # Privileged state, for the expert.
@@ -141,9 +139,10 @@ _DIRECTIONS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # minigrid's agent_dir: 0 east
 class MinigridMemoryExpert:
     """Plans on the privileged grid, but acts on what an agent can know: first it makes sure the cue
     has been in its 3x3 view, then walks (shortest path) to the junction at the end of the hallway
-    and turns to one side (north for a key cue, south for a ball) until that side's
-    object is in view; it walks to it if it matches the cue, else turns around to the other one. (Walking straight to the right side
-    would need the privileged answer: from the junction the objects are out of view.)
+    and turns to one side (north for a key cue, south for a ball) until that side's object is in
+    view; it walks to it if it matches the cue, else turns around to the other one. (Walking
+    straight to the right side would need the privileged answer: from the junction the objects are
+    out of view.)
     Randomness for diverse data: a few random turns or steps at the start, and with probability
     `noise` per step a random action that the planner then recovers from; all drawn from the
     episode's seed."""
@@ -163,7 +162,7 @@ class MinigridMemoryExpert:
         # pulls the cue into their context until they already compute the XOR. (With the rule kept
         # 80% of the time, a model learnt the rule and then the look-pose choice from its own turn,
         # right only when the rule was kept.)
-        preferred = 3 if env._cue == 0 else 1  # minigrid's agent_dir: 3 north, 1 south
+        preferred = 3 if info["cue"] == 0 else 1  # minigrid's agent_dir: 3 north, 1 south
         self.look_dir = preferred if self.rng.random() < self.look_by_cue else 4 - preferred
         self.blocked = set()
         self.wander_left = int(self.rng.integers(0, self.wander + 1))
