@@ -140,6 +140,11 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
+    # Under autocast the projections come in a lower precision than the (float32) biases: the kernel
+    # works in one dtype, the query's (the casts carry the gradients back).
+    dtype = query.dtype
+    key, value, content_bias, position_bias, position_key = (
+        t.to(dtype) for t in (key, value, content_bias, position_bias, position_key))
     return _RelativeAttention.apply(query.contiguous(), key, value, content_bias,
                                     position_bias, position_key.contiguous(), allowed, scale, dropout, seed, chunk)
 

@@ -65,6 +65,23 @@ def test_matches_plain_attention_values_and_gradients(chunk):
         assert torch.allclose(a, b, atol=1e-10), name
 
 
+def test_mixed_precision_inputs_as_autocast_gives_them():
+    # under autocast the projections are bfloat16 while the biases stay float32 parameters
+    inputs = random_inputs()
+    *tensors, allowed = inputs
+    low = [t.detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(tensors)]
+    ours = relative_attention(*low, allowed, scale=0.5)
+    reference = plain_attention(*tensors, allowed, scale=0.5)
+    assert ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.double(), reference, atol=0.05)
+    weights = torch.randn_like(reference)
+    grads_ours = torch.autograd.grad((ours.double() * weights).sum(), low)
+    grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
+    for t, a, b in zip(low, grads_ours, grads_ref):
+        assert a.dtype == t.dtype
+        assert torch.allclose(a.double(), b, atol=0.1, rtol=0.05)
+
+
 def test_gradcheck_with_dropout():
     *tensors, allowed = random_inputs(rows=3, q_len=3, key_len=4, extra=1, n_head=3, d_head=2)
     torch.manual_seed(0)

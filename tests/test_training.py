@@ -106,6 +106,17 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(dataset_path, tmp_path):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
 
 
+def test_bf16_autocast_trains_on_the_cpu(dataset_path, tmp_path):
+    before = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fp32", epochs=1)))
+    after = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "bf16", epochs=1, bf16=True)))
+    log = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses and np.isfinite(losses).all()
+    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values()):
+        assert a.dtype == b.dtype, name  # the weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))
+
+
 def test_detached_training_runs_and_records_metadata(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "det", epochs=1, memory_grad="detached")))
     assert model.training_info["memory_grad"] == "detached" and model.task == "tmaze"
@@ -162,3 +173,22 @@ def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_
     with pytest.raises(SystemExit, match="top-decile reads the dataset"):
         main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, target_return="top-decile",
                   data=tmp_path / "no_data", json=out))
+
+
+def test_collector_starts_at_the_tasks_dataset_seed(tmp_path, monkeypatch):
+    import dataclasses
+
+    import training.collect as collect_module
+
+    task = dataclasses.replace(TASK, dataset_seed=7)
+    monkeypatch.setattr(collect_module, "get_task", lambda name: task)
+    collect_module.main(collect_module.Args(task="tmaze", out=tmp_path / "d", episodes=1))
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["settings"]["seed"] == 7
+    expected = load_dataset(collect(TASK, tmp_path / "e", episodes_per_setting=1, seed=7), task="tmaze")
+    assert np.array_equal(load_dataset(tmp_path / "d", task="tmaze").actions, expected.actions)
+
+
+def test_memory_maze_training_mazes_are_not_evaluation_mazes():
+    # the evaluator's seeds start at 0 and balanced_seeds looks at most 100 * count + 100 seeds ahead
+    task = get_task("memory_maze")
+    assert task.dataset_seed > 100 * task.evaluation.episodes + 100

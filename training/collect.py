@@ -28,8 +28,9 @@ class Args:
     """dataset folder (default: data/<task>/expert)"""
     episodes: int | None = None
     """episodes per environment setting (default: the task's)"""
-    seed: int = 0
-    """seed of the first episode; episode i uses seed + i"""
+    seed: int | None = None
+    """seed of the first episode; episode i uses seed + i (default: the task's dataset_seed, far from the
+    evaluator's seeds where seeds draw the layout)"""
     workers: int = 1
     """processes running the expert in parallel (the dataset is the same for any number)"""
 
@@ -122,7 +123,8 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
 def main(args: Args) -> None:
     task = get_task(args.task)
     out = args.out or Path("data") / task.name / "expert"
-    collect(task, out, args.episodes or task.dataset_episodes, args.seed, args.workers)
+    seed = task.dataset_seed if args.seed is None else args.seed
+    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers)
 
 
 if __name__ == "__main__":

