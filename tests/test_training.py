@@ -188,7 +188,9 @@ def test_collector_starts_at_the_tasks_dataset_seed(tmp_path, monkeypatch):
     assert np.array_equal(load_dataset(tmp_path / "d", task="tmaze").actions, expected.actions)
 
 
-def test_memory_maze_training_mazes_are_not_evaluation_mazes():
-    # the evaluator's seeds start at 0 and balanced_seeds looks at most 100 * count + 100 seeds ahead
-    task = get_task("memory_maze")
+@pytest.mark.parametrize("name", ["memory_maze", "vizdoom_two_colors"])
+def test_training_episodes_are_not_evaluation_episodes(name):
+    # seeds draw the maze / spawn and items there; the evaluator's seeds start at 0 and
+    # balanced_seeds looks at most 100 * count + 100 seeds ahead
+    task = get_task(name)
     assert task.dataset_seed > 100 * task.evaluation.episodes + 100
