@@ -140,6 +140,25 @@ def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
                        api_name="/run_episodes")
 
 
+def test_api_plays_memory_maze_with_a_step_cap(served_app):
+    """A 3D task with no app code of its own: no setting to change, a short step cap (the episode
+    is 1000 steps), MuJoCo frames in the video."""
+    from gradio_client import Client
+
+    client = Client(served_app, verbose=False)
+    left, right, summary = client.predict("memory_maze", "shipped: rate", "shipped: dt", 3, None, 18.1, 40, True,
+                                          api_name="/run_episodes")
+    assert summary["settings"] == {"step_cap": 1000}
+    assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
+    assert summary["left"]["steps"] == summary["right"]["steps"] == 40
+    for video in (left, right):
+        path = video["video"] if isinstance(video, dict) else video
+        assert frame_count(path) == 41
+        with imageio.get_reader(path, "ffmpeg") as reader:
+            frame = reader.get_data(10)
+        assert frame.std() > 10  # a rendered maze, not a blank image
+
+
 def test_app_py_starts_from_the_command_line():
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
