@@ -39,3 +39,10 @@ def test_shipped_minigrid_rate_carries_the_cue_down_a_long_hallway():
     model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/minigrid_memory/rate")
     results = evaluate(model, get_task("minigrid_memory"), values=(91,), episodes=10, seed=123, show_progress=False)
     assert results[0]["success_rate"] >= 0.8  # the cue is 4-5 segments back at the junction (chance: 0.5)
+
+
+def test_shipped_memory_maze_rate_finds_targets():
+    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/memory_maze/rate")
+    results = evaluate(model, get_task("memory_maze"), values=(300,), episodes=6, seed=123, show_progress=False)
+    # about 2 targets per 300 steps (the expert: about 8; uniformly random actions: well under 1)
+    assert results[0]["mean_return"] >= 1.0
