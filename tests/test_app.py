@@ -89,6 +89,11 @@ def test_bad_checkpoints_are_refused_with_a_message(tmp_path):
         load_model(str(corrupt), "unit_test")
 
 
+def video_file(video) -> str:
+    """The file of a video output as the client returns it (a path, or a dict holding one)."""
+    return video["video"] if isinstance(video, dict) else video
+
+
 def frame_count(path) -> int:
     """Frames that decode from a video file."""
     with imageio.get_reader(path, "ffmpeg") as reader:
@@ -108,8 +113,7 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
     assert summary["settings"] == {"episode_length": 150} and summary["info"]["cue"] in (-1, 1)
     frames = max(summary["left"]["steps"], summary["right"]["steps"]) + 1
     for video in (left, right):
-        path = video["video"] if isinstance(video, dict) else video
-        assert frame_count(path) == frames
+        assert frame_count(video_file(video)) == frames
     print(f"T-Maze pair at T = 150 through the API: {seconds:.2f} s")
     bad = tmp_path / "broken"
     bad.mkdir()
@@ -134,7 +138,7 @@ def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
     assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
     frames = max(summary["left"]["steps"], summary["right"]["steps"]) + 1
     for video in (left, right):
-        assert frame_count(video["video"] if isinstance(video, dict) else video) == frames
+        assert frame_count(video_file(video)) == frames
     with pytest.raises(Exception, match="odd"):
         client.predict("minigrid_memory", "shipped: rate", "shipped: dt", 0, 20, 0.96, 0, True,
                        api_name="/run_episodes")
@@ -152,7 +156,7 @@ def test_api_plays_memory_maze_with_a_step_cap(served_app):
     assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
     assert summary["left"]["steps"] == summary["right"]["steps"] == 40
     for video in (left, right):
-        path = video["video"] if isinstance(video, dict) else video
+        path = video_file(video)
         assert frame_count(path) == 41
         with imageio.get_reader(path, "ffmpeg") as reader:
             frame = reader.get_data(10)

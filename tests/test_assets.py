@@ -9,8 +9,8 @@ from rate_core.checkpoint import load_checkpoint
 from rate_core.tasks import get_task
 from training.evaluate import evaluate
 
-CHECKPOINTS = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "assets" / "checkpoints").glob(
-    "*/*/config.json"))
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
+CHECKPOINTS = sorted(p.parent for p in ASSETS.glob("*/*/config.json"))
 
 
 def test_some_checkpoints_are_shipped():
@@ -30,19 +30,19 @@ def test_checkpoint_loads_and_has_its_evaluation(folder):
 
 
 def test_shipped_tmaze_rate_remembers_the_cue_across_segments():
-    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/tmaze/rate")
+    model = load_checkpoint(ASSETS / "tmaze/rate")
     results = evaluate(model, get_task("tmaze"), values=(600,), episodes=10, seed=123, show_progress=False)
     assert results[0]["success_rate"] == 1.0  # 12 segments after the cue was seen
 
 
 def test_shipped_minigrid_rate_carries_the_cue_down_a_long_hallway():
-    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/minigrid_memory/rate")
+    model = load_checkpoint(ASSETS / "minigrid_memory/rate")
     results = evaluate(model, get_task("minigrid_memory"), values=(91,), episodes=10, seed=123, show_progress=False)
     assert results[0]["success_rate"] >= 0.8  # the cue is 4-5 segments back at the junction (chance: 0.5)
 
 
 def test_shipped_memory_maze_rate_finds_targets():
-    model = load_checkpoint(Path(__file__).resolve().parent.parent / "assets/checkpoints/memory_maze/rate")
+    model = load_checkpoint(ASSETS / "memory_maze/rate")
     results = evaluate(model, get_task("memory_maze"), values=(300,), episodes=6, seed=123, show_progress=False)
     # about 2 targets per 300 steps (the expert: about 8; uniformly random actions: well under 1)
     assert results[0]["mean_return"] >= 1.0
