@@ -68,6 +68,15 @@ class _RelativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, content_bias, position_bias, position_key, allowed, scale, dropout, seed,
                 chunk):
+        # The inputs come in one dtype (relative_attention casts them); autocast must not re-cast parts
+        # of the kernel (on CUDA it runs softmax in float32, and bmm's out= would then mismatch).
+        with torch.autocast(query.device.type, enabled=False):
+            return _RelativeAttention._forward(ctx, query, key, value, content_bias, position_bias, position_key,
+                                               allowed, scale, dropout, seed, chunk)
+
+    @staticmethod
+    def _forward(ctx, query, key, value, content_bias, position_bias, position_key, allowed, scale, dropout, seed,
+                 chunk):
         rows, n_head = query.shape[0], position_key.shape[0]
         padded_key = F.pad(position_key, (0, 0, 0, 1))  # spare zero row -> spare column of the scores
         out = query.new_empty(rows, query.shape[1], value.shape[2])
@@ -88,6 +97,11 @@ class _RelativeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _RelativeAttention._backward(ctx, grad_out.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, key, value, content_bias, position_bias, padded_key, allowed = ctx.saved_tensors
         scale, dropout, seed, chunk = ctx.config
         rows, q_len = query.shape[:2]

@@ -82,6 +82,22 @@ def test_mixed_precision_inputs_as_autocast_gives_them():
         assert torch.allclose(a.double(), b, atol=0.1, rtol=0.05)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_inside_autocast(device):
+    # autocast stays on around the kernel in training (on CUDA it would run softmax in float32)
+    *tensors, allowed = random_inputs(dtype=torch.float32)
+    tensors = [t.detach().to(device).requires_grad_() for t in tensors]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        low = [t.to(torch.bfloat16) if i < 3 else t for i, t in enumerate(tensors)]
+        ours = relative_attention(*low, allowed.to(device), scale=0.5, dropout=0.1)
+    assert ours.dtype == torch.bfloat16
+    ours.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in tensors)
+
+
 def test_gradcheck_with_dropout():
     *tensors, allowed = random_inputs(rows=3, q_len=3, key_len=4, extra=1, n_head=3, d_head=2)
     torch.manual_seed(0)

@@ -106,9 +106,11 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(dataset_path, tmp_path):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
 
 
-def test_bf16_autocast_trains_on_the_cpu(dataset_path, tmp_path):
-    before = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fp32", epochs=1)))
-    after = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "bf16", epochs=1, bf16=True)))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here"))])
+def test_bf16_autocast_trains(dataset_path, tmp_path, device):
+    before = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fp32", epochs=1, device=device)))
+    after = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "bf16", epochs=1, bf16=True, device=device)))
     log = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses and np.isfinite(losses).all()

@@ -238,6 +238,37 @@ def test_expert_collects_right_items_for_a_bonus():
     env.close()
 
 
+class _PlacedItems:
+    """Stands in for the env in TwoColorsExpert.act: a fixed player pose and items."""
+
+    def __init__(self, pose, items):
+        self.pose, self.items = np.array(pose, dtype=float), np.array(items, dtype=float).reshape(-1, 3)
+        self.np_random = np.random.default_rng(0)
+
+    def objects(self):
+        return self.pose, self.items
+
+
+def _expert_action(items, is_red=1):
+    expert = TwoColorsExpert(noise=0.0)
+    env = _PlacedItems([0.0, 0.0, 0.0], items)  # at the origin, facing +x
+    expert.reset(env, {"is_red": is_red})
+    return expert.act(env, None, None)
+
+
+def test_expert_goes_only_for_items_on_screen():
+    assert _expert_action([[300, 0, 1]]) == 2  # straight ahead: forward
+    assert _expert_action([[300, 0, 0]], is_red=0) == 2
+    assert _expert_action([[-300, 0, 1], [0, -300, 0]]) == 0  # right item behind, nothing on screen: search turn
+    assert _expert_action([[300, 300, 1]]) == 0  # 45 degrees to the left, on screen: turns left to it
+    assert _expert_action([[300, -300, 1]]) == 1
+
+
+def test_expert_steers_around_a_wrong_item_in_its_way():
+    assert _expert_action([[400, 0, 1]]) == 2
+    assert _expert_action([[400, 0, 1], [100, -10, 0]]) != 2  # a wrong item just ahead: it does not walk on
+
+
 def test_vector_env_matches_single_envs_and_ignores_finished_ones():
     vector = make_vector_env(3, step_cap=4, render_mode="rgb_array")
     obs, info = vector.reset(seed=[5, 6, 7])
