@@ -12,8 +12,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from rate_core.envs.lockstep import LockstepVectorEnv
-from rate_core.envs.memory_maze import (ACTIONS, FRAME_SIZE, OBS_SHAPE, MemoryMazeEnv, MemoryMazeExpert,
-                                        _update_activation_vectorised, grid_distances)
+from rate_core.envs.memory_maze import (ACTIONS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert, MemoryMazeEnv,
+                                        MemoryMazeExpert, _update_activation_vectorised, grid_distances)
 from rate_core.envs.subproc import SubprocLockstepVectorEnv
 from rate_core.envs.tmaze import TMazeEnv
 from rate_core.tasks import get_task
@@ -202,3 +202,41 @@ def test_subproc_vector_env_matches_lockstep_on_memory_maze():
     finally:
         ours.close()
         reference.close()
+
+
+class _Corridors:
+    """Stands in for MemoryMazeEnv in the experts: a fixed layout, pose and targets.
+
+        y=2  . . . # .      '#': wall; the agent '@' at (0.5, 0.5) faces +x along the bottom row,
+        y=1  . # # # .      target 0 sits at its far end, target 1 up the left column, target 2
+        y=0  @ . . . 0      behind the wall in the top right corner.
+    """
+
+    maze_layout = np.array([[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 1, 0, 1]], dtype=np.uint8)
+    targets_pos = np.array([[4.5, 0.5], [0.5, 2.5], [4.5, 2.5]])
+
+    def __init__(self, target_index: int, agent_dir=(1.0, 0.0)):
+        self.target_index = target_index
+        self.agent_pos, self.agent_dir = np.array([0.5, 0.5]), np.array(agent_dir)
+        self.np_random = np.random.default_rng(0)
+
+
+def test_exploring_expert_remembers_only_targets_it_has_seen():
+    env = _Corridors(target_index=0)
+    expert = ExploringMemoryMazeExpert(noise=0.0)
+    expert.reset(env, {})
+    assert expert.act(env, None, None) == 1  # target 0 is straight ahead in view: walk on
+    assert expert.seen_targets == {0}  # target 1 is 90 degrees off, target 2 behind a wall
+    assert expert.seen[0].all() and not expert.seen[2].any()
+    env.target_index = 2
+    assert expert.act(env, None, None) == 2  # unseen target: explore the nearest unseen cell, (0, 1) to the left
+    env.agent_dir = np.array([0.0, 1.0])  # now facing up the left column
+    expert.act(env, None, None)
+    assert expert.seen_targets == {0, 1}
+
+
+def test_privileged_expert_heads_for_an_unseen_target():
+    env = _Corridors(target_index=2)
+    expert = MemoryMazeExpert(noise=0.0)
+    expert.reset(env, {})
+    assert expert.act(env, None, None) == 1  # the shortest path to target 2 starts along the bottom row

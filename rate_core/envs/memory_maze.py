@@ -314,8 +314,11 @@ class MemoryMazeExpert:
         if self.noise and self.rng.random() < self.noise:
             return int(self.rng.integers(len(ACTIONS)))
         position = np.asarray(env.agent_pos, dtype=float)
-        aim = self._aim_point(position, env.target_index, env.targets_pos[env.target_index])
-        heading = env.agent_dir
+        target = env.target_index
+        return self._steer(position, env.agent_dir, self._aim_point(position, self.distances[target],
+                                                                    env.targets_pos[target]))
+
+    def _steer(self, position: np.ndarray, heading: np.ndarray, aim: np.ndarray) -> int:
         to_aim = aim - position
         off = np.degrees(np.arctan2(heading[0] * to_aim[1] - heading[1] * to_aim[0], heading @ to_aim))  # > 0: left
         if abs(off) <= self.aim:
@@ -324,9 +327,9 @@ class MemoryMazeExpert:
             return 4 if off > 0 else 5
         return 2 if off > 0 else 3
 
-    def _aim_point(self, position: np.ndarray, target: int, target_pos: np.ndarray) -> np.ndarray:
-        """The farthest cell centre along the shortest path (up to `lookahead` cells) in clear sight."""
-        distance = self.distances[target]
+    def _aim_point(self, position: np.ndarray, distance: np.ndarray, goal_pos: np.ndarray) -> np.ndarray:
+        """The farthest cell centre along the shortest path (up to `lookahead` cells) to `goal_pos`
+        (whose cell has `distance` 0) in clear sight."""
         cell = self._cell(position)
         path = []
         while len(path) < self.lookahead and distance[cell[1], cell[0]] > 0:
@@ -335,8 +338,8 @@ class MemoryMazeExpert:
                         and distance[y + dy, x + dx] >= 0), key=lambda c: distance[c[1], c[0]])
             path.append(cell)
         if not path:
-            return np.asarray(target_pos, dtype=float)
-        centres = [np.asarray(target_pos, dtype=float) if distance[y, x] == 0 else np.array([x + 0.5, y + 0.5])
+            return np.asarray(goal_pos, dtype=float)
+        centres = [np.asarray(goal_pos, dtype=float) if distance[y, x] == 0 else np.array([x + 0.5, y + 0.5])
                    for x, y in path]
         for centre in reversed(centres[1:]):
             if self._clear(position, centre):
@@ -350,20 +353,79 @@ class MemoryMazeExpert:
     def _free(self, x: int, y: int) -> bool:
         return 0 <= y < self.layout.shape[0] and 0 <= x < self.layout.shape[1] and bool(self.layout[y, x])
 
-    def _clear(self, start: np.ndarray, end: np.ndarray) -> bool:
+    def _clear(self, start: np.ndarray, end: np.ndarray, clearance: float | None = None) -> bool:
         """Whether a ball can roll straight from `start` to `end`: points along the line and
-        `clearance` to either side of it are all in free cells."""
+        `clearance` (default: the class's) to either side of it are all in free cells."""
         line = end - start
         length = float(np.hypot(*line))
         if length == 0:
             return True
-        side = np.array([-line[1], line[0]]) / length * self.clearance
+        side = np.array([-line[1], line[0]]) / length * (self.clearance if clearance is None else clearance)
         t = np.linspace(0.0, 1.0, int(length / 0.1) + 2)[:, None]
         points = np.concatenate([start + t * line + offset for offset in (0.0, side, -side)])
         cells = np.floor(points).astype(int)
         inside = ((cells >= 0) & (cells < np.array(self.layout.shape[::-1]))).all(axis=1)
         return bool(inside.all() and self.layout[cells[:, 1], cells[:, 0]].all())
 
+
+
+class ExploringMemoryMazeExpert(MemoryMazeExpert):
+    """Goes for the current target only once it has seen it; until then it explores.
+
+    MemoryMazeExpert walks straight to targets it has never seen, which no observation explains: a
+    policy cloned from it learns to wander. This one remembers the targets and the free cells that
+    came into its view (within `fov` degrees of its heading, `sight` cells away, in a straight
+    line through free cells). While the current target is unseen it walks to the nearest free cell
+    it has not seen yet; once seen, the shortest path as its parent (the layout stays privileged:
+    an agent learns it by looking around).
+    """
+
+    fov = 40.0  # half-angle of the view: the egocentric camera has fovy 80 degrees and a square image
+    sight = 6.0  # cells: a target farther away is a few pixels
+
+    def reset(self, env: MemoryMazeEnv, info: dict) -> None:
+        super().reset(env, info)
+        self.seen_targets: set[int] = set()
+        self.seen = np.zeros(self.layout.shape, dtype=bool)
+        self._to_cell: dict[tuple[int, int], np.ndarray] = {}  # grid distances to explored-towards cells
+
+    def act(self, env: MemoryMazeEnv, obs, info) -> int:
+        position, heading = np.asarray(env.agent_pos, dtype=float), np.asarray(env.agent_dir, dtype=float)
+        self._look(position, heading, np.asarray(env.targets_pos, dtype=float))
+        target = env.target_index
+        goal = None if target in self.seen_targets else self._nearest_unseen(position)
+        if goal is None:
+            return super().act(env, obs, info)
+        if self.noise and self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS)))
+        if goal not in self._to_cell:
+            self._to_cell[goal] = grid_distances(self.layout, goal)
+        centre = np.array([goal[0] + 0.5, goal[1] + 0.5])
+        return self._steer(position, heading, self._aim_point(position, self._to_cell[goal], centre))
+
+    def _in_view(self, position: np.ndarray, heading: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of the (n, 2) points the agent sees now."""
+        rel = points - position
+        distance = np.hypot(rel[:, 0], rel[:, 1])
+        cos = (rel @ heading) / np.maximum(distance, 1e-9)
+        candidate = (distance <= self.sight) & ((distance < 0.5) | (cos >= np.cos(np.radians(self.fov))))
+        return np.array([bool(c) and self._clear(position, p, clearance=0.0) for c, p in zip(candidate, points)])
+
+    def _look(self, position: np.ndarray, heading: np.ndarray, targets: np.ndarray) -> None:
+        self.seen_targets.update(int(i) for i in np.flatnonzero(self._in_view(position, heading, targets)))
+        ys, xs = np.nonzero(self.layout & ~self.seen)
+        if len(xs):
+            seen = self._in_view(position, heading, np.stack([xs + 0.5, ys + 0.5], axis=1))
+            self.seen[ys[seen], xs[seen]] = True
+
+    def _nearest_unseen(self, position: np.ndarray) -> tuple[int, int] | None:
+        """The unseen free cell (x, y) fewest steps away, None when every reachable cell was seen."""
+        here = grid_distances(self.layout, self._cell(position))
+        ys, xs = np.nonzero(self.layout & ~self.seen & (here >= 0))
+        if not len(xs):
+            return None
+        i = int(np.argmin(here[ys, xs]))
+        return int(xs[i]), int(ys[i])
 
 def make_vector_env(num_envs: int, step_cap: int = MAZE_STEPS, render_mode: str | None = None,
                     num_workers: int | None = None):
