@@ -11,7 +11,7 @@ from rate_core.model import ACTION_PAD
 from rate_core.tasks import get_task
 from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset
-from training.evaluate import balanced_seeds, evaluate
+from training.evaluate import balanced_seeds, evaluate, values_and_overrides
 from training.train import TrainConfig, lr_multiplier, train
 
 TASK = get_task("tmaze")
@@ -196,3 +196,15 @@ def test_training_episodes_are_not_evaluation_episodes(name):
     # balanced_seeds looks at most 100 * count + 100 seeds ahead
     task = get_task(name)
     assert task.dataset_seed > 100 * task.evaluation.episodes + 100
+
+
+def test_step_cap_option_sets_the_cap_whether_or_not_it_is_the_protocols_setting():
+    minigrid, vizdoom = get_task("minigrid_memory"), get_task("vizdoom_two_colors")
+    assert values_and_overrides(minigrid, None, 300) == (minigrid.evaluation.values, {"step_cap": 300})
+    assert values_and_overrides(minigrid, [11], None) == ((11,), {})
+    assert values_and_overrides(vizdoom, None, 500) == ((500,), {})  # ViZDoom evaluates over step caps
+    assert values_and_overrides(vizdoom, None, None) == ((2100,), {})
+    with pytest.raises(ValueError, match="not both"):
+        values_and_overrides(vizdoom, [1000], 500)
+    with pytest.raises(ValueError, match="no step cap"):
+        values_and_overrides(get_task("tmaze"), None, 100)

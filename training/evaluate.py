@@ -121,6 +121,22 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
     return results
 
 
+def values_and_overrides(task: Task, values, step_cap: int | None) -> tuple[tuple, dict]:
+    """The values of the protocol's setting to run and the env settings to override, from the
+    command line's --values and --step-cap. Where the step cap is the protocol's setting
+    (ViZDoom), --step-cap is the value to run."""
+    protocol = task.evaluation
+    if step_cap is None:
+        return tuple(values or protocol.values), {}
+    if "step_cap" not in task.default_settings:
+        raise ValueError(f"task {task.name} has no step cap setting")
+    if protocol.setting == "step_cap":
+        if values:
+            raise ValueError(f"the step cap is {task.name}'s evaluation setting: give --values or --step-cap, not both")
+        return (step_cap,), {}
+    return tuple(values or protocol.values), {"step_cap": step_cap}
+
+
 def summarize(returns: np.ndarray, successes: np.ndarray) -> dict:
     """Success rate, mean return and its standard error."""
     sem = returns.std(ddof=1) / np.sqrt(len(returns)) if len(returns) > 1 else 0.0
@@ -150,12 +166,10 @@ def main(args: Args) -> None:
     except (CheckpointError, KeyError) as error:
         raise SystemExit(f"error: {error}")
     protocol = task.evaluation
-    values = args.values or protocol.values
-    overrides = {}
-    if args.step_cap is not None:
-        if "step_cap" not in task.default_settings:
-            raise SystemExit(f"error: task {task.name} has no step cap setting")
-        overrides["step_cap"] = args.step_cap
+    try:
+        values, overrides = values_and_overrides(task, args.values, args.step_cap)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     if args.target_return == "top-decile":
         data = args.data or Path("data") / task.name / "expert"
         try:
