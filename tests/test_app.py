@@ -163,6 +163,25 @@ def test_api_plays_memory_maze_with_a_step_cap(served_app):
         assert frame.std() > 10  # a rendered maze, not a blank image
 
 
+def test_api_plays_vizdoom_two_colors(served_app):
+    """A task with no app code of its own and no setting to change; the demo's step cap cuts the
+    2,100-step episode short; the video shows the Doom room."""
+    from gradio_client import Client
+
+    client = Client(served_app, verbose=False)
+    left, right, summary = client.predict("vizdoom_two_colors", "shipped: rate", "shipped: dt", 4, None, 56.5, 60, True,
+                                          api_name="/run_episodes")
+    assert summary["settings"] == {"step_cap": 2100}
+    assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
+    assert 1 <= summary["left"]["steps"] <= 60 and 1 <= summary["right"]["steps"] <= 60
+    for video in (left, right):
+        path = video_file(video)
+        assert frame_count(path) >= 2
+        with imageio.get_reader(path, "ffmpeg") as reader:
+            frame = reader.get_data(1)
+        assert frame.std() > 10
+
+
 def test_app_py_starts_from_the_command_line():
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
