@@ -97,13 +97,14 @@ class _RelativeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second time
         with torch.autocast(grad_out.device.type, enabled=False):
-            return _RelativeAttention._backward(ctx, grad_out.to(ctx.saved_tensors[0].dtype))
+            return _RelativeAttention._backward(saved, ctx.config, grad_out.to(saved[0].dtype))
 
     @staticmethod
-    def _backward(ctx, grad_out):
-        query, key, value, content_bias, position_bias, padded_key, allowed = ctx.saved_tensors
-        scale, dropout, seed, chunk = ctx.config
+    def _backward(saved, config, grad_out):
+        query, key, value, content_bias, position_bias, padded_key, allowed = saved
+        scale, dropout, seed, chunk = config
         rows, q_len = query.shape[:2]
         n_head, width1, _ = padded_key.shape
         grad_query, grad_key, grad_value = (torch.empty_like(t) for t in (query, key, value))  # all rows written
