@@ -342,9 +342,11 @@ def _memory_maze_vector_env(num_envs: int, step_cap: int = 1000, render_mode: st
 
 
 def _memory_maze_expert():
-    from rate_core.envs.memory_maze import MemoryMazeExpert
+    # Explores until it has seen the current target (the shipped checkpoints were trained on the
+    # data of MemoryMazeExpert, which walks straight to targets it never saw).
+    from rate_core.envs.memory_maze import ExploringMemoryMazeExpert
 
-    return MemoryMazeExpert()
+    return ExploringMemoryMazeExpert()
 
 
 def _memory_maze_explain(reset_info: dict) -> str:
