@@ -94,6 +94,12 @@ def video_file(video) -> str:
     return video["video"] if isinstance(video, dict) else video
 
 
+def frame_at(path, index: int):
+    """One decoded frame of a video file."""
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        return reader.get_data(index)
+
+
 def frame_count(path) -> int:
     """Frames that decode from a video file."""
     with imageio.get_reader(path, "ffmpeg") as reader:
@@ -158,9 +164,7 @@ def test_api_plays_memory_maze_with_a_step_cap(served_app):
     for video in (left, right):
         path = video_file(video)
         assert frame_count(path) == 41
-        with imageio.get_reader(path, "ffmpeg") as reader:
-            frame = reader.get_data(10)
-        assert frame.std() > 10  # a rendered maze, not a blank image
+        assert frame_at(path, 10).std() > 10  # a rendered maze, not a blank image
 
 
 def test_api_plays_vizdoom_two_colors(served_app):
@@ -177,9 +181,7 @@ def test_api_plays_vizdoom_two_colors(served_app):
     for video in (left, right):
         path = video_file(video)
         assert frame_count(path) >= 2
-        with imageio.get_reader(path, "ffmpeg") as reader:
-            frame = reader.get_data(1)
-        assert frame.std() > 10
+        assert frame_at(path, 1).std() > 10
 
 
 def test_app_py_starts_from_the_command_line():

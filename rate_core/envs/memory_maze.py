@@ -368,7 +368,6 @@ class MemoryMazeExpert:
         return bool(inside.all() and self.layout[cells[:, 1], cells[:, 0]].all())
 
 
-
 class ExploringMemoryMazeExpert(MemoryMazeExpert):
     """Goes for the current target only once it has seen it; until then it explores.
 
@@ -426,6 +425,7 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
             return None
         i = int(np.argmin(here[ys, xs]))
         return int(xs[i]), int(ys[i])
+
 
 def make_vector_env(num_envs: int, step_cap: int = MAZE_STEPS, render_mode: str | None = None,
                     num_workers: int | None = None):
