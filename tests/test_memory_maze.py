@@ -6,6 +6,7 @@ A reset costs about half a second (memory-maze recompiles the MuJoCo model and i
 context for each new maze), so the tests share one env where they can."""
 
 import functools
+import logging
 
 import numpy as np
 import pytest
@@ -87,6 +88,17 @@ def test_step_cap_truncates_and_bad_actions_raise(env):
         env.step(0)
     with pytest.raises(ValueError, match="step_cap"):
         MemoryMazeEnv(step_cap=1001)
+
+
+def test_reset_does_not_flood_the_log_but_other_absl_warnings_pass(env, caplog):
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        env.reset(seed=3)
+        absl_logging.warning("a different warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("Cannot set velocity" in m for m in messages)
+    assert "a different warning" in messages
 
 
 def test_seed_fixes_the_episode(env):

@@ -35,6 +35,7 @@ steers along the path.
 
 import ctypes.util
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -128,6 +129,12 @@ def _new_maze_generator(maze, seed: int):
                       object_token=maze.object_token, random_seed=seed)
 
 
+def _not_velocity_noise(record: logging.LogRecord) -> bool:
+    """False for dm_control's "Cannot set velocity on Entity with no free joint", logged at every reset
+    of a maze (the targets have no free joint; harmless) and flooding evaluation logs."""
+    return "Cannot set velocity on Entity with no free joint" not in record.getMessage()
+
+
 class MemoryMazeEnv(gym.Env):
     """Memory Maze 9x9 with episodes of at most `step_cap` steps (see the module docstring).
 
@@ -152,6 +159,10 @@ class MemoryMazeEnv(gym.Env):
         self.action_space = spaces.Discrete(len(ACTIONS))
         choose_gl_backend()
         from memory_maze import tasks  # imports gym (0.26) too, which memory-maze needs but does not declare
+
+        absl_logger = logging.getLogger("absl")
+        if _not_velocity_noise not in absl_logger.filters:  # that one message only; absl keeps the others
+            absl_logger.addFilter(_not_velocity_noise)
 
         # global_observables: the privileged state (layout, poses) next to the image, for the expert.
         self.maze_env = tasks.memory_maze_9x9(global_observables=True)
