@@ -356,11 +356,13 @@ def _memory_maze_explain(reset_info: dict) -> str:
     return f"first target: {first} (the frame border shows the current one)"
 
 
-# K = 30, N = 3 (90-step windows), d_model 64, 6 layers, 15 memory tokens, FFN off as the paper;
+# K = 30, N = 3 (90-step windows), d_model 64, 6 layers, 15 memory tokens, FFN off, and a
+# Transformer-XL cache of the last 3 segments ((3K + 2m) * N = 360 positions), as the paper;
 # 4 heads and a small encoder for two CPU cores.
 _MEMORY_MAZE_RATE = ModelConfig(
     mode="rate", obs_kind="image", obs_shape=(3, 64, 64), act_dim=6, context_length=30, sections=3,
-    d_model=64, n_layer=6, n_head=4, d_head=16, num_mem_tokens=15, n_head_ca=2, conv_channels=(16, 32, 32),
+    d_model=64, n_layer=6, n_head=4, d_head=16, num_mem_tokens=15, mem_len=360, n_head_ca=2,
+    conv_channels=(16, 32, 32),
     dropout=0.1, dropatt=0.0,
 )
 
@@ -379,7 +381,7 @@ register(Task(
     dataset_settings=({},),
     dataset_episodes=300,
     dataset_seed=1_000_000,
-    model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=3 * 30 * 3),
+    model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=360),
     evaluation=EvalProtocol(setting="step_cap", values=(1000,), episodes=30, sample_actions=True,
                             target_return=18.1, metric="return", max_envs=10),
     # 300 episodes tile into 3,600 windows of 90 steps: 113 updates of 32 per epoch.
