@@ -7,6 +7,8 @@ context for each new maze), so the tests share one env where they can."""
 
 import functools
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +101,13 @@ def test_reset_does_not_flood_the_log_but_other_absl_warnings_pass(env, caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert not any("Cannot set velocity" in m for m in messages)
     assert "a different warning" in messages
+
+
+def test_making_an_env_prints_no_gym_notice():
+    code = "from rate_core.envs.memory_maze import MemoryMazeEnv; MemoryMazeEnv().close()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Gym has been unmaintained" not in done.stderr
 
 
 def test_seed_fixes_the_episode(env):

@@ -33,8 +33,10 @@ state (the maze layout, the agent's pose, the targets' places) with a breadth-fi
 steers along the path.
 """
 
+import contextlib
 import ctypes.util
 import functools
+import io
 import logging
 import os
 import subprocess
@@ -158,7 +160,12 @@ class MemoryMazeEnv(gym.Env):
         self.observation_space = spaces.Box(0, 255, shape=OBS_SHAPE, dtype=np.uint8)
         self.action_space = spaces.Discrete(len(ACTIONS))
         choose_gl_backend()
-        from memory_maze import tasks  # imports gym (0.26) too, which memory-maze needs but does not declare
+        # memory-maze imports gym (0.26), which it needs but does not declare; gym's import prints a
+        # notice to move to gymnasium (this code uses gymnasium): drop that notice, pass anything else on
+        with contextlib.redirect_stderr(io.StringIO()) as printed:
+            from memory_maze import tasks
+        if "Gym has been unmaintained" not in printed.getvalue():
+            sys.stderr.write(printed.getvalue())
 
         absl_logger = logging.getLogger("absl")
         if _not_velocity_noise not in absl_logger.filters:  # that one message only; absl keeps the others
