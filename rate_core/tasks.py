@@ -342,8 +342,8 @@ def _memory_maze_vector_env(num_envs: int, step_cap: int = 1000, render_mode: st
 
 
 def _memory_maze_expert():
-    # Explores until it has seen the current target (the shipped checkpoints were trained on the
-    # data of MemoryMazeExpert, which walks straight to targets it never saw).
+    # Explores until it has seen the current target (MemoryMazeExpert walks straight to targets it
+    # never saw: actions nothing in an agent's history explains).
     from rate_core.envs.memory_maze import ExploringMemoryMazeExpert
 
     return ExploringMemoryMazeExpert()
