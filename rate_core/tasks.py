@@ -381,7 +381,7 @@ register(Task(
     dataset_settings=({},),
     dataset_episodes=300,
     dataset_seed=1_000_000,
-    model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=360),
+    model_configs=mode_variants(_MEMORY_MAZE_RATE, cache_len=_MEMORY_MAZE_RATE.mem_len),
     evaluation=EvalProtocol(setting="step_cap", values=(1000,), episodes=30, sample_actions=True,
                             target_return=18.1, metric="return", max_envs=10),
     # 300 episodes tile into 3,600 windows of 90 steps: 113 updates of 32 per epoch.

@@ -137,6 +137,22 @@ def _not_velocity_noise(record: logging.LogRecord) -> bool:
     return "Cannot set velocity on Entity with no free joint" not in record.getMessage()
 
 
+@functools.cache
+def _memory_maze_tasks():
+    """memory_maze.tasks, imported once per process after choosing the GL backend, without the noise
+    of its dependencies: memory-maze imports gym (0.26), which it needs but does not declare, and
+    gym's import prints a notice to move to gymnasium (this code uses gymnasium): that notice is
+    dropped, anything else printed passes on; and dm_control's velocity warning (above) is filtered
+    from the absl logger, whose other messages pass."""
+    choose_gl_backend()
+    with contextlib.redirect_stderr(io.StringIO()) as printed:
+        from memory_maze import tasks
+    if "Gym has been unmaintained" not in printed.getvalue():
+        sys.stderr.write(printed.getvalue())
+    logging.getLogger("absl").addFilter(_not_velocity_noise)
+    return tasks
+
+
 class MemoryMazeEnv(gym.Env):
     """Memory Maze 9x9 with episodes of at most `step_cap` steps (see the module docstring).
 
@@ -159,17 +175,7 @@ class MemoryMazeEnv(gym.Env):
         self.step_cap, self.render_mode = step_cap, render_mode
         self.observation_space = spaces.Box(0, 255, shape=OBS_SHAPE, dtype=np.uint8)
         self.action_space = spaces.Discrete(len(ACTIONS))
-        choose_gl_backend()
-        # memory-maze imports gym (0.26), which it needs but does not declare; gym's import prints a
-        # notice to move to gymnasium (this code uses gymnasium): drop that notice, pass anything else on
-        with contextlib.redirect_stderr(io.StringIO()) as printed:
-            from memory_maze import tasks
-        if "Gym has been unmaintained" not in printed.getvalue():
-            sys.stderr.write(printed.getvalue())
-
-        absl_logger = logging.getLogger("absl")
-        if _not_velocity_noise not in absl_logger.filters:  # that one message only; absl keeps the others
-            absl_logger.addFilter(_not_velocity_noise)
+        tasks = _memory_maze_tasks()
 
         # global_observables: the privileged state (layout, poses) next to the image, for the expert.
         self.maze_env = tasks.memory_maze_9x9(global_observables=True)
