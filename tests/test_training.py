@@ -8,6 +8,7 @@ import torch
 
 from rate_core.checkpoint import load_checkpoint
 from rate_core.model import ACTION_PAD
+from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset
@@ -122,6 +123,23 @@ def test_bf16_autocast_trains(dataset_path, tmp_path, device):
 def test_detached_training_runs_and_records_metadata(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "det", epochs=1, memory_grad="detached")))
     assert model.training_info["memory_grad"] == "detached" and model.task == "tmaze"
+
+
+def test_time_limit_stops_the_run_and_writes_the_model(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "run", max_minutes=1e-9)))
+    assert model.training_info["stopped"].startswith("max_minutes")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1] == {"epoch": 1, "step": 0, "stopped": "max_minutes"}
+    assert not (tmp_path / "run" / "last").exists()  # no partial epoch saved as a whole one for --resume
+
+
+def test_paper_architecture_option_trains_the_papers_config(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "paper", epochs=1, batch_size=8, arch="paper")))
+    assert model.config == paper_config("tmaze", "rate")
+    assert model.config.n_layer == 8 and model.config != TASK.model_config("rate")
+    assert model.training_info["arch"] == "paper"
+    with pytest.raises(ValueError, match="--arch must be one of"):
+        train(_tiny_config(dataset_path, tmp_path / "bad", arch="big"))
 
 
 def test_balanced_seeds_split_the_cue_sides():

@@ -33,13 +33,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rate_core.model import MemoryTransformer
+from rate_core.model import MemoryTransformer, ModelConfig
+from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
 from training.step import MEMORY_GRADS, SegmentLosses, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
+ARCHS = ("task", "paper")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class TrainConfig:
     """task name from the registry (rate_core.tasks)"""
     model: str = "rate"
     """rate | rmt | trxl | dt (architecture: the task's default config for that mode)"""
+    arch: str = "task"
+    """task (the registry's config, sized for a CPU) | paper (the paper's published architecture,
+    rate_core.paper: larger, for a GPU)"""
     data: Path | None = None
     """dataset folder (default: data/<task>/expert, made by python -m training.collect)"""
     out: Path | None = None
@@ -87,6 +92,9 @@ class TrainConfig:
     bf16: bool = False
     """bfloat16 autocast of the forward pass, on CUDA or on the CPU (worth it where the CPU has bfloat16
     instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time here); weights and optimiser stay float32"""
+    max_minutes: float | None = None
+    """stop after this many minutes of this run (at the end of a batch) and write the model as it is then;
+    the learning rate decays by steps or by time, whichever is further along (for a fixed time budget)"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
 
@@ -106,8 +114,31 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--memory-grad must be one of {MEMORY_GRADS}, got {resolved.memory_grad!r}")
     if resolved.decay not in ("cosine", "linear", "none"):
         raise ValueError(f"--decay must be cosine, linear or none, got {resolved.decay!r}")
-    task.model_config(resolved.model)  # raises for an unknown mode
+    if resolved.arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {ARCHS}, got {resolved.arch!r}")
+    model_config_of(resolved)  # raises for an unknown mode, or a task the paper has no config for
     return resolved
+
+
+def past(deadline: float, device: torch.device, world: int) -> bool:
+    """Whether the time is up; with several processes, process 0's clock decides for all."""
+    up = time.monotonic() > deadline
+    if world > 1:
+        flag = torch.tensor([float(up)], device=device)
+        dist.broadcast(flag, src=0)
+        up = bool(flag.item())
+    return up
+
+
+def model_config_of(config: TrainConfig) -> ModelConfig:
+    """The architecture a run trains: the task's registry config or the paper's, with --dropout applied."""
+    if config.arch == "paper":
+        model_config = paper_config(config.task, config.model)
+    else:
+        model_config = get_task(config.task).model_config(config.model)
+    if config.dropout is not None:
+        model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
+    return model_config
 
 
 def windows(dataset: Dataset, length: int) -> np.ndarray:
@@ -200,9 +231,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.batch_size < world:
         raise ValueError(f"--batch-size ({config.batch_size}) must be at least the number of processes ({world})")
     dataset = load_dataset(config.data, task=task.name)
-    model_config = task.model_config(config.model)
-    if config.dropout is not None:
-        model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
+    model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
     batches_per_epoch = math.ceil(len(samples) / config.batch_size)
@@ -213,12 +242,19 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model = MemoryTransformer(model_config, task=task.name, training={
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-        "seed": config.seed, "processes": world,
+        "seed": config.seed, "processes": world, "arch": config.arch,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, config.warmup_steps, total_steps, config.decay))
+    started_at = time.monotonic()
+    time_limit = 60 * config.max_minutes if config.max_minutes else None
+
+    def multiplier(step: int) -> float:
+        if time_limit:  # a time-limited run decays by steps or by time, whichever is further along
+            step = max(step, int(total_steps * (time.monotonic() - started_at) / time_limit))
+        return lr_multiplier(step, config.warmup_steps, total_steps, config.decay)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
     out = Path(config.out)
     last = out / "last"
@@ -227,7 +263,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
         model.load_state_dict(saved.state_dict())
         start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler)
-        for key in ("task", "model", "batch_size", "epochs", "memory_grad", "seed"):
+        saved_config.setdefault("arch", "task")  # runs from before --arch existed
+        for key in ("task", "model", "arch", "batch_size", "epochs", "memory_grad", "seed"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -252,6 +289,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
           f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}"
         + (f", {world} processes" if world > 1 else ""))
 
+    deadline = started_at + time_limit if time_limit else None
+    stopped = False
     for epoch in range(start_epoch, config.epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
         started = time.perf_counter()
@@ -261,6 +300,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             index = samples[order[b * config.batch_size:(b + 1) * config.batch_size]]
             if len(index) < world:  # a last global batch too small to give every process a sample
                 continue
+            if deadline is not None and past(deadline, device, world):
+                stopped = True
+                say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
+                    f"after {step} optimiser steps")
+                break
             rtg, obs, actions = make_batch(dataset, index[rank::world], sample_len, device)
             with autocast:
                 losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=config.memory_grad,
@@ -272,6 +316,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if main_process:
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss, "segment_losses": losses,
                                       "lr": scheduler.get_last_lr()[0]}) + "\n")
+        if stopped:  # a partial epoch: `last` keeps the last whole one, for --resume
+            if main_process:
+                log.write(json.dumps({"epoch": epoch + 1, "step": step, "stopped": "max_minutes"}) + "\n")
+            break
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             values = task.train.eval_values or task.evaluation.values[:2]
@@ -292,6 +340,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
     final = out / "model"
+    if stopped:
+        model.training_info["stopped"] = f"max_minutes={config.max_minutes} after {step} optimiser steps"
     if main_process:
         log.close()
         save_checkpoint(model, final)
