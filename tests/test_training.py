@@ -1,19 +1,21 @@
 """Collector, dataset format, trainer (resume) and evaluator on tiny T-Maze settings."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from rate_core.checkpoint import load_checkpoint
-from rate_core.model import ACTION_PAD
+from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.collect import collect, run_episode
-from training.dataset import DatasetError, load_dataset
+from training.dataset import DatasetError, load_dataset, write_dataset
+from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import TrainConfig, lr_multiplier, train
+from training.train import TrainConfig, lr_multiplier, make_batch, train
 
 TASK = get_task("tmaze")
 
@@ -58,6 +60,32 @@ def test_dataset_errors_name_the_problem(dataset_path, tmp_path):
     (broken / "meta.json").unlink()
     with pytest.raises(DatasetError, match=r"meta\.json: missing, so the dataset is incomplete"):
         load_dataset(broken)
+
+
+def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):
+
+    rng = np.random.default_rng(0)
+    episodes = [{"observations": rng.normal(size=(n, 4)).astype(np.float32), "actions": rng.integers(0, 4, n),
+                 "rewards": np.zeros(n, np.float32), "labels": rng.integers(0, 4, n)} for n in (7, 12)]
+    data = load_dataset(write_dataset(tmp_path / "d", "tmaze", episodes, {}))
+    assert np.array_equal(data.labels, np.concatenate([e["labels"] for e in episodes]))
+    rtg, obs, actions = data.window(0, 0, 10)  # the model's inputs are the actions taken
+    _, _, _, targets = data.training_window(0, 0, 10)
+    assert np.array_equal(actions[:7], episodes[0]["actions"]) and np.array_equal(targets[:7], episodes[0]["labels"])
+    assert (targets[7:] == ACTION_PAD).all() and (actions[7:] == ACTION_PAD).all()
+    with pytest.raises(ValueError, match="all or none"):
+        write_dataset(tmp_path / "e", "tmaze", [episodes[0], {k: v for k, v in episodes[1].items() if k != "labels"}], {})
+
+    # the step's loss is the cross-entropy against the labels, the actions being the input
+    model = MemoryTransformer(replace(TASK.model_config("rate"), dropout=0.0, dropatt=0.0))
+    rtg, obs, actions, targets = make_batch(data, np.array([[0, 0], [1, 0]]), 150, "cpu")
+    times = segment_slices(model, 150)
+    with torch.no_grad():
+        on_labels, _, _ = SegmentLosses(model)(rtg, obs, actions, times, [19.0, 0.0, 0.0], targets=targets)
+        on_actions, _, _ = SegmentLosses(model)(rtg, obs, actions, times, [19.0, 0.0, 0.0])
+    assert not torch.isclose(on_labels, on_actions)
+    losses = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), rtg, obs, actions, targets=targets)
+    assert losses == pytest.approx([float(on_labels)], rel=1e-5)
 
 
 def test_learning_rate_schedule():

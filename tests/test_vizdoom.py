@@ -18,7 +18,7 @@ import vizdoom as vzd
 from gymnasium.utils.env_checker import check_env
 
 from rate_core.envs.vizdoom_two_colors import (ACTIONS, OBS_SHAPE, SCREEN_SHAPE, GameCrashedError, TwoColorsEnv,
-                                               TwoColorsExpert, make_vector_env)
+                                               TwoColorsExpert, TwoColorsTeacher, make_vector_env)
 from rate_core.scenario import two_colors
 
 FRAMES_DIR = Path(__file__).resolve().parents[1] / "outputs" / "vizdoom_frames"
@@ -267,6 +267,39 @@ def test_expert_goes_only_for_items_on_screen():
 def test_expert_steers_around_a_wrong_item_in_its_way():
     assert _expert_action([[400, 0, 1]]) == 2
     assert _expert_action([[400, 0, 1], [100, -10, 0]]) != 2  # a wrong item just ahead: it does not walk on
+
+
+def test_teacher_detours_to_the_other_colour_and_labels_with_the_expert():
+    env = TwoColorsEnv(step_cap=150)
+    teacher = TwoColorsTeacher(noise=0.0, detour=0.05)
+    expert, other = TwoColorsExpert(noise=0.0), TwoColorsExpert(noise=0.0)
+    obs, info = env.reset(seed=3)
+    teacher.reset(env, info)
+    expert.reset(env, info)
+    other.reset(env, {"is_red": 1 - info["is_red"]})
+    kinds = Counter()
+    for _ in range(150):
+        action, label = teacher.act_and_label(env, obs, info)
+        right, wrong = expert.act(env, obs, info), other.act(env, obs, info)
+        assert label == right  # the label is the noise-free expert's action in the state reached
+        kinds["detour" if action != label else "expert"] += 1
+        assert action in (right, wrong)  # without noise: the expert's or the other colour's action
+        obs, reward, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    assert kinds["detour"] >= 5 and kinds["expert"] >= 50
+    env.close()
+
+
+def test_collector_stores_the_teachers_labels_and_the_report_runs_the_expert():
+    from rate_core.tasks import get_task
+    from training.collect import run_episode
+
+    task = get_task("vizdoom_two_colors")
+    episode = run_episode(task, {"step_cap": 60}, seed=5)
+    assert episode["labels"].shape == episode["actions"].shape == (60,)
+    assert (episode["labels"] != episode["actions"]).any()
+    assert "labels" not in run_episode(task, {"step_cap": 10}, seed=5, teacher=False)
 
 
 def test_vector_env_matches_single_envs_and_ignores_finished_ones():

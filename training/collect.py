@@ -35,15 +35,21 @@ class Args:
     """processes running the expert in parallel (the dataset is the same for any number)"""
 
 
-def run_episode(task: Task, settings: dict, seed: int) -> dict:
-    """One expert episode: observations (T, ...), actions (T,), rewards (T,), and its return."""
+def run_episode(task: Task, settings: dict, seed: int, teacher: bool = True) -> dict:
+    """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
+    return, and labels (T,) where the task has a teacher (teacher=False: the expert itself)."""
     env = task.make_env(**settings)
-    expert = task.make_expert()
+    labelled = teacher and task.make_teacher is not None
+    expert = task.make_teacher() if labelled else task.make_expert()
     obs, info = env.reset(seed=seed)
     expert.reset(env, info)
-    observations, actions, rewards = [], [], []
+    observations, actions, rewards, labels = [], [], [], []
     while True:
-        action = expert.act(env, obs, info)
+        if labelled:
+            action, label = expert.act_and_label(env, obs, info)
+            labels.append(label)
+        else:
+            action = expert.act(env, obs, info)
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, info = env.step(action)
@@ -51,8 +57,11 @@ def run_episode(task: Task, settings: dict, seed: int) -> dict:
         if terminated or truncated:
             break
     env.close()
-    return {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
-            "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0))}
+    episode = {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
+               "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0))}
+    if labelled:
+        episode["labels"] = np.array(labels)
+    return episode
 
 
 def _episode_job(task_name: str, settings: dict, seed: int) -> dict:
@@ -111,7 +120,11 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
         "settings": list(task.dataset_settings), "episodes_per_setting": episodes_per_setting, "seed": seed,
-        "expert": type(task.make_expert()).__name__, "mean_return": float(returns.mean()),
+        "expert": type(task.make_expert()).__name__,
+        "teacher": type(task.make_teacher()).__name__ if task.make_teacher else None,
+        "labelled_steps_differing": float(np.mean(np.concatenate([e["labels"] != e["actions"] for e in episodes])))
+        if task.make_teacher else 0.0,
+        "mean_return": float(returns.mean()),
         "expert_episodes_run": tried, "expert_success_rate": successes / tried,
         "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
     })

@@ -7,6 +7,9 @@ Format (version 1), a folder such as data/tmaze/oracle/:
     actions.npy          (steps,) int64        the action taken after each observation
     rewards.npy          (steps,) float32      the reward that action received
     episode_starts.npy   (episodes + 1,) int64 offsets: episode i is steps [starts[i], starts[i+1])
+    labels.npy           (steps,) int64        optional: the expert's action at each step where the
+                                               action taken was another policy's (the training target
+                                               then; actions stay the model's input)
 
 Arrays are plain .npy files (memory-mapped on load, never unpickled). The folder is written under
 a temporary name and renamed when complete, and meta.json is written last, so an interrupted
@@ -26,6 +29,7 @@ from rate_core.model import ACTION_PAD
 
 FORMAT_VERSION = 1
 ARRAYS = ("observations", "actions", "rewards", "episode_starts")
+OPTIONAL_ARRAYS = ("labels",)
 
 
 class DatasetError(ValueError):
@@ -33,7 +37,8 @@ class DatasetError(ValueError):
 
 
 def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], settings: dict) -> Path:
-    """Write episodes (dicts of observations (T, ...), actions (T,), rewards (T,)) atomically."""
+    """Write episodes (dicts of observations (T, ...), actions (T,), rewards (T,), optionally
+    labels (T,)) atomically."""
     path = Path(path)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -45,6 +50,11 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
         "rewards": np.concatenate([np.asarray(e["rewards"], dtype=np.float32) for e in episodes]),
         "episode_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
+    with_labels = sum("labels" in e for e in episodes)
+    if with_labels not in (0, len(episodes)):
+        raise ValueError(f"{with_labels} of {len(episodes)} episodes have labels: all or none must")
+    if with_labels:
+        arrays["labels"] = np.concatenate([np.asarray(e["labels"], dtype=np.int64) for e in episodes])
     for name, array in arrays.items():
         np.save(staging / f"{name}.npy", array, allow_pickle=False)
     meta = {
@@ -71,6 +81,8 @@ class Dataset:
     rewards: np.ndarray
     episode_starts: np.ndarray
     returns_to_go: np.ndarray
+    labels: np.ndarray | None = None
+    """the training targets where they differ from the actions taken (None: the actions are)"""
 
     @property
     def task(self) -> str:
@@ -89,6 +101,13 @@ class Dataset:
     def window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rtg (L,), observations (L, ...), actions (L,)) of `length` steps from `start` in `episode`,
         padded past the episode's end: action ACTION_PAD, return-to-go 0, last observation repeated."""
+        return self._window(episode, start, length)[:3]
+
+    def training_window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, ...]:
+        """window() and the targets (L,): the labels where the dataset has them, else the actions."""
+        return self._window(episode, start, length, targets=True)
+
+    def _window(self, episode: int, start: int, length: int, targets: bool = False) -> tuple[np.ndarray, ...]:
         first, end = self.episode_starts[episode], self.episode_starts[episode + 1]
         lo = first + start
         hi = min(lo + length, end)
@@ -100,7 +119,13 @@ class Dataset:
         actions[:valid] = self.actions[lo:hi]
         if valid < length:
             obs = np.concatenate([obs, np.repeat(obs[-1:], length - valid, axis=0)])
-        return rtg, obs, actions
+        if not targets:
+            return rtg, obs, actions
+        labels = actions
+        if self.labels is not None:
+            labels = np.full(length, ACTION_PAD, dtype=np.int64)
+            labels[:valid] = self.labels[lo:hi]
+        return rtg, obs, actions, labels
 
 
 def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
@@ -122,7 +147,7 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
     if task is not None and meta.get("task") != task:
         raise DatasetError(f"{meta_path}: dataset is for task {meta.get('task')!r}, expected {task!r}")
     arrays = {}
-    for name in ARRAYS:
+    for name in ARRAYS + tuple(n for n in OPTIONAL_ARRAYS if n in declared):
         file = path / f"{name}.npy"
         if not file.is_file():
             raise DatasetError(f"{file}: missing; {collect_hint}")
@@ -144,4 +169,8 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
     returns_to_go = np.empty_like(rewards)
     for first, end in zip(starts[:-1], starts[1:]):
         returns_to_go[first:end] = np.cumsum(rewards[first:end][::-1])[::-1]
-    return Dataset(path, meta, arrays["observations"], arrays["actions"], rewards, starts, returns_to_go)
+    for name in ("observations", "rewards") + OPTIONAL_ARRAYS:
+        if name in arrays and len(arrays[name]) != steps:
+            raise DatasetError(f"{path / (name + '.npy')}: {len(arrays[name])} rows for {steps} steps; {collect_hint}")
+    return Dataset(path, meta, arrays["observations"], arrays["actions"], rewards, starts, returns_to_go,
+                   labels=arrays.get("labels"))

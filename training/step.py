@@ -46,14 +46,16 @@ class SegmentLosses(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None):
+    def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None, targets=None):
         """Returns (sum of the per-segment mean losses or None, per-segment detached losses, state).
-        counts: the number of targets of each segment that its summed loss is divided by."""
+        counts: the number of targets of each segment that its summed loss is divided by.
+        targets: the actions to predict (default: the input actions)."""
+        targets = actions if targets is None else targets
         total, values = None, []
         for seg, count in zip(times, counts):
             logits, state = self.model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
-                loss = action_loss_sum(logits, actions[:, seg]) / count
+                loss = action_loss_sum(logits, targets[:, seg]) / count
                 values.append(loss.detach())
                 total = loss if total is None else total + loss
             else:
@@ -70,12 +72,14 @@ def _optimizer_step(model, optimizer, grad_clip, scheduler):
         scheduler.step()
 
 
-def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions,
+def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions, targets=None,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
                micro_batch: int | None = None, runner: torch.nn.Module | None = None) -> list[float]:
     """One training step on a batch of K*N-step samples.
 
     rtg (B, K*N) float; obs (B, K*N, *obs_shape); actions (B, K*N) long, ACTION_PAD for padding.
+    targets (B, K*N) long: the actions to predict where they are not the input actions (an expert's
+    labels of another policy's steps, padded where actions are); default: actions.
     micro_batch: process the batch in pieces of this many samples and accumulate gradients (the
     same update as the whole batch at once, with less memory and better cache use on a CPU).
     runner: SegmentLosses(model), possibly wrapped in DistributedDataParallel; then this process's
@@ -95,7 +99,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     parts = [slice(start, start + step) for start in range(0, batch, step)]
     times = segment_slices(model, actions.shape[1])
     # Per-segment target counts over the whole (global) batch, so that pieces add up to batch means.
-    counts_tensor = torch.stack([(actions[:, seg] != ACTION_PAD).sum() for seg in times]).to(torch.float64)
+    targets = actions if targets is None else targets
+    counts_tensor = torch.stack([(targets[:, seg] != ACTION_PAD).sum() for seg in times]).to(torch.float64)
     if distributed:
         torch.distributed.all_reduce(counts_tensor)
     counts = counts_tensor.tolist()
@@ -108,7 +113,7 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
         context = runner.no_sync() if distributed and not sync else contextlib.nullcontext()
         with context:
             total, values, state = runner(rtg[part], obs[part], actions[part], [times[i] for i in which],
-                                          [counts[i] for i in which], state)
+                                          [counts[i] for i in which], state, targets[part])
             for i, value in zip(which, values):
                 if value is not None:
                     losses[i] += value.to(torch.float64)

@@ -149,10 +149,9 @@ def windows(dataset: Dataset, length: int) -> np.ndarray:
 
 
 def make_batch(dataset: Dataset, index: np.ndarray, length: int, device) -> tuple[torch.Tensor, ...]:
-    parts = [dataset.window(int(e), int(s), length) for e, s in index]
-    rtg, obs, actions = (np.stack(p) for p in zip(*parts))
-    return (torch.from_numpy(rtg).to(device), torch.from_numpy(obs).to(device),
-            torch.from_numpy(actions).to(device))
+    """rtg, observations, actions (the model's inputs) and targets of the samples `index` (episode, start)."""
+    parts = [dataset.training_window(int(e), int(s), length) for e, s in index]
+    return tuple(torch.from_numpy(np.stack(p)).to(device) for p in zip(*parts))
 
 
 def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
@@ -305,9 +304,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
                     f"after {step} optimiser steps")
                 break
-            rtg, obs, actions = make_batch(dataset, index[rank::world], sample_len, device)
+            rtg, obs, actions, targets = make_batch(dataset, index[rank::world], sample_len, device)
             with autocast:
-                losses = train_step(model, optimizer, rtg, obs, actions, memory_grad=config.memory_grad,
+                losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
+                                    memory_grad=config.memory_grad,
                                     grad_clip=config.grad_clip, scheduler=scheduler,
                                     micro_batch=config.micro_batch or None, runner=runner)
             step += steps_per_batch

@@ -264,6 +264,52 @@ class TwoColorsExpert:
         return length + 1000.0 * np.count_nonzero(gaps < self.clearance)
 
 
+class TwoColorsTeacher:
+    """The dataset's policy: TwoColorsExpert's actions as labels, on a behaviour that now and then
+    makes a detour: for a few steps it acts as the expert of the other colour, heading for (and
+    sometimes picking up) wrong items.
+
+    Why: a policy cloned from the expert alone reads the pillar's colour from its own history (the
+    items it was walking to) rather than from the pillar, since in the expert's data that history
+    always agrees with the pillar. Teacher-forced on expert episodes such a policy prefers the
+    expert's action over the other colour's at 95% of the steps where they differ; acting by
+    itself, at about half of them from the first step on, the pillar in view. Where the history
+    sometimes heads for the wrong colour and the label still names the right one, only the pillar
+    (and memory of it) predicts the labels. Labels are the noise-free expert's actions at every
+    step, detours and random actions included (the collector stores both, see training.dataset).
+    """
+
+    def __init__(self, noise: float = 0.1, detour: float = 0.03, detour_steps: tuple[int, int] = (4, 20)):
+        self.noise = noise
+        """probability of a random action at a step outside a detour"""
+        self.detour = detour
+        """probability per step outside a detour of starting one"""
+        self.detour_steps = detour_steps
+        """a detour's length in steps, uniform in this range (inclusive)"""
+        self.expert, self.decoy = TwoColorsExpert(noise=0.0), TwoColorsExpert(noise=0.0)
+
+    def reset(self, env, info) -> None:
+        self.expert.reset(env, info)
+        self.decoy.reset(env, {**info, "is_red": not info["is_red"]})
+        self.rng = np.random.default_rng(env.np_random.integers(2**63))
+        self.left = 0  # steps of the current detour still to go
+
+    def act_and_label(self, env, obs, info) -> tuple[int, int]:
+        """(the action to take, the expert's action: the label)."""
+        label, decoy = self.expert.act(env, obs, info), self.decoy.act(env, obs, info)
+        if not self.left and self.rng.random() < self.detour:
+            self.left = int(self.rng.integers(self.detour_steps[0], self.detour_steps[1] + 1))
+        if self.left:
+            self.left -= 1
+            return decoy, label
+        if self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS))), label
+        return label, label
+
+    def act(self, env, obs, info) -> int:
+        return self.act_and_label(env, obs, info)[0]
+
+
 def make_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None):
     """`num_envs` Two-Colors envs stepped in lockstep (autoreset disabled: a finished env keeps its
     last observation, with reward 0, until reset); info arrays is_red and health of shape (num_envs,)."""
