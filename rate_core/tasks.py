@@ -295,7 +295,7 @@ def _two_colors_expert():
 def _two_colors_teacher():
     from rate_core.envs.vizdoom_two_colors import TwoColorsTeacher
 
-    return TwoColorsTeacher()
+    return TwoColorsTeacher(detour=1 / 12)
 
 
 def _two_colors_explain(reset_info: dict) -> str:

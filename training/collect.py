@@ -33,6 +33,9 @@ class Args:
     evaluator's seeds where seeds draw the layout)"""
     workers: int = 1
     """processes running the expert in parallel (the dataset is the same for any number)"""
+    teacher: bool = True
+    """run the task's teacher where it has one (its actions, labelled with the expert's); --no-teacher:
+    the expert alone, as datasets were made before teachers"""
 
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = True) -> dict:
@@ -64,23 +67,23 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = True) -> 
     return episode
 
 
-def _episode_job(task_name: str, settings: dict, seed: int) -> dict:
-    return run_episode(get_task(task_name), settings, seed)
+def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool) -> dict:
+    return run_episode(get_task(task_name), settings, seed, teacher)
 
 
-def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int):
+def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool):
     """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
     the pool's processes when there is a pool)."""
     seed = first_seed
     if pool is None:
         while True:
-            yield run_episode(task, settings, seed)
+            yield run_episode(task, settings, seed, teacher)
             seed += 1
     pending = collections.deque()
     try:
         while True:
             while len(pending) < ahead:
-                pending.append(pool.submit(_episode_job, task.name, settings, seed))
+                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher))
                 seed += 1
             yield pending.popleft().result()
     finally:
@@ -88,7 +91,8 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int):
             future.cancel()
 
 
-def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1) -> Path:
+def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
+            teacher: bool = True) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
     consumed in order, so the dataset does not depend on `workers`."""
@@ -99,7 +103,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
             for settings in task.dataset_settings:
                 kept = 0
-                stream = _episodes(task, settings, seed + tried, pool, 2 * workers)
+                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher)
                 while kept < episodes_per_setting:
                     if tried >= 10 * total + 100:
                         raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} "
@@ -117,13 +121,16 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     returns = np.array([e["return"] for e in episodes])
+    labelled = teacher and task.make_teacher is not None
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
         "settings": list(task.dataset_settings), "episodes_per_setting": episodes_per_setting, "seed": seed,
         "expert": type(task.make_expert()).__name__,
-        "teacher": type(task.make_teacher()).__name__ if task.make_teacher else None,
+        "teacher": type(task.make_teacher()).__name__ if labelled else None,
+        "teacher_settings": {k: v for k, v in vars(task.make_teacher()).items() if isinstance(v, (int, float, tuple))}
+        if labelled else None,
         "labelled_steps_differing": float(np.mean(np.concatenate([e["labels"] != e["actions"] for e in episodes])))
-        if task.make_teacher else 0.0,
+        if labelled else 0.0,
         "mean_return": float(returns.mean()),
         "expert_episodes_run": tried, "expert_success_rate": successes / tried,
         "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
@@ -137,7 +144,7 @@ def main(args: Args) -> None:
     task = get_task(args.task)
     out = args.out or Path("data") / task.name / "expert"
     seed = task.dataset_seed if args.seed is None else args.seed
-    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers)
+    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher)
 
 
 if __name__ == "__main__":
