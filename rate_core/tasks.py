@@ -95,9 +95,9 @@ class Task:
     dataset_success_only: bool = False
     """keep only successful expert episodes (the collector runs more seeds until it has enough)"""
     make_teacher: Callable[[], Any] | None = None
-    """the collector's policy where it is not the expert: make_teacher() -> an object with reset(env,
-    info) and act_and_label(env, obs, info) -> (action taken, the expert's action); the dataset then
-    holds both, and the trainer predicts the labels"""
+    """a policy the collector can run instead of the expert (`collect --teacher`): make_teacher() -> an
+    object with reset(env, info) and act_and_label(env, obs, info) -> (action taken, the expert's
+    action); the dataset then holds both, and the trainer predicts the labels"""
     default_settings: dict = field(default_factory=dict)
     """environment settings used when none are given (e.g. for the app)"""
     action_names: tuple[str, ...] = ()
@@ -319,20 +319,19 @@ register(Task(
     make_vector_env=_two_colors_vector_env,
     make_expert=_two_colors_expert,
     make_teacher=_two_colors_teacher,
-    # As the paper's dataset: the first 150 steps (K * N) of each episode; 2,000 episodes (the paper:
-    # 5,000) are 300k frames (6.4 GB), about 5 minutes of collection on two cores. The collector runs
-    # the teacher (detours to the other colour, labelled with the expert's actions) so that the
-    # colour has to come from the pillar, not from the agent's own history. Seeds from 1,000,000:
-    # the evaluator's episodes (seeds from 0) are not in the data.
+    # As the paper's dataset: the first 150 steps (K * N) of each episode; 1,500 episodes (the paper:
+    # 5,000) are 225k frames (4.8 GB), a few minutes of collection. Seeds from 1,000,000: the
+    # evaluator's episodes (seeds from 0) are not in the data. `collect --teacher` runs the teacher
+    # instead (detours to the other colour, labelled with the expert's actions; README).
     dataset_settings=({"step_cap": 150},),
-    dataset_episodes=2000,
+    dataset_episodes=1500,
     dataset_seed=1_000_000,
     model_configs=mode_variants(_TWO_COLORS_RATE, cache_len=3 * 50 * 3),
     evaluation=EvalProtocol(setting="step_cap", values=(2100,), episodes=100, sample_actions=True,
                             target_return=56.5, metric="return", balance_key="is_red",
                             group_names=((1, "red"), (0, "green"))),
-    # 2,000 windows: 63 updates of 32 per epoch; 40 epochs fit in 2 hours on one core with --bf16.
-    train=TrainDefaults(epochs=40, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100,
+    # 1,500 windows: 47 updates of 32 per epoch; 50 epochs fit in 2 hours on one core with --bf16.
+    train=TrainDefaults(epochs=50, batch_size=32, learning_rate=3e-4, weight_decay=1e-3, warmup_steps=100,
                         eval_values=(500,)),
     default_settings={"step_cap": 2100},
     action_names=("left", "right", "forward", "left+fwd", "right+fwd"),

@@ -88,6 +88,13 @@ def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):
     assert losses == pytest.approx([float(on_labels)], rel=1e-5)
 
 
+def test_collect_teacher_option_on_a_task_without_one_says_so(tmp_path):
+    from training.collect import Args, main
+
+    with pytest.raises(SystemExit, match="has no teacher"):
+        main(Args(task="tmaze", out=tmp_path / "d", episodes=1, teacher=True))
+
+
 def test_learning_rate_schedule():
     assert lr_multiplier(0, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_multiplier(9, 10, 100, "cosine") == pytest.approx(1.0)

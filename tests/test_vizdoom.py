@@ -291,17 +291,19 @@ def test_teacher_detours_to_the_other_colour_and_labels_with_the_expert():
     env.close()
 
 
-def test_collector_stores_the_teachers_labels_and_the_report_runs_the_expert(tmp_path):
+def test_collector_stores_the_teachers_labels_on_request(tmp_path):
     from rate_core.tasks import get_task
     from training.collect import collect, run_episode
     from training.dataset import load_dataset
 
     task = get_task("vizdoom_two_colors")
-    episode = run_episode(task, {"step_cap": 60}, seed=5)
+    episode = run_episode(task, {"step_cap": 60}, seed=5, teacher=True)
     assert episode["labels"].shape == episode["actions"].shape == (60,)
     assert (episode["labels"] != episode["actions"]).any()
-    assert "labels" not in run_episode(task, {"step_cap": 10}, seed=5, teacher=False)
-    plain = load_dataset(collect(task, tmp_path / "plain", 1, seed=5, teacher=False))  # --no-teacher
+    assert "labels" not in run_episode(task, {"step_cap": 10}, seed=5)  # the expert, as the report runs it
+    taught = load_dataset(collect(task, tmp_path / "taught", 1, seed=5, teacher=True))  # collect --teacher
+    assert taught.labels is not None and taught.meta["settings"]["teacher"] == "TwoColorsTeacher"
+    plain = load_dataset(collect(task, tmp_path / "plain", 1, seed=5))
     assert plain.labels is None and plain.meta["settings"]["teacher"] is None
 
 

@@ -33,14 +33,14 @@ class Args:
     evaluator's seeds where seeds draw the layout)"""
     workers: int = 1
     """processes running the expert in parallel (the dataset is the same for any number)"""
-    teacher: bool = True
-    """run the task's teacher where it has one (its actions, labelled with the expert's); --no-teacher:
-    the expert alone, as datasets were made before teachers"""
+    teacher: bool = False
+    """run the task's teacher instead of its expert (ViZDoom-Two-Colors has one: detours to the other
+    colour, each step labelled with the expert's action; the dataset holds both)"""
 
 
-def run_episode(task: Task, settings: dict, seed: int, teacher: bool = True) -> dict:
+def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
-    return, and labels (T,) where the task has a teacher (teacher=False: the expert itself)."""
+    return, and labels (T,) with teacher=True where the task has a teacher (else the expert runs)."""
     env = task.make_env(**settings)
     labelled = teacher and task.make_teacher is not None
     expert = task.make_teacher() if labelled else task.make_expert()
@@ -92,7 +92,7 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
-            teacher: bool = True) -> Path:
+            teacher: bool = False) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
     consumed in order, so the dataset does not depend on `workers`."""
@@ -144,6 +144,8 @@ def main(args: Args) -> None:
     task = get_task(args.task)
     out = args.out or Path("data") / task.name / "expert"
     seed = task.dataset_seed if args.seed is None else args.seed
+    if args.teacher and task.make_teacher is None:
+        raise SystemExit(f"error: task {task.name} has no teacher; collect without --teacher")
     collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher)
 
 

@@ -40,7 +40,7 @@ def report(task_name: str, episodes: int, settings: dict, seed: int) -> dict:
     task = get_task(task_name)
     settings = {**task.default_settings, **settings}
     seeds = balanced_seeds(task, settings, episodes, seed)
-    runs = [run_episode(task, settings, s, teacher=False) for s in tqdm(seeds, desc=f"{task.name} expert", unit="episode")]
+    runs = [run_episode(task, settings, s) for s in tqdm(seeds, desc=f"{task.name} expert", unit="episode")]
     returns = np.array([r["return"] for r in runs])
     successes = np.array([r["success"] for r in runs])
     lengths = np.array([len(r["actions"]) for r in runs])
