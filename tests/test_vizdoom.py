@@ -307,6 +307,28 @@ def test_collector_stores_the_teachers_labels_on_request(tmp_path):
     assert plain.labels is None and plain.meta["settings"]["teacher"] is None
 
 
+def test_colour_probe_reports_acting_and_memory(tmp_path, capsys):
+    from rate_core.checkpoint import save_checkpoint
+    from tests.tiny import tiny_model
+    from training.colour_probe import Args, held_out_accuracy, main
+
+    model = tiny_model("rate", obs_kind="image", obs_shape=OBS_SHAPE, act_dim=len(ACTIONS), context_length=50)
+    model.task = "vizdoom_two_colors"
+    save_checkpoint(model, tmp_path / "ck")
+    main(Args(checkpoint=str(tmp_path / "ck"), episodes=1, memory_episodes=6))
+    out = capsys.readouterr().out
+    assert "steps    0-45:" in out and "memory after segment 1" in out
+    # the decoder finds a colour that is in the features and not one that is not
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    assert held_out_accuracy(np.c_[labels + 0.1 * rng.normal(size=200), rng.normal(size=(200, 5))], labels) > 0.95
+    assert held_out_accuracy(rng.normal(size=(200, 5)), labels) < 0.7
+    model.task = "tmaze"
+    save_checkpoint(model, tmp_path / "other")
+    with pytest.raises(SystemExit, match="this probe is for vizdoom_two_colors"):
+        main(Args(checkpoint=str(tmp_path / "other"), episodes=1, memory_episodes=0))
+
+
 def test_vector_env_matches_single_envs_and_ignores_finished_ones():
     vector = make_vector_env(3, step_cap=4, render_mode="rgb_array")
     obs, info = vector.reset(seed=[5, 6, 7])

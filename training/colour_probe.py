@@ -1,0 +1,169 @@
+"""Does a ViZDoom-Two-Colors agent act on the pillar's colour? Two probes of a checkpoint.
+
+    python -m training.colour_probe --checkpoint assets/checkpoints/vizdoom_two_colors/rate
+
+1. Acting (closed loop): the agent plays (sampled actions); at every step where the expert's action
+   differs from the action the same expert would take for the other pillar colour, it records the
+   agent's probability of each. An agent that uses the colour prefers the expert's action; a
+   colour-blind one prefers either about half the time. Right and wrong pickups are counted too.
+2. Memory (recurrent models): is the colour linearly decodable (logistic regression, fitted on one
+   half of the episodes, scored on the other) from the memory after the first segment, and from the
+   observation encoder's output on the first frame, where the pillar is in view?
+"""
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from rate_core.checkpoint import load_checkpoint
+from rate_core.rollout import make_policy
+from rate_core.tasks import get_task
+
+TASK = get_task("vizdoom_two_colors")
+
+WINDOWS = ((0, 45), (45, 150), (150, 300))  # the pillar stands for the first 45 steps
+
+
+@dataclass
+class Args:
+    """Probe whether a ViZDoom-Two-Colors checkpoint acts on, and remembers, the pillar's colour."""
+
+    checkpoint: str
+    """checkpoint folder (config.json + model.safetensors)"""
+    episodes: int = 12
+    """episodes of the acting probe (300 steps at most each)"""
+    memory_episodes: int = 300
+    """episodes of the memory probe (first segment, the teacher's actions); 0: skip it"""
+    seed: int = 20_000
+    """first seed (far from the training data's 1,000,000 and the evaluator's 0)"""
+    threads: int = 1
+    """torch threads"""
+
+
+def acting_probe(model, episodes: int, seed: int, steps: int = 300) -> list[dict]:
+    """Per window of WINDOWS: colour-decisive steps, mean probabilities, preference, pickups."""
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv, TwoColorsExpert
+
+    env, expert = TwoColorsEnv(step_cap=steps), TwoColorsExpert(noise=0.0)
+    decisive, pickups = [], []
+    generator = torch.Generator().manual_seed(seed)
+    for episode_seed in tqdm(range(seed, seed + episodes), desc="acting probe", unit="episode"):
+        obs, info = env.reset(seed=episode_seed)
+        expert.reset(env, info)
+        policy = make_policy(model, 1)
+        rtg, health = TASK.evaluation.target_return, info["health"]
+        for t in range(steps):
+            other = copy.copy(expert)
+            other.is_red = not expert.is_red
+            a_other, a_expert = other.act(env, obs, info), expert.act(env, obs, info)
+            with torch.no_grad():
+                logits = policy.logits(torch.tensor([rtg]), torch.from_numpy(obs)[None])
+            p = logits.float().softmax(-1)[0]
+            action = int(torch.multinomial(p, 1, generator=generator))
+            policy.record_action(torch.tensor([action]))
+            if a_expert != a_other:
+                decisive.append((t, float(p[a_expert]), float(p[a_other])))
+            obs, reward, terminated, truncated, info = env.step(action)
+            rtg -= reward
+            pickups.append((t, reward > 0.5, info["health"] - health < -9))
+            health = info["health"]
+            if terminated or truncated:
+                break
+    env.close()
+    d, k = np.array(decisive).reshape(-1, 3), np.array(pickups).reshape(-1, 3)
+    rows = []
+    for lo, hi in WINDOWS:
+        w, q = d[(d[:, 0] >= lo) & (d[:, 0] < hi)], k[(k[:, 0] >= lo) & (k[:, 0] < hi)]
+        rows.append({"steps": f"{lo}-{hi}", "decisive": len(w),
+                     "p_expert": float(w[:, 1].mean()) if len(w) else float("nan"),
+                     "p_other_colour": float(w[:, 2].mean()) if len(w) else float("nan"),
+                     "expert_preferred": float(np.mean(w[:, 1] > w[:, 2])) if len(w) else float("nan"),
+                     "right_pickups": int(q[:, 1].sum()), "wrong_pickups": int(q[:, 2].sum())})
+    return rows
+
+
+def held_out_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Logistic regression (L2) fitted on the first half, accuracy on the second."""
+    n = len(labels) // 2
+    mean, std = features[:n].mean(0), features[:n].std(0) + 1e-6
+    x = torch.tensor((features - mean) / std, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.float32)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[:n] @ w + b, y[:n]) + 1e-2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((x[n:] @ w + b > 0).float() == y[n:]).float().mean())
+
+
+def memory_probe(model, episodes: int, seed: int) -> dict:
+    """Held-out accuracy of decoding the colour from the memory after segment 1 and from the encoder's
+    output on the first frame (first segments of teacher episodes, teacher-forced)."""
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
+
+    steps = model.config.context_length
+    env, teacher = TwoColorsEnv(step_cap=steps), TASK.make_teacher()
+    memory, first_frame, colours = [], [], []
+    for episode_seed in tqdm(range(seed, seed + episodes), desc="memory probe", unit="episode"):
+        obs, info = env.reset(seed=episode_seed)
+        teacher.reset(env, info)
+        colour = info["is_red"]
+        observations, actions, rewards = [], [], []
+        while True:
+            action, _ = teacher.act_and_label(env, obs, info)
+            observations.append(obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            rewards.append(reward)
+            if terminated or truncated:
+                break
+        if len(actions) < steps:
+            continue
+        rtg = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)[None]
+        o = torch.from_numpy(np.stack(observations))
+        with torch.no_grad():
+            _, state = model(rtg, o[None], torch.tensor(actions)[None], None)
+            first_frame.append(model.obs_encoder(o[:1]).float()[0].numpy())
+        if state.memory is not None:
+            memory.append(state.memory[0].flatten().float().numpy())
+        colours.append(colour)
+    env.close()
+    labels = np.array(colours)
+    result = {"episodes": len(labels), "red_share": float(labels.mean()),
+              "encoder_first_frame": held_out_accuracy(np.stack(first_frame), labels)}
+    if memory:
+        result["memory_after_segment_1"] = held_out_accuracy(np.stack(memory), labels)
+    return result
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.checkpoint).eval()
+    if model.task != TASK.name:
+        raise SystemExit(f"error: {args.checkpoint} is a {model.task} checkpoint; this probe is for vizdoom_two_colors")
+    rows = acting_probe(model, args.episodes, args.seed)
+    print(f"acting ({args.episodes} episodes): at steps where the expert's action differs from the other colour's")
+    for r in rows:
+        print(f"  steps {r['steps']:>7}: {r['decisive']:4d} such steps, p(expert's) {r['p_expert']:.3f}, "
+              f"p(other colour's) {r['p_other_colour']:.3f}, expert's preferred at {r['expert_preferred']:.2f}; "
+              f"pickups right {r['right_pickups']}, wrong {r['wrong_pickups']}")
+    if args.memory_episodes:
+        m = memory_probe(model, args.memory_episodes, args.seed + 10_000)
+        print(f"colour decodable (held-out accuracy over {m['episodes'] - m['episodes'] // 2} episodes, "
+              f"red share {m['red_share']:.2f}): encoder on the first frame {m['encoder_first_frame']:.2f}"
+              + (f", memory after segment 1 {m['memory_after_segment_1']:.2f}" if "memory_after_segment_1" in m else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
