@@ -40,11 +40,13 @@ class Args:
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
-    return, and labels (T,) with teacher=True where the task has a teacher (else the expert runs)."""
+    return, the reset info, and labels (T,) with teacher=True where the task has a teacher (else
+    the expert runs)."""
     env = task.make_env(**settings)
     labelled = teacher and task.make_teacher is not None
     expert = task.make_teacher() if labelled else task.make_expert()
     obs, info = env.reset(seed=seed)
+    reset_info = dict(info)
     expert.reset(env, info)
     observations, actions, rewards, labels = [], [], [], []
     while True:
@@ -61,7 +63,8 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) ->
             break
     env.close()
     episode = {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
-               "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0))}
+               "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0)),
+               "reset_info": reset_info}
     if labelled:
         episode["labels"] = np.array(labels)
     return episode

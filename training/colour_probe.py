@@ -110,35 +110,23 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
 def memory_probe(model, episodes: int, seed: int) -> dict:
     """Held-out accuracy of decoding the colour from the memory after segment 1 and from the encoder's
     output on the first frame (first segments of teacher episodes, teacher-forced)."""
-    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
+    from training.collect import run_episode
 
     steps = model.config.context_length
-    env, teacher = TwoColorsEnv(step_cap=steps), TASK.make_teacher()
     memory, first_frame, colours = [], [], []
     for episode_seed in tqdm(range(seed, seed + episodes), desc="memory probe", unit="episode"):
-        obs, info = env.reset(seed=episode_seed)
-        teacher.reset(env, info)
-        colour = info["is_red"]
-        observations, actions, rewards = [], [], []
-        while True:
-            action, _ = teacher.act_and_label(env, obs, info)
-            observations.append(obs)
-            actions.append(action)
-            obs, reward, terminated, truncated, info = env.step(action)
-            rewards.append(reward)
-            if terminated or truncated:
-                break
-        if len(actions) < steps:
+        episode = run_episode(TASK, {"step_cap": steps}, episode_seed, teacher=True)
+        if len(episode["actions"]) < steps:
             continue
-        rtg = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)[None]
-        o = torch.from_numpy(np.stack(observations))
+        rewards = episode["rewards"].astype(np.float32)
+        rtg = torch.from_numpy(np.cumsum(rewards[::-1])[::-1].copy())[None]
+        o = torch.from_numpy(episode["observations"])
         with torch.no_grad():
-            _, state = model(rtg, o[None], torch.tensor(actions)[None], None)
+            _, state = model(rtg, o[None], torch.from_numpy(episode["actions"])[None], None)
             first_frame.append(model.obs_encoder(o[:1]).float()[0].numpy())
         if state.memory is not None:
             memory.append(state.memory[0].flatten().float().numpy())
-        colours.append(colour)
-    env.close()
+        colours.append(episode["reset_info"]["is_red"])
     labels = np.array(colours)
     result = {"episodes": len(labels), "red_share": float(labels.mean()),
               "encoder_first_frame": held_out_accuracy(np.stack(first_frame), labels)}
