@@ -40,17 +40,15 @@ class Args:
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
-    return, the reset info, and labels (T,) with teacher=True where the task has a teacher (else
-    the expert runs)."""
+    return, the reset info, and with teacher=True (for a task that has a teacher) labels (T,)."""
     env = task.make_env(**settings)
-    labelled = teacher and task.make_teacher is not None
-    expert = task.make_teacher() if labelled else task.make_expert()
+    expert = task.make_teacher() if teacher else task.make_expert()
     obs, info = env.reset(seed=seed)
     reset_info = dict(info)
     expert.reset(env, info)
     observations, actions, rewards, labels = [], [], [], []
     while True:
-        if labelled:
+        if teacher:
             action, label = expert.act_and_label(env, obs, info)
             labels.append(label)
         else:
@@ -65,7 +63,7 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) ->
     episode = {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
                "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0)),
                "reset_info": reset_info}
-    if labelled:
+    if teacher:
         episode["labels"] = np.array(labels)
     return episode
 
@@ -98,7 +96,8 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
             teacher: bool = False) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
-    consumed in order, so the dataset does not depend on `workers`."""
+    consumed in order, so the dataset does not depend on `workers`. teacher: run the task's teacher
+    (Task.make_teacher, which must exist) and store its labels."""
     episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
@@ -124,16 +123,16 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     returns = np.array([e["return"] for e in episodes])
-    labelled = teacher and task.make_teacher is not None
+    taught = task.make_teacher() if teacher else None
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
         "settings": list(task.dataset_settings), "episodes_per_setting": episodes_per_setting, "seed": seed,
         "expert": type(task.make_expert()).__name__,
-        "teacher": type(task.make_teacher()).__name__ if labelled else None,
-        "teacher_settings": {k: v for k, v in vars(task.make_teacher()).items() if isinstance(v, (int, float, tuple))}
-        if labelled else None,
+        "teacher": type(taught).__name__ if teacher else None,
+        "teacher_settings": {k: v for k, v in vars(taught).items() if isinstance(v, (int, float, tuple))}
+        if teacher else None,
         "labelled_steps_differing": float(np.mean(np.concatenate([e["labels"] != e["actions"] for e in episodes])))
-        if labelled else 0.0,
+        if teacher else 0.0,
         "mean_return": float(returns.mean()),
         "expert_episodes_run": tried, "expert_success_rate": successes / tried,
         "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),

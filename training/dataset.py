@@ -101,13 +101,6 @@ class Dataset:
     def window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rtg (L,), observations (L, ...), actions (L,)) of `length` steps from `start` in `episode`,
         padded past the episode's end: action ACTION_PAD, return-to-go 0, last observation repeated."""
-        return self._window(episode, start, length)[:3]
-
-    def training_window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, ...]:
-        """window() and the targets (L,): the labels where the dataset has them, else the actions."""
-        return self._window(episode, start, length, targets=True)
-
-    def _window(self, episode: int, start: int, length: int, targets: bool = False) -> tuple[np.ndarray, ...]:
         first, end = self.episode_starts[episode], self.episode_starts[episode + 1]
         lo = first + start
         hi = min(lo + length, end)
@@ -119,12 +112,17 @@ class Dataset:
         actions[:valid] = self.actions[lo:hi]
         if valid < length:
             obs = np.concatenate([obs, np.repeat(obs[-1:], length - valid, axis=0)])
-        if not targets:
-            return rtg, obs, actions
-        labels = actions
-        if self.labels is not None:
-            labels = np.full(length, ACTION_PAD, dtype=np.int64)
-            labels[:valid] = self.labels[lo:hi]
+        return rtg, obs, actions
+
+    def training_window(self, episode: int, start: int, length: int) -> tuple[np.ndarray, ...]:
+        """window() and the targets (L,): the labels where the dataset has them, else the actions."""
+        rtg, obs, actions = self.window(episode, start, length)
+        if self.labels is None:
+            return rtg, obs, actions, actions
+        lo = self.episode_starts[episode] + start
+        valid = int((actions != ACTION_PAD).sum())  # padding only follows the episode's end
+        labels = np.full(length, ACTION_PAD, dtype=np.int64)
+        labels[:valid] = self.labels[lo:lo + valid]
         return rtg, obs, actions, labels
 
 

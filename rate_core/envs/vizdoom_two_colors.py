@@ -269,14 +269,12 @@ class TwoColorsTeacher:
     makes a detour: for a few steps it acts as the expert of the other colour, heading for (and
     sometimes picking up) wrong items.
 
-    Why: a policy cloned from the expert alone reads the pillar's colour from its own history (the
-    items it was walking to) rather than from the pillar, since in the expert's data that history
-    always agrees with the pillar. Teacher-forced on expert episodes such a policy prefers the
-    expert's action over the other colour's at 95% of the steps where they differ; acting by
-    itself, at about half of them from the first step on, the pillar in view. Where the history
-    sometimes heads for the wrong colour and the label still names the right one, only the pillar
-    (and memory of it) predicts the labels. Labels are the noise-free expert's actions at every
-    step, detours and random actions included (the collector stores both, see training.dataset).
+    Why: a policy cloned from the expert alone does not act on the pillar's colour
+    (training.colour_probe); in the expert's data the agent's own history (the item it is heading
+    for) predicts most actions. Where the history sometimes heads for the wrong colour and the label
+    still names the right one, only the pillar (and memory of it) predicts the labels. It did not
+    help in our runs (README). Labels are the noise-free expert's actions at every step, detours and
+    random actions included (the collector stores both, see training.dataset).
     """
 
     def __init__(self, noise: float = 0.1, detour: float = 0.03, detour_steps: tuple[int, int] = (4, 20)):
