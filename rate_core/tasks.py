@@ -361,6 +361,13 @@ def _memory_maze_expert():
     return ExploringMemoryMazeExpert()
 
 
+def _memory_maze_teacher():
+    # The same behaviour, labelled with the noise-free expert's actions (collect --teacher).
+    from rate_core.envs.memory_maze import MemoryMazeTeacher
+
+    return MemoryMazeTeacher()
+
+
 def _memory_maze_explain(reset_info: dict) -> str:
     from rate_core.envs.memory_maze import TARGET_NAMES
 
@@ -387,6 +394,7 @@ register(Task(
     make_env=_memory_maze_env,
     make_vector_env=_memory_maze_vector_env,
     make_expert=_memory_maze_expert,
+    make_teacher=_memory_maze_teacher,
     # Whole 1000-step episodes (returns-to-go over the whole episode, as the paper). 300 episodes
     # are 300k frames (3.7 GB of uint8 observations), about 30 minutes of collection with 2 workers.
     # Their seeds start at 1,000,000: the evaluator's mazes (seeds from 0) are not in the data.

@@ -261,3 +261,25 @@ def test_privileged_expert_heads_for_an_unseen_target():
     expert = MemoryMazeExpert(noise=0.0)
     expert.reset(env, {})
     assert expert.act(env, None, None) == 1  # the shortest path to target 2 starts along the bottom row
+
+
+def test_teacher_behaves_as_the_noisy_expert_and_labels_with_the_clean_one(env):
+    from rate_core.envs.memory_maze import MemoryMazeTeacher
+    from training.collect import run_episode
+
+    taught = run_episode(get_task("memory_maze"), {"step_cap": 80}, seed=3, teacher=True)
+    plain = run_episode(get_task("memory_maze"), {"step_cap": 80}, seed=3)
+    # the same random draws: the teacher's behaviour is the (noisy) expert's, step for step
+    np.testing.assert_array_equal(taught["actions"], plain["actions"])
+    np.testing.assert_array_equal(taught["observations"], plain["observations"])
+    differ = taught["labels"] != taught["actions"]
+    assert 0 < differ.sum() < 0.3 * len(differ)  # only at (some) random steps
+    # a label is what the noise-free expert does in that state
+    teacher, clean = MemoryMazeTeacher(noise=0.1), ExploringMemoryMazeExpert(noise=0.0)
+    obs, info = env.reset(seed=4)
+    teacher.reset(env, info)
+    clean.reset(env, info)
+    for _ in range(40):
+        action, label = teacher.act_and_label(env, obs, info)
+        assert label == clean.act(env, obs, info)
+        obs, _, _, _, info = env.step(action)

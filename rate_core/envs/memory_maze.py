@@ -451,6 +451,37 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
         return int(xs[i]), int(ys[i])
 
 
+class MemoryMazeTeacher:
+    """The dataset's policy with clean labels: it behaves as ExploringMemoryMazeExpert (random actions
+    at a rate `noise`) and labels every step with the action the same expert takes without noise.
+
+    Why: cloned from the noisy expert, a policy also learns its random actions (a loss floor of
+    about 0.42 nats) and, sampling, strays as often. Here the random steps still put the data in
+    states off the expert's path, and the label there says how to get back (as DART does). With the
+    same seed the behaviour is the noisy expert's step for step: its random generator is drawn the
+    same way.
+    """
+
+    def __init__(self, noise: float = 0.1):
+        self.noise = noise
+        """probability of a random action at each step"""
+        self.expert = ExploringMemoryMazeExpert(noise=0.0)
+
+    def reset(self, env: MemoryMazeEnv, info: dict) -> None:
+        self.expert.reset(env, info)
+        self.rng = self.expert.rng  # drawn as the noisy expert draws it
+
+    def act_and_label(self, env: MemoryMazeEnv, obs, info) -> tuple[int, int]:
+        """(the action to take, the noise-free expert's action: the label)."""
+        label = self.expert.act(env, obs, info)
+        if self.noise and self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS))), label
+        return label, label
+
+    def act(self, env: MemoryMazeEnv, obs, info) -> int:
+        return self.act_and_label(env, obs, info)[0]
+
+
 def make_vector_env(num_envs: int, step_cap: int = MAZE_STEPS, render_mode: str | None = None,
                     num_workers: int | None = None):
     """`num_envs` Memory Maze envs stepped in lockstep in `num_workers` processes (default: one per
