@@ -274,16 +274,16 @@ register(Task(
 
 
 # --------------------------------------------------------------------------- ViZDoom-Two-Colors
-def _two_colors_env(step_cap: int = 2100, render_mode: str | None = None):
+def _two_colors_env(step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
     from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
 
-    return TwoColorsEnv(step_cap=step_cap, render_mode=render_mode)
+    return TwoColorsEnv(step_cap=step_cap, render_mode=render_mode, cue=cue)
 
 
-def _two_colors_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None):
+def _two_colors_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
     from rate_core.envs.vizdoom_two_colors import make_vector_env
 
-    return make_vector_env(num_envs, step_cap=step_cap, render_mode=render_mode)
+    return make_vector_env(num_envs, step_cap=step_cap, render_mode=render_mode, cue=cue)
 
 
 def _two_colors_expert():

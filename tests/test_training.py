@@ -230,6 +230,16 @@ def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_
                   data=tmp_path / "no_data", json=out))
 
 
+def test_evaluate_cli_settings_are_checked_against_the_environment(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    checkpoint = str(train(_tiny_config(dataset_path, tmp_path / "settings", epochs=1)))
+    with pytest.raises(SystemExit, match="no environment setting 'cue'; it has episode_length"):
+        main(Args(checkpoint=checkpoint, values=(10,), episodes=2, settings=("cue=1",), json=tmp_path / "e.json"))
+    with pytest.raises(SystemExit, match="episode_length with --values"):  # the protocol's own setting
+        main(Args(checkpoint=checkpoint, episodes=2, settings=("episode_length=12",), json=tmp_path / "e.json"))
+
+
 def test_collector_starts_at_the_tasks_dataset_seed(tmp_path, monkeypatch):
     import dataclasses
 

@@ -307,6 +307,42 @@ def test_collector_stores_the_teachers_labels_on_request(tmp_path):
     assert plain.labels is None and plain.meta["settings"]["teacher"] is None
 
 
+def test_oracle_cue_paints_the_pillars_colour_into_every_frame_and_nothing_else(tmp_path):
+    from rate_core.envs.vizdoom_two_colors import CUE_GREEN, CUE_RED, CUE_SIZE
+    from rate_core.tasks import get_task
+    from training.collect import Args, main, parse_settings
+    from training.dataset import load_dataset
+
+    plain, cued = TwoColorsEnv(step_cap=60), TwoColorsEnv(step_cap=60, cue=1)
+    try:
+        for seed in (0, 2):
+            a, info = plain.reset(seed=seed)
+            b, _ = cued.reset(seed=seed)
+            for step in range(50):  # the cue stays after the pillar has gone (step 45)
+                patch = (CUE_RED if info["is_red"] else CUE_GREEN)[:, None, None]
+                assert (b[:, :CUE_SIZE[0], :CUE_SIZE[1]] == patch).all()
+                outside = np.ones(OBS_SHAPE[1:], dtype=bool)
+                outside[:CUE_SIZE[0], :CUE_SIZE[1]] = False
+                np.testing.assert_array_equal(a[:, outside], b[:, outside])
+                a, _, _, _, info = plain.step(step % 5)
+                b, _, _, _, _ = cued.step(step % 5)
+    finally:
+        plain.close()
+        cued.close()
+    with pytest.raises(ValueError, match="cue must be 0 or 1"):
+        TwoColorsEnv(cue=2)
+    task = get_task("vizdoom_two_colors")
+    assert parse_settings(task, ("cue=1", "step_cap=30")) == {"cue": 1, "step_cap": 30}
+    with pytest.raises(SystemExit, match="no environment setting 'colour'.*step_cap, cue"):
+        parse_settings(task, ("colour=1",))
+    with pytest.raises(SystemExit, match="NAME=INT"):
+        parse_settings(task, ("cue=yes",))
+    main(Args(task="vizdoom_two_colors", out=tmp_path / "cued", episodes=1, settings=("cue=1",)))  # collect --settings cue=1
+    data = load_dataset(tmp_path / "cued")
+    assert data.meta["settings"]["settings"] == [{"step_cap": 150, "cue": 1}]
+    assert len(set(map(tuple, data.observations[:, :, 0, 0].tolist()))) == 1  # one colour, in every frame
+
+
 def test_colour_probe_reports_acting_and_memory(tmp_path, capsys):
     from rate_core.checkpoint import save_checkpoint
     from tests.tiny import tiny_model

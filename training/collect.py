@@ -5,6 +5,7 @@
 """
 
 import collections
+import inspect
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +35,28 @@ class Args:
     workers: int = 1
     """processes running the expert in parallel (the dataset is the same for any number)"""
     teacher: bool = False
-    """run the task's teacher instead of its expert (ViZDoom-Two-Colors has one: detours to the other
-    colour, each step labelled with the expert's action; the dataset holds both)"""
+    """run the task's teacher instead of its expert (ViZDoom-Two-Colors: detours to the other colour;
+    Memory Maze: clean labels of the noisy expert's steps; the dataset holds actions and labels)"""
+    settings: tuple[str, ...] = ()
+    """environment settings as NAME=INT that replace the task's dataset settings (e.g. cue=1 for
+    ViZDoom-Two-Colors' oracle cue)"""
+
+
+def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
+    """{NAME: INT} from command-line items NAME=INT, checked against the task's environment options;
+    SystemExit with what to give otherwise."""
+    options = [name for name in inspect.signature(task.make_env).parameters if name != "render_mode"]
+    settings = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in options:
+            raise SystemExit(f"error: {task.name} has no environment setting {name!r}; it has "
+                             f"{', '.join(options) or 'none'} (give NAME=INT)")
+        try:
+            settings[name] = int(value)
+        except ValueError:
+            raise SystemExit(f"error: settings are NAME=INT, got {item!r}") from None
+    return settings
 
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) -> dict:
@@ -93,17 +114,19 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
-            teacher: bool = False) -> Path:
+            teacher: bool = False, overrides: dict | None = None) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
     consumed in order, so the dataset does not depend on `workers`. teacher: run the task's teacher
-    (Task.make_teacher, which must exist) and store its labels."""
+    (Task.make_teacher, which must exist) and store its labels. overrides: env settings that replace
+    those of every dataset setting."""
+    dataset_settings = [{**settings, **(overrides or {})} for settings in task.dataset_settings]
     episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
         with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
-            for settings in task.dataset_settings:
+            for settings in dataset_settings:
                 kept = 0
                 stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher)
                 while kept < episodes_per_setting:
@@ -126,7 +149,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     taught = task.make_teacher() if teacher else None
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
-        "settings": list(task.dataset_settings), "episodes_per_setting": episodes_per_setting, "seed": seed,
+        "settings": dataset_settings, "episodes_per_setting": episodes_per_setting, "seed": seed,
         "expert": type(task.make_expert()).__name__,
         "teacher": type(taught).__name__ if teacher else None,
         "teacher_settings": {k: v for k, v in vars(taught).items() if isinstance(v, (int, float, tuple))}
@@ -148,7 +171,8 @@ def main(args: Args) -> None:
     seed = task.dataset_seed if args.seed is None else args.seed
     if args.teacher and task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher; collect without --teacher")
-    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher)
+    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher,
+            parse_settings(task, args.settings))
 
 
 if __name__ == "__main__":

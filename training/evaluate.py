@@ -19,6 +19,7 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, run_episodes
 from rate_core.tasks import Task, get_task
+from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
 
 
@@ -33,6 +34,8 @@ class Args:
     the protocol's)"""
     step_cap: int | None = None
     """override the episode step cap of tasks that have one (Minigrid 500, ViZDoom 2100)"""
+    settings: tuple[str, ...] = ()
+    """other environment settings as NAME=INT (e.g. cue=1: ViZDoom-Two-Colors' oracle cue)"""
     target_return: float | Literal["top-decile"] | None = None
     """override the protocol's target return: a number, or top-decile (the 90th percentile of the episode
     returns of the dataset in --data)"""
@@ -170,6 +173,11 @@ def main(args: Args) -> None:
         values, overrides = values_and_overrides(task, args.values, args.step_cap)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
+    extra = parse_settings(task, args.settings)
+    if {protocol.setting, "step_cap"} & extra.keys():
+        raise SystemExit(f"error: give {', '.join(sorted({protocol.setting, 'step_cap'} & extra.keys()))} with "
+                         "--values or --step-cap, not --settings")
+    overrides = {**overrides, **extra}
     if args.target_return == "top-decile":
         data = args.data or Path("data") / task.name / "expert"
         try:

@@ -16,7 +16,7 @@ import tyro
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.collect import run_episode
+from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
 
@@ -63,13 +63,7 @@ def report(task_name: str, episodes: int, settings: dict, seed: int) -> dict:
 
 
 def main(args: Args) -> None:
-    settings = {}
-    for item in args.settings:
-        name, _, value = item.partition("=")
-        if not value:
-            raise SystemExit(f"error: --settings takes NAME=INT, got {item!r}")
-        settings[name] = int(value)
-    result = report(args.task, args.episodes, settings, args.seed)
+    result = report(args.task, args.episodes, parse_settings(get_task(args.task), args.settings), args.seed)
     print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: success "
           f"{result['success_rate']:.3f}, return {result['mean_return']:.3f} +- {result['return_sem']:.3f}, "
           f"mean length {result['mean_length']:.1f}")

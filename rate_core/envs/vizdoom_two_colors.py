@@ -47,6 +47,8 @@ HEALTH_BONUS = 1.0
 SCREEN_SHAPE = (180, 320, 3)  # the config's RES_320X180 in RGB24: what render() gives
 _HEALTH = two_colors.GAME_VARIABLES.index("HEALTH")
 _IS_RED = two_colors.GAME_VARIABLES.index("USER2")
+CUE_SIZE = (8, 16)  # rows, columns of the oracle cue's patch (cue=1)
+CUE_RED, CUE_GREEN = np.array([220, 0, 0], dtype=np.uint8), np.array([0, 220, 0], dtype=np.uint8)
 _ENGINE_ERRORS = (vzd.ViZDoomUnexpectedExitException, vzd.ViZDoomErrorException, vzd.ViZDoomIsNotRunningException,
                   vzd.MessageQueueException, vzd.SharedMemoryException)
 
@@ -59,18 +61,23 @@ class TwoColorsEnv(gym.Env):
     """ViZDoom-Two-Colors with episodes of at most `step_cap` steps (see the module docstring).
 
     render_mode "rgb_array": render() gives the 320x180 RGB screen (H, W, 3) of the current step.
+    cue=1: the oracle cue (the paper's "oracle-cue DT"): every observation carries the pillar's
+    colour as a solid CUE_SIZE patch in its top-left corner, so no memory is needed; a diagnostic.
     Each env runs its own ViZDoom process (window hidden, sound off); close() ends it.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / FRAME_SKIP}
 
-    def __init__(self, step_cap: int = 2100, render_mode: str | None = None):
+    def __init__(self, step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
+        if cue not in (0, 1):
+            raise ValueError(f"cue must be 0 or 1, got {cue!r}")
         if step_cap < 1:
             raise ValueError(f"step_cap must be positive, got {step_cap}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.step_cap = step_cap
         self.render_mode = render_mode
+        self.cue = cue
         self.observation_space = spaces.Box(0, 255, shape=OBS_SHAPE, dtype=np.uint8)
         self.action_space = spaces.Discrete(len(ACTIONS))
         config = two_colors.scenario_config()
@@ -106,6 +113,9 @@ class TwoColorsEnv(gym.Env):
         self._obs = np.ascontiguousarray(
             cv2.resize(self._screen, _OBS_SIZE, interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
         self._health = int(self._state.game_variables[_HEALTH])
+        if self.cue:
+            red = int(self._state.game_variables[_IS_RED])
+            self._obs[:, :CUE_SIZE[0], :CUE_SIZE[1]] = (CUE_RED if red else CUE_GREEN)[:, None, None]
 
     def _info(self) -> dict:
         return {"is_red": self._is_red, "health": self._health}
@@ -308,7 +318,7 @@ class TwoColorsTeacher:
         return self.act_and_label(env, obs, info)[0]
 
 
-def make_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None):
+def make_vector_env(num_envs: int, step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
     """`num_envs` Two-Colors envs stepped in lockstep (autoreset disabled: a finished env keeps its
     last observation, with reward 0, until reset); info arrays is_red and health of shape (num_envs,)."""
-    return LockstepVectorEnv([lambda: TwoColorsEnv(step_cap=step_cap, render_mode=render_mode)] * num_envs)
+    return LockstepVectorEnv([lambda: TwoColorsEnv(step_cap=step_cap, render_mode=render_mode, cue=cue)] * num_envs)
