@@ -77,6 +77,9 @@ class ModelConfig:
     """activation applied to the write outputs before the MRV"""
     conv_channels: tuple[int, int, int] = (32, 64, 64)
     """channels of the three image-encoder convolutions (smaller for CPU training)"""
+    action_inputs: bool = True
+    """whether the actions taken are inputs; False: every action token is the padding embedding, a
+    policy on returns and observations alone (a cloned policy cannot copy its own past actions)"""
 
     def __post_init__(self):
         # JSON gives lists; keep tuples so configs compare equal after a round trip.
@@ -377,13 +380,21 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         rtg = rtg.reshape(batch, steps, 1).float()
         obs = obs.reshape(batch * steps, *self.config.obs_shape)
         obs_tokens = self.obs_encoder(obs.float() if self.config.obs_kind == "vector" else obs)
-        action_ids = torch.where(actions < 0, self.config.act_dim, actions).long()
         tokens = torch.stack([
             self.rtg_encoder(rtg),
             obs_tokens.view(batch, steps, -1),
-            self.action_encoder(action_ids),
+            self.action_tokens(actions),
         ], dim=2)
         return tokens.view(batch, 3 * steps, self.config.d_model)
+
+    def action_tokens(self, actions):
+        """actions (...) long, negative = padding -> (..., d) action tokens (all the padding token
+        when the config has action_inputs=False)."""
+        if self.config.action_inputs:
+            ids = torch.where(actions < 0, self.config.act_dim, actions).long()
+        else:
+            ids = torch.full_like(actions, self.config.act_dim, dtype=torch.long)
+        return self.action_encoder(ids)
 
     # ----------------------------------------------------------------------------------- core
     def attention_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:

@@ -37,7 +37,7 @@ class SegmentRecurrentPolicy:
         pad = torch.full((rtg.shape[0], 1), ACTION_PAD, dtype=torch.long, device=rtg.device)
         tokens = model.embed(rtg[:, None], obs[:, None], pad)[:, :2]  # R_t, o_t
         if self.steps:
-            tokens = torch.cat([model.action_encoder(self.previous)[:, None], tokens], dim=1)
+            tokens = torch.cat([model.action_tokens(self.previous)[:, None], tokens], dim=1)
         want = self.need_weights and model.config.num_mem_tokens > 0
         hidden, weights = model.extend_segment(tokens, self.context, need_weights=want)
         if want:
@@ -56,7 +56,7 @@ class SegmentRecurrentPolicy:
         if self.steps < self.model.config.segment_steps:
             return None
         model = self.model
-        model.extend_segment(model.action_encoder(action)[:, None], self.context)
+        model.extend_segment(model.action_tokens(action)[:, None], self.context)
         before = self.context.state.memory
         state = model.finish_segment(self.context)
         self.context = model.begin_segment(state)
@@ -88,7 +88,7 @@ class SlidingWindowPolicy:
 
     def record_action(self, action: torch.Tensor):
         last = self.steps[-1].clone()
-        last[:, 2] = self.model.action_encoder(action)
+        last[:, 2] = self.model.action_tokens(action)
         self.steps[-1] = last
         return None
 

@@ -286,3 +286,17 @@ def test_image_encoder_encodes_repeated_images_once_with_equal_outputs_and_gradi
         assert torch.allclose(grad, parameter.grad, atol=1e-5, rtol=1e-4)
     # all distinct (or a small batch): the plain path
     assert _distinct_images(torch.randint(0, 256, (64, 3, 84, 84), dtype=torch.uint8)) is None
+
+
+@pytest.mark.parametrize("variant", ["rate_cached", "dt"])
+def test_without_action_inputs_the_actions_taken_change_nothing(variant):
+    model = tiny_model(variant, action_inputs=False)
+    rtg, obs, actions = random_batch(model.config)
+    other = (actions + 1) % model.config.act_dim
+    with torch.no_grad():
+        first, _ = model(rtg, obs, actions)
+        second, _ = model(rtg, obs, other)
+    torch.testing.assert_close(first, second)
+    with torch.no_grad():  # with them (the default), they do
+        model = tiny_model(variant)
+        assert not torch.allclose(model(rtg, obs, actions)[0], model(rtg, obs, other)[0])

@@ -27,9 +27,10 @@ def recomputed_logits(model, rtg, obs, actions, t):
     return model(rtg[:, segment_start:t + 1], obs[:, segment_start:t + 1], acts, state)[0][:, -1]
 
 
+@pytest.mark.parametrize("action_inputs", [True, False])
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_cached_policy_equals_recompute(variant):
-    model = tiny_model(variant)
+def test_cached_policy_equals_recompute(variant, action_inputs):
+    model = tiny_model(variant, action_inputs=action_inputs)
     steps = 3 * K * N + 2  # beyond DT's window, and more than three segments
     rtg, obs, actions = random_batch(model.config, batch=3, steps=steps)
     policy = make_policy(model, 3)

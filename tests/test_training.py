@@ -136,6 +136,13 @@ def test_resume_refuses_different_settings(dataset_path, tmp_path):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, batch_size=2, resume=True))
 
 
+def test_training_without_action_inputs_is_recorded_and_kept_on_resume(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "blind", epochs=1, action_inputs=False)))
+    assert model.config.action_inputs is False and model.training_info["action_inputs"] is False
+    with pytest.raises(SystemExit, match="action_inputs"):
+        train(_tiny_config(dataset_path, tmp_path / "blind", epochs=1, resume=True))
+
+
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(dataset_path, tmp_path):
     train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
     with pytest.raises(SystemExit, match="already holds a run; continue it with --resume"):

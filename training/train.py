@@ -55,6 +55,9 @@ class TrainConfig:
     arch: str = "task"
     """task (the registry's config, sized for a CPU) | paper (the paper's published architecture,
     rate_core.paper: larger, for a GPU)"""
+    action_inputs: bool = True
+    """feed the actions taken to the model (--no-action-inputs: returns and observations only, so
+    the policy cannot copy its own past actions; see ModelConfig.action_inputs)"""
     data: Path | None = None
     """dataset folder (default: data/<task>/expert, made by python -m training.collect)"""
     out: Path | None = None
@@ -131,13 +134,16 @@ def past(deadline: float, device: torch.device, world: int) -> bool:
 
 
 def model_config_of(config: TrainConfig) -> ModelConfig:
-    """The architecture a run trains: the task's registry config or the paper's, with --dropout applied."""
+    """The architecture a run trains: the task's registry config or the paper's, with --dropout and
+    --no-action-inputs applied."""
     if config.arch == "paper":
         model_config = paper_config(config.task, config.model)
     else:
         model_config = get_task(config.task).model_config(config.model)
     if config.dropout is not None:
         model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
+    if not config.action_inputs:
+        model_config = replace(model_config, action_inputs=False)
     return model_config
 
 
@@ -241,7 +247,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model = MemoryTransformer(model_config, task=task.name, training={
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-        "seed": config.seed, "processes": world, "arch": config.arch,
+        "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -263,7 +269,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         model.load_state_dict(saved.state_dict())
         start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler)
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
-        for key in ("task", "model", "arch", "batch_size", "epochs", "memory_grad", "seed"):
+        saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
+        for key in ("task", "model", "arch", "action_inputs", "batch_size", "epochs", "memory_grad", "seed"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
