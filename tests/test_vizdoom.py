@@ -351,9 +351,16 @@ def test_colour_probe_reports_acting_and_memory(tmp_path, capsys):
     model = tiny_model("rate", obs_kind="image", obs_shape=OBS_SHAPE, act_dim=len(ACTIONS), context_length=50)
     model.task = "vizdoom_two_colors"
     save_checkpoint(model, tmp_path / "ck")
-    main(Args(checkpoint=str(tmp_path / "ck"), episodes=1, memory_episodes=6))
+    main(Args(checkpoint=str(tmp_path / "ck"), episodes=1, forced_episodes=2, memory_episodes=6, cue=1))
     out = capsys.readouterr().out
-    assert "steps    0-45:" in out and "memory after segment 1" in out
+    assert "steps    0-45:" in out and "memory after segment 1" in out and "actions padded" in out
+    from training.colour_probe import teacher_forced_probe
+
+    # a model without action inputs gives the same answers with the actions padded
+    blind = tiny_model("rate", obs_kind="image", obs_shape=OBS_SHAPE, act_dim=len(ACTIONS), context_length=50,
+                       action_inputs=False)
+    found = teacher_forced_probe(blind, episodes=1, seed=3, steps=60)
+    assert found["actions"] == found["no_actions"] and found["actions"]["decisive"] > 0
     # the decoder finds a colour that is in the features and not one that is not
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)

@@ -1,4 +1,4 @@
-"""Does a ViZDoom-Two-Colors agent act on the pillar's colour? Two probes of a checkpoint.
+"""Does a ViZDoom-Two-Colors agent act on the pillar's colour? Three probes of a checkpoint.
 
     python -m training.colour_probe --checkpoint assets/checkpoints/vizdoom_two_colors/rate
 
@@ -6,7 +6,10 @@
    differs from the action the same expert would take for the other pillar colour, it records the
    agent's probability of each. An agent that uses the colour prefers the expert's action; a
    colour-blind one prefers either about half the time. Right and wrong pickups are counted too.
-2. Memory (recurrent models): is the colour linearly decodable (logistic regression, fitted on one
+2. Teacher-forced (the expert's episodes, 150 steps, with its random actions): the same comparison
+   when the history holds the expert's actions, and again with those actions replaced by padding.
+   A clone that follows the expert only when fed the expert's actions copies its history.
+3. Memory (recurrent models): is the colour linearly decodable (logistic regression, fitted on one
    half of the episodes, scored on the other) from the memory after the first segment, and from the
    observation encoder's output on the first frame, where the pillar is in view?
 """
@@ -20,6 +23,7 @@ import tyro
 from tqdm import tqdm
 
 from rate_core.checkpoint import load_checkpoint
+from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy
 from rate_core.tasks import get_task
 
@@ -36,19 +40,23 @@ class Args:
     """checkpoint folder (config.json + model.safetensors)"""
     episodes: int = 12
     """episodes of the acting probe (300 steps at most each)"""
+    forced_episodes: int = 24
+    """episodes of the teacher-forced probe (150 steps each); 0: skip it"""
     memory_episodes: int = 300
     """episodes of the memory probe (first segment, the teacher's actions); 0: skip it"""
+    cue: int = 0
+    """1: play with the oracle cue (the pillar's colour in every frame), for a model trained with it"""
     seed: int = 20_000
     """first seed (far from the training data's 1,000,000 and the evaluator's 0)"""
     threads: int = 1
     """torch threads"""
 
 
-def acting_probe(model, episodes: int, seed: int, steps: int = 300) -> list[dict]:
+def acting_probe(model, episodes: int, seed: int, steps: int = 300, cue: int = 0) -> list[dict]:
     """Per window of WINDOWS: colour-decisive steps, mean probabilities, preference, pickups."""
     from rate_core.envs.vizdoom_two_colors import TwoColorsEnv, TwoColorsExpert
 
-    env, expert = TwoColorsEnv(step_cap=steps), TwoColorsExpert(noise=0.0)
+    env, expert = TwoColorsEnv(step_cap=steps, cue=cue), TwoColorsExpert(noise=0.0)
     decisive, pickups = [], []
     generator = torch.Generator().manual_seed(seed)
     for episode_seed in tqdm(range(seed, seed + episodes), desc="acting probe", unit="episode"):
@@ -84,6 +92,54 @@ def acting_probe(model, episodes: int, seed: int, steps: int = 300) -> list[dict
                      "expert_preferred": float(np.mean(w[:, 1] > w[:, 2])) if len(w) else float("nan"),
                      "right_pickups": int(q[:, 1].sum()), "wrong_pickups": int(q[:, 2].sum())})
     return rows
+
+
+def _preference(rows: list[tuple[float, float]]) -> dict:
+    d = np.array(rows, dtype=float).reshape(-1, 2)
+    return {"decisive": len(d), "p_expert": float(d[:, 0].mean()) if len(d) else float("nan"),
+            "p_other_colour": float(d[:, 1].mean()) if len(d) else float("nan"),
+            "expert_preferred": float(np.mean(d[:, 0] > d[:, 1])) if len(d) else float("nan")}
+
+
+def teacher_forced_probe(model, episodes: int, seed: int, steps: int = 150, cue: int = 0) -> dict:
+    """On the expert's own episodes (noise 0.1, as the data): the model's probabilities of the
+    expert's action and of the other colour's at colour-decisive steps where the expert did not act
+    at random, with the actions taken as inputs ("actions") and with them padded ("no_actions")."""
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv, TwoColorsExpert
+
+    env, expert = TwoColorsEnv(step_cap=steps, cue=cue), TwoColorsExpert(noise=0.1)
+    found = {"actions": [], "no_actions": []}
+    for episode_seed in tqdm(range(seed, seed + episodes), desc="teacher-forced probe", unit="episode"):
+        obs, info = env.reset(seed=episode_seed)
+        expert.reset(env, info)
+        observations, actions, rewards, decisive = [], [], [], []
+        while True:
+            clean, other = copy.copy(expert), copy.copy(expert)
+            clean.noise = other.noise = 0.0
+            other.is_red = not expert.is_red
+            a_clean, a_other = clean.act(env, obs, info), other.act(env, obs, info)
+            action = expert.act(env, obs, info)
+            if action == a_clean != a_other:
+                decisive.append((len(actions), a_clean, a_other))
+            observations.append(obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            rewards.append(reward)
+            if terminated or truncated:
+                break
+        rtg = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)[None]
+        obs_t, taken = torch.from_numpy(np.stack(observations))[None], torch.tensor(actions)[None]
+        for name, inputs in (("actions", taken), ("no_actions", torch.full_like(taken, ACTION_PAD))):
+            state, logits = None, []
+            with torch.no_grad():
+                for start in range(0, len(actions), model.config.segment_steps):
+                    part = slice(start, start + model.config.segment_steps)
+                    out, state = model(rtg[:, part], obs_t[:, part], inputs[:, part], state)
+                    logits.append(out)
+            p = torch.cat(logits, dim=1)[0].float().softmax(-1)
+            found[name] += [(float(p[t, a]), float(p[t, b])) for t, a, b in decisive]
+    env.close()
+    return {name: _preference(rows) for name, rows in found.items()}
 
 
 def held_out_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
@@ -140,12 +196,19 @@ def main(args: Args) -> None:
     model = load_checkpoint(args.checkpoint).eval()
     if model.task != TASK.name:
         raise SystemExit(f"error: {args.checkpoint} is a {model.task} checkpoint; this probe is for vizdoom_two_colors")
-    rows = acting_probe(model, args.episodes, args.seed)
+    rows = acting_probe(model, args.episodes, args.seed, cue=args.cue)
     print(f"acting ({args.episodes} episodes): at steps where the expert's action differs from the other colour's")
     for r in rows:
         print(f"  steps {r['steps']:>7}: {r['decisive']:4d} such steps, p(expert's) {r['p_expert']:.3f}, "
               f"p(other colour's) {r['p_other_colour']:.3f}, expert's preferred at {r['expert_preferred']:.2f}; "
               f"pickups right {r['right_pickups']}, wrong {r['wrong_pickups']}")
+    if args.forced_episodes:
+        f = teacher_forced_probe(model, args.forced_episodes, args.seed + 5_000, cue=args.cue)
+        print(f"teacher-forced ({args.forced_episodes} expert episodes, {f['actions']['decisive']} such steps where "
+              "the expert did not act at random):")
+        for name, label in (("actions", "the expert's actions as inputs"), ("no_actions", "actions padded")):
+            print(f"  {label:>30}: p(expert's) {f[name]['p_expert']:.3f}, p(other colour's) "
+                  f"{f[name]['p_other_colour']:.3f}, expert's preferred at {f[name]['expert_preferred']:.2f}")
     if args.memory_episodes:
         m = memory_probe(model, args.memory_episodes, args.seed + 10_000)
         print(f"colour decodable (held-out accuracy over {m['episodes'] - m['episodes'] // 2} episodes, "
