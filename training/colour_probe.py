@@ -26,6 +26,7 @@ from rate_core.checkpoint import load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy
 from rate_core.tasks import get_task
+from training.step import segment_slices
 
 TASK = get_task("vizdoom_two_colors")
 
@@ -86,15 +87,14 @@ def acting_probe(model, episodes: int, seed: int, steps: int = 300, cue: int = 0
     rows = []
     for lo, hi in WINDOWS:
         w, q = d[(d[:, 0] >= lo) & (d[:, 0] < hi)], k[(k[:, 0] >= lo) & (k[:, 0] < hi)]
-        rows.append({"steps": f"{lo}-{hi}", "decisive": len(w),
-                     "p_expert": float(w[:, 1].mean()) if len(w) else float("nan"),
-                     "p_other_colour": float(w[:, 2].mean()) if len(w) else float("nan"),
-                     "expert_preferred": float(np.mean(w[:, 1] > w[:, 2])) if len(w) else float("nan"),
+        rows.append({"steps": f"{lo}-{hi}", **_preference(w[:, 1:]),
                      "right_pickups": int(q[:, 1].sum()), "wrong_pickups": int(q[:, 2].sum())})
     return rows
 
 
-def _preference(rows: list[tuple[float, float]]) -> dict:
+def _preference(rows) -> dict:
+    """Colour-decisive steps, the mean probabilities of (expert's, other colour's) action pairs in
+    `rows`, and how often the expert's was the likelier."""
     d = np.array(rows, dtype=float).reshape(-1, 2)
     return {"decisive": len(d), "p_expert": float(d[:, 0].mean()) if len(d) else float("nan"),
             "p_other_colour": float(d[:, 1].mean()) if len(d) else float("nan"),
@@ -132,8 +132,7 @@ def teacher_forced_probe(model, episodes: int, seed: int, steps: int = 150, cue:
         for name, inputs in (("actions", taken), ("no_actions", torch.full_like(taken, ACTION_PAD))):
             state, logits = None, []
             with torch.no_grad():
-                for start in range(0, len(actions), model.config.segment_steps):
-                    part = slice(start, start + model.config.segment_steps)
+                for part in segment_slices(model, len(actions)):
                     out, state = model(rtg[:, part], obs_t[:, part], inputs[:, part], state)
                     logits.append(out)
             p = torch.cat(logits, dim=1)[0].float().softmax(-1)
