@@ -155,9 +155,9 @@ class EpisodeBatch:
     successes: np.ndarray
     traces: list[EpisodeTrace] | None = None
     model_steps: int = 0
+    """batch rows the model processed in total (sum over steps of the running envs)"""
     reset_info: dict = field(default_factory=dict)
     """per-env task info at reset (numbers per env, e.g. the cue), as arrays"""
-    """batch rows the model processed in total (sum over steps of the running envs)"""
 
 
 def _per_env(value, num: int) -> bool:

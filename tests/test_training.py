@@ -278,3 +278,38 @@ def test_step_cap_option_sets_the_cap_whether_or_not_it_is_the_protocols_setting
         values_and_overrides(vizdoom, [1000], 500)
     with pytest.raises(ValueError, match="no step cap"):
         values_and_overrides(get_task("tmaze"), None, 100)
+
+
+def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_path, tmp_path, capsys):
+    from training.compare import Args as CompareArgs, compare, load_evaluation, main as compare_main, paired
+    from training.evaluate import Args, main
+
+    checkpoint = str(train(_tiny_config(dataset_path, tmp_path / "pair", epochs=1)))
+    for name in ("a", "b"):
+        main(Args(checkpoint=checkpoint, values=(10, 20), episodes=4, seed=3, json=tmp_path / f"{name}.json"))
+    a = load_evaluation(tmp_path / "a.json")
+    row = a["results"][0]
+    assert len(set(row["seeds"])) == len(row["returns"]) == 4 and min(row["seeds"]) == 3  # balanced by cue
+    assert np.mean(row["returns"]) == pytest.approx(row["mean_return"], abs=1e-3)
+    # the same checkpoint on the same seeds plays the same episodes: every pair ties
+    rows = compare(a, load_evaluation(tmp_path / "b.json"))
+    assert [value for value, _ in rows] == [10, 20]
+    assert all(r["difference"] == 0 and r["ties"] == 4 for _, r in rows)
+    compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json"))
+    assert "+0.000 +- 0.000  0 / 4 / 0" in capsys.readouterr().out
+
+    # pairing uses the seeds both played, whatever their order
+    first = {"seeds": [1, 2, 3], "returns": [1.0, 0.0, 1.0]}
+    second = {"seeds": [3, 2, 9], "returns": [0.0, 0.0, 5.0]}
+    figures = paired(first, second)
+    assert figures["episodes"] == 2 and figures["difference"] == pytest.approx(0.5)
+    assert (figures["wins"], figures["ties"], figures["losses"]) == (1, 1, 0)
+
+    old = json.loads((tmp_path / "a.json").read_text())
+    for result in old["results"]:
+        del result["seeds"], result["returns"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="no per-episode returns"):
+        load_evaluation(tmp_path / "old.json")
+    with pytest.raises(SystemExit, match="does not exist"):
+        load_evaluation(tmp_path / "missing.json")

@@ -107,6 +107,8 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         result = {
             protocol.setting: value, "episodes": episodes, **summarize(outcome.returns, outcome.successes),
             "mean_length": float(outcome.lengths.mean()), "seconds": round(time.perf_counter() - started, 2),
+            # per episode, in seed order: what training.compare pairs two checkpoints on
+            "seeds": [int(s) for s in seeds], "returns": [round(float(r), 4) for r in outcome.returns],
         }
         if protocol.balance_key and protocol.balance_key in outcome.reset_info:
             names = dict(protocol.group_names)
