@@ -4,9 +4,10 @@
     python -m training.evaluate --checkpoint runs/memory_maze/dt/model --json dt.json
     python -m training.compare rate.json dt.json
 
-Both checkpoints meet the same mazes (the seeds) with the same action-sampling streams, so most of the
-episode-to-episode spread is shared; the SEM of the per-episode differences is the honest error bar for
-"A scores more than B", usually much smaller than either evaluation's own SEM.
+Both checkpoints meet the same episodes (the seeds fix the maze, the cue, the items) and draw their
+actions from random streams seeded alike; the SEM of the per-episode differences is the error bar for
+"A scores more than B". It is smaller than the two SEMs combined where episodes share difficulty
+(some mazes are hard for every policy), about the same where they do not.
 """
 
 import json
