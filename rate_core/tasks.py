@@ -94,10 +94,11 @@ class Task:
     evaluator's seeds (0 upwards) so that evaluation episodes are not training episodes"""
     dataset_success_only: bool = False
     """keep only successful expert episodes (the collector runs more seeds until it has enough)"""
-    make_teacher: Callable[[], Any] | None = None
-    """a policy the collector can run instead of the expert (`collect --teacher`): make_teacher() -> an
-    object with reset(env, info) and act_and_label(env, obs, info) -> (action taken, the expert's
-    action); the dataset then holds both, and the trainer predicts the labels"""
+    make_teacher: Callable[..., Any] | None = None
+    """a policy the collector can run instead of the expert (`collect --teacher`): make_teacher(**options)
+    -> an object with reset(env, info) and act_and_label(env, obs, info) -> (action taken, the expert's
+    action); the dataset then holds both, and the trainer predicts the labels. Options (keyword
+    numbers, `collect --teacher-options`) replace the teacher's defaults, e.g. noise"""
     default_settings: dict = field(default_factory=dict)
     """environment settings used when none are given (e.g. for the app)"""
     action_names: tuple[str, ...] = ()
@@ -292,10 +293,10 @@ def _two_colors_expert():
     return TwoColorsExpert()
 
 
-def _two_colors_teacher():
+def _two_colors_teacher(**options):
     from rate_core.envs.vizdoom_two_colors import TwoColorsTeacher
 
-    return TwoColorsTeacher(detour=1 / 12)
+    return TwoColorsTeacher(**{"detour": 1 / 12, **options})
 
 
 def _two_colors_explain(reset_info: dict) -> str:
@@ -361,11 +362,11 @@ def _memory_maze_expert():
     return ExploringMemoryMazeExpert()
 
 
-def _memory_maze_teacher():
+def _memory_maze_teacher(**options):
     # The same behaviour, labelled with the noise-free expert's actions (collect --teacher).
     from rate_core.envs.memory_maze import MemoryMazeTeacher
 
-    return MemoryMazeTeacher()
+    return MemoryMazeTeacher(**options)
 
 
 def _memory_maze_explain(reset_info: dict) -> str:

@@ -307,6 +307,30 @@ def test_collector_stores_the_teachers_labels_on_request(tmp_path):
     assert plain.labels is None and plain.meta["settings"]["teacher"] is None
 
 
+def test_collect_teacher_options_set_the_teachers_behaviour(tmp_path):
+    from rate_core.tasks import get_task
+    from training.collect import Args, main
+    from training.dataset import load_dataset
+
+    task = get_task("vizdoom_two_colors")
+    # only random actions, no detours: every step's label is still the expert's action
+    main(Args(task=task.name, out=tmp_path / "noisy", episodes=1, teacher=True, settings=("step_cap=40",),
+              teacher_options=("noise=1", "detour=0")))
+    noisy = load_dataset(tmp_path / "noisy")
+    assert noisy.meta["settings"]["teacher_settings"]["noise"] == 1.0
+    assert noisy.meta["settings"]["teacher_settings"]["detour"] == 0.0
+    default = task.make_teacher()
+    assert (default.noise, default.detour) == (0.1, 1 / 12)  # the registry's defaults where none is given
+    differing = noisy.meta["settings"]["labelled_steps_differing"]
+    assert 0.5 < differing < 1.0  # random actions out of five agree with the label about a fifth of the time
+    with pytest.raises(SystemExit, match="no setting 'noize'; it has noise, detour"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, teacher_options=("noize=1",)))
+    with pytest.raises(SystemExit, match="NAME=NUMBER"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, teacher_options=("noise=lots",)))
+    with pytest.raises(SystemExit, match="add --teacher"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher_options=("noise=1",)))
+
+
 def test_oracle_cue_paints_the_pillars_colour_into_every_frame_and_nothing_else(tmp_path):
     from rate_core.envs.vizdoom_two_colors import CUE_GREEN, CUE_RED, CUE_SIZE
     from rate_core.tasks import get_task

@@ -40,6 +40,9 @@ class Args:
     settings: tuple[str, ...] = ()
     """environment settings as NAME=INT that replace the task's dataset settings (e.g. cue=1 for
     ViZDoom-Two-Colors' oracle cue)"""
+    teacher_options: tuple[str, ...] = ()
+    """with --teacher: the teacher's settings as NAME=NUMBER (e.g. noise=0.3: random actions at 30% of
+    the steps, all still labelled with the expert's action; detour=0 for ViZDoom-Two-Colors)"""
 
 
 def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
@@ -59,11 +62,33 @@ def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
     return settings
 
 
-def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) -> dict:
+def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
+    """{NAME: number} from command-line items NAME=NUMBER, checked against the settings the task's
+    teacher has; SystemExit with what to give otherwise."""
+    if items and task.make_teacher is None:
+        raise SystemExit(f"error: task {task.name} has no teacher to give --teacher-options to")
+    known = [name for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))] \
+        if items else []
+    options = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in known:
+            raise SystemExit(f"error: the teacher of {task.name} has no setting {name!r}; it has "
+                             f"{', '.join(known)} (give NAME=NUMBER)")
+        try:
+            options[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: teacher options are NAME=NUMBER, got {item!r}") from None
+    return options
+
+
+def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
+                teacher_options: dict | None = None) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
-    return, the reset info, and with teacher=True (for a task that has a teacher) labels (T,)."""
+    return, the reset info, and with teacher=True (for a task that has a teacher, built with
+    `teacher_options`) labels (T,)."""
     env = task.make_env(**settings)
-    expert = task.make_teacher() if teacher else task.make_expert()
+    expert = task.make_teacher(**(teacher_options or {})) if teacher else task.make_expert()
     obs, info = env.reset(seed=seed)
     reset_info = dict(info)
     expert.reset(env, info)
@@ -89,23 +114,24 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False) ->
     return episode
 
 
-def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool) -> dict:
-    return run_episode(get_task(task_name), settings, seed, teacher)
+def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teacher_options: dict | None) -> dict:
+    return run_episode(get_task(task_name), settings, seed, teacher, teacher_options)
 
 
-def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool):
+def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool,
+              teacher_options: dict | None):
     """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
     the pool's processes when there is a pool)."""
     seed = first_seed
     if pool is None:
         while True:
-            yield run_episode(task, settings, seed, teacher)
+            yield run_episode(task, settings, seed, teacher, teacher_options)
             seed += 1
     pending = collections.deque()
     try:
         while True:
             while len(pending) < ahead:
-                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher))
+                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options))
                 seed += 1
             yield pending.popleft().result()
     finally:
@@ -114,12 +140,12 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
-            teacher: bool = False, overrides: dict | None = None) -> Path:
+            teacher: bool = False, overrides: dict | None = None, teacher_options: dict | None = None) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
     consumed in order, so the dataset does not depend on `workers`. teacher: run the task's teacher
-    (Task.make_teacher, which must exist) and store its labels. overrides: env settings that replace
-    those of every dataset setting."""
+    (Task.make_teacher, which must exist; built with `teacher_options`) and store its labels.
+    overrides: env settings that replace those of every dataset setting."""
     dataset_settings = [{**settings, **(overrides or {})} for settings in task.dataset_settings]
     episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
@@ -128,7 +154,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
             for settings in dataset_settings:
                 kept = 0
-                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher)
+                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher, teacher_options)
                 while kept < episodes_per_setting:
                     if tried >= 10 * total + 100:
                         raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} "
@@ -146,7 +172,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     returns = np.array([e["return"] for e in episodes])
-    taught = task.make_teacher() if teacher else None
+    taught = task.make_teacher(**(teacher_options or {})) if teacher else None
     lengths = np.array([len(e["actions"]) for e in episodes])
     path = write_dataset(out, task.name, episodes, {
         "settings": dataset_settings, "episodes_per_setting": episodes_per_setting, "seed": seed,
@@ -171,8 +197,10 @@ def main(args: Args) -> None:
     seed = task.dataset_seed if args.seed is None else args.seed
     if args.teacher and task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher; collect without --teacher")
+    if args.teacher_options and not args.teacher:
+        raise SystemExit("error: --teacher-options set the teacher's behaviour; add --teacher")
     collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher,
-            parse_settings(task, args.settings))
+            parse_settings(task, args.settings), parse_teacher_options(task, args.teacher_options))
 
 
 if __name__ == "__main__":
