@@ -45,41 +45,38 @@ class Args:
     the steps, all still labelled with the expert's action; detour=0 for ViZDoom-Two-Colors)"""
 
 
-def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
-    """{NAME: INT} from command-line items NAME=INT, checked against the task's environment options;
-    SystemExit with what to give otherwise."""
-    options = [name for name in inspect.signature(task.make_env).parameters if name != "render_mode"]
-    settings = {}
+def _assignments(items: tuple[str, ...], known: list[str], convert, owner: str, what: str) -> dict:
+    """{NAME: convert(VALUE)} from command-line items NAME=VALUE whose NAME is in `known`; SystemExit
+    with what to give otherwise."""
+    form = f"NAME={'INT' if convert is int else 'NUMBER'}"
+    values = {}
     for item in items:
         name, _, value = item.partition("=")
-        if name not in options:
-            raise SystemExit(f"error: {task.name} has no environment setting {name!r}; it has "
-                             f"{', '.join(options) or 'none'} (give NAME=INT)")
+        if name not in known:
+            raise SystemExit(f"error: {owner} has no {what} {name!r}; it has {', '.join(known) or 'none'} "
+                             f"(give {form})")
         try:
-            settings[name] = int(value)
+            values[name] = convert(value)
         except ValueError:
-            raise SystemExit(f"error: settings are NAME=INT, got {item!r}") from None
-    return settings
+            raise SystemExit(f"error: {what}s are {form}, got {item!r}") from None
+    return values
+
+
+def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
+    """{NAME: INT} from command-line items NAME=INT, checked against the task's environment options."""
+    options = [name for name in inspect.signature(task.make_env).parameters if name != "render_mode"]
+    return _assignments(items, options, int, task.name, "environment setting")
 
 
 def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
     """{NAME: number} from command-line items NAME=NUMBER, checked against the settings the task's
-    teacher has; SystemExit with what to give otherwise."""
-    if items and task.make_teacher is None:
+    teacher has."""
+    if not items:
+        return {}
+    if task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher to give --teacher-options to")
-    known = [name for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))] \
-        if items else []
-    options = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in known:
-            raise SystemExit(f"error: the teacher of {task.name} has no setting {name!r}; it has "
-                             f"{', '.join(known)} (give NAME=NUMBER)")
-        try:
-            options[name] = float(value)
-        except ValueError:
-            raise SystemExit(f"error: teacher options are NAME=NUMBER, got {item!r}") from None
-    return options
+    known = [name for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))]
+    return _assignments(items, known, float, f"the teacher of {task.name}", "setting")
 
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
