@@ -15,7 +15,7 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import TrainConfig, lr_multiplier, make_batch, train
+from training.train import TrainConfig, epoch_windows, lr_multiplier, make_batch, train
 
 TASK = get_task("tmaze")
 
@@ -128,6 +128,42 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset_path, tm
         assert torch.equal(a, b), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
+
+
+def test_random_offsets_cover_every_step_and_differ_between_epochs(dataset_path):
+    dataset = load_dataset(dataset_path)
+    length = 7
+    fixed = epoch_windows(dataset, length, seed=0, epoch=0, random_offsets=False)
+    assert all(start % length == 0 for _, start in fixed)
+    drawn = [epoch_windows(dataset, length, seed=0, epoch=e, random_offsets=True) for e in range(3)]
+    assert not np.array_equal(drawn[0], drawn[1]) or not np.array_equal(drawn[1], drawn[2])
+    assert np.array_equal(drawn[1], epoch_windows(dataset, length, seed=0, epoch=1, random_offsets=True))
+    for samples in drawn:
+        for episode, steps in enumerate(dataset.episode_lengths()):
+            covered = np.zeros(steps, dtype=bool)
+            for _, start in samples[samples[:, 0] == episode]:
+                assert 0 <= start < steps
+                covered[start:start + length] = True
+            assert covered.all(), episode
+
+
+def test_a_resumed_run_with_random_offsets_matches_a_straight_one(dataset_path, tmp_path):
+    straight = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "straight", random_offsets=True)))
+    fixed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fixed")))
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, tmp_path / "resumed", random_offsets=True), on_epoch_end=kill_after_first_epoch)
+    with pytest.raises(SystemExit, match="random_offsets"):
+        train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True))
+    resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True, random_offsets=True)))
+    assert resumed.training_info["random_offsets"] is True
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), fixed.state_dict().values()))
 
 
 def test_resume_refuses_different_settings(dataset_path, tmp_path):

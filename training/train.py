@@ -78,6 +78,9 @@ class TrainConfig:
     """gradient-norm clipping (0: off)"""
     memory_grad: str = "bptt"
     """bptt (train memory through all segments) | detached (the reference scheme)"""
+    random_offsets: bool = False
+    """shift each episode's tiling into windows by a random offset every epoch, so an epoch shows
+    windows (and segment boundaries) the last one did not; every step stays in a window"""
     micro_batch: int = 0
     """samples per forward/backward, gradients accumulated (0: the whole batch)"""
     seed: int = 0
@@ -147,11 +150,25 @@ def model_config_of(config: TrainConfig) -> ModelConfig:
     return model_config
 
 
-def windows(dataset: Dataset, length: int) -> np.ndarray:
+def windows(dataset: Dataset, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """(episode, start) of every training sample: each episode tiled into windows of `length`
-    steps from its first step (the last one padded)."""
-    pairs = [(e, start) for e, steps in enumerate(dataset.episode_lengths()) for start in range(0, steps, length)]
+    steps from its first step (the last one padded). With `rng`, each episode's tiling starts at a
+    random offset in [0, length) instead, plus a window from step 0 so the offset's steps are kept."""
+    pairs = []
+    for e, steps in enumerate(dataset.episode_lengths()):
+        offset = int(rng.integers(0, min(length, steps))) if rng is not None else 0
+        if offset:
+            pairs.append((e, 0))
+        pairs.extend((e, start) for start in range(offset, steps, length))
     return np.array(pairs, dtype=np.int64)
+
+
+def epoch_windows(dataset: Dataset, length: int, seed: int, epoch: int, random_offsets: bool) -> np.ndarray:
+    """The samples of one epoch: the fixed tiling, or (random_offsets) a tiling drawn from (seed, epoch),
+    so a resumed run sees the same windows."""
+    if not random_offsets:
+        return windows(dataset, length)
+    return windows(dataset, length, np.random.default_rng([seed, epoch, 1]))
 
 
 def make_batch(dataset: Dataset, index: np.ndarray, length: int, device) -> tuple[torch.Tensor, ...]:
@@ -239,15 +256,17 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
-    batches_per_epoch = math.ceil(len(samples) / config.batch_size)
+    sample_counts = [len(epoch_windows(dataset, sample_len, config.seed, e, config.random_offsets))
+                     for e in range(config.epochs)]
     steps_per_batch = model_config.sections if config.memory_grad == "detached" and config.model != "dt" else 1
-    total_steps = batches_per_epoch * steps_per_batch * config.epochs
+    total_steps = sum(math.ceil(n / config.batch_size) for n in sample_counts) * steps_per_batch
 
     torch.manual_seed(config.seed)
     model = MemoryTransformer(model_config, task=task.name, training={
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
+        "random_offsets": config.random_offsets,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -270,7 +289,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler)
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
         saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
-        for key in ("task", "model", "arch", "action_inputs", "batch_size", "epochs", "memory_grad", "seed"):
+        saved_config.setdefault("random_offsets", False)  # and before --random-offsets
+        for key in ("task", "model", "arch", "action_inputs", "random_offsets", "batch_size", "epochs",
+                    "memory_grad", "seed"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -291,13 +312,16 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if main_process else None
     say = print if main_process else (lambda *a, **k: None)
-    say(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps, "
+    say(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps"
+        + (" (random offsets: more or fewer per epoch)" if config.random_offsets else "") + ", "
           f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}"
         + (f", {world} processes" if world > 1 else ""))
 
     deadline = started_at + time_limit if time_limit else None
     stopped = False
     for epoch in range(start_epoch, config.epochs):
+        samples = epoch_windows(dataset, sample_len, config.seed, epoch, config.random_offsets)
+        batches_per_epoch = math.ceil(len(samples) / config.batch_size)
         order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
         started = time.perf_counter()
         bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
