@@ -256,10 +256,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
-    sample_counts = [len(epoch_windows(dataset, sample_len, config.seed, e, config.random_offsets))
-                     for e in range(config.epochs)]
+    epoch_samples = [epoch_windows(dataset, sample_len, config.seed, e, True) for e in range(config.epochs)] \
+        if config.random_offsets else [samples] * config.epochs
     steps_per_batch = model_config.sections if config.memory_grad == "detached" and config.model != "dt" else 1
-    total_steps = sum(math.ceil(n / config.batch_size) for n in sample_counts) * steps_per_batch
+    total_steps = sum(math.ceil(len(e) / config.batch_size) for e in epoch_samples) * steps_per_batch
 
     torch.manual_seed(config.seed)
     model = MemoryTransformer(model_config, task=task.name, training={
@@ -320,7 +320,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     deadline = started_at + time_limit if time_limit else None
     stopped = False
     for epoch in range(start_epoch, config.epochs):
-        samples = epoch_windows(dataset, sample_len, config.seed, epoch, config.random_offsets)
+        samples = epoch_samples[epoch]
         batches_per_epoch = math.ceil(len(samples) / config.batch_size)
         order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
         started = time.perf_counter()
