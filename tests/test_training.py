@@ -15,7 +15,7 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import TrainConfig, epoch_windows, lr_multiplier, make_batch, train
+from training.train import TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, train, windows
 
 TASK = get_task("tmaze")
 
@@ -164,6 +164,42 @@ def test_a_resumed_run_with_random_offsets_matches_a_straight_one(dataset_path, 
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), fixed.state_dict().values()))
+
+
+def test_held_out_loss_is_logged_every_epoch_and_leaves_training_unchanged(dataset_path, tmp_path):
+    held_out = collect(TASK, tmp_path / "held_out", episodes_per_setting=1, seed=100)
+    plain = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "plain")))
+    checked = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "checked", val_data=held_out)))
+    for (name, a), b in zip(plain.state_dict().items(), checked.state_dict().values()):
+        assert torch.equal(a, b), name  # evaluation mode, no gradients, no draws from the random stream
+    log = [json.loads(line) for line in (tmp_path / "checked" / "log.jsonl").read_text().splitlines()]
+    values = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(values) == 3 and all(np.isfinite(values)) and all(v > 0 for v in values)
+    data = load_dataset(held_out)
+    length = checked.config.context_length * checked.config.sections
+    assert values[-1] == pytest.approx(held_out_loss(checked, data, windows(data, length), length, "cpu"))
+    # by hand: the mean over every step of every window, dropout off, padding not counted
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in range(data.num_episodes):
+            for s in range(0, int(data.episode_lengths()[e]), length):
+                rtg, obs, actions, targets = (torch.from_numpy(a)[None] for a in data.training_window(e, s, length))
+                state = None
+                for seg in segment_slices(checked, length):
+                    logits, state = checked(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+                    keep = targets[:, seg] != ACTION_PAD
+                    total += float(torch.nn.functional.cross_entropy(logits[keep], targets[:, seg][keep],
+                                                                     reduction="sum"))
+                    count += int(keep.sum())
+    assert values[-1] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_held_out_data_of_another_task_is_refused(dataset_path, tmp_path):
+    other = tmp_path / "other"
+    write_dataset(other, "minigrid_memory", [{"observations": np.zeros((3, 3, 84, 84), np.uint8),
+                                              "actions": np.zeros(3), "rewards": np.zeros(3)}], {})
+    with pytest.raises(DatasetError, match="held-out.*minigrid_memory"):
+        train(_tiny_config(dataset_path, tmp_path / "run", val_data=other))
 
 
 def test_resume_refuses_different_settings(dataset_path, tmp_path):

@@ -16,6 +16,7 @@ an uninterrupted one. The finished model is written to runs/<task>/<model>/model
 holds the loss per step and the periodic evaluations.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -33,12 +34,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rate_core.model import MemoryTransformer, ModelConfig
+from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
-from training.step import MEMORY_GRADS, SegmentLosses, train_step
+from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 ARCHS = ("task", "paper")
@@ -103,6 +104,11 @@ class TrainConfig:
     the learning rate decays by steps or by time, whichever is further along (for a fixed time budget)"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
+    val_data: Path | None = None
+    """held-out dataset of the same task (e.g. collect --seed away from the training data's seeds): the
+    model's loss on it (dropout off) is logged after every epoch as val_loss, to tell overfitting apart"""
+    val_windows: int = 256
+    """at most this many windows of --val-data (a fixed random subset) for val_loss"""
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -175,6 +181,28 @@ def make_batch(dataset: Dataset, index: np.ndarray, length: int, device) -> tupl
     """rtg, observations, actions (the model's inputs) and targets of the samples `index` (episode, start)."""
     parts = [dataset.training_window(int(e), int(s), length) for e, s in index]
     return tuple(torch.from_numpy(np.stack(p)).to(device) for p in zip(*parts))
+
+
+def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray, length: int, device,
+                  autocast=contextlib.nullcontext(), batch_size: int = 32) -> float:
+    """The model's mean cross-entropy per target step on the samples `index` (episode, start) of
+    `length` steps, segment by segment as in training, in evaluation mode (no dropout, no gradients,
+    no random draws); the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad(), autocast:
+            for first in range(0, len(index), batch_size):
+                rtg, obs, actions, targets = make_batch(dataset, index[first:first + batch_size], length, device)
+                state = None
+                for seg in segment_slices(model, length):
+                    logits, state = model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+                    total += float(action_loss_sum(logits.float(), targets[:, seg]))
+                    count += int((targets[:, seg] != ACTION_PAD).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
 
 
 def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
@@ -256,6 +284,16 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
+    val_dataset, val_index = None, None
+    if config.val_data is not None:
+        try:
+            val_dataset = load_dataset(config.val_data, task=task.name)
+        except DatasetError as error:
+            raise DatasetError(f"--val-data (the held-out dataset): {error}") from error
+        val_index = windows(val_dataset, sample_len)
+        if len(val_index) > config.val_windows:
+            pick = np.random.default_rng(0).choice(len(val_index), config.val_windows, replace=False)
+            val_index = val_index[np.sort(pick)]
     epoch_samples = [epoch_windows(dataset, sample_len, config.seed, e, True) for e in range(config.epochs)] \
         if config.random_offsets else [samples] * config.epochs
     steps_per_batch = model_config.sections if config.memory_grad == "detached" and config.model != "dt" else 1
@@ -319,6 +357,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
 
     deadline = started_at + time_limit if time_limit else None
     stopped = False
+    loss = float("nan")
     for epoch in range(start_epoch, config.epochs):
         samples = epoch_samples[epoch]
         batches_per_epoch = math.ceil(len(samples) / config.batch_size)
@@ -352,6 +391,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "stopped": "max_minutes"}) + "\n")
             break
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
+        if main_process and val_dataset is not None:
+            record["val_loss"] = held_out_loss(model, val_dataset, val_index, sample_len, device, autocast)
+            print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f} over {len(val_index)} windows "
+                  f"(last batch's training loss {loss:.4f})")
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             values = task.train.eval_values or task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
