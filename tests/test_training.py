@@ -309,6 +309,20 @@ def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_
                   data=tmp_path / "no_data", json=out))
 
 
+def test_evaluate_cli_actions_option_overrides_the_protocols_choice(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    checkpoint = train(_tiny_config(dataset_path, tmp_path / "actions", epochs=1))
+    model = load_checkpoint(checkpoint)
+    for choice, sample in (("protocol", False), ("argmax", False), ("sampled", True)):  # T-Maze's protocol: argmax
+        out = tmp_path / f"{choice}.json"
+        main(Args(checkpoint=str(checkpoint), values=(30,), episodes=6, actions=choice, json=out))
+        written = json.loads(out.read_text())
+        assert written["protocol"]["sample_actions"] is sample
+        expected = evaluate(model, TASK, [30], 6, seed=0, sample=sample)[0]["returns"]
+        assert written["results"][0]["returns"] == expected
+
+
 def test_evaluate_cli_settings_are_checked_against_the_environment(dataset_path, tmp_path):
     from training.evaluate import Args, main
 

@@ -43,6 +43,9 @@ class Args:
     """dataset for --target-return top-decile (default: data/<task>/expert)"""
     episodes: int | None = None
     """episodes per setting (default: the protocol's)"""
+    actions: Literal["protocol", "sampled", "argmax"] = "protocol"
+    """how the agent picks its action: as the protocol says (T-Maze argmax, the others sampled), sampled
+    from the softmax, or the most likely one"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Path | None = None
@@ -190,6 +193,8 @@ def main(args: Args) -> None:
         print(f"top-decile return of {data} ({len(returns)} episodes): {protocol.target_return}")
     elif args.target_return is not None:
         protocol = replace(protocol, target_return=args.target_return)
+    if args.actions != "protocol":
+        protocol = replace(protocol, sample_actions=args.actions == "sampled")
     episodes = args.episodes or protocol.episodes
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
           f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
@@ -204,8 +209,8 @@ def main(args: Args) -> None:
             "protocol": asdict(protocol), "overrides": overrides, "results": results,
         }, indent=2))
 
-    results = evaluate(model, task, values, episodes, args.seed, on_result=save, overrides=overrides,
-                       target_return=protocol.target_return)
+    results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
+                       overrides=overrides, target_return=protocol.target_return)
     print_table(task, results)
     print(f"wrote {out}")
 
