@@ -200,6 +200,8 @@ def test_held_out_data_of_another_task_is_refused(dataset_path, tmp_path):
                                               "actions": np.zeros(3), "rewards": np.zeros(3)}], {})
     with pytest.raises(DatasetError, match="held-out.*minigrid_memory"):
         train(_tiny_config(dataset_path, tmp_path / "run", val_data=other))
+    with pytest.raises(ValueError, match="--val-windows must be at least 1"):
+        train(_tiny_config(dataset_path, tmp_path / "run", val_data=dataset_path, val_windows=0))
 
 
 def test_resume_refuses_different_settings(dataset_path, tmp_path):

@@ -126,6 +126,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--memory-grad must be one of {MEMORY_GRADS}, got {resolved.memory_grad!r}")
     if resolved.decay not in ("cosine", "linear", "none"):
         raise ValueError(f"--decay must be cosine, linear or none, got {resolved.decay!r}")
+    if resolved.val_windows < 1:
+        raise ValueError(f"--val-windows must be at least 1, got {resolved.val_windows}")
     if resolved.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {ARCHS}, got {resolved.arch!r}")
     model_config_of(resolved)  # raises for an unknown mode, or a task the paper has no config for
