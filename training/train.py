@@ -39,7 +39,7 @@ from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
-from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
+from training.step import MEMORY_GRADS, SegmentLosses, segment_slices, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 ARCHS = ("task", "paper")
@@ -192,16 +192,16 @@ def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray,
     no random draws); the model's mode is restored after."""
     was_training = model.training
     model.eval()
+    runner, times = SegmentLosses(model), segment_slices(model, length)
     total, count = 0.0, 0
     try:
         with torch.no_grad(), autocast:
             for first in range(0, len(index), batch_size):
                 rtg, obs, actions, targets = make_batch(dataset, index[first:first + batch_size], length, device)
-                state = None
-                for seg in segment_slices(model, length):
-                    logits, state = model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
-                    total += float(action_loss_sum(logits.float(), targets[:, seg]))
-                    count += int((targets[:, seg] != ACTION_PAD).sum())
+                counts = [int((targets[:, seg] != ACTION_PAD).sum()) for seg in times]
+                _, means, _ = runner(rtg, obs, actions, times, counts, targets=targets)
+                total += sum(float(mean) * n for mean, n in zip(means, counts) if mean is not None)
+                count += sum(counts)
     finally:
         model.train(was_training)
     return total / max(count, 1)
