@@ -288,6 +288,14 @@ def test_teacher_detours_to_the_other_colour_and_labels_with_the_expert():
         if terminated or truncated:
             break
     assert kinds["detour"] >= 5 and kinds["expert"] >= 50
+    # a detour lasts detour_min..detour_max steps: with detour=1 one starts at the first step
+    fixed = TwoColorsTeacher(noise=0.0, detour=1.0, detour_min=7, detour_max=7)
+    obs, info = env.reset(seed=3)
+    fixed.reset(env, info)
+    fixed.act_and_label(env, obs, info)
+    assert fixed.left == 6
+    with pytest.raises(ValueError, match="detour_min <= detour_max"):
+        TwoColorsTeacher(detour_min=5, detour_max=3)
     env.close()
 
 
@@ -323,10 +331,12 @@ def test_collect_teacher_options_set_the_teachers_behaviour(tmp_path):
     assert (default.noise, default.detour) == (0.1, 1 / 12)  # the registry's defaults where none is given
     differing = noisy.meta["settings"]["labelled_steps_differing"]
     assert 0.5 < differing < 1.0  # random actions out of five agree with the label about a fifth of the time
-    with pytest.raises(SystemExit, match="no setting 'noize'; it has noise, detour"):
+    with pytest.raises(SystemExit, match="no setting 'noize'; it has noise, detour, detour_min, detour_max"):
         main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, teacher_options=("noize=1",)))
     with pytest.raises(SystemExit, match="NAME=NUMBER"):
         main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, teacher_options=("noise=lots",)))
+    with pytest.raises(SystemExit, match="--teacher-options: a detour lasts"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, teacher_options=("detour_min=0",)))
     with pytest.raises(SystemExit, match="add --teacher"):
         main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher_options=("noise=1",)))
 

@@ -76,7 +76,12 @@ def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
     if task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher to give --teacher-options to")
     known = [name for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))]
-    return _assignments(items, known, float, f"the teacher of {task.name}", "setting")
+    options = _assignments(items, known, float, f"the teacher of {task.name}", "setting")
+    try:
+        task.make_teacher(**options)
+    except ValueError as error:
+        raise SystemExit(f"error: --teacher-options: {error}") from None
+    return options
 
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,

@@ -287,13 +287,16 @@ class TwoColorsTeacher:
     random actions included (the collector stores both, see training.dataset).
     """
 
-    def __init__(self, noise: float = 0.1, detour: float = 0.03, detour_steps: tuple[int, int] = (4, 20)):
+    def __init__(self, noise: float = 0.1, detour: float = 0.03, detour_min: int = 4, detour_max: int = 20):
+        if not 1 <= detour_min <= detour_max:
+            raise ValueError(f"a detour lasts detour_min to detour_max steps, 1 <= detour_min <= detour_max; "
+                             f"got {detour_min} and {detour_max}")
         self.noise = noise
         """probability of a random action at a step outside a detour"""
         self.detour = detour
         """probability per step outside a detour of starting one"""
-        self.detour_steps = detour_steps
-        """a detour's length in steps, uniform in this range (inclusive)"""
+        self.detour_min, self.detour_max = int(detour_min), int(detour_max)
+        """a detour's length in steps, uniform in detour_min..detour_max (inclusive)"""
         self.expert, self.decoy = TwoColorsExpert(noise=0.0), TwoColorsExpert(noise=0.0)
 
     def reset(self, env, info) -> None:
@@ -306,7 +309,7 @@ class TwoColorsTeacher:
         """(the action to take, the expert's action: the label)."""
         label, decoy = self.expert.act(env, obs, info), self.decoy.act(env, obs, info)
         if not self.left and self.rng.random() < self.detour:
-            self.left = int(self.rng.integers(self.detour_steps[0], self.detour_steps[1] + 1))
+            self.left = int(self.rng.integers(self.detour_min, self.detour_max + 1))
         if self.left:
             self.left -= 1
             return decoy, label
