@@ -341,6 +341,30 @@ def test_collect_teacher_options_set_the_teachers_behaviour(tmp_path):
         main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher_options=("noise=1",)))
 
 
+def test_pillar_cue_paints_the_colour_only_while_the_pillar_stands():
+    from rate_core.envs.vizdoom_two_colors import CUE_GREEN, CUE_RED, CUE_SIZE
+
+    plain, cued = TwoColorsEnv(step_cap=60), TwoColorsEnv(step_cap=60, cue=2)
+    try:
+        for seed in (0, 2):
+            a, info = plain.reset(seed=seed)
+            b, _ = cued.reset(seed=seed)
+            painted = []
+            for step in range(55):
+                patch = (CUE_RED if info["is_red"] else CUE_GREEN)[:, None, None]
+                corner = b[:, :CUE_SIZE[0], :CUE_SIZE[1]]
+                painted.append(bool((corner == patch).all()))
+                if not painted[-1]:  # no patch: the frame is the plain one
+                    np.testing.assert_array_equal(a, b)
+                a, _, _, _, info = plain.step(step % 5)
+                b, _, _, _, _ = cued.step(step % 5)
+            # the pillar stands for 90 tics: observations 0-44 (frame skip 2), then it is gone
+            assert painted == [True] * 45 + [False] * 10
+    finally:
+        plain.close()
+        cued.close()
+
+
 def test_oracle_cue_paints_the_pillars_colour_into_every_frame_and_nothing_else(tmp_path):
     from rate_core.envs.vizdoom_two_colors import CUE_GREEN, CUE_RED, CUE_SIZE
     from rate_core.tasks import get_task
@@ -363,8 +387,8 @@ def test_oracle_cue_paints_the_pillars_colour_into_every_frame_and_nothing_else(
     finally:
         plain.close()
         cued.close()
-    with pytest.raises(ValueError, match="cue must be 0 or 1"):
-        TwoColorsEnv(cue=2)
+    with pytest.raises(ValueError, match="cue must be 0 .none., 1 .every frame. or 2"):
+        TwoColorsEnv(cue=3)
     task = get_task("vizdoom_two_colors")
     assert parse_settings(task, ("cue=1", "step_cap=30")) == {"cue": 1, "step_cap": 30}
     with pytest.raises(SystemExit, match="no environment setting 'colour'.*step_cap, cue"):

@@ -63,14 +63,17 @@ class TwoColorsEnv(gym.Env):
     render_mode "rgb_array": render() gives the 320x180 RGB screen (H, W, 3) of the current step.
     cue=1: the oracle cue (the paper's "oracle-cue DT"): every observation carries the pillar's
     colour as a solid CUE_SIZE patch in its top-left corner, so no memory is needed; a diagnostic.
+    cue=2: the same patch, only while the pillar stands (the first 45 steps): the colour is as easy
+    to see as with cue=1 and must be remembered as without a cue; a diagnostic that separates
+    reading the pillar from remembering it.
     Each env runs its own ViZDoom process (window hidden, sound off); close() ends it.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / FRAME_SKIP}
 
     def __init__(self, step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
-        if cue not in (0, 1):
-            raise ValueError(f"cue must be 0 or 1, got {cue!r}")
+        if cue not in (0, 1, 2):
+            raise ValueError(f"cue must be 0 (none), 1 (every frame) or 2 (while the pillar stands), got {cue!r}")
         if step_cap < 1:
             raise ValueError(f"step_cap must be positive, got {step_cap}")
         if render_mode not in (None, "rgb_array"):
@@ -113,9 +116,12 @@ class TwoColorsEnv(gym.Env):
         self._obs = np.ascontiguousarray(
             cv2.resize(self._screen, _OBS_SIZE, interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
         self._health = int(self._state.game_variables[_HEALTH])
-        if self.cue:
+        if self.cue == 1 or (self.cue == 2 and self._pillar_stands()):
             red = int(self._state.game_variables[_IS_RED])
             self._obs[:, :CUE_SIZE[0], :CUE_SIZE[1]] = (CUE_RED if red else CUE_GREEN)[:, None, None]
+
+    def _pillar_stands(self) -> bool:
+        return any(thing.name in (two_colors.GREEN_PILLAR, two_colors.RED_PILLAR) for thing in self._state.objects)
 
     def _info(self) -> dict:
         return {"is_red": self._is_red, "health": self._health}
