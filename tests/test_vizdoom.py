@@ -511,3 +511,20 @@ def test_registry_entry_plays_in_the_rollout_engine():
     trace = batch.traces[0]
     assert trace.frames.shape == (13, 180, 320, 3) and trace.info["health"].shape == (12,)
     assert task.explain(trace.reset_info) in ("pillar: red", "pillar: green")
+
+
+def test_frame_probe_clones_and_plays_a_memoryless_policy():
+    from training.frame_probe import Args, _behaviour, main
+
+    result = main(Args(behaviour="neutral", cue=1, episodes=2, test_episodes=1, epochs=1, play_episodes=1, play_cap=20,
+                       workers=1, threads=1))
+    assert result["training_frames"] == 300 and result["behaviour"] == "neutral" and result["cue"] == 1
+    assert 0 < result["differing_steps"] <= 150  # the two colours' experts disagree at some of the test steps
+    assert 0.0 <= result["prefers"] <= 1.0 and np.isfinite(result["loss"])
+    assert 0.02 * 20 - 1e-6 <= result["play_return"]  # alive for the 20 steps: the living reward at least
+    neutral, expert = _behaviour("neutral", 25), _behaviour("expert", 25)
+    assert (neutral.detour, neutral.detour_min, neutral.detour_max) == (1 / 25, 25, 25) and expert.detour == 0.0
+    with pytest.raises(SystemExit, match="--test-episodes must be at least 1"):
+        main(Args(test_episodes=0))
+    with pytest.raises(SystemExit, match="--cue is 0"):
+        main(Args(cue=4))

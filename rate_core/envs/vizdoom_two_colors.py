@@ -314,6 +314,7 @@ class TwoColorsTeacher:
     def act_and_label(self, env, obs, info) -> tuple[int, int]:
         """(the action to take, the expert's action: the label)."""
         label, decoy = self.expert.act(env, obs, info), self.decoy.act(env, obs, info)
+        self.last_decoy = decoy  # the other colour's expert's action in this state (training.frame_probe)
         if not self.left and self.rng.random() < self.detour:
             self.left = int(self.rng.integers(self.detour_min, self.detour_max + 1))
         if self.left:

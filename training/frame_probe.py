@@ -1,0 +1,198 @@
+"""What does a ViZDoom-Two-Colors dataset teach, before memory? Clone it with a memoryless policy.
+
+    python -m training.frame_probe --behaviour expert --cue 1    # the expert's data, colour in every frame
+    python -m training.frame_probe --behaviour neutral --cue 1   # colour-neutral behaviour, same labels
+
+The policy is the model's image encoder and one linear layer: it sees the current frame only, no
+history and no memory. It is trained (cross-entropy, the expert's action as the label) on
+`episodes` fresh episodes of 150 steps, scored on `test_episodes` others and then played.
+
+Behaviour (what the data's agent does; the label is always the noise-free expert's action for the
+pillar's colour, from training.collect's TwoColorsTeacher):
+- expert: the expert itself, a random action at 10% of the steps (the shipped data's recipe).
+- neutral: in blocks of `block` steps it follows the expert of the other colour about half of the
+  time, so that what lies ahead says nothing about which colour is right.
+
+Scores on the test episodes, at the steps where the expert's action differs from the other colour's
+expert's: how often the policy ranks the expert's action above the other colour's ("prefers"), over
+all steps and after the pillar has gone (step 45). Then the return of `play_episodes` episodes
+(seeds from 0, sampled actions, the task's 2,100-step cap). With the cue (cue=1) the colour is in
+every frame, so a policy that learnt the task plays well without memory.
+"""
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from torch import nn
+from tqdm import tqdm
+
+from rate_core.model import ImageEncoder
+
+PILLAR_STEPS = 45
+
+
+@dataclass
+class Args:
+    """Clone a ViZDoom-Two-Colors dataset with a memoryless frame-only policy and play it."""
+
+    behaviour: Literal["expert", "neutral"] = "neutral"
+    """the data's agent: the expert (10% random actions), or colour-neutral blocks (module docstring)"""
+    cue: int = 1
+    """environment cue: 0 none, 1 the colour in every frame, 2 only while the pillar stands"""
+    episodes: int = 400
+    """training episodes of 150 steps (seeds from `seed`)"""
+    test_episodes: int = 60
+    """held-out episodes for the scores (seeds from seed + 1,000,000)"""
+    epochs: int = 6
+    """passes over the training frames"""
+    block: int = 25
+    """neutral behaviour: steps per detour to the other colour"""
+    play_episodes: int = 20
+    """episodes played after training (0: do not play)"""
+    play_cap: int = 2100
+    """step cap of the played episodes"""
+    seed: int = 3_000_000
+    """first training seed (away from the datasets' 1,000,000 and the evaluator's 0)"""
+    workers: int = 2
+    """processes collecting episodes"""
+    threads: int = 2
+    """torch threads"""
+
+
+def _behaviour(kind: str, block: int):
+    from rate_core.envs.vizdoom_two_colors import TwoColorsTeacher
+
+    if kind == "expert":
+        return TwoColorsTeacher(noise=0.1, detour=0.0)
+    # a block starts at a step outside one with probability 1 / block: half of the steps are detours
+    return TwoColorsTeacher(noise=0.1, detour=1.0 / block, detour_min=block, detour_max=block)
+
+
+def _collect(job) -> dict:
+    """Frames, labels, the other colour's expert's actions and step numbers of some episodes."""
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
+
+    seeds, kind, block, cue = job
+    env, teacher = TwoColorsEnv(step_cap=150, cue=cue), _behaviour(kind, block)
+    frames, labels, others, steps = [], [], [], []
+    try:
+        for seed in seeds:
+            obs, info = env.reset(seed=int(seed))
+            teacher.reset(env, info)
+            for step in range(150):
+                action, label = teacher.act_and_label(env, obs, info)
+                frames.append(obs)
+                labels.append(label)
+                others.append(teacher.last_decoy)
+                steps.append(step)
+                obs, _, terminated, truncated, info = env.step(action)
+                if terminated or truncated:
+                    break
+    finally:
+        env.close()
+    return dict(frames=np.stack(frames), labels=np.array(labels), others=np.array(others), steps=np.array(steps))
+
+
+def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: int, workers: int) -> dict:
+    chunks = [list(chunk) for chunk in np.array_split(np.arange(first_seed, first_seed + episodes), max(1, workers * 4))
+              if len(chunk)]
+    jobs = [(chunk, kind, block, cue) for chunk in chunks]
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes", unit="chunk"))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def frame_policy(obs_shape=(3, 64, 112), act_dim: int = 5) -> nn.Module:
+    """The task's image encoder (convolutions 16/32/32) and a linear layer: frame -> action logits."""
+    return nn.Sequential(ImageEncoder(obs_shape, 128, (16, 32, 32)), nn.Linear(128, act_dim))
+
+
+def scores(policy: nn.Module, data: dict) -> dict:
+    policy.eval()
+    with torch.no_grad():
+        frames = torch.from_numpy(data["frames"])
+        logits = torch.cat([policy(frames[i:i + 512]) for i in range(0, len(frames), 512)])
+    policy.train()
+    labels, others = torch.from_numpy(data["labels"]).long(), torch.from_numpy(data["others"]).long()
+    differ = labels != others
+    late = differ & torch.from_numpy(data["steps"] >= PILLAR_STEPS)
+    prefers = logits.gather(1, labels[:, None])[:, 0] > logits.gather(1, others[:, None])[:, 0]
+    return dict(loss=nn.functional.cross_entropy(logits, labels).item(),
+                accuracy=(logits.argmax(1) == labels).float().mean().item(),
+                differing_steps=int(differ.sum()), prefers=prefers[differ].float().mean().item(),
+                prefers_after_pillar=prefers[late].float().mean().item())
+
+
+def train_policy(data: dict, test: dict, epochs: int, seed: int = 0) -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(seed)
+    policy = frame_policy()
+    optimiser = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=1e-3)
+    frames, labels = torch.from_numpy(data["frames"]), torch.from_numpy(data["labels"]).long()
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(frames))
+        for start in tqdm(range(0, len(frames), 128), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
+            batch = order[start:start + 128]
+            loss = nn.functional.cross_entropy(policy(frames[batch]), labels[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        history.append(scores(policy, test))
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in history[-1].items()), flush=True)
+    return policy, history
+
+
+def play(policy: nn.Module, episodes: int, cue: int, step_cap: int = 2100) -> np.ndarray:
+    """Returns of `episodes` episodes (seeds 0, 1, ...), sampled actions."""
+    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
+
+    env, generator, returns = TwoColorsEnv(step_cap=step_cap, cue=cue), torch.Generator().manual_seed(0), []
+    policy.eval()
+    try:
+        for seed in tqdm(range(episodes), desc="playing", unit="episode"):
+            obs, _ = env.reset(seed=seed)
+            total, over = 0.0, False
+            while not over:
+                with torch.no_grad():
+                    probs = policy(torch.from_numpy(obs)[None])[0].softmax(-1)
+                obs, reward, terminated, truncated, _ = env.step(int(torch.multinomial(probs, 1, generator=generator)))
+                total += reward
+                over = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+        policy.train()
+    return np.array(returns)
+
+
+def main(args: Args) -> dict:
+    for name in ("episodes", "test_episodes", "epochs", "block", "play_cap", "workers", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.cue not in (0, 1, 2):
+        raise SystemExit(f"error: --cue is 0 (none), 1 (every frame) or 2 (while the pillar stands), got {args.cue}")
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    data = collect_frames(args.behaviour, args.block, args.cue, args.seed, args.episodes, args.workers)
+    test = collect_frames(args.behaviour, args.block, args.cue, args.seed + 1_000_000, args.test_episodes, args.workers)
+    print(f"{len(data['labels']):,} training frames, {len(test['labels']):,} test frames "
+          f"({time.time() - started:.0f} s); behaviour {args.behaviour}, cue {args.cue}")
+    policy, history = train_policy(data, test, args.epochs)
+    result = dict(behaviour=args.behaviour, cue=args.cue, training_frames=len(data["labels"]), **history[-1])
+    if args.play_episodes:
+        returns = play(policy, args.play_episodes, args.cue, args.play_cap)
+        sem = returns.std(ddof=1) / np.sqrt(len(returns)) if len(returns) > 1 else 0.0
+        result.update(play_return=float(returns.mean()), play_sem=float(sem))
+        print(f"played {len(returns)} episodes (cue {args.cue}, cap {args.play_cap}): return {returns.mean():.2f} +- {sem:.2f}")
+    print(f"took {time.time() - started:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
