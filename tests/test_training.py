@@ -15,7 +15,8 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, train, windows
+from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, shift_frames, train,
+                            windows)
 
 TASK = get_task("tmaze")
 
@@ -401,3 +402,54 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
         load_evaluation(tmp_path / "old.json")
     with pytest.raises(SystemExit, match="does not exist"):
         load_evaluation(tmp_path / "missing.json")
+
+
+def test_shift_frames_moves_each_sample_by_one_offset_with_edges_repeated():
+    obs = torch.randint(0, 256, (3, 4, 3, 10, 12), dtype=torch.uint8)
+    rng_draws = np.random.default_rng(5).integers(-2, 3, size=(3, 2))
+    shifted = shift_frames(obs, 2, np.random.default_rng(5))
+    assert shifted.shape == obs.shape and shifted.dtype == torch.uint8
+    for b, (dy, dx) in enumerate(rng_draws):
+        for y, x in [(0, 0), (9, 11), (4, 6), (1, 10)]:
+            source = (min(max(y + dy, 0), 9), min(max(x + dx, 0), 11))
+            assert torch.equal(shifted[b, :, :, y, x], obs[b, :, :, source[0], source[1]])  # every frame alike
+    assert torch.equal(shift_frames(obs, 0, np.random.default_rng(5)), obs)
+
+
+def _image_dataset(tmp_path):
+    rng = np.random.default_rng(1)
+    episodes = [{"observations": rng.integers(0, 256, (n, 3, 84, 84), dtype=np.uint8), "actions": rng.integers(0, 3, n),
+                 "rewards": rng.random(n).astype(np.float32)} for n in (40, 25, 33)]
+    return write_dataset(tmp_path / "images", "minigrid_memory", episodes, {})
+
+
+def test_shift_augment_changes_training_and_a_resumed_run_draws_the_same_shifts(tmp_path):
+    data = _image_dataset(tmp_path)
+
+    def config(out, **overrides):
+        return TrainConfig(**{**dict(task="minigrid_memory", model="rate", data=data, out=tmp_path / out, epochs=2,
+                                     batch_size=2, warmup_steps=1, eval_every=0, seed=3, shift_augment=3), **overrides})
+
+    straight = load_checkpoint(train(config("straight")))
+    assert straight.training_info["shift_augment"] == 3
+
+    def kill_after_first_epoch(epoch):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config("resumed"), on_epoch_end=kill_after_first_epoch)
+    with pytest.raises(SystemExit, match="shift_augment"):
+        train(config("resumed", resume=True, shift_augment=0))
+    resumed = load_checkpoint(train(config("resumed", resume=True)))
+    plain = load_checkpoint(train(config("plain", shift_augment=0)))
+    for (name, a), b, c in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                               plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(straight.state_dict().values(), plain.state_dict().values()))
+
+
+def test_shift_augment_is_refused_for_vector_observations_and_negative_values(dataset_path, tmp_path):
+    with pytest.raises(ValueError, match="leave it at 0 for this task"):
+        train(_tiny_config(dataset_path, tmp_path / "run", shift_augment=2))
+    with pytest.raises(ValueError, match="number of pixels"):
+        train(_tiny_config(dataset_path, tmp_path / "run2", shift_augment=-1))

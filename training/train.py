@@ -82,6 +82,10 @@ class TrainConfig:
     random_offsets: bool = False
     """shift each episode's tiling into windows by a random offset every epoch, so an epoch shows
     windows (and segment boundaries) the last one did not; every step stays in a window"""
+    shift_augment: int = 0
+    """random-shift augmentation of image observations (as DrQ): every training window's frames move by
+    one offset drawn from [-N, N] pixels per axis, edges repeated; makes memorising the episodes harder
+    (0: off)"""
     micro_batch: int = 0
     """samples per forward/backward, gradients accumulated (0: the whole batch)"""
     seed: int = 0
@@ -207,6 +211,18 @@ def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray,
     return total / max(count, 1)
 
 
+def shift_frames(obs: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
+    """obs (B, L, C, H, W) with each sample's frames moved by one offset (dy, dx) drawn from [-pad, pad]:
+    pixel (y, x) shows the old (y + dy, x + dx), coordinates clamped at the border (edges repeated)."""
+    height, width = obs.shape[-2:]
+    shifted = torch.empty_like(obs)
+    for b, (dy, dx) in enumerate(rng.integers(-pad, pad + 1, size=(len(obs), 2))):
+        rows = (torch.arange(height, device=obs.device) + int(dy)).clamp(0, height - 1)
+        cols = (torch.arange(width, device=obs.device) + int(dx)).clamp(0, width - 1)
+        shifted[b] = obs[b][..., rows, :][..., cols]
+    return shifted
+
+
 def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
     """Linear warm-up to 1, then decay to 0.1 at the last step."""
     if step < warmup:
@@ -286,6 +302,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
+    if config.shift_augment < 0:
+        raise ValueError(f"--shift-augment must be 0 (off) or a number of pixels, got {config.shift_augment}")
+    if config.shift_augment and dataset.observations.ndim != 4:
+        raise ValueError(f"--shift-augment moves image frames, but {task.name}'s observations have shape "
+                         f"{dataset.observations.shape[1:]}; leave it at 0 for this task")
     val_dataset, val_index = None, None
     if config.val_data is not None:
         try:
@@ -306,7 +327,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
-        "random_offsets": config.random_offsets,
+        "random_offsets": config.random_offsets, "shift_augment": config.shift_augment,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -330,7 +351,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
         saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
         saved_config.setdefault("random_offsets", False)  # and before --random-offsets
-        for key in ("task", "model", "arch", "action_inputs", "random_offsets", "batch_size", "epochs",
+        saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
+        for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size", "epochs",
                     "memory_grad", "seed"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
@@ -377,6 +399,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                     f"after {step} optimiser steps")
                 break
             rtg, obs, actions, targets = make_batch(dataset, index[rank::world], sample_len, device)
+            if config.shift_augment:  # drawn from (seed, epoch, batch, rank): a resumed run draws the same
+                obs = shift_frames(obs, config.shift_augment, np.random.default_rng([config.seed, epoch, b, rank, 2]))
             with autocast:
                 losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
                                     memory_grad=config.memory_grad,
