@@ -61,6 +61,9 @@ def test_dataset_errors_name_the_problem(dataset_path, tmp_path):
     (broken / "meta.json").unlink()
     with pytest.raises(DatasetError, match=r"meta\.json: missing, so the dataset is incomplete"):
         load_dataset(broken)
+    with pytest.raises(ValueError, match="no episodes to write"):
+        write_dataset(tmp_path / "empty", "tmaze", [], {})
+    assert not any(tmp_path.glob("*empty*"))  # nor a staging folder
 
 
 def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):

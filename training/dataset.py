@@ -17,6 +17,7 @@ collector never leaves something that looks like a dataset. Loading checks every
 meta.json and raises DatasetError naming the file and the problem.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -39,28 +40,29 @@ class DatasetError(ValueError):
 def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], settings: dict) -> Path:
     """Write episodes (dicts of observations (T, ...), actions (T,), rewards (T,), optionally
     labels (T,)) atomically."""
+    if not episodes:
+        raise ValueError("no episodes to write")
+    with_labels = sum("labels" in e for e in episodes)
+    if with_labels not in (0, len(episodes)):
+        raise ValueError(f"{with_labels} of {len(episodes)} episodes have labels: all or none must")
     path = Path(path)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     lengths = [len(e["actions"]) for e in episodes]
-    arrays = {
-        "observations": np.concatenate([e["observations"] for e in episodes]),
-        "actions": np.concatenate([np.asarray(e["actions"], dtype=np.int64) for e in episodes]),
-        "rewards": np.concatenate([np.asarray(e["rewards"], dtype=np.float32) for e in episodes]),
-        "episode_starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    parts = {
+        "observations": [np.asarray(e["observations"]) for e in episodes],
+        "actions": [np.asarray(e["actions"], dtype=np.int64) for e in episodes],
+        "rewards": [np.asarray(e["rewards"], dtype=np.float32) for e in episodes],
+        "episode_starts": [np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)],
     }
-    with_labels = sum("labels" in e for e in episodes)
-    if with_labels not in (0, len(episodes)):
-        raise ValueError(f"{with_labels} of {len(episodes)} episodes have labels: all or none must")
     if with_labels:
-        arrays["labels"] = np.concatenate([np.asarray(e["labels"], dtype=np.int64) for e in episodes])
-    for name, array in arrays.items():
-        np.save(staging / f"{name}.npy", array, allow_pickle=False)
+        parts["labels"] = [np.asarray(e["labels"], dtype=np.int64) for e in episodes]
+    declared = {name: _write_concatenated(staging / f"{name}.npy", chunks) for name, chunks in parts.items()}
     meta = {
         "format_version": FORMAT_VERSION, "task": task, "episodes": len(episodes), "steps": int(sum(lengths)),
         "settings": settings,
-        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
+        "arrays": declared,
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
     if path.exists():
@@ -68,6 +70,21 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, path)
     return path
+
+
+def _write_concatenated(file: Path, chunks: list[np.ndarray]) -> dict:
+    """Write the chunks' concatenation to the .npy `file` chunk by chunk (no second copy in memory,
+    which 15 GB of frames would not leave room for); returns its shape and dtype for meta.json."""
+    dtype = functools.reduce(np.promote_types, (c.dtype for c in chunks))
+    shape = (sum(len(c) for c in chunks), *chunks[0].shape[1:])
+    out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    position = 0
+    for chunk in chunks:
+        out[position:position + len(chunk)] = chunk
+        position += len(chunk)
+    out.flush()
+    del out
+    return {"shape": list(shape), "dtype": str(dtype)}
 
 
 @dataclass
