@@ -292,8 +292,9 @@ def test_evaluation_in_batches_gives_the_same_results(dataset_path, tmp_path):
         assert whole[key] == chunked[key], key
 
 
-def test_parallel_collection_writes_the_same_dataset(tmp_path):
+def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
     one = load_dataset(collect(TASK, tmp_path / "one", episodes_per_setting=2, seed=5), task="tmaze")
+    assert "the expert succeeded in 6 of 6 episodes" in capsys.readouterr().out  # a success task says how often
     two = load_dataset(collect(TASK, tmp_path / "two", episodes_per_setting=2, seed=5, workers=2), task="tmaze")
     for name in ("observations", "actions", "rewards"):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name

@@ -299,7 +299,7 @@ def test_teacher_detours_to_the_other_colour_and_labels_with_the_expert():
     env.close()
 
 
-def test_collector_stores_the_teachers_labels_on_request(tmp_path):
+def test_collector_stores_the_teachers_labels_on_request(tmp_path, capsys):
     from rate_core.tasks import get_task
     from training.collect import collect, run_episode
     from training.dataset import load_dataset
@@ -313,6 +313,8 @@ def test_collector_stores_the_teachers_labels_on_request(tmp_path):
     assert taught.labels is not None and taught.meta["settings"]["teacher"] == "TwoColorsTeacher"
     plain = load_dataset(collect(task, tmp_path / "plain", 1, seed=5))
     assert plain.labels is None and plain.meta["settings"]["teacher"] is None
+    report = capsys.readouterr().out.splitlines()[-1]
+    assert "wrote 1 episodes" in report and "succeeded" not in report  # a return task: no success to report
 
 
 def test_collect_teacher_options_set_the_teachers_behaviour(tmp_path):

@@ -188,8 +188,10 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         "expert_episodes_run": tried, "expert_success_rate": successes / tried,
         "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
     })
+    succeeded = f"; the expert succeeded in {successes} of {tried} episodes" \
+        if task.evaluation.metric == "success" or task.dataset_success_only else ""  # return tasks: no success
     print(f"wrote {len(episodes)} episodes ({lengths.sum():,} steps, mean length {lengths.mean():.1f}, mean return "
-          f"{returns.mean():.3f}) to {path}; the expert succeeded in {successes} of {tried} episodes")
+          f"{returns.mean():.3f}) to {path}{succeeded}")
     return path
 
 
