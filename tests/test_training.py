@@ -15,8 +15,8 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, shift_frames, train,
-                            windows)
+from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, shift_frames,
+                            shift_offsets, train, windows)
 
 TASK = get_task("tmaze")
 
@@ -410,14 +410,16 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
 
 def test_shift_frames_moves_each_sample_by_one_offset_with_edges_repeated():
     obs = torch.randint(0, 256, (3, 4, 3, 10, 12), dtype=torch.uint8)
-    rng_draws = np.random.default_rng(5).integers(-2, 3, size=(3, 2))
-    shifted = shift_frames(obs, 2, np.random.default_rng(5))
+    offsets = shift_offsets(2, 3, seed=5, epoch=0, batch=1)
+    assert offsets.shape == (3, 2) and np.abs(offsets).max() <= 2
+    assert np.array_equal(offsets, shift_offsets(2, 3, seed=5, epoch=0, batch=1))
+    shifted = shift_frames(obs, offsets)
     assert shifted.shape == obs.shape and shifted.dtype == torch.uint8
-    for b, (dy, dx) in enumerate(rng_draws):
+    for b, (dy, dx) in enumerate(offsets):
         for y, x in [(0, 0), (9, 11), (4, 6), (1, 10)]:
             source = (min(max(y + dy, 0), 9), min(max(x + dx, 0), 11))
             assert torch.equal(shifted[b, :, :, y, x], obs[b, :, :, source[0], source[1]])  # every frame alike
-    assert torch.equal(shift_frames(obs, 0, np.random.default_rng(5)), obs)
+    assert torch.equal(shift_frames(obs, np.zeros((3, 2), dtype=int)), obs)
 
 
 def _image_dataset(tmp_path):

@@ -211,12 +211,18 @@ def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray,
     return total / max(count, 1)
 
 
-def shift_frames(obs: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
-    """obs (B, L, C, H, W) with each sample's frames moved by one offset (dy, dx) drawn from [-pad, pad]:
-    pixel (y, x) shows the old (y + dy, x + dx), coordinates clamped at the border (edges repeated)."""
+def shift_offsets(pad: int, samples: int, seed: int, epoch: int, batch: int) -> np.ndarray:
+    """(samples, 2) offsets (dy, dx) in [-pad, pad] for one global batch, drawn from (seed, epoch, batch):
+    a resumed run draws the same, and each torchrun process takes its samples' rows."""
+    return np.random.default_rng([seed, epoch, batch, 2]).integers(-pad, pad + 1, size=(samples, 2))
+
+
+def shift_frames(obs: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
+    """obs (B, L, C, H, W) with sample b's frames moved by offsets[b] = (dy, dx): pixel (y, x) shows the
+    old (y + dy, x + dx), coordinates clamped at the border (edges repeated)."""
     height, width = obs.shape[-2:]
     shifted = torch.empty_like(obs)
-    for b, (dy, dx) in enumerate(rng.integers(-pad, pad + 1, size=(len(obs), 2))):
+    for b, (dy, dx) in enumerate(offsets):
         rows = (torch.arange(height, device=obs.device) + int(dy)).clamp(0, height - 1)
         cols = (torch.arange(width, device=obs.device) + int(dx)).clamp(0, width - 1)
         shifted[b] = obs[b][..., rows, :][..., cols]
@@ -352,8 +358,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
         saved_config.setdefault("random_offsets", False)  # and before --random-offsets
         saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
-        for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size", "epochs",
-                    "memory_grad", "seed"):
+        for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
+                    "epochs", "memory_grad", "seed"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -399,8 +405,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                     f"after {step} optimiser steps")
                 break
             rtg, obs, actions, targets = make_batch(dataset, index[rank::world], sample_len, device)
-            if config.shift_augment:  # drawn from (seed, epoch, batch, rank): a resumed run draws the same
-                obs = shift_frames(obs, config.shift_augment, np.random.default_rng([config.seed, epoch, b, rank, 2]))
+            if config.shift_augment:
+                offsets = shift_offsets(config.shift_augment, len(index), config.seed, epoch, b)
+                obs = shift_frames(obs, offsets[rank::world])
             with autocast:
                 losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
                                     memory_grad=config.memory_grad,
