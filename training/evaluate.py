@@ -145,10 +145,15 @@ def values_and_overrides(task: Task, values, step_cap: int | None) -> tuple[tupl
     return tuple(values or protocol.values), {"step_cap": step_cap}
 
 
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean (0 for a single value)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def summarize(returns: np.ndarray, successes: np.ndarray) -> dict:
     """Success rate, mean return and its standard error."""
-    sem = returns.std(ddof=1) / np.sqrt(len(returns)) if len(returns) > 1 else 0.0
-    return {"success_rate": float(successes.mean()), "mean_return": float(returns.mean()), "return_sem": float(sem)}
+    return {"success_rate": float(successes.mean()), "mean_return": float(returns.mean()),
+            "return_sem": standard_error(returns)}
 
 
 def print_table(task: Task, results: list[dict]) -> None:

@@ -31,7 +31,9 @@ import tyro
 from torch import nn
 from tqdm import tqdm
 
+from rate_core.envs.vizdoom_two_colors import CUES, TwoColorsEnv, TwoColorsTeacher
 from rate_core.model import ImageEncoder
+from training.evaluate import standard_error
 
 PILLAR_STEPS = 45
 
@@ -65,8 +67,6 @@ class Args:
 
 
 def _behaviour(kind: str, block: int):
-    from rate_core.envs.vizdoom_two_colors import TwoColorsTeacher
-
     if kind == "expert":
         return TwoColorsTeacher(noise=0.1, detour=0.0)
     # a block starts at a step outside one with probability 1 / block: half of the steps are detours
@@ -75,8 +75,6 @@ def _behaviour(kind: str, block: int):
 
 def _collect(job) -> dict:
     """Frames, labels, the other colour's expert's actions and step numbers of some episodes."""
-    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
-
     seeds, kind, block, cue = job
     env, teacher = TwoColorsEnv(step_cap=150, cue=cue), _behaviour(kind, block)
     frames, labels, others, steps = [], [], [], []
@@ -150,8 +148,6 @@ def train_policy(data: dict, test: dict, epochs: int, seed: int = 0) -> tuple[nn
 
 def play(policy: nn.Module, episodes: int, cue: int, step_cap: int = 2100) -> np.ndarray:
     """Returns of `episodes` episodes (seeds 0, 1, ...), sampled actions."""
-    from rate_core.envs.vizdoom_two_colors import TwoColorsEnv
-
     env, generator, returns = TwoColorsEnv(step_cap=step_cap, cue=cue), torch.Generator().manual_seed(0), []
     policy.eval()
     try:
@@ -175,7 +171,7 @@ def main(args: Args) -> dict:
     for name in ("episodes", "test_episodes", "epochs", "block", "play_cap", "workers", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.cue not in (0, 1, 2):
+    if args.cue not in CUES:  # checked here: the envs are made in the collecting processes
         raise SystemExit(f"error: --cue is 0 (none), 1 (every frame) or 2 (while the pillar stands), got {args.cue}")
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -187,9 +183,10 @@ def main(args: Args) -> dict:
     result = dict(behaviour=args.behaviour, cue=args.cue, training_frames=len(data["labels"]), **history[-1])
     if args.play_episodes:
         returns = play(policy, args.play_episodes, args.cue, args.play_cap)
-        sem = returns.std(ddof=1) / np.sqrt(len(returns)) if len(returns) > 1 else 0.0
-        result.update(play_return=float(returns.mean()), play_sem=float(sem))
-        print(f"played {len(returns)} episodes (cue {args.cue}, cap {args.play_cap}): return {returns.mean():.2f} +- {sem:.2f}")
+        sem = standard_error(returns)
+        result.update(play_return=float(returns.mean()), play_sem=sem)
+        print(f"played {len(returns)} episodes (cue {args.cue}, cap {args.play_cap}): "
+              f"return {returns.mean():.2f} +- {sem:.2f}")
     print(f"took {time.time() - started:.0f} s")
     return result
 

@@ -130,6 +130,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--memory-grad must be one of {MEMORY_GRADS}, got {resolved.memory_grad!r}")
     if resolved.decay not in ("cosine", "linear", "none"):
         raise ValueError(f"--decay must be cosine, linear or none, got {resolved.decay!r}")
+    if resolved.shift_augment < 0:
+        raise ValueError(f"--shift-augment must be 0 (off) or a number of pixels, got {resolved.shift_augment}")
     if resolved.val_windows < 1:
         raise ValueError(f"--val-windows must be at least 1, got {resolved.val_windows}")
     if resolved.arch not in ARCHS:
@@ -308,8 +310,6 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
-    if config.shift_augment < 0:
-        raise ValueError(f"--shift-augment must be 0 (off) or a number of pixels, got {config.shift_augment}")
     if config.shift_augment and dataset.observations.ndim != 4:
         raise ValueError(f"--shift-augment moves image frames, but {task.name}'s observations have shape "
                          f"{dataset.observations.shape[1:]}; leave it at 0 for this task")

@@ -47,6 +47,7 @@ HEALTH_BONUS = 1.0
 SCREEN_SHAPE = (180, 320, 3)  # the config's RES_320X180 in RGB24: what render() gives
 _HEALTH = two_colors.GAME_VARIABLES.index("HEALTH")
 _IS_RED = two_colors.GAME_VARIABLES.index("USER2")
+CUES = (0, 1, 2)  # none, every frame, while the pillar stands (TwoColorsEnv)
 CUE_SIZE = (8, 16)  # rows, columns of the oracle cue's patch (cue=1)
 CUE_RED, CUE_GREEN = np.array([220, 0, 0], dtype=np.uint8), np.array([0, 220, 0], dtype=np.uint8)
 _ENGINE_ERRORS = (vzd.ViZDoomUnexpectedExitException, vzd.ViZDoomErrorException, vzd.ViZDoomIsNotRunningException,
@@ -72,7 +73,7 @@ class TwoColorsEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / FRAME_SKIP}
 
     def __init__(self, step_cap: int = 2100, render_mode: str | None = None, cue: int = 0):
-        if cue not in (0, 1, 2):
+        if cue not in CUES:
             raise ValueError(f"cue must be 0 (none), 1 (every frame) or 2 (while the pillar stands), got {cue!r}")
         if step_cap < 1:
             raise ValueError(f"step_cap must be positive, got {step_cap}")
