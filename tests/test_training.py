@@ -459,3 +459,34 @@ def test_shift_augment_is_refused_for_vector_observations_and_negative_values(da
         train(_tiny_config(dataset_path, tmp_path / "run", shift_augment=2))
     with pytest.raises(ValueError, match="number of pixels"):
         train(_tiny_config(dataset_path, tmp_path / "run2", shift_augment=-1))
+
+
+def test_merge_joins_datasets_in_order_with_labels_where_one_has_none(tmp_path, capsys):
+    from training.merge import Args, main
+
+    task = get_task("tmaze")
+    plain = [run_episode(task, {"episode_length": 5}, seed) for seed in (0, 1)]
+    taught = {**run_episode(task, {"episode_length": 7}, 2)}
+    taught["labels"] = (taught["actions"] + 1) % task.act_dim  # labels that differ from the actions
+    write_dataset(tmp_path / "plain", "tmaze", plain, {"seed": 0})
+    write_dataset(tmp_path / "taught", "tmaze", [taught], {"seed": 2})
+    main(Args(sources=(tmp_path / "plain", tmp_path / "taught"), out=tmp_path / "both"))
+    both = load_dataset(tmp_path / "both", task="tmaze")
+    lengths = [len(e["actions"]) for e in plain + [taught]]
+    assert both.num_episodes == 3 and list(both.episode_lengths()) == lengths
+    assert np.array_equal(both.observations, np.concatenate([e["observations"] for e in plain + [taught]]))
+    assert np.array_equal(both.actions, np.concatenate([e["actions"] for e in plain + [taught]]))
+    # the plain episodes' actions are their labels; the taught one keeps its own
+    assert np.array_equal(both.labels, np.concatenate([plain[0]["actions"], plain[1]["actions"], taught["labels"]]))
+    assert np.allclose(both.episode_returns(), [e["return"] for e in plain + [taught]])
+    assert [source["episodes"] for source in both.meta["settings"]["merged_from"]] == [2, 1]
+    assert "wrote 3 episodes" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one of the sources"):
+        main(Args(sources=(tmp_path / "plain", tmp_path / "taught"), out=tmp_path / "plain"))
+    with pytest.raises(SystemExit, match="at least two"):
+        main(Args(sources=(tmp_path / "plain",), out=tmp_path / "x"))
+    write_dataset(tmp_path / "other", "minigrid_memory", [{"observations": np.zeros((2, 3, 7, 7), np.uint8),
+                                                          "actions": np.zeros(2), "rewards": np.zeros(2)}], {})
+    with pytest.raises(SystemExit, match="different tasks"):
+        main(Args(sources=(tmp_path / "plain", tmp_path / "other"), out=tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

@@ -530,3 +530,43 @@ def test_frame_probe_clones_and_plays_a_memoryless_policy():
         main(Args(test_episodes=0))
     with pytest.raises(SystemExit, match="--cue is 0"):
         main(Args(cue=4))
+
+
+def test_collector_lets_a_checkpoint_act_while_the_teacher_labels(tmp_path):
+    """collect --teacher --policy (a DAgger round): the checkpoint's sampled actions, the teacher's labels."""
+    import torch
+
+    from rate_core.checkpoint import save_checkpoint
+    from rate_core.model import MemoryTransformer
+    from rate_core.tasks import get_task
+    from tests.test_rollout import recomputed_logits
+    from tests.tiny import K, N, tiny_config
+    from training.collect import Args, collect, main
+    from training.dataset import load_dataset
+
+    task = get_task("vizdoom_two_colors")
+    torch.manual_seed(0)
+    model = MemoryTransformer(tiny_config("rate", obs_kind="image", obs_shape=OBS_SHAPE, act_dim=len(ACTIONS)),
+                              task=task.name).eval()
+    save_checkpoint(model, tmp_path / "policy")
+    steps = 2 * K * N + 3  # more than two samples' worth of segments
+    data = load_dataset(collect(task, tmp_path / "dagger", 1, seed=5, teacher=True, overrides={"step_cap": steps},
+                                policy=tmp_path / "policy"))
+    assert data.meta["settings"]["policy"] == str(tmp_path / "policy") and len(data.actions) == steps
+    # every action is the one the agent's random stream draws from the model's softmax, the model
+    # fed the return-to-go from the task's target return minus the rewards so far
+    rewards = np.asarray(data.rewards, dtype=np.float64)
+    rtg = torch.tensor(task.evaluation.target_return - np.concatenate([[0.0], np.cumsum(rewards)[:-1]]))[None].float()
+    obs = torch.from_numpy(np.array(data.observations))[None]
+    actions = torch.from_numpy(np.asarray(data.actions))[None]
+    rng = np.random.default_rng([1, 5])
+    with torch.no_grad():
+        for t in range(steps):
+            probs = recomputed_logits(model, rtg, obs, actions, t)[0].softmax(-1).double().numpy()
+            assert data.actions[t] == rng.choice(len(probs), p=probs / probs.sum()), t
+    # the labels are the teacher's expert, not the untrained model
+    assert (data.labels != data.actions).mean() > 0.3
+    with pytest.raises(SystemExit, match="add --teacher"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, policy=tmp_path / "policy"))
+    with pytest.raises(SystemExit, match="--policy: .*does not exist"):
+        main(Args(task=task.name, out=tmp_path / "x", episodes=1, teacher=True, policy=tmp_path / "nothing"))

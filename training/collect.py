@@ -2,9 +2,11 @@
 
     python -m training.collect --task tmaze                     # the task's default dataset
     python -m training.collect --task tmaze --episodes 100 --out data/tmaze/small
+    python -m training.collect --task memory_maze --teacher --policy runs/memory_maze/rate/model   # DAgger round
 """
 
 import collections
+import functools
 import inspect
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -12,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import tyro
 from tqdm import tqdm
 
+from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.model import MemoryTransformer
+from rate_core.rollout import make_policy
 from rate_core.tasks import Task, get_task
 from training.dataset import write_dataset
 
@@ -43,6 +49,11 @@ class Args:
     teacher_options: tuple[str, ...] = ()
     """with --teacher: the teacher's settings as NAME=NUMBER (e.g. noise=0.3: random actions at 30% of
     the steps, all still labelled with the expert's action; detour=0 for ViZDoom-Two-Colors)"""
+    policy: Path | None = None
+    """with --teacher: a checkpoint folder that acts instead of the teacher (sampled actions from the
+    task's target return), every step still labelled with the teacher's noise-free action: one round
+    of DAgger, so the data covers the states where that policy goes astray (join it to the teacher's
+    data with python -m training.merge)"""
 
 
 def _assignments(items: tuple[str, ...], known: list[str], convert, owner: str, what: str) -> dict:
@@ -84,27 +95,63 @@ def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
     return options
 
 
+class CheckpointAgent:
+    """A trained model acting in one env, step by step with cached inference (rate_core.rollout):
+    actions sampled from its softmax with a random stream seeded by `seed`, return-to-go from
+    `target_return` minus the rewards received."""
+
+    def __init__(self, model: MemoryTransformer, target_return: float, seed: int):
+        self.model = model
+        self.policy = make_policy(model, 1)
+        self.return_to_go = float(target_return)
+        self.rng = np.random.default_rng([1, seed])
+        self.obs_dtype = torch.uint8 if model.config.obs_kind == "image" else torch.float32
+
+    @torch.no_grad()
+    def act(self, obs) -> int:
+        logits = self.policy.logits(torch.tensor([self.return_to_go]), torch.as_tensor(obs)[None].to(self.obs_dtype))
+        probs = logits[0].float().softmax(-1).numpy().astype(np.float64)
+        action = int(self.rng.choice(len(probs), p=probs / probs.sum()))
+        self.policy.record_action(torch.tensor([action]))
+        return action
+
+    def observe(self, reward: float) -> None:
+        self.return_to_go -= float(reward)
+
+
+@functools.lru_cache(maxsize=1)
+def _policy_model(path: str, task_name: str) -> MemoryTransformer:
+    """The behaviour checkpoint, loaded once per process."""
+    return load_checkpoint(path, task=task_name)
+
+
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
-                teacher_options: dict | None = None) -> dict:
+                teacher_options: dict | None = None, policy: str | None = None) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
     return, the reset info, and with teacher=True (for a task that has a teacher, built with
-    `teacher_options`) labels (T,)."""
+    `teacher_options`) labels (T,). policy: a checkpoint folder that takes the actions instead (the
+    teacher, which needs teacher=True, still labels every step)."""
     env = task.make_env(**settings)
     expert = task.make_teacher(**(teacher_options or {})) if teacher else task.make_expert()
+    agent = CheckpointAgent(_policy_model(policy, task.name), task.evaluation.target_return, seed) if policy else None
     obs, info = env.reset(seed=seed)
     reset_info = dict(info)
     expert.reset(env, info)
     observations, actions, rewards, labels = [], [], [], []
     while True:
         if teacher:
-            action, label = expert.act_and_label(env, obs, info)
+            action, label = expert.act_and_label(env, obs, info)  # called every step: the teacher follows the game
             labels.append(label)
         else:
             action = expert.act(env, obs, info)
+        if agent is not None:
+            action = agent.act(obs)
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, info = env.step(action)
         rewards.append(reward)
+        if agent is not None:
+            agent.observe(reward)
         if terminated or truncated:
             break
     env.close()
@@ -116,24 +163,26 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
     return episode
 
 
-def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teacher_options: dict | None) -> dict:
-    return run_episode(get_task(task_name), settings, seed, teacher, teacher_options)
+def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teacher_options: dict | None,
+                 policy: str | None) -> dict:
+    torch.set_num_threads(1)  # one process per core: the model's threads would only contend
+    return run_episode(get_task(task_name), settings, seed, teacher, teacher_options, policy)
 
 
 def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool,
-              teacher_options: dict | None):
+              teacher_options: dict | None, policy: str | None):
     """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
     the pool's processes when there is a pool)."""
     seed = first_seed
     if pool is None:
         while True:
-            yield run_episode(task, settings, seed, teacher, teacher_options)
+            yield run_episode(task, settings, seed, teacher, teacher_options, policy)
             seed += 1
     pending = collections.deque()
     try:
         while True:
             while len(pending) < ahead:
-                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options))
+                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options, policy))
                 seed += 1
             yield pending.popleft().result()
     finally:
@@ -142,12 +191,15 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
-            teacher: bool = False, overrides: dict | None = None, teacher_options: dict | None = None) -> Path:
+            teacher: bool = False, overrides: dict | None = None, teacher_options: dict | None = None,
+            policy: Path | None = None) -> Path:
     """Run the expert for `episodes_per_setting` episodes of each dataset setting (only successful
     ones when the task asks for that; seeds go on from `seed` until there are enough). Seeds are
     consumed in order, so the dataset does not depend on `workers`. teacher: run the task's teacher
     (Task.make_teacher, which must exist; built with `teacher_options`) and store its labels.
-    overrides: env settings that replace those of every dataset setting."""
+    overrides: env settings that replace those of every dataset setting. policy: a checkpoint folder
+    that acts instead of the teacher (run_episode)."""
+    policy = None if policy is None else str(policy)
     dataset_settings = [{**settings, **(overrides or {})} for settings in task.dataset_settings]
     episodes, tried, successes = [], 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
@@ -156,7 +208,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
             for settings in dataset_settings:
                 kept = 0
-                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher, teacher_options)
+                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher, teacher_options, policy)
                 while kept < episodes_per_setting:
                     if tried >= 10 * total + 100:
                         raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} "
@@ -182,6 +234,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
         "teacher": type(taught).__name__ if teacher else None,
         "teacher_settings": {k: v for k, v in vars(taught).items() if isinstance(v, (int, float, tuple))}
         if teacher else None,
+        "policy": policy,
         "labelled_steps_differing": float(np.mean(np.concatenate([e["labels"] != e["actions"] for e in episodes])))
         if teacher else 0.0,
         "mean_return": float(returns.mean()),
@@ -203,8 +256,15 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: task {task.name} has no teacher; collect without --teacher")
     if args.teacher_options and not args.teacher:
         raise SystemExit("error: --teacher-options set the teacher's behaviour; add --teacher")
+    if args.policy is not None:
+        if not args.teacher:
+            raise SystemExit("error: --policy acts and the teacher labels its steps; add --teacher")
+        try:  # here, before any worker starts: a bad checkpoint is one clear error
+            _policy_model(str(args.policy), task.name)
+        except CheckpointError as error:
+            raise SystemExit(f"error: --policy: {error}") from error
     collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher,
-            parse_settings(task, args.settings), parse_teacher_options(task, args.teacher_options))
+            parse_settings(task, args.settings), parse_teacher_options(task, args.teacher_options), args.policy)
 
 
 if __name__ == "__main__":

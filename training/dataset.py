@@ -45,10 +45,6 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
     with_labels = sum("labels" in e for e in episodes)
     if with_labels not in (0, len(episodes)):
         raise ValueError(f"{with_labels} of {len(episodes)} episodes have labels: all or none must")
-    path = Path(path)
-    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     lengths = [len(e["actions"]) for e in episodes]
     parts = {
         "observations": [np.asarray(e["observations"]) for e in episodes],
@@ -58,10 +54,47 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
     }
     if with_labels:
         parts["labels"] = [np.asarray(e["labels"], dtype=np.int64) for e in episodes]
+    return _write_folder(path, task, parts, settings)
+
+
+def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
+    """Write the episodes of `sources` (datasets of one task), in order, as one dataset at `path`,
+    atomically. Where some sources have labels, the others' actions serve as theirs (their actions
+    were the expert's own)."""
+    if not sources:
+        raise ValueError("no datasets to merge")
+    tasks = {source.task for source in sources}
+    if len(tasks) > 1:
+        raise ValueError(f"the datasets are of different tasks ({', '.join(sorted(tasks))}); merge one task's")
+    shapes = {source.observations.shape[1:] for source in sources}
+    if len(shapes) > 1:
+        raise ValueError(f"the datasets' observations differ in shape ({', '.join(map(str, shapes))})")
+    offsets = np.cumsum([0] + [len(source.actions) for source in sources[:-1]])
+    parts = {
+        "observations": [source.observations for source in sources],
+        "actions": [source.actions for source in sources],
+        "rewards": [source.rewards for source in sources],
+        "episode_starts": [np.concatenate([[0]] + [source.episode_starts[1:] + offset
+                                                   for source, offset in zip(sources, offsets)])],
+    }
+    if any(source.labels is not None for source in sources):
+        parts["labels"] = [source.actions if source.labels is None else source.labels for source in sources]
+    settings = {"merged_from": [{"path": str(source.path), "episodes": source.num_episodes,
+                                 "settings": source.meta.get("settings")} for source in sources]}
+    return _write_folder(path, tasks.pop(), parts, settings)
+
+
+def _write_folder(path: str | os.PathLike, task: str, parts: dict[str, list[np.ndarray]], settings: dict) -> Path:
+    """Write each array of `parts` (its chunks concatenated) under a staging name, then meta.json,
+    then rename the folder to `path` (replacing one there)."""
+    path = Path(path)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     declared = {name: _write_concatenated(staging / f"{name}.npy", chunks) for name, chunks in parts.items()}
     meta = {
-        "format_version": FORMAT_VERSION, "task": task, "episodes": len(episodes), "steps": int(sum(lengths)),
-        "settings": settings,
+        "format_version": FORMAT_VERSION, "task": task, "episodes": len(parts["episode_starts"][0]) - 1,
+        "steps": declared["actions"]["shape"][0], "settings": settings,
         "arrays": declared,
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
