@@ -558,7 +558,7 @@ def test_collector_lets_a_checkpoint_act_while_the_teacher_labels(tmp_path):
     rewards = np.asarray(data.rewards, dtype=np.float64)
     rtg = torch.tensor(task.evaluation.target_return - np.concatenate([[0.0], np.cumsum(rewards)[:-1]]))[None].float()
     obs = torch.from_numpy(np.array(data.observations))[None]
-    actions = torch.from_numpy(np.asarray(data.actions))[None]
+    actions = torch.from_numpy(np.array(data.actions))[None]
     rng = np.random.default_rng([1, 5])
     with torch.no_grad():
         for t in range(steps):
