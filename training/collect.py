@@ -131,6 +131,8 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
     return, the reset info, and with teacher=True (for a task that has a teacher, built with
     `teacher_options`) labels (T,). policy: a checkpoint folder that takes the actions instead (the
     teacher, which needs teacher=True, still labels every step)."""
+    if policy and not teacher:
+        raise ValueError("a policy acts and the teacher labels its steps: give teacher=True too")
     env = task.make_env(**settings)
     expert = task.make_teacher(**(teacher_options or {})) if teacher else task.make_expert()
     agent = CheckpointAgent(_policy_model(policy, task.name), task.evaluation.target_return, seed) if policy else None
