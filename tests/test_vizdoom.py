@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import vizdoom as vzd
 from gymnasium.utils.env_checker import check_env
 
@@ -530,12 +531,26 @@ def test_frame_probe_clones_and_plays_a_memoryless_policy():
         main(Args(test_episodes=0))
     with pytest.raises(SystemExit, match="--cue is 0"):
         main(Args(cue=4))
+    with pytest.raises(SystemExit, match="--frames must be at least 1"):
+        main(Args(frames=0))
+    stacked = main(Args(behaviour="neutral", cue=1, episodes=2, test_episodes=1, epochs=1, play_episodes=1,
+                        play_cap=5, workers=1, threads=1, frames=2))
+    assert stacked["frames"] == 2 and stacked["training_frames"] == 300 and np.isfinite(stacked["loss"])
+
+
+def test_frame_history_index_repeats_the_first_frame_before_an_episode_starts():
+    from training.frame_probe import FramePolicy, history_index
+
+    steps = np.array([0, 1, 2, 0, 1])  # two episodes laid end to end
+    assert history_index(steps, 1).tolist() == [[0], [1], [2], [3], [4]]
+    assert history_index(steps, 3).tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4]]
+    policy = FramePolicy(frames=3)
+    stacks = np.random.default_rng(0).integers(0, 256, (4, 3, *OBS_SHAPE), dtype=np.uint8)
+    assert policy(torch.from_numpy(stacks)).shape == (4, len(ACTIONS))
 
 
 def test_collector_lets_a_checkpoint_act_while_the_teacher_labels(tmp_path):
     """collect --teacher --policy (a DAgger round): the checkpoint's sampled actions, the teacher's labels."""
-    import torch
-
     from rate_core.checkpoint import save_checkpoint
     from rate_core.model import MemoryTransformer
     from rate_core.tasks import get_task

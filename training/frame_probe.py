@@ -2,9 +2,12 @@
 
     python -m training.frame_probe --behaviour expert --cue 1    # the expert's data, colour in every frame (~6 min)
     python -m training.frame_probe --behaviour neutral --cue 1   # colour-neutral behaviour, same labels
+    python -m training.frame_probe --behaviour neutral --cue 1 --frames 2   # and the frame before
 
 The policy is the model's image encoder and one linear layer: it sees the current frame only, no
-history and no memory. It is trained (cross-entropy, the expert's action as the label) on
+history and no memory (with `frames` > 1 also the frames before it, each through the same encoder,
+their features side by side: what moved since the last step tells the last action, which a
+policy with history may copy instead of reading the colour). It is trained (cross-entropy, the expert's action as the label) on
 `episodes` fresh episodes of 150 steps, scored on `test_episodes` others and then played.
 
 Behaviour (what the data's agent does; the label is always the noise-free expert's action for the
@@ -20,6 +23,7 @@ all steps and after the pillar has gone (step 45). Then the return of `play_epis
 every frame, so a policy that learnt the task plays well without memory.
 """
 
+import collections
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +68,9 @@ class Args:
     """processes collecting episodes"""
     threads: int = 2
     """torch threads"""
+    frames: int = 1
+    """frames the policy sees: the current one and frames - 1 before it (the first frame repeated
+    before an episode's start)"""
 
 
 def _behaviour(kind: str, block: int):
@@ -105,16 +112,33 @@ def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: i
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def frame_policy(obs_shape=(3, 64, 112), act_dim: int = 5) -> nn.Module:
-    """The task's image encoder (convolutions 16/32/32) and a linear layer: frame -> action logits."""
-    return nn.Sequential(ImageEncoder(obs_shape, 128, (16, 32, 32)), nn.Linear(128, act_dim))
+class FramePolicy(nn.Module):
+    """The task's image encoder (convolutions 16/32/32) on each of `frames` frames and a linear layer
+    on their features: (B, frames, 3, H, W) uint8 -> action logits (B, act_dim)."""
+
+    def __init__(self, frames: int = 1, obs_shape=(3, 64, 112), act_dim: int = 5):
+        super().__init__()
+        self.encoder = ImageEncoder(obs_shape, 128, (16, 32, 32))
+        self.head = nn.Linear(128 * frames, act_dim)
+
+    def forward(self, stacks: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(stacks.flatten(0, 1))
+        return self.head(features.reshape(stacks.shape[0], -1))
 
 
-def scores(policy: nn.Module, data: dict) -> dict:
+def history_index(steps: np.ndarray, frames: int) -> np.ndarray:
+    """(n, frames) rows into the frames of episodes laid end to end (`steps`: each frame's step in its
+    episode): the `frames` frames up to each one, oldest first, the episode's first frame repeated
+    before its start."""
+    back = np.arange(frames - 1, -1, -1)
+    return np.arange(len(steps))[:, None] - np.minimum(back[None, :], steps[:, None])
+
+
+def scores(policy: nn.Module, data: dict, frames: int = 1) -> dict:
     policy.eval()
     with torch.no_grad():
-        frames = torch.from_numpy(data["frames"])
-        logits = torch.cat([policy(frames[i:i + 512]) for i in range(0, len(frames), 512)])
+        images, index = torch.from_numpy(data["frames"]), torch.from_numpy(history_index(data["steps"], frames))
+        logits = torch.cat([policy(images[index[i:i + 512]]) for i in range(0, len(index), 512)])
     policy.train()
     labels, others = torch.from_numpy(data["labels"]).long(), torch.from_numpy(data["others"]).long()
     differ = labels != others
@@ -126,38 +150,41 @@ def scores(policy: nn.Module, data: dict) -> dict:
                 prefers_after_pillar=prefers[late].float().mean().item())
 
 
-def train_policy(data: dict, test: dict, epochs: int, seed: int = 0) -> tuple[nn.Module, list[dict]]:
+def train_policy(data: dict, test: dict, epochs: int, seed: int = 0, frames: int = 1) -> tuple[nn.Module, list[dict]]:
     torch.manual_seed(seed)
-    policy = frame_policy()
+    policy = FramePolicy(frames)
     optimiser = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=1e-3)
-    frames, labels = torch.from_numpy(data["frames"]), torch.from_numpy(data["labels"]).long()
+    images, labels = torch.from_numpy(data["frames"]), torch.from_numpy(data["labels"]).long()
+    index = torch.from_numpy(history_index(data["steps"], frames))
     history = []
     for epoch in range(epochs):
-        order = torch.randperm(len(frames))
-        for start in tqdm(range(0, len(frames), 128), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
+        order = torch.randperm(len(images))
+        for start in tqdm(range(0, len(images), 128), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             batch = order[start:start + 128]
-            loss = nn.functional.cross_entropy(policy(frames[batch]), labels[batch])
+            loss = nn.functional.cross_entropy(policy(images[index[batch]]), labels[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        history.append(scores(policy, test))
+        history.append(scores(policy, test, frames))
         print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in history[-1].items()), flush=True)
     return policy, history
 
 
-def play(policy: nn.Module, episodes: int, cue: int, step_cap: int = 2100) -> np.ndarray:
-    """Returns of `episodes` episodes (seeds 0, 1, ...), sampled actions."""
+def play(policy: nn.Module, episodes: int, cue: int, step_cap: int = 2100, frames: int = 1) -> np.ndarray:
+    """Returns of `episodes` episodes (seeds 0, 1, ...), sampled actions, the policy fed its last `frames` frames."""
     env, generator, returns = TwoColorsEnv(step_cap=step_cap, cue=cue), torch.Generator().manual_seed(0), []
     policy.eval()
     try:
         for seed in tqdm(range(episodes), desc="playing", unit="episode"):
             obs, _ = env.reset(seed=seed)
+            recent = collections.deque([obs] * frames, maxlen=frames)
             total, over = 0.0, False
             while not over:
                 with torch.no_grad():
-                    probs = policy(torch.from_numpy(obs)[None])[0].softmax(-1)
+                    probs = policy(torch.from_numpy(np.stack(recent))[None])[0].softmax(-1)
                 obs, reward, terminated, truncated, _ = env.step(int(torch.multinomial(probs, 1, generator=generator)))
+                recent.append(obs)
                 total += reward
                 over = terminated or truncated
             returns.append(total)
@@ -168,7 +195,7 @@ def play(policy: nn.Module, episodes: int, cue: int, step_cap: int = 2100) -> np
 
 
 def main(args: Args) -> dict:
-    for name in ("episodes", "test_episodes", "epochs", "block", "play_cap", "workers", "threads"):
+    for name in ("episodes", "test_episodes", "epochs", "block", "play_cap", "workers", "threads", "frames"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.cue not in CUES:  # checked here: the envs are made in the collecting processes
@@ -179,10 +206,11 @@ def main(args: Args) -> dict:
     test = collect_frames(args.behaviour, args.block, args.cue, args.seed + 1_000_000, args.test_episodes, args.workers)
     print(f"{len(data['labels']):,} training frames, {len(test['labels']):,} test frames "
           f"({time.time() - started:.0f} s); behaviour {args.behaviour}, cue {args.cue}")
-    policy, history = train_policy(data, test, args.epochs)
-    result = dict(behaviour=args.behaviour, cue=args.cue, training_frames=len(data["labels"]), **history[-1])
+    policy, history = train_policy(data, test, args.epochs, frames=args.frames)
+    result = dict(behaviour=args.behaviour, cue=args.cue, frames=args.frames, training_frames=len(data["labels"]),
+                  **history[-1])
     if args.play_episodes:
-        returns = play(policy, args.play_episodes, args.cue, args.play_cap)
+        returns = play(policy, args.play_episodes, args.cue, args.play_cap, args.frames)
         sem = standard_error(returns)
         result.update(play_return=float(returns.mean()), play_sem=sem)
         print(f"played {len(returns)} episodes (cue {args.cue}, cap {args.play_cap}): "
