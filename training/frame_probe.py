@@ -6,9 +6,10 @@
 
 The policy is the model's image encoder and one linear layer: it sees the current frame only, no
 history and no memory (with `frames` > 1 also the frames before it, each through the same encoder,
-their features side by side: what moved since the last step tells the last action, which a
-policy with history may copy instead of reading the colour). It is trained (cross-entropy, the expert's action as the label) on
-`episodes` fresh episodes of 150 steps, scored on `test_episodes` others and then played.
+their features side by side: what moved since the last step tells the last action, which a policy
+with history may copy instead of reading the colour). It is trained (cross-entropy, the expert's
+action as the label) on `episodes` fresh episodes of 150 steps, scored on `test_episodes` others
+and then played.
 
 Behaviour (what the data's agent does; the label is always the noise-free expert's action for the
 pillar's colour, from training.collect's TwoColorsTeacher):
