@@ -101,7 +101,6 @@ class CheckpointAgent:
     `target_return` minus the rewards received."""
 
     def __init__(self, model: MemoryTransformer, target_return: float, seed: int):
-        self.model = model
         self.policy = make_policy(model, 1)
         self.return_to_go = float(target_return)
         self.rng = np.random.default_rng([1, seed])
