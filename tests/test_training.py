@@ -16,7 +16,7 @@ from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
 from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, shift_frames,
-                            shift_offsets, train, windows)
+                            shift_offsets, train, windows, WeightAverage)
 
 TASK = get_task("tmaze")
 
@@ -132,6 +132,50 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset_path, tm
         assert torch.equal(a, b), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
+
+
+def test_weight_average_is_the_finished_model_and_survives_a_resume(dataset_path, tmp_path):
+    plain = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "plain")))
+    straight = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "straight", ema=0.9)))
+    assert straight.training_info["ema"] == 0.9
+    # `last` holds the trained weights, which are the plain run's; the finished model is their average
+    trained = load_checkpoint(tmp_path / "straight" / "last")
+    for (name, a), b in zip(plain.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name  # averaging does not touch training
+    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), trained.state_dict().values()))
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, tmp_path / "resumed", ema=0.9), on_epoch_end=kill_after_first_epoch)
+    with pytest.raises(SystemExit, match="ema"):
+        train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True))
+    resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", ema=0.9, resume=True)))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="--ema must be 0"):
+        train(_tiny_config(dataset_path, tmp_path / "bad", ema=1.0))
+
+
+def test_weight_average_follows_its_definition():
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update()  # n = 1: d = min(0.5, 2 / 11)
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(average.average["weight"], expected)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update()  # n = 2: d = min(0.5, 3 / 12)
+    expected = expected + (1 - 3 / 12) * (start + 2.0 - expected)
+    assert torch.allclose(average.average["weight"], expected)
+    with average.applied():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, start + 2.0)
 
 
 def test_random_offsets_cover_every_step_and_differ_between_epochs(dataset_path):

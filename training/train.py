@@ -113,6 +113,10 @@ class TrainConfig:
     model's loss on it (dropout off) is logged after every epoch as val_loss, to tell overfitting apart"""
     val_windows: int = 256
     """at most this many windows of --val-data (a fixed random subset) for val_loss"""
+    ema: float = 0.0
+    """keep an exponential moving average of the weights with this decay per optimiser step (e.g. 0.999:
+    about the last 1,000 steps), warmed up as min(ema, (1 + n) / (10 + n)) after n steps; the finished model,
+    the held-out loss and the periodic evaluations use the averaged weights (0: off)"""
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -136,6 +140,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--val-windows must be at least 1, got {resolved.val_windows}")
     if resolved.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {ARCHS}, got {resolved.arch!r}")
+    if not 0.0 <= resolved.ema < 1.0:
+        raise ValueError(f"--ema must be 0 (off) or a decay in (0, 1) such as 0.999, got {resolved.ema}")
     model_config_of(resolved)  # raises for an unknown mode, or a task the paper has no config for
     return resolved
 
@@ -242,11 +248,44 @@ def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
     return 0.1 + 0.9 * shape
 
 
-def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step: int, config: TrainConfig) -> None:
-    """Optimiser, schedule, progress and RNG state into `directory` (safetensors + JSON, no pickle)."""
+class WeightAverage:
+    """Exponential moving average of a model's floating-point weights (other entries are copied):
+    after optimiser step n, average <- average + (1 - d) (weights - average), d = min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model, self.decay, self.updates = model, decay, 0
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                if value.is_floating_point():
+                    self.average[name].lerp_(value, 1.0 - decay)
+                else:
+                    self.average[name].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the block; the trained ones are put back after."""
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+
+def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step: int, config: TrainConfig,
+                        average: WeightAverage | None = None) -> None:
+    """Optimiser, schedule, progress, RNG state and the weight average into `directory` (safetensors +
+    JSON, no pickle)."""
     state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()
                if torch.is_tensor(v)}
+    if average is not None:
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in average.average.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
@@ -254,12 +293,14 @@ def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step:
     save_file(tensors, str(directory / STATE_TENSORS))
     (directory / STATE_JSON).write_text(json.dumps({
         "epoch": epoch, "step": step, "param_groups": state["param_groups"],
+        "ema_updates": average.updates if average is not None else None,
         "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     }, indent=2))
 
 
-def load_training_state(directory: Path, optimizer, scheduler) -> tuple[int, int, dict]:
+def load_training_state(directory: Path, optimizer, scheduler,
+                        average: WeightAverage | None = None) -> tuple[int, int, dict]:
     """Restore what save_training_state wrote; returns (epoch, step, saved config)."""
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
@@ -279,6 +320,10 @@ def load_training_state(directory: Path, optimizer, scheduler) -> tuple[int, int
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
+    if average is not None:
+        for name, value in average.average.items():
+            value.copy_(tensors[f"ema.{name}"])
+        average.updates = meta["ema_updates"]
     return meta["epoch"], meta["step"], meta["config"]
 
 
@@ -333,7 +378,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         "dataset": str(config.data), "dataset_episodes": dataset.num_episodes, "memory_grad": config.memory_grad,
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
-        "random_offsets": config.random_offsets, "shift_augment": config.shift_augment,
+        "random_offsets": config.random_offsets, "shift_augment": config.shift_augment, "ema": config.ema,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -346,6 +391,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         return lr_multiplier(step, config.warmup_steps, total_steps, config.decay)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    average = WeightAverage(model, config.ema) if config.ema else None
+    averaged = average.applied if average is not None else contextlib.nullcontext
 
     out = Path(config.out)
     last = out / "last"
@@ -353,13 +400,14 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.resume and (last / STATE_JSON).exists():
         saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
         model.load_state_dict(saved.state_dict())
-        start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler)
+        start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler, average)
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
         saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
         saved_config.setdefault("random_offsets", False)  # and before --random-offsets
         saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
+        saved_config.setdefault("ema", 0.0)  # and before --ema
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
-                    "epochs", "memory_grad", "seed"):
+                    "epochs", "memory_grad", "seed", "ema"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -414,6 +462,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                                     grad_clip=config.grad_clip, scheduler=scheduler,
                                     micro_batch=config.micro_batch or None, runner=runner)
             step += steps_per_batch
+            if average is not None:
+                average.update()
             loss = float(np.mean(losses)) if losses else float("nan")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if main_process:
@@ -425,13 +475,15 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             break
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
         if main_process and val_dataset is not None:
-            record["val_loss"] = held_out_loss(model, val_dataset, val_index, sample_len, device, autocast)
+            with averaged():
+                record["val_loss"] = held_out_loss(model, val_dataset, val_index, sample_len, device, autocast)
             print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f} over {len(val_index)} windows "
                   f"(last batch's training loss {loss:.4f})")
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             values = task.train.eval_values or task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
-            results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
+            with averaged():
+                results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
             torch.set_rng_state(rng_state)
             record["eval"] = {str(r[task.evaluation.setting]): r["success_rate" if task.evaluation.metric == "success"
                                                                   else "mean_return"] for r in results}
@@ -441,7 +493,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             log.flush()
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
-                folder, optimizer, scheduler, epoch + 1, step, config))
+                folder, optimizer, scheduler, epoch + 1, step, config, average))
         if world > 1:
             dist.barrier()  # the others wait for the checkpoint (and evaluation) of process 0
         if on_epoch_end is not None:
@@ -451,6 +503,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         model.training_info["stopped"] = f"max_minutes={config.max_minutes} after {step} optimiser steps"
     if main_process:
         log.close()
+        if average is not None:
+            model.load_state_dict(average.average)  # the finished model is the average
         save_checkpoint(model, final)
         print(f"wrote {final}")
     if world > 1:
