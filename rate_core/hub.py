@@ -87,8 +87,12 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
     training = "\n".join(f"- {key}: {value}" for key, value in sorted(model.training_info.items())) or "- not recorded"
     table = ""
     if rows:
-        table = (f"\n## Evaluation\n\n{evaluation['protocol']['episodes']} episodes per setting, "
-                 f"{'sampled' if evaluation['protocol']['sample_actions'] else 'argmax'} actions, target return "
+        protocol = evaluation["protocol"]
+        actions = "sampled" if protocol["sample_actions"] else "argmax"
+        if protocol["sample_actions"] and protocol.get("temperature", 1.0) != 1.0:
+            actions += f" (temperature {protocol['temperature']})"
+        table = (f"\n## Evaluation\n\n{protocol['episodes']} episodes per setting, "
+                 f"{actions} actions, target return "
                  f"{evaluation['protocol']['target_return']} (`python -m training.evaluate`):\n\n"
                  f"| {evaluation['protocol']['setting']} | episodes | success | return |\n| --- | --- | --- | --- |\n"
                  + "\n".join(rows) + "\n")

@@ -237,12 +237,13 @@ def _render_all(vector_env, num: int):
 @torch.no_grad()
 def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
                  sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
+                 temperature: float = 1.0,
                  frames: bool = False, observations: bool = False) -> EpisodeBatch:
     """Play one episode in each env of `vector_env` (autoreset disabled), seeded by `seeds`.
 
     target_return: return-to-go at the first step, one number or one per env (then
-    R_{t+1} = R_t - r_t); sample: draw actions from the softmax instead of the argmax, with
-    per-env random streams seeded by (sample_seed, env seed); max_steps: stop after this many steps
+    R_{t+1} = R_t - r_t); sample: draw actions from softmax(logits / temperature) instead of the
+    argmax, with per-env random streams seeded by (sample_seed, env seed); max_steps: stop after this many steps
     (default: when every env is done); progress: optional callable(step) for progress bars;
     trace: record an EpisodeTrace per env (frames and observations only when asked; frames need
     an env made with render_mode='rgb_array').
@@ -269,7 +270,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
         rtg = torch.as_tensor(rtg_all[ids], dtype=torch.float32, device=device)
         logits = policy.logits(rtg, torch.as_tensor(np.asarray(obs)[ids], device=device).to(obs_dtype))
         model_steps += len(ids)
-        probs = logits.float().softmax(-1)
+        probs = (logits.float() / temperature).softmax(-1)
         if sample:
             uniform = torch.as_tensor([rngs[i].random() for i in ids], dtype=torch.float32, device=device)
             action = (probs.cumsum(-1) < uniform[:, None]).sum(-1).clamp_(max=probs.shape[-1] - 1)

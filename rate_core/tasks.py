@@ -23,6 +23,8 @@ class EvalProtocol:
     """episodes per value"""
     sample_actions: bool = False
     """sample from the softmax (True) or take the argmax"""
+    temperature: float = 1.0
+    """sampled actions are drawn from softmax(logits / temperature)"""
     target_return: float = 1.0
     """return-to-go given to the model at the first step"""
     metric: str = "success"

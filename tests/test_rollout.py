@@ -120,6 +120,19 @@ def test_engine_logits_equal_recompute_with_envs_ending_at_different_steps(varia
         assert np.allclose(trace.returns_to_go[1:], trace.returns_to_go[:-1] - trace.rewards[:-1], atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_actions_are_draws_from_the_tempered_softmax(temperature):
+    model = tiny_model("rate")
+    batch = run_episodes(model, RaggedVectorEnv([2 * K + 3]), seeds=[7], target_return=1.0, sample=True,
+                         sample_seed=4, trace=True, temperature=temperature)
+    trace = batch.traces[0]
+    probs = torch.tensor(trace.logits / temperature).softmax(-1).numpy()
+    assert np.allclose(trace.probs, probs, atol=1e-6)
+    rng = np.random.default_rng([4, 7])
+    drawn = [min(int((np.cumsum(p) < rng.random()).sum()), len(p) - 1) for p in trace.probs]
+    assert trace.actions.tolist() == drawn
+
+
 def test_sampled_episode_does_not_depend_on_its_batch():
     model = tiny_model("rate")
     task = get_task("tmaze")

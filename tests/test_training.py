@@ -374,6 +374,23 @@ def test_evaluate_cli_actions_option_overrides_the_protocols_choice(dataset_path
         assert written["results"][0]["returns"] == expected
 
 
+def test_evaluate_cli_temperature_is_recorded_and_checked(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    checkpoint = train(_tiny_config(dataset_path, tmp_path / "tempered", epochs=1))
+    model = load_checkpoint(checkpoint)
+    out = tmp_path / "hot.json"
+    main(Args(checkpoint=str(checkpoint), values=(30,), episodes=6, actions="sampled", temperature=3.0, json=out))
+    written = json.loads(out.read_text())
+    assert written["protocol"]["temperature"] == 3.0 and written["protocol"]["sample_actions"] is True
+    expected = evaluate(model, TASK, [30], 6, seed=0, sample=True, temperature=3.0)[0]["returns"]
+    assert written["results"][0]["returns"] == expected
+    with pytest.raises(SystemExit, match="add --actions sampled"):  # T-Maze's protocol takes the argmax
+        main(Args(checkpoint=str(checkpoint), values=(30,), episodes=2, temperature=0.5, json=out))
+    with pytest.raises(SystemExit, match="--temperature must be above 0"):
+        main(Args(checkpoint=str(checkpoint), values=(30,), episodes=2, actions="sampled", temperature=0.0, json=out))
+
+
 def test_evaluate_cli_settings_are_checked_against_the_environment(dataset_path, tmp_path):
     from training.evaluate import Args, main
 

@@ -80,7 +80,8 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {error}")
     for name, report in (("A", first), ("B", second)):
         print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}")
-    differing = [k for k in ("target_return", "sample_actions") if first["protocol"][k] != second["protocol"][k]]
+    differing = [k for k in ("target_return", "sample_actions", "temperature")  # older files have no temperature
+                 if first["protocol"].get(k, 1.0) != second["protocol"].get(k, 1.0)]
     if first.get("overrides") != second.get("overrides"):
         differing.append("environment settings")
     if differing:

@@ -46,6 +46,9 @@ class Args:
     actions: Literal["protocol", "sampled", "argmax"] = "protocol"
     """how the agent picks its action: as the protocol says (T-Maze argmax, the others sampled), sampled
     from the softmax, or the most likely one"""
+    temperature: float = 1.0
+    """sampled actions are drawn from softmax(logits / temperature): below 1 nearer the argmax, above 1
+    more random (recorded in the JSON's protocol)"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Path | None = None
@@ -82,11 +85,12 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
 
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
-             target_return: float | None = None) -> list[dict]:
+             target_return: float | None = None, temperature: float | None = None) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
     on_result: optional callable(results so far), called after each value (e.g. to save them);
     overrides: environment settings that replace the task's defaults (e.g. step_cap)."""
     protocol = task.evaluation
+    temperature = protocol.temperature if temperature is None else temperature
     sample = protocol.sample_actions if sample is None else sample
     target = protocol.target_return if target_return is None else target_return
     results = []
@@ -102,7 +106,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             desc = f"{protocol.setting}={value}" + (f" episodes {start + 1}-{start + len(chunk)}" if batch < episodes else "")
             with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
                 parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
-                                          progress=lambda _: bar.update()))
+                                          progress=lambda _: bar.update(), temperature=temperature))
             env.close()
         outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
@@ -200,9 +204,17 @@ def main(args: Args) -> None:
         protocol = replace(protocol, target_return=args.target_return)
     if args.actions != "protocol":
         protocol = replace(protocol, sample_actions=args.actions == "sampled")
+    if not args.temperature > 0:
+        raise SystemExit(f"error: --temperature must be above 0, got {args.temperature}")
+    if args.temperature != 1.0:
+        if not protocol.sample_actions:
+            raise SystemExit("error: --temperature changes sampled actions; this evaluation takes the argmax "
+                             "(add --actions sampled)")
+        protocol = replace(protocol, temperature=args.temperature)
     episodes = args.episodes or protocol.episodes
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
-          f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions, "
+          f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions"
+          f"{f' at temperature {protocol.temperature}' if protocol.sample_actions and protocol.temperature != 1 else ''}, "
           f"target return {protocol.target_return}")
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
@@ -215,7 +227,7 @@ def main(args: Args) -> None:
         }, indent=2))
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
-                       overrides=overrides, target_return=protocol.target_return)
+                       overrides=overrides, target_return=protocol.target_return, temperature=protocol.temperature)
     print_table(task, results)
     print(f"wrote {out}")
 
