@@ -524,6 +524,9 @@ def test_frame_probe_clones_and_plays_a_memoryless_policy():
     assert result["training_frames"] == 300 and result["behaviour"] == "neutral" and result["cue"] == 1
     assert 0 < result["differing_steps"] <= 150  # the two colours' experts disagree at some of the test steps
     assert 0.0 <= result["prefers"] <= 1.0 and np.isfinite(result["loss"])
+    parts = [result["prefers_while_pillar"], result["prefers_after_pillar"]]
+    if np.isfinite(parts).all():  # the two parts of the test steps; their weighted mean is the whole
+        assert min(parts) - 1e-9 <= result["prefers"] <= max(parts) + 1e-9
     assert 0.02 * 20 - 1e-6 <= result["play_return"]  # alive for the 20 steps: the living reward at least
     neutral, expert = _behaviour("neutral", 25), _behaviour("expert", 25)
     assert (neutral.detour, neutral.detour_min, neutral.detour_max) == (1 / 25, 25, 25) and expert.detour == 0.0

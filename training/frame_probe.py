@@ -19,7 +19,7 @@ pillar's colour, from training.collect's TwoColorsTeacher):
 
 Scores on the test episodes, at the steps where the expert's action differs from the other colour's
 expert's: how often the policy ranks the expert's action above the other colour's ("prefers"), over
-all steps and after the pillar has gone (step 45). Then the return of `play_episodes` episodes
+all steps, while the pillar stands (steps 0-44) and after it has gone. Then the return of `play_episodes` episodes
 (seeds from 0, sampled actions, the task's 2,100-step cap). With the cue (cue=1) the colour is in
 every frame, so a policy that learnt the task plays well without memory.
 """
@@ -144,10 +144,12 @@ def scores(policy: nn.Module, data: dict, frames: int = 1) -> dict:
     labels, others = torch.from_numpy(data["labels"]).long(), torch.from_numpy(data["others"]).long()
     differ = labels != others
     late = differ & torch.from_numpy(data["steps"] >= PILLAR_STEPS)
+    early = differ & ~late
     prefers = logits.gather(1, labels[:, None])[:, 0] > logits.gather(1, others[:, None])[:, 0]
     return dict(loss=nn.functional.cross_entropy(logits, labels).item(),
                 accuracy=(logits.argmax(1) == labels).float().mean().item(),
                 differing_steps=int(differ.sum()), prefers=prefers[differ].float().mean().item(),
+                prefers_while_pillar=prefers[early].float().mean().item(),
                 prefers_after_pillar=prefers[late].float().mean().item())
 
 
