@@ -152,6 +152,8 @@ def test_weight_average_is_the_finished_model_and_survives_a_resume(dataset_path
         train(_tiny_config(dataset_path, tmp_path / "resumed", ema=0.9), on_epoch_end=kill_after_first_epoch)
     with pytest.raises(SystemExit, match="ema"):
         train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True))
+    with pytest.raises(SystemExit, match="ema"):  # and a run without an average is not resumed with one
+        train(_tiny_config(dataset_path, tmp_path / "plain", ema=0.9, resume=True))
     resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", ema=0.9, resume=True)))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -212,10 +212,10 @@ def main(args: Args) -> None:
                              "(add --actions sampled)")
         protocol = replace(protocol, temperature=args.temperature)
     episodes = args.episodes or protocol.episodes
+    actions = "argmax" if not protocol.sample_actions else \
+        "sampled" + (f" at temperature {protocol.temperature}" if protocol.temperature != 1 else "")
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
-          f"{protocol.setting}, {'sampled' if protocol.sample_actions else 'argmax'} actions"
-          f"{f' at temperature {protocol.temperature}' if protocol.sample_actions and protocol.temperature != 1 else ''}, "
-          f"target return {protocol.target_return}")
+          f"{protocol.setting}, {actions} actions, target return {protocol.target_return}")
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     out = args.json or Path(args.checkpoint) / "eval.json"
@@ -227,7 +227,8 @@ def main(args: Args) -> None:
         }, indent=2))
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
-                       overrides=overrides, target_return=protocol.target_return, temperature=protocol.temperature)
+                       overrides=overrides, target_return=protocol.target_return,
+                       temperature=protocol.temperature)
     print_table(task, results)
     print(f"wrote {out}")
 

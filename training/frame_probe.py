@@ -19,8 +19,8 @@ pillar's colour, from training.collect's TwoColorsTeacher):
 
 Scores on the test episodes, at the steps where the expert's action differs from the other colour's
 expert's: how often the policy ranks the expert's action above the other colour's ("prefers"), over
-all steps, while the pillar stands (steps 0-44) and after it has gone. Then the return of `play_episodes` episodes
-(seeds from 0, sampled actions, the task's 2,100-step cap). With the cue (cue=1) the colour is in
+all steps, while the pillar stands (steps 0-44) and after it has gone. Then the return of
+`play_episodes` episodes (seeds from 0, sampled actions, the task's 2,100-step cap). With the cue (cue=1) the colour is in
 every frame, so a policy that learnt the task plays well without memory.
 """
 

@@ -320,7 +320,7 @@ def load_training_state(directory: Path, optimizer, scheduler,
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    if average is not None:
+    if average is not None and meta.get("ema_updates") is not None:  # else the caller refuses the mismatch
         for name, value in average.average.items():
             value.copy_(tensors[f"ema.{name}"])
         average.updates = meta["ema_updates"]
