@@ -93,8 +93,8 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
             actions += f" (temperature {protocol['temperature']})"
         table = (f"\n## Evaluation\n\n{protocol['episodes']} episodes per setting, "
                  f"{actions} actions, target return "
-                 f"{evaluation['protocol']['target_return']} (`python -m training.evaluate`):\n\n"
-                 f"| {evaluation['protocol']['setting']} | episodes | success | return |\n| --- | --- | --- | --- |\n"
+                 f"{protocol['target_return']} (`python -m training.evaluate`):\n\n"
+                 f"| {protocol['setting']} | episodes | success | return |\n| --- | --- | --- | --- |\n"
                  + "\n".join(rows) + "\n")
     video_md = f"\n## Example episode\n\n<video src=\"{video}\" controls></video>\n" if video else ""
     body = f"""

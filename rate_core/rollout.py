@@ -244,9 +244,9 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     target_return: return-to-go at the first step, one number or one per env (then
     R_{t+1} = R_t - r_t); sample: draw actions from softmax(logits / temperature) instead of the
     argmax, with per-env random streams seeded by (sample_seed, env seed); max_steps: stop after
-    this many steps (default: when every env is done); progress: optional callable(step) for progress bars;
-    trace: record an EpisodeTrace per env (frames and observations only when asked; frames need
-    an env made with render_mode='rgb_array').
+    this many steps (default: when every env is done); progress: optional callable(step) for
+    progress bars; trace: record an EpisodeTrace per env (frames and observations only when asked;
+    frames need an env made with render_mode='rgb_array').
     """
     model.eval()
     device = next(model.parameters()).device

@@ -20,8 +20,8 @@ pillar's colour, from training.collect's TwoColorsTeacher):
 Scores on the test episodes, at the steps where the expert's action differs from the other colour's
 expert's: how often the policy ranks the expert's action above the other colour's ("prefers"), over
 all steps, while the pillar stands (steps 0-44) and after it has gone. Then the return of
-`play_episodes` episodes (seeds from 0, sampled actions, the task's 2,100-step cap). With the cue (cue=1) the colour is in
-every frame, so a policy that learnt the task plays well without memory.
+`play_episodes` episodes (seeds from 0, sampled actions, the task's 2,100-step cap). With the cue
+(cue=1) the colour is in every frame, so a policy that learnt the task plays well without memory.
 """
 
 import collections
@@ -153,7 +153,8 @@ def scores(policy: nn.Module, data: dict, frames: int = 1) -> dict:
                 prefers_after_pillar=prefers[late].float().mean().item())
 
 
-def train_policy(data: dict, test: dict, epochs: int, seed: int = 0, frames: int = 1) -> tuple[nn.Module, list[dict]]:
+def train_policy(data: dict, test: dict, epochs: int, seed: int = 0,
+                 frames: int = 1) -> tuple[nn.Module, list[dict]]:
     torch.manual_seed(seed)
     policy = FramePolicy(frames)
     optimiser = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=1e-3)

@@ -254,13 +254,14 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model, self.decay, self.updates = model, decay, 0
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.live = model.state_dict()  # views of the model's tensors: they see every optimiser step
+        self.average = {k: v.clone() for k, v in self.live.items()}
 
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
-            for name, value in self.model.state_dict().items():
+            for name, value in self.live.items():
                 if value.is_floating_point():
                     self.average[name].lerp_(value, 1.0 - decay)
                 else:
@@ -269,7 +270,7 @@ class WeightAverage:
     @contextlib.contextmanager
     def applied(self):
         """The averaged weights in the model for the block; the trained ones are put back after."""
-        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        trained = {k: v.clone() for k, v in self.live.items()}
         self.model.load_state_dict(self.average)
         try:
             yield
