@@ -80,6 +80,10 @@ class ModelConfig:
     action_inputs: bool = True
     """whether the actions taken are inputs; False: every action token is the padding embedding, a
     policy on returns and observations alone (a cloned policy cannot copy its own past actions)"""
+    aux_classes: int = 0
+    """classes of the auxiliary head (0: none): a linear layer on each step's output, next to the
+    action head, trained to predict what the agent must remember (Task.aux_label, `train
+    --aux-weight`); acting does not use it"""
 
     def __post_init__(self):
         # JSON gives lists; keep tuples so configs compare equal after a round trip.
@@ -104,7 +108,7 @@ class ModelConfig:
                   f"image observations need obs_shape=(3, H, W), got {self.obs_shape}")
         for name in ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_mem_tokens", "mem_len", "n_head_ca"):
+        for name in ("num_mem_tokens", "mem_len", "n_head_ca", "aux_classes"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         m, mem_len, ca = self.num_mem_tokens, self.mem_len, self.n_head_ca
         if self.mode == "rate":
@@ -362,6 +366,8 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
             self.mrv = nn.MultiheadAttention(c.d_model, c.n_head_ca, dropout=c.dropatt, batch_first=True)
             self.mrv_proj = nn.Linear(c.d_model, c.d_model)
         self.mrv_act = {"relu": F.relu, "leaky_relu": F.leaky_relu, "tanh": torch.tanh, "none": lambda w: w}[c.mrv_act]
+        # made last, so that a seed gives the same other weights with or without it
+        self.aux_head = nn.Linear(c.d_model, c.aux_classes) if c.aux_classes else None
 
     # ----------------------------------------------------------------------------------- state
     def initial_state(self, batch_size: int) -> MemoryState:
@@ -587,17 +593,24 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         Returns logits (B, T, act_dim) (row t predicts a_t from R_<=t, o_<=t, a_<t) and the state
         for the next segment.
         """
+        logits, _, state = self.segment(rtg, obs, actions, state)
+        return logits, state
+
+    def segment(self, rtg, obs, actions, state: MemoryState | None = None):
+        """forward() with the auxiliary head's logits too: (logits (B, T, act_dim), auxiliary logits
+        (B, T, aux_classes) from the same step outputs, or None without an auxiliary head, state)."""
         batch, steps = actions.shape
         if state is None:
             state = self.initial_state(batch)
         tokens = self.embed(rtg, obs, actions)
         m = self.config.num_mem_tokens
         hidden, cache = self.run_core(tokens, state.memory, state.memory, state.cache)
-        logits = self.head(hidden[:, m + 1 : m + 3 * steps : 3])
+        outputs = hidden[:, m + 1 : m + 3 * steps : 3]
+        aux = self.aux_head(outputs) if self.aux_head is not None else None
         memory = None
         if m:
             memory = self.update_memory(state.memory, hidden[:, m + 3 * steps :])
-        return logits, MemoryState(memory, cache)
+        return self.head(outputs), aux, MemoryState(memory, cache)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -116,6 +116,23 @@ class Task:
     counterfactual: Callable[[Any], Any] | None = None
     """counterfactual(observations (T, ...)) -> a copy with what the agent must remember flipped (the
     other T-Maze cue), everything else equal: the app replays an episode with it ('what if')"""
+    aux_label: str | None = None
+    """the env's info key, at every step, that the collector stores as the dataset's auxiliary labels:
+    what the agent must remember (e.g. the pillar's colour); `train --aux-weight` asks the model to
+    predict it at every step"""
+    aux_values: tuple = ()
+    """the values aux_label takes, in class order (the stored label is the value's index)"""
+
+    @property
+    def aux_classes(self) -> int:
+        return len(self.aux_values)
+
+    def aux_class(self, info: dict) -> int:
+        """The class of this step's auxiliary label (its index in aux_values)."""
+        value = info[self.aux_label]
+        if value not in self.aux_values:
+            raise ValueError(f"task {self.name}: {self.aux_label}={value!r} is none of {self.aux_values}")
+        return self.aux_values.index(value)
 
     def model_config(self, mode: str) -> ModelConfig:
         if mode not in self.model_configs:
@@ -215,6 +232,8 @@ register(Task(
                              info="the agent walks T - 2 cells, then must turn to the side the cue showed at step 0"),
     explain=_tmaze_explain,
     counterfactual=_tmaze_flip_cue,
+    aux_label="cue",
+    aux_values=(-1, 1),
 ))
 
 
@@ -273,6 +292,8 @@ register(Task(
     demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91,
                              info="the hallway is about size - 5 cells long; trained at 11, 21 and 41"),
     explain=_minigrid_explain,
+    aux_label="cue",
+    aux_values=(0, 1),
 ))
 
 
@@ -340,6 +361,8 @@ register(Task(
     action_names=("left", "right", "forward", "left+fwd", "right+fwd"),
     demo_step_cap=500,
     explain=_two_colors_explain,
+    aux_label="is_red",
+    aux_values=(0, 1),
 ))
 
 

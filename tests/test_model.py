@@ -300,3 +300,31 @@ def test_without_action_inputs_the_actions_taken_change_nothing(variant):
     with torch.no_grad():  # with them (the default), they do
         model = tiny_model(variant)
         assert not torch.allclose(model(rtg, obs, actions)[0], model(rtg, obs, other)[0])
+
+
+@pytest.mark.parametrize("variant", ["rate", "dt"])
+def test_auxiliary_head_reads_the_step_outputs_and_leaves_acting_unchanged(variant, tmp_path):
+    from rate_core.checkpoint import load_checkpoint, save_checkpoint
+
+    plain, with_aux = tiny_model(variant), tiny_model(variant, aux_classes=3)
+    assert plain.aux_head is None and with_aux.aux_head.out_features == 3
+    rtg, obs, actions = random_batch(with_aux.config, steps=K)
+    logits, aux, state = with_aux.segment(rtg, obs, actions)
+    assert aux.shape == (2, K, 3)
+    same_logits, same_state = with_aux(rtg, obs, actions)
+    assert torch.equal(logits, same_logits)
+    assert (state.memory is None and same_state.memory is None) or torch.equal(state.memory, same_state.memory)
+    # the head is a linear layer on the outputs the action head reads: the action logits do not depend on it
+    with torch.no_grad():
+        with_aux.aux_head.weight.add_(1.0)
+    assert torch.equal(with_aux(rtg, obs, actions)[0], logits)
+    # everything but the extra head is the plain model's (same seed, the head is made last)
+    others = with_aux.state_dict()
+    for name, a in plain.state_dict().items():
+        assert torch.equal(a, others[name]), name
+    assert plain.segment(rtg, obs, actions)[1] is None
+    loaded = load_checkpoint(save_checkpoint(with_aux, tmp_path / "aux"))
+    assert loaded.config.aux_classes == 3
+    assert torch.equal(loaded.segment(rtg, obs, actions)[1], with_aux.segment(rtg, obs, actions)[1])
+    with pytest.raises(ValueError, match="aux_classes must be >= 0"):
+        tiny_config(variant, aux_classes=-1)

@@ -553,3 +553,80 @@ def test_merge_joins_datasets_in_order_with_labels_where_one_has_none(tmp_path, 
     with pytest.raises(SystemExit, match="different tasks"):
         main(Args(sources=(tmp_path / "plain", tmp_path / "other"), out=tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_collector_stores_what_must_be_remembered_at_every_step(dataset_path):
+    episode = run_episode(TASK, {"episode_length": 20}, seed=1)
+    cue_class = TASK.aux_values.index(episode["reset_info"]["cue"])
+    assert np.array_equal(episode["aux_labels"], np.full(len(episode["actions"]), cue_class))
+    data = load_dataset(dataset_path)
+    assert data.aux_labels is not None and len(data.aux_labels) == len(data.actions)
+    for first, end in zip(data.episode_starts[:-1], data.episode_starts[1:]):
+        assert len(set(data.aux_labels[first:end].tolist())) == 1  # the cue of the episode
+
+
+def test_auxiliary_labels_are_padded_merged_where_all_have_them_and_required(tmp_path):
+    from training.dataset import merge_datasets
+
+    rng = np.random.default_rng(0)
+    episodes = [{"observations": rng.normal(size=(n, 4)).astype(np.float32), "actions": rng.integers(0, 4, n),
+                 "rewards": np.zeros(n, np.float32), "aux_labels": np.full(n, n % 2)} for n in (7, 12)]
+    data = load_dataset(write_dataset(tmp_path / "d", "tmaze", episodes, {}))
+    assert np.array_equal(data.aux_window(0, 3, 6), [1, 1, 1, 1, ACTION_PAD, ACTION_PAD])
+    assert np.array_equal(data.aux_window(1, 0, 5), np.zeros(5))
+    with pytest.raises(ValueError, match="1 of 2 episodes have aux_labels"):
+        write_dataset(tmp_path / "e", "tmaze", [episodes[0], {k: v for k, v in episodes[1].items()
+                                                              if k != "aux_labels"}], {})
+    plain = load_dataset(write_dataset(tmp_path / "p", "tmaze", [{k: v for k, v in episodes[0].items()
+                                                                   if k != "aux_labels"}], {}))
+    with pytest.raises(DatasetError, match="no auxiliary labels"):
+        plain.aux_window(0, 0, 4)
+    both = load_dataset(merge_datasets(tmp_path / "both", [data, data]))
+    assert np.array_equal(both.aux_labels, np.concatenate([data.aux_labels] * 2))
+    assert load_dataset(merge_datasets(tmp_path / "mixed", [data, plain])).aux_labels is None
+
+
+def test_auxiliary_loss_is_added_to_the_action_loss(dataset_path):
+    data = load_dataset(dataset_path)
+    model = MemoryTransformer(replace(TASK.model_config("rate"), dropout=0.0, dropatt=0.0, aux_classes=2))
+    rtg, obs, actions, targets, aux = make_batch(data, np.array([[0, 0], [1, 0]]), 150, "cpu", aux=True)
+    times = segment_slices(model, 150)
+    counts = [float((targets[:, seg] != ACTION_PAD).sum()) for seg in times]
+    with torch.no_grad():
+        plain, _, _ = SegmentLosses(model)(rtg, obs, actions, times, counts, targets=targets)
+        weighted, values, _ = SegmentLosses(model)(rtg, obs, actions, times, counts, targets=targets,
+                                                   aux_targets=aux, aux_weight=0.5)
+        by_hand, state = 0.0, None
+        for seg, count in zip(times, counts):
+            _, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+            keep = aux[:, seg] != ACTION_PAD
+            if count:
+                by_hand += float(torch.nn.functional.cross_entropy(aux_logits[keep], aux[:, seg][keep],
+                                                                   reduction="sum")) / count
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * by_hand, rel=1e-5)
+    assert sum(float(v) for v in values if v is not None) == pytest.approx(float(plain), rel=1e-5)  # action losses
+    with pytest.raises(ValueError, match="auxiliary head"):
+        train_step(MemoryTransformer(TASK.model_config("rate")), torch.optim.SGD(model.parameters(), lr=0.0),
+                   rtg, obs, actions, aux_targets=aux, aux_weight=1.0)
+
+
+def test_training_with_the_auxiliary_loss_logs_what_memory_holds_and_is_checked(dataset_path, tmp_path):
+    held_out = collect(TASK, tmp_path / "held_out", episodes_per_setting=1, seed=100)
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "aux", epochs=2, aux_weight=0.5,
+                                               val_data=held_out)))
+    assert model.config.aux_classes == 2 and model.training_info["aux_weight"] == 0.5
+    log = [json.loads(line) for line in (tmp_path / "aux" / "log.jsonl").read_text().splitlines()]
+    accuracies = [r["val_aux_accuracy"] for r in log if "val_aux_accuracy" in r]
+    assert len(accuracies) == 2 and all(len(a) == 3 and all(0.0 <= x <= 1.0 for x in a) for a in accuracies)
+    with pytest.raises(SystemExit, match="aux_weight"):
+        train(_tiny_config(dataset_path, tmp_path / "aux", epochs=2, resume=True))
+    with pytest.raises(ValueError, match="no auxiliary label"):
+        train(_tiny_config(dataset_path, tmp_path / "mm", task="memory_maze", aux_weight=1.0))
+    with pytest.raises(ValueError, match="--aux-weight must be 0"):
+        train(_tiny_config(dataset_path, tmp_path / "neg", aux_weight=-1.0))
+    rng = np.random.default_rng(0)
+    bare = write_dataset(tmp_path / "bare", "tmaze", [{"observations": rng.normal(size=(9, 4)).astype(np.float32),
+                                                       "actions": rng.integers(0, 4, 9),
+                                                       "rewards": np.zeros(9, np.float32)}], {})
+    with pytest.raises(DatasetError, match="auxiliary labels"):
+        train(_tiny_config(bare, tmp_path / "bare_run", aux_weight=1.0))

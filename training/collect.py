@@ -128,7 +128,8 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
                 teacher_options: dict | None = None, policy: str | None = None) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
     return, the reset info, and with teacher=True (for a task that has a teacher, built with
-    `teacher_options`) labels (T,). policy: a checkpoint folder that takes the actions instead (the
+    `teacher_options`) labels (T,), and where the task has an aux_label its value at every step,
+    aux_labels (T,). policy: a checkpoint folder that takes the actions instead (the
     teacher, which needs teacher=True, still labels every step)."""
     if policy and not teacher:
         raise ValueError("a policy acts and the teacher labels its steps: give teacher=True too")
@@ -138,8 +139,10 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
     obs, info = env.reset(seed=seed)
     reset_info = dict(info)
     expert.reset(env, info)
-    observations, actions, rewards, labels = [], [], [], []
+    observations, actions, rewards, labels, aux = [], [], [], [], []
     while True:
+        if task.aux_label is not None:
+            aux.append(task.aux_class(info))
         if teacher:
             action, label = expert.act_and_label(env, obs, info)  # called every step: the teacher follows the game
             labels.append(label)
@@ -161,6 +164,8 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
                "reset_info": reset_info}
     if teacher:
         episode["labels"] = np.array(labels)
+    if task.aux_label is not None:
+        episode["aux_labels"] = np.array(aux)
     return episode
 
 

@@ -30,7 +30,7 @@ from rate_core.model import ACTION_PAD
 
 FORMAT_VERSION = 1
 ARRAYS = ("observations", "actions", "rewards", "episode_starts")
-OPTIONAL_ARRAYS = ("labels",)
+OPTIONAL_ARRAYS = ("labels", "aux_labels")
 
 
 class DatasetError(ValueError):
@@ -39,12 +39,14 @@ class DatasetError(ValueError):
 
 def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], settings: dict) -> Path:
     """Write episodes (dicts of observations (T, ...), actions (T,), rewards (T,), optionally
-    labels (T,)) atomically."""
+    labels (T,) and aux_labels (T,)) atomically."""
     if not episodes:
         raise ValueError("no episodes to write")
-    with_labels = sum("labels" in e for e in episodes)
-    if with_labels not in (0, len(episodes)):
-        raise ValueError(f"{with_labels} of {len(episodes)} episodes have labels: all or none must")
+    for name in OPTIONAL_ARRAYS:
+        having = sum(name in e for e in episodes)
+        if having not in (0, len(episodes)):
+            raise ValueError(f"{having} of {len(episodes)} episodes have {name}: all or none must")
+    with_labels = "labels" in episodes[0]
     lengths = [len(e["actions"]) for e in episodes]
     parts = {
         "observations": [np.asarray(e["observations"]) for e in episodes],
@@ -54,13 +56,15 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
     }
     if with_labels:
         parts["labels"] = [np.asarray(e["labels"], dtype=np.int64) for e in episodes]
+    if "aux_labels" in episodes[0]:
+        parts["aux_labels"] = [np.asarray(e["aux_labels"], dtype=np.int64) for e in episodes]
     return _write_folder(path, task, parts, settings)
 
 
 def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
     """Write the episodes of `sources` (datasets of one task), in order, as one dataset at `path`,
     atomically. Where some sources have labels, the others' actions serve as theirs (their actions
-    were the expert's own)."""
+    were the expert's own). Auxiliary labels are kept where every source has them."""
     if not sources:
         raise ValueError("no datasets to merge")
     tasks = {source.task for source in sources}
@@ -79,6 +83,8 @@ def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
     }
     if any(source.labels is not None for source in sources):
         parts["labels"] = [source.actions if source.labels is None else source.labels for source in sources]
+    if all(source.aux_labels is not None for source in sources):
+        parts["aux_labels"] = [source.aux_labels for source in sources]
     settings = {"merged_from": [{"path": str(source.path), "episodes": source.num_episodes,
                                  "settings": source.meta.get("settings")} for source in sources]}
     return _write_folder(path, tasks.pop(), parts, settings)
@@ -133,6 +139,8 @@ class Dataset:
     returns_to_go: np.ndarray
     labels: np.ndarray | None = None
     """the training targets where they differ from the actions taken (None: the actions are)"""
+    aux_labels: np.ndarray | None = None
+    """per step, the class the task's auxiliary loss predicts (Task.aux_label; None: not collected)"""
 
     @property
     def task(self) -> str:
@@ -174,6 +182,17 @@ class Dataset:
         labels = np.full(length, ACTION_PAD, dtype=np.int64)
         labels[:valid] = self.labels[lo:lo + valid]
         return rtg, obs, actions, labels
+
+    def aux_window(self, episode: int, start: int, length: int) -> np.ndarray:
+        """The auxiliary labels (L,) of the steps training_window() gives, ACTION_PAD past the episode's end."""
+        if self.aux_labels is None:
+            raise DatasetError(f"{self.path}: the dataset has no auxiliary labels (aux_labels.npy); collect it "
+                               "again with this version of training.collect, for a task that has an aux_label")
+        lo = self.episode_starts[episode] + start
+        valid = max(0, min(length, int(self.episode_starts[episode + 1]) - lo))
+        aux = np.full(length, ACTION_PAD, dtype=np.int64)
+        aux[:valid] = self.aux_labels[lo:lo + valid]
+        return aux
 
 
 def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
@@ -221,4 +240,4 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
         if name in arrays and len(arrays[name]) != steps:
             raise DatasetError(f"{path / (name + '.npy')}: {len(arrays[name])} rows for {steps} steps; {collect_hint}")
     return Dataset(path, meta, arrays["observations"], arrays["actions"], rewards, starts, returns_to_go,
-                   labels=arrays.get("labels"))
+                   labels=arrays.get("labels"), aux_labels=arrays.get("aux_labels"))

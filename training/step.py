@@ -46,17 +46,23 @@ class SegmentLosses(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None, targets=None):
-        """Returns (sum of the per-segment mean losses or None, per-segment detached losses, state).
-        counts: the number of targets of each segment that its summed loss is divided by.
-        targets: the actions to predict (default: the input actions)."""
+    def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None, targets=None,
+                aux_targets=None, aux_weight: float = 0.0):
+        """Returns (sum of the per-segment mean losses or None, per-segment detached action losses,
+        state). counts: the number of targets of each segment that its summed loss is divided by.
+        targets: the actions to predict (default: the input actions). aux_targets (B, T): the classes
+        the model's auxiliary head predicts (ACTION_PAD where none), their mean cross-entropy
+        weighted by aux_weight added to each segment's loss (the returned values stay the action
+        losses)."""
         targets = actions if targets is None else targets
         total, values = None, []
         for seg, count in zip(times, counts):
-            logits, state = self.model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+            logits, aux_logits, state = self.model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
                 loss = action_loss_sum(logits, targets[:, seg]) / count
                 values.append(loss.detach())
+                if aux_weight:
+                    loss = loss + aux_weight * action_loss_sum(aux_logits, aux_targets[:, seg]) / count
                 total = loss if total is None else total + loss
             else:
                 values.append(None)
@@ -74,7 +80,8 @@ def _optimizer_step(model, optimizer, grad_clip, scheduler):
 
 def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions, targets=None,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
-               micro_batch: int | None = None, runner: torch.nn.Module | None = None) -> list[float]:
+               micro_batch: int | None = None, runner: torch.nn.Module | None = None,
+               aux_targets=None, aux_weight: float = 0.0) -> list[float]:
     """One training step on a batch of K*N-step samples.
 
     rtg (B, K*N) float; obs (B, K*N, *obs_shape); actions (B, K*N) long, ACTION_PAD for padding.
@@ -85,11 +92,15 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     runner: SegmentLosses(model), possibly wrapped in DistributedDataParallel; then this process's
     batch is its shard of the global batch, losses are normalised by the global target counts and
     the update equals one process training on the global batch.
+    aux_targets (B, K*N) long, aux_weight: the auxiliary loss (SegmentLosses), for a model with an
+    auxiliary head; its targets are the steps' auxiliary labels, padded where the actions are.
     Returns the mean loss of each segment that has targets (a list of floats, in segment order;
     over the global batch when distributed).
     """
     if memory_grad not in MEMORY_GRADS:
         raise ValueError(f"memory_grad={memory_grad!r}, expected one of {MEMORY_GRADS}")
+    if aux_weight and (aux_targets is None or model.aux_head is None):
+        raise ValueError("aux_weight needs aux_targets and a model with an auxiliary head (ModelConfig.aux_classes)")
     runner = runner or SegmentLosses(model)
     distributed = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     world = torch.distributed.get_world_size() if distributed else 1
@@ -113,7 +124,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
         context = runner.no_sync() if distributed and not sync else contextlib.nullcontext()
         with context:
             total, values, state = runner(rtg[part], obs[part], actions[part], [times[i] for i in which],
-                                          [counts[i] for i in which], state, targets[part])
+                                          [counts[i] for i in which], state, targets[part],
+                                          None if aux_targets is None else aux_targets[part], aux_weight)
             for i, value in zip(which, values):
                 if value is not None:
                     losses[i] += value.to(torch.float64)

@@ -117,6 +117,11 @@ class TrainConfig:
     """keep an exponential moving average of the weights with this decay per optimiser step (e.g. 0.999:
     about the last 1,000 steps), warmed up as min(ema, (1 + n) / (10 + n)) after n steps; the finished model,
     the held-out loss and the periodic evaluations use the averaged weights (0: off)"""
+    aux_weight: float = 0.0
+    """weight of the auxiliary loss (0: off): an extra linear head predicts, at every step, what the
+    agent must remember (the task's aux_label, e.g. ViZDoom's pillar colour; the dataset must hold
+    it, as training.collect writes it), so the colour seen early has to reach memory; acting does
+    not use the head"""
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -140,6 +145,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--val-windows must be at least 1, got {resolved.val_windows}")
     if resolved.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {ARCHS}, got {resolved.arch!r}")
+    if resolved.aux_weight < 0:
+        raise ValueError(f"--aux-weight must be 0 (off) or positive, got {resolved.aux_weight}")
+    if resolved.aux_weight and not task.aux_classes:
+        raise ValueError(f"--aux-weight: task {task.name} has no auxiliary label (Task.aux_label); leave it at 0")
     if not 0.0 <= resolved.ema < 1.0:
         raise ValueError(f"--ema must be 0 (off) or a decay in (0, 1) such as 0.999, got {resolved.ema}")
     model_config_of(resolved)  # raises for an unknown mode, or a task the paper has no config for
@@ -157,8 +166,8 @@ def past(deadline: float, device: torch.device, world: int) -> bool:
 
 
 def model_config_of(config: TrainConfig) -> ModelConfig:
-    """The architecture a run trains: the task's registry config or the paper's, with --dropout and
-    --no-action-inputs applied."""
+    """The architecture a run trains: the task's registry config or the paper's, with --dropout,
+    --no-action-inputs and --aux-weight (an auxiliary head) applied."""
     if config.arch == "paper":
         model_config = paper_config(config.task, config.model)
     else:
@@ -167,6 +176,8 @@ def model_config_of(config: TrainConfig) -> ModelConfig:
         model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
     if not config.action_inputs:
         model_config = replace(model_config, action_inputs=False)
+    if config.aux_weight:
+        model_config = replace(model_config, aux_classes=get_task(config.task).aux_classes)
     return model_config
 
 
@@ -191,9 +202,11 @@ def epoch_windows(dataset: Dataset, length: int, seed: int, epoch: int, random_o
     return windows(dataset, length, np.random.default_rng([seed, epoch, 1]))
 
 
-def make_batch(dataset: Dataset, index: np.ndarray, length: int, device) -> tuple[torch.Tensor, ...]:
-    """rtg, observations, actions (the model's inputs) and targets of the samples `index` (episode, start)."""
-    parts = [dataset.training_window(int(e), int(s), length) for e, s in index]
+def make_batch(dataset: Dataset, index: np.ndarray, length: int, device, aux: bool = False) -> tuple[torch.Tensor, ...]:
+    """rtg, observations, actions (the model's inputs) and targets of the samples `index` (episode, start);
+    with aux, their auxiliary labels too."""
+    parts = [dataset.training_window(int(e), int(s), length) + ((dataset.aux_window(int(e), int(s), length),)
+                                                                 if aux else ()) for e, s in index]
     return tuple(torch.from_numpy(np.stack(p)).to(device) for p in zip(*parts))
 
 
@@ -217,6 +230,30 @@ def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray,
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def held_out_aux_accuracy(model: MemoryTransformer, dataset: Dataset, index: np.ndarray, length: int, device,
+                          autocast=contextlib.nullcontext(), batch_size: int = 32) -> list[float]:
+    """How often the auxiliary head's most likely class is the step's auxiliary label, per segment
+    (memory carried as in training), on the samples `index` in evaluation mode: whether what the
+    first segment saw is still known in the later ones."""
+    was_training = model.training
+    model.eval()
+    times = segment_slices(model, length)
+    right, seen = np.zeros(len(times)), np.zeros(len(times))
+    try:
+        with torch.no_grad(), autocast:
+            for first in range(0, len(index), batch_size):
+                rtg, obs, actions, _, aux = make_batch(dataset, index[first:first + batch_size], length, device, aux=True)
+                state = None
+                for i, seg in enumerate(times):
+                    _, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+                    valid = aux[:, seg] != ACTION_PAD
+                    right[i] += int((aux_logits.argmax(-1) == aux[:, seg])[valid].sum())
+                    seen[i] += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return [float(r / n) if n else float("nan") for r, n in zip(right, seen)]
 
 
 def shift_offsets(pad: int, samples: int, seed: int, epoch: int, batch: int) -> np.ndarray:
@@ -353,6 +390,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.batch_size < world:
         raise ValueError(f"--batch-size ({config.batch_size}) must be at least the number of processes ({world})")
     dataset = load_dataset(config.data, task=task.name)
+    if config.aux_weight and dataset.aux_labels is None:
+        raise DatasetError(f"--aux-weight needs the auxiliary labels ({task.aux_label}) in the dataset, and "
+                           f"{config.data} has none: collect it again with this version of training.collect")
     model_config = model_config_of(config)
     sample_len = model_config.context_length * model_config.sections
     samples = windows(dataset, sample_len)
@@ -380,6 +420,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
         "random_offsets": config.random_offsets, "shift_augment": config.shift_augment, "ema": config.ema,
+        "aux_weight": config.aux_weight,
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -399,19 +440,24 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     last = out / "last"
     start_epoch, step = 0, 0
     if config.resume and (last / STATE_JSON).exists():
-        saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
-        model.load_state_dict(saved.state_dict())
-        start_epoch, step, saved_config = load_training_state(last, optimizer, scheduler, average)
+        try:
+            saved_config = json.loads((last / STATE_JSON).read_text())["config"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{last / STATE_JSON}: unreadable ({error}); delete {last} to start over") from error
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
         saved_config.setdefault("action_inputs", True)  # and before --no-action-inputs
         saved_config.setdefault("random_offsets", False)  # and before --random-offsets
         saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
         saved_config.setdefault("ema", 0.0)  # and before --ema
+        saved_config.setdefault("aux_weight", 0.0)  # and before --aux-weight
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
-                    "epochs", "memory_grad", "seed", "ema"):
+                    "epochs", "memory_grad", "seed", "ema", "aux_weight"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
+        saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
+        model.load_state_dict(saved.state_dict())
+        start_epoch, step, _ = load_training_state(last, optimizer, scheduler, average)
         if main_process:
             print(f"resuming {out} after epoch {start_epoch}")
     elif config.resume and main_process:
@@ -453,7 +499,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
                     f"after {step} optimiser steps")
                 break
-            rtg, obs, actions, targets = make_batch(dataset, index[rank::world], sample_len, device)
+            rtg, obs, actions, targets, *aux = make_batch(dataset, index[rank::world], sample_len, device,
+                                                          aux=bool(config.aux_weight))
             if config.shift_augment:
                 offsets = shift_offsets(config.shift_augment, len(index), config.seed, epoch, b)
                 obs = shift_frames(obs, offsets[rank::world])
@@ -461,7 +508,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
                                     memory_grad=config.memory_grad,
                                     grad_clip=config.grad_clip, scheduler=scheduler,
-                                    micro_batch=config.micro_batch or None, runner=runner)
+                                    micro_batch=config.micro_batch or None, runner=runner,
+                                    aux_targets=aux[0] if aux else None, aux_weight=config.aux_weight)
             step += steps_per_batch
             if average is not None:
                 average.update()
@@ -480,6 +528,12 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 record["val_loss"] = held_out_loss(model, val_dataset, val_index, sample_len, device, autocast)
             print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f} over {len(val_index)} windows "
                   f"(last batch's training loss {loss:.4f})")
+            if model.aux_head is not None and val_dataset.aux_labels is not None:
+                with averaged():
+                    record["val_aux_accuracy"] = held_out_aux_accuracy(model, val_dataset, val_index, sample_len,
+                                                                       device, autocast)
+                print(f"epoch {epoch + 1}: held-out {task.aux_label} read by the auxiliary head, per segment: "
+                      + ", ".join(f"{a:.3f}" for a in record["val_aux_accuracy"]))
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             values = task.train.eval_values or task.evaluation.values[:2]
             rng_state = torch.get_rng_state()  # evaluation must not change the training's random stream
