@@ -309,6 +309,7 @@ def test_collector_stores_the_teachers_labels_on_request(tmp_path, capsys):
     episode = run_episode(task, {"step_cap": 60}, seed=5, teacher=True)
     assert episode["labels"].shape == episode["actions"].shape == (60,)
     assert (episode["labels"] != episode["actions"]).any()
+    assert np.array_equal(episode["aux_labels"], np.full(60, episode["reset_info"]["is_red"]))  # the colour
     assert "labels" not in run_episode(task, {"step_cap": 10}, seed=5)  # the expert, as the report runs it
     taught = load_dataset(collect(task, tmp_path / "taught", 1, seed=5, teacher=True))  # collect --teacher
     assert taught.labels is not None and taught.meta["settings"]["teacher"] == "TwoColorsTeacher"
@@ -539,6 +540,11 @@ def test_frame_probe_clones_and_plays_a_memoryless_policy():
     stacked = main(Args(behaviour="neutral", cue=1, episodes=2, test_episodes=1, epochs=1, play_episodes=1,
                         play_cap=5, workers=1, threads=1, frames=2))
     assert stacked["frames"] == 2 and stacked["training_frames"] == 300 and np.isfinite(stacked["loss"])
+    kept = main(Args(behaviour="neutral", cue=0, episodes=2, test_episodes=1, epochs=1, play_episodes=1, play_cap=5,
+                     workers=1, threads=1, first_frame=True, head_hidden=16, aux_weight=1.0))
+    assert kept["first_frame"] and 0.0 <= kept["colour_accuracy"] <= 1.0 and np.isfinite(kept["loss"])
+    with pytest.raises(SystemExit, match="add --first-frame"):
+        main(Args(aux_weight=1.0))
 
 
 def test_frame_history_index_repeats_the_first_frame_before_an_episode_starts():
@@ -547,6 +553,8 @@ def test_frame_history_index_repeats_the_first_frame_before_an_episode_starts():
     steps = np.array([0, 1, 2, 0, 1])  # two episodes laid end to end
     assert history_index(steps, 1).tolist() == [[0], [1], [2], [3], [4]]
     assert history_index(steps, 3).tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4]]
+    assert history_index(steps, 2, first_frame=True).tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3],
+                                                                   [3, 3, 4]]
     policy = FramePolicy(frames=3)
     stacks = np.random.default_rng(0).integers(0, 256, (4, 3, *OBS_SHAPE), dtype=np.uint8)
     assert policy(torch.from_numpy(stacks)).shape == (4, len(ACTIONS))
