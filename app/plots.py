@@ -82,24 +82,42 @@ def memory_change(trace: EpisodeTrace | None, name: str):
     return figure, caption
 
 
-def memory_attention(trace: EpisodeTrace | None, name: str):
-    """Share of each step's attention on the read memory tokens, per layer."""
+def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[str, ...] = (), told: str = ""):
+    """Share of each step's attention on the read memory tokens, per layer; below it, for a model
+    trained with an auxiliary head, what that head reads at each step (`class_names`: its classes;
+    `told`: what the episode actually had, e.g. 'pillar: red')."""
     title = f"{name}: attention each step puts on the memory tokens"
     if trace is None or trace.memory_attention is None:
         return _empty(title, "this model has no memory tokens"), ""
-    figure, axis = plt.subplots(figsize=(8, 2.8))
+    reads = trace.aux_probs is not None
+    figure, axes = plt.subplots(2 if reads else 1, 1, figsize=(8, 4.8 if reads else 2.8), squeeze=False,
+                                sharex=True)
+    axis = axes[0, 0]
     steps = np.arange(trace.length)
     for layer in range(trace.memory_attention.shape[1]):
         axis.plot(steps, trace.memory_attention[:, layer], linewidth=1.2, label=f"layer {layer + 1}")
     _segment_lines(axis, trace)
-    axis.set_xlabel("step (dotted: segment boundaries)")
     axis.set_ylabel("share of attention")
     axis.set_ylim(0, 1)
     axis.set_title(title, fontsize=11)
     axis.legend(fontsize=8, ncol=4, loc="upper right")
-    figure.tight_layout()
     caption = ("For the observation token that chooses each action: the fraction of its attention (averaged over "
                "heads) that goes to the memory tokens rather than the current segment's own tokens.")
+    if reads:
+        axis = axes[1, 0]
+        for c in range(trace.aux_probs.shape[1]):
+            label = class_names[c] if c < len(class_names) else f"class {c}"
+            axis.plot(steps, trace.aux_probs[:, c], linewidth=1.4, label=label)
+        _segment_lines(axis, trace)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("probability")
+        axis.set_title(f"{name}: what its auxiliary head reads from memory and view"
+                       + (f" (the episode's {told})" if told else ""), fontsize=11)
+        axis.legend(fontsize=8, ncol=4, loc="center right")
+        caption += (" Below: the model was trained to say, at every step, what it must remember; the curve is "
+                    "what it says. Steady after the cue is gone means the memory holds it.")
+    axes[-1, 0].set_xlabel("step (dotted: segment boundaries)")
+    figure.tight_layout()
     return figure, caption
 
 

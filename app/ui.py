@@ -106,6 +106,13 @@ def _verdict(side: dict) -> str:
     return ", ".join(parts)
 
 
+def aux_class_names(task) -> tuple[str, ...]:
+    """Names of the auxiliary head's classes: the evaluation's group names where it groups episodes by
+    the same info key (the pillar's colour, the cue), else the values themselves."""
+    names = dict(task.evaluation.group_names) if task.evaluation.balance_key == task.aux_label else {}
+    return tuple(str(names.get(value, value)) for value in task.aux_values)
+
+
 def memory_panel(panel_input):
     """Outcome text, four figures and their captions for the traces of a run."""
     if not panel_input:
@@ -121,7 +128,9 @@ def memory_panel(panel_input):
     name = names[memory_index] if memory_index is not None else names[0]
     figures = [plots.what_if(panel_input.get("what_if"), names, task.action_names, task.counterfactual_label),
                plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
-               plots.memory_attention(trace, name), plots.action_probabilities(traces, names, task.action_names)]
+               plots.memory_attention(trace, name, aux_class_names(task), task.explain(trace.reset_info)
+                                      if task.explain and trace is not None else ""),
+               plots.action_probabilities(traces, names, task.action_names)]
     return [text, *[f for f, _ in figures], *[c for _, c in figures]]
 
 

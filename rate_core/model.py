@@ -563,6 +563,11 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
     @torch.no_grad()
     def last_step_logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """last_step_logits from already embedded tokens (B, 3T, d) (a rollout embeds each step once)."""
+        return self.head(self.last_step_output_from_tokens(tokens))
+
+    @torch.no_grad()
+    def last_step_output_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The output (B, d) at the last step's observation token, which the heads read."""
         if self.config.num_mem_tokens or self.config.mem_len:
             raise ValueError("last_step_logits is for models without memory tokens or cache (dt)")
         n = tokens.shape[1]
@@ -574,7 +579,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         top, row = self.layers[-1], n - 2  # the last o_t; the pad action token after it is unseen
         x = top(x[:, row:row + 1], top.key_values(x[:, :row]), pos_emb[n - row - 1:], self.content_bias,
                 self.position_bias, allowed[row:row + 1, :row + 1])[0]
-        return self.head(x[:, 0])
+        return x[:, 0]
 
     def update_memory(self, memory, write_out):
         """memory (B, m, d): this segment's memory; write_out (B, m, d): outputs at the write

@@ -30,6 +30,7 @@ class SegmentRecurrentPolicy:
         self.steps = 0  # steps of the current segment so far
         self.previous = None  # the previous step's actions, fed as the first token of the next step
         self.memory_attention = None  # (B, n_layer) share of the last step's attention on read memory
+        self.aux_probs = None  # (B, aux_classes) the auxiliary head's reading at the last step (None without one)
 
     def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """rtg (B,), obs (B, *obs_shape) of the current step -> action logits (B, A)."""
@@ -46,6 +47,7 @@ class SegmentRecurrentPolicy:
             # tokens, average over heads
             self.memory_attention = torch.stack([w[:, :, -1, read].sum(-1).mean(1) for w in weights], dim=1)
         self.steps += 1
+        self.aux_probs = _aux_probs(model, hidden[:, -1])
         return model.head(hidden[:, -1])
 
     def record_action(self, action: torch.Tensor):
@@ -79,12 +81,15 @@ class SlidingWindowPolicy:
         self.model = model
         self.steps = []  # per step in the window: its (B, 3, d) tokens R, o, a
         self.memory_attention = None
+        self.aux_probs = None
 
     def logits(self, rtg: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         pad = torch.full((rtg.shape[0], 1), ACTION_PAD, dtype=torch.long, device=rtg.device)
         self.steps.append(self.model.embed(rtg[:, None], obs[:, None], pad))
         del self.steps[: -self.model.config.segment_steps]
-        return self.model.last_step_logits_from_tokens(torch.cat(self.steps, dim=1))
+        output = self.model.last_step_output_from_tokens(torch.cat(self.steps, dim=1))
+        self.aux_probs = _aux_probs(self.model, output)
+        return self.model.head(output)
 
     def record_action(self, action: torch.Tensor):
         last = self.steps[-1].clone()
@@ -94,6 +99,11 @@ class SlidingWindowPolicy:
 
     def select(self, index: torch.Tensor) -> None:
         self.steps = [tokens[index] for tokens in self.steps]
+
+
+def _aux_probs(model: MemoryTransformer, output: torch.Tensor) -> torch.Tensor | None:
+    """Softmax of the auxiliary head (ModelConfig.aux_classes) on step outputs (B, d), or None without one."""
+    return None if model.aux_head is None else model.aux_head(output).float().softmax(-1)
 
 
 def make_policy(model: MemoryTransformer, num_envs: int, need_weights: bool = False):
@@ -128,6 +138,9 @@ class EpisodeTrace:
     """the step after which each memory update happened"""
     memory_attention: np.ndarray | None = None
     """(T, n_layer) attention share of each step's o_t query on the read memory tokens, averaged over heads"""
+    aux_probs: np.ndarray | None = None
+    """(T, aux_classes) what the auxiliary head (train --aux-weight) reads at each step: the class
+    probabilities of what must be remembered (None for a model without one)"""
     frames: np.ndarray | None = None
     """(T + 1, H, W, 3) uint8 rendered frames: before each step and after the last (when asked)"""
     observations: np.ndarray | None = None
@@ -171,7 +184,7 @@ class _Recorder:
         self.model, self.seeds, self.num = model, list(seeds), num
         self.want_frames, self.want_obs = frames, observations
         self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[], attention=[],
-                           frames=[], obs=[]) for _ in range(num)]
+                           aux=[], frames=[], obs=[]) for _ in range(num)]
         self.reset_info = [{k: v[i].item() for k, v in reset_info.items() if _per_env(v, num)} for i in range(num)]
         if model.initial_memory is not None:
             for rec in self.steps:
@@ -184,7 +197,7 @@ class _Recorder:
             if self.want_frames:
                 self.steps[i]["frames"].append(frames[i])
 
-    def act(self, ids, rtg, logits, probs, actions, attention):
+    def act(self, ids, rtg, logits, probs, actions, attention, aux=None):
         for row, i in enumerate(ids):
             rec = self.steps[i]
             rec["rtg"].append(rtg[row])
@@ -193,6 +206,8 @@ class _Recorder:
             rec["actions"].append(actions[row])
             if attention is not None:
                 rec["attention"].append(attention[row])
+            if aux is not None:
+                rec["aux"].append(aux[row])
 
     def memory_update(self, ids, step, after):
         for row, i in enumerate(ids):
@@ -220,6 +235,7 @@ class _Recorder:
                 segment_steps=self.model.config.segment_steps,
                 memory=np.array(rec["memory"]) if rec["memory"] else None, memory_update_steps=rec["updates"],
                 memory_attention=np.array(rec["attention"]) if rec["attention"] else None,
+                aux_probs=np.array(rec["aux"], dtype=np.float32) if rec["aux"] else None,
                 frames=np.array(rec["frames"]) if rec["frames"] else None,
                 observations=np.array(rec["obs"]) if rec["obs"] else None,
             ))
@@ -276,12 +292,13 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
             action = (probs.cumsum(-1) < uniform[:, None]).sum(-1).clamp_(max=probs.shape[-1] - 1)
         else:
             action = logits.argmax(-1)
-        attention = policy.memory_attention
+        attention, aux = policy.memory_attention, policy.aux_probs
         update = policy.record_action(action)
         action_np = action.cpu().numpy()
         if recorder is not None:
             recorder.act(ids, rtg_all[ids].copy(), logits.float().cpu().numpy(), probs.cpu().numpy(), action_np,
-                         None if attention is None else attention.cpu().numpy())
+                         None if attention is None else attention.cpu().numpy(),
+                         None if aux is None else aux.cpu().numpy())
             if update is not None:
                 recorder.memory_update(ids, step, update[1].cpu().numpy())
         full_actions[:] = 0

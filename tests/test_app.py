@@ -227,3 +227,25 @@ def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
     assert abs(rate["played"] - traces[0].probs[-1]).max() < 1e-4  # the replay reproduces the played step
     assert rate["played"].argmax() != rate["flipped"].argmax()  # the other cue, the other turn
     assert dt["played"].argmax() == dt["flipped"].argmax()  # the cue left DT's window long ago
+
+
+def test_memory_plot_shows_what_an_auxiliary_head_reads():
+    from app import plots
+    from app.ui import aux_class_names
+    from rate_core.rollout import run_episodes
+    from rate_core.tasks import get_task
+    from tests.test_rollout import RaggedVectorEnv
+
+    assert aux_class_names(get_task("vizdoom_two_colors")) == ("green", "red")
+    assert aux_class_names(get_task("tmaze")) == ("down", "up")
+    trace = run_episodes(tiny_model("rate", aux_classes=2), RaggedVectorEnv([9]), seeds=[0], target_return=1.0,
+                         trace=True).traces[0]
+    figure, caption = plots.memory_attention(trace, "RATE", ("down", "up"), "cue: up")
+    attention, reads = figure.axes
+    assert [line.get_label() for line in reads.get_lines() if not line.get_label().startswith("_")] == ["down", "up"]
+    assert list(reads.get_lines()[1].get_ydata()) == list(trace.aux_probs[:, 1])
+    assert "cue: up" in reads.get_title() and "what it must remember" in caption
+    plain = run_episodes(tiny_model("rate"), RaggedVectorEnv([9]), seeds=[0], target_return=1.0, trace=True).traces[0]
+    figure_plain, caption_plain = plots.memory_attention(plain, "RATE")
+    assert len(figure_plain.axes) == 1 and "remember" not in caption_plain
+    plots.close([figure, figure_plain])

@@ -186,3 +186,36 @@ def test_engine_on_cuda_matches_cpu(variant):
                        trace=True)
     for a, b in zip(cpu.traces, gpu.traces):
         assert np.allclose(a.logits, b.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["rate", "dt"])
+def test_cached_policy_reads_the_auxiliary_head_as_a_recompute_does(variant):
+    """The engine records, step by step, what an auxiliary head (train --aux-weight) reads: the same
+    probabilities as the model's segment() on the history from scratch."""
+    model = tiny_model(variant, aux_classes=2)
+    steps = 2 * K * N + 1
+    rtg, obs, actions = random_batch(model.config, batch=2, steps=steps)
+    policy = make_policy(model, 2)
+    with torch.no_grad():
+        for t in range(steps):
+            policy.logits(rtg[:, t], obs[:, t])
+            if variant == "dt":
+                start = max(0, t + 1 - model.config.segment_steps)
+                acts = actions[:, start:t + 1].clone()
+                acts[:, -1] = ACTION_PAD
+                aux = model.segment(rtg[:, start:t + 1], obs[:, start:t + 1], acts)[1][:, -1]
+            else:
+                state, first = None, t - t % K
+                for start in range(0, first, K):
+                    _, _, state = model.segment(rtg[:, start:start + K], obs[:, start:start + K],
+                                                actions[:, start:start + K], state)
+                acts = actions[:, first:t + 1].clone()
+                acts[:, -1] = ACTION_PAD
+                aux = model.segment(rtg[:, first:t + 1], obs[:, first:t + 1], acts, state)[1][:, -1]
+            assert torch.allclose(policy.aux_probs, aux.softmax(-1), atol=1e-5), (variant, t)
+            policy.record_action(actions[:, t])
+    batch = run_episodes(model, RaggedVectorEnv([K + 3, 2]), seeds=[0, 1], target_return=1.0, trace=True)
+    assert [t.aux_probs.shape for t in batch.traces] == [(K + 3, 2), (2, 2)]
+    assert np.allclose(batch.traces[0].aux_probs.sum(-1), 1.0, atol=1e-5)
+    assert run_episodes(tiny_model(variant), RaggedVectorEnv([2]), seeds=[0], target_return=1.0,
+                        trace=True).traces[0].aux_probs is None
