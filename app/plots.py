@@ -107,9 +107,9 @@ def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[s
         axis = axes[1, 0]
         for c in range(trace.aux_probs.shape[1]):
             label = class_names[c] if c < len(class_names) else f"class {c}"
-            axis.plot(steps, trace.aux_probs[:, c], linewidth=1.4, label=label)
+            axis.plot(steps, trace.aux_probs[:, c], linewidth=1.6, label=label)
         _segment_lines(axis, trace)
-        axis.set_ylim(0, 1)
+        axis.set_ylim(-0.04, 1.04)  # a curve at 0 or 1 stays visible
         axis.set_ylabel("probability")
         axis.set_title(f"{name}: what its auxiliary head reads from memory and view"
                        + (f" (the episode's {told})" if told else ""), fontsize=11)
