@@ -3,7 +3,7 @@
     python -m training.frame_probe --behaviour expert --cue 1    # the expert's data, colour in every frame (~6 min)
     python -m training.frame_probe --behaviour neutral --cue 1   # colour-neutral behaviour, same labels
     python -m training.frame_probe --behaviour neutral --cue 1 --frames 2   # and the frame before
-    python -m training.frame_probe --cue 0 --first-frame --head-hidden 256 --aux-weight 1   # no cue: the pillar's frame kept
+    python -m training.frame_probe --cue 0 --first-frame --head-hidden 256 --aux-weight 1   # no cue, pillar frame kept
 
 The policy is the model's image encoder and one linear layer: it sees the current frame only, no
 history and no memory (with `frames` > 1 also the frames before it, each through the same encoder,

@@ -244,7 +244,8 @@ def held_out_aux_accuracy(model: MemoryTransformer, dataset: Dataset, index: np.
     try:
         with torch.no_grad(), autocast:
             for first in range(0, len(index), batch_size):
-                rtg, obs, actions, _, aux = make_batch(dataset, index[first:first + batch_size], length, device, aux=True)
+                rtg, obs, actions, _, aux = make_batch(dataset, index[first:first + batch_size], length, device,
+                                                       aux=True)
                 state = None
                 for i, seg in enumerate(times):
                     _, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
