@@ -177,22 +177,22 @@ class Dataset:
         rtg, obs, actions = self.window(episode, start, length)
         if self.labels is None:
             return rtg, obs, actions, actions
-        lo = self.episode_starts[episode] + start
-        valid = int((actions != ACTION_PAD).sum())  # padding only follows the episode's end
-        labels = np.full(length, ACTION_PAD, dtype=np.int64)
-        labels[:valid] = self.labels[lo:lo + valid]
-        return rtg, obs, actions, labels
+        return rtg, obs, actions, self._padded(self.labels, episode, start, length)
 
     def aux_window(self, episode: int, start: int, length: int) -> np.ndarray:
         """The auxiliary labels (L,) of the steps training_window() gives, ACTION_PAD past the episode's end."""
         if self.aux_labels is None:
             raise DatasetError(f"{self.path}: the dataset has no auxiliary labels (aux_labels.npy); collect it "
                                "again with this version of training.collect, for a task that has an aux_label")
+        return self._padded(self.aux_labels, episode, start, length)
+
+    def _padded(self, per_step: np.ndarray, episode: int, start: int, length: int) -> np.ndarray:
+        """`length` values of a per-step integer array from `start` in `episode`, ACTION_PAD past its end."""
         lo = self.episode_starts[episode] + start
         valid = max(0, min(length, int(self.episode_starts[episode + 1]) - lo))
-        aux = np.full(length, ACTION_PAD, dtype=np.int64)
-        aux[:valid] = self.aux_labels[lo:lo + valid]
-        return aux
+        values = np.full(length, ACTION_PAD, dtype=np.int64)
+        values[:valid] = per_step[lo:lo + valid]
+        return values
 
 
 def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:

@@ -39,7 +39,7 @@ from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
-from training.step import MEMORY_GRADS, SegmentLosses, segment_slices, train_step
+from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 ARCHS = ("task", "paper")
@@ -215,46 +215,39 @@ def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray,
     """The model's mean cross-entropy per target step on the samples `index` (episode, start) of
     `length` steps, segment by segment as in training, in evaluation mode (no dropout, no gradients,
     no random draws); the model's mode is restored after."""
-    was_training = model.training
-    model.eval()
-    runner, times = SegmentLosses(model), segment_slices(model, length)
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad(), autocast:
-            for first in range(0, len(index), batch_size):
-                rtg, obs, actions, targets = make_batch(dataset, index[first:first + batch_size], length, device)
-                counts = [int((targets[:, seg] != ACTION_PAD).sum()) for seg in times]
-                _, means, _ = runner(rtg, obs, actions, times, counts, targets=targets)
-                total += sum(float(mean) * n for mean, n in zip(means, counts) if mean is not None)
-                count += sum(counts)
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+    return held_out_scores(model, dataset, index, length, device, autocast, batch_size)[0]
 
 
-def held_out_aux_accuracy(model: MemoryTransformer, dataset: Dataset, index: np.ndarray, length: int, device,
-                          autocast=contextlib.nullcontext(), batch_size: int = 32) -> list[float]:
-    """How often the auxiliary head's most likely class is the step's auxiliary label, per segment
-    (memory carried as in training), on the samples `index` in evaluation mode: whether what the
-    first segment saw is still known in the later ones."""
+def held_out_scores(model: MemoryTransformer, dataset: Dataset, index: np.ndarray, length: int, device,
+                    autocast=contextlib.nullcontext(), batch_size: int = 32) -> tuple[float, list[float] | None]:
+    """held_out_loss() and, in the same pass, for a model with an auxiliary head on a dataset with
+    auxiliary labels, how often the head's most likely class is the step's label, per segment
+    (memory carried as in training): whether what the first segment saw is still known in the
+    later ones (else None)."""
     was_training = model.training
     model.eval()
     times = segment_slices(model, length)
+    aux = model.aux_head is not None and dataset.aux_labels is not None
+    total, count = 0.0, 0
     right, seen = np.zeros(len(times)), np.zeros(len(times))
     try:
         with torch.no_grad(), autocast:
             for first in range(0, len(index), batch_size):
-                rtg, obs, actions, _, aux = make_batch(dataset, index[first:first + batch_size], length, device,
-                                                       aux=True)
+                rtg, obs, actions, targets, *labels = make_batch(dataset, index[first:first + batch_size], length,
+                                                                 device, aux=aux)
                 state = None
                 for i, seg in enumerate(times):
-                    _, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
-                    valid = aux[:, seg] != ACTION_PAD
-                    right[i] += int((aux_logits.argmax(-1) == aux[:, seg])[valid].sum())
-                    seen[i] += int(valid.sum())
+                    logits, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
+                    total += float(action_loss_sum(logits, targets[:, seg]))
+                    count += int((targets[:, seg] != ACTION_PAD).sum())
+                    if aux:
+                        valid = labels[0][:, seg] != ACTION_PAD
+                        right[i] += int((aux_logits.argmax(-1) == labels[0][:, seg])[valid].sum())
+                        seen[i] += int(valid.sum())
     finally:
         model.train(was_training)
-    return [float(r / n) if n else float("nan") for r, n in zip(right, seen)]
+    accuracy = [float(r / n) if n else float("nan") for r, n in zip(right, seen)] if aux else None
+    return total / max(count, 1), accuracy
 
 
 def shift_offsets(pad: int, samples: int, seed: int, epoch: int, batch: int) -> np.ndarray:
@@ -526,13 +519,12 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         record = {"epoch": epoch + 1, "step": step, "epoch_seconds": round(time.perf_counter() - started, 1)}
         if main_process and val_dataset is not None:
             with averaged():
-                record["val_loss"] = held_out_loss(model, val_dataset, val_index, sample_len, device, autocast)
+                record["val_loss"], aux_accuracy = held_out_scores(model, val_dataset, val_index, sample_len, device,
+                                                                   autocast)
             print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f} over {len(val_index)} windows "
                   f"(last batch's training loss {loss:.4f})")
-            if model.aux_head is not None and val_dataset.aux_labels is not None:
-                with averaged():
-                    record["val_aux_accuracy"] = held_out_aux_accuracy(model, val_dataset, val_index, sample_len,
-                                                                       device, autocast)
+            if aux_accuracy is not None:
+                record["val_aux_accuracy"] = aux_accuracy
                 print(f"epoch {epoch + 1}: held-out {task.aux_label} read by the auxiliary head, per segment: "
                       + ", ".join(f"{a:.3f}" for a in record["val_aux_accuracy"]))
         if main_process and config.eval_every and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
