@@ -205,6 +205,18 @@ def relative_attention_inference(query, key, value, content_bias, position_bias,
     Same arguments as relative_attention; returns the output (R, Q, dh) and, with need_weights,
     the attention probabilities (R, Q, K) (else None).
     """
+    # Under autocast (held-out losses of a bf16 run) the projections come in a lower precision than
+    # the biases and cached keys: work in the query's dtype, autocast off (it would re-cast parts).
+    with torch.autocast(query.device.type, enabled=False):
+        dtype = query.dtype
+        key, value, content_bias, position_bias, position_key = (
+            t.to(dtype) for t in (key, value, content_bias, position_bias, position_key))
+        return _relative_attention_inference(query, key, value, content_bias, position_bias, position_key, allowed,
+                                             scale, need_weights)
+
+
+def _relative_attention_inference(query, key, value, content_bias, position_bias, position_key, allowed, scale,
+                                  need_weights):
     rows, q_len, d_head = query.shape
     n_head, key_len = position_key.shape[0], allowed.shape[1]
     padded_key = F.pad(position_key, (0, 0, 0, 1)).transpose(1, 2)  # (H, dh, W + 1), spare zero column

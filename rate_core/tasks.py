@@ -437,4 +437,8 @@ register(Task(
     action_names=("noop", "forward", "left", "right", "fwd+left", "fwd+right"),
     demo_step_cap=300,
     explain=_memory_maze_explain,
+    # Where the current target lies from the agent's heading (8 sectors): once out of view, only
+    # memory of where it was seen and of the turns since tells (`train --aux-weight`).
+    aux_label="target_bearing",
+    aux_values=("ahead", "ahead-left", "left", "behind-left", "behind", "behind-right", "right", "ahead-right"),
 ))

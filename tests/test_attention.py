@@ -98,6 +98,19 @@ def test_runs_inside_autocast(device):
     assert all(t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in tensors)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_kernel_runs_inside_autocast(device):
+    # held-out losses of a bf16 run: bfloat16 projections beside float32 biases, keys and values
+    *tensors, allowed = random_inputs(dtype=torch.float32)
+    tensors = [t.to(device) for t in tensors]
+    expected, _ = attention.relative_attention_inference(*tensors, allowed.to(device), 0.5)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        low = [t.to(torch.bfloat16) if i == 0 else t for i, t in enumerate(tensors)]
+        ours, weights = attention.relative_attention_inference(*low, allowed.to(device), 0.5, need_weights=True)
+    assert ours.dtype == weights.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), expected, atol=0.05)
+
+
 def test_gradcheck_with_dropout():
     *tensors, allowed = random_inputs(rows=3, q_len=3, key_len=4, extra=1, n_head=3, d_head=2)
     torch.manual_seed(0)

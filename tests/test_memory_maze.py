@@ -15,8 +15,9 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from rate_core.envs.lockstep import LockstepVectorEnv
-from rate_core.envs.memory_maze import (ACTIONS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert, MemoryMazeEnv,
-                                        MemoryMazeExpert, _update_activation_vectorised, grid_distances)
+from rate_core.envs.memory_maze import (ACTIONS, BEARINGS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert,
+                                        MemoryMazeEnv, MemoryMazeExpert, _update_activation_vectorised, bearing,
+                                        grid_distances)
 from rate_core.envs.subproc import SubprocLockstepVectorEnv
 from rate_core.envs.tmaze import TMazeEnv
 from rate_core.tasks import get_task
@@ -63,7 +64,8 @@ def test_spaces_and_gymnasium_checker(env):
 def test_observation_border_info_and_render(env):
     obs, info = env.reset(seed=3)
     assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8 and obs.flags.c_contiguous
-    assert set(info) == {"target_index", "targets_collected", "agent_x", "agent_y"}
+    assert set(info) == {"target_index", "targets_collected", "agent_x", "agent_y", "target_bearing"}
+    assert info["target_bearing"] == bearing(env.agent_pos, env.agent_dir, env.targets_pos[info["target_index"]])
     assert info["targets_collected"] == 0 and 0 <= info["agent_x"] < 9 and 0 <= info["agent_y"] < 9
     # the 2-pixel frame border has the current target's colour (memory-maze draws it at 0.7 x 255;
     # imported here, after the env has chosen the OpenGL backend, which memory-maze would set itself)
@@ -223,6 +225,34 @@ def test_subproc_vector_env_matches_lockstep_on_memory_maze():
     finally:
         ours.close()
         reference.close()
+
+
+def test_bearing_sectors_and_auxiliary_label():
+    here, east = (2.0, 2.0), (1.0, 0.0)
+    points = {"ahead": (5, 2.3), "ahead-left": (4, 4), "left": (2.2, 6), "behind-left": (0, 3.5),
+              "behind": (-3, 1.8), "behind-right": (1, 1), "right": (2.1, -1), "ahead-right": (4, 0.5)}
+    assert [bearing(here, east, points[name]) for name in BEARINGS] == list(BEARINGS)
+    assert bearing(here, (0.0, 1.0), (2, 5)) == "ahead" and bearing(here, (0.0, 1.0), (5, 2)) == "right"
+    assert bearing(here, east, (3, 2 + np.tan(np.radians(22)))) == "ahead"  # the sector edges: +-22.5 degrees
+    assert bearing(here, east, (3, 2 + np.tan(np.radians(23)))) == "ahead-left"
+    task = get_task("memory_maze")
+    assert task.aux_values == BEARINGS and task.aux_classes == 8
+    assert task.aux_class({"target_bearing": "left"}) == 2
+
+
+def test_target_lies_ahead_when_touched(env):
+    """The step before each reward the agent rolls into the target: it lies ahead."""
+    expert = MemoryMazeExpert(noise=0.0)
+    obs, info = env.reset(seed=5)
+    expert.reset(env, info)
+    before, rewarded = [], 0
+    for _ in range(120):
+        bearing_before = info["target_bearing"]
+        obs, reward, _, truncated, info = env.step(expert.act(env, obs, info))
+        if reward:
+            rewarded += 1
+            before.append(bearing_before)
+    assert rewarded >= 2 and set(before) <= {"ahead", "ahead-left", "ahead-right"}
 
 
 class _Corridors:

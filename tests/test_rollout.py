@@ -180,12 +180,13 @@ def test_dt_trace_has_no_memory():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 @pytest.mark.parametrize("variant", ["rate_cached", "dt"])
 def test_engine_on_cuda_matches_cpu(variant):
-    model = tiny_model(variant)
+    model = tiny_model(variant, aux_classes=2)
     cpu = run_episodes(model, RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0, trace=True)
     gpu = run_episodes(model.to("cuda"), RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0,
                        trace=True)
     for a, b in zip(cpu.traces, gpu.traces):
         assert np.allclose(a.logits, b.logits, atol=1e-4)
+        assert np.allclose(a.aux_probs, b.aux_probs, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["rate", "dt"])

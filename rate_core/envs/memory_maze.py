@@ -18,7 +18,9 @@ Start: a new maze, new target places, spawn point, heading and first target, all
 reset's seed (a seed fixes the whole episode).
 End: never terminated; truncated after `step_cap` steps (memory-maze's episodes last 1000 steps).
 info: target_index (0 red, 1 green, 2 blue: the current target), targets_collected, agent_x and
-agent_y (the agent's position in grid cells, from the bottom-left corner).
+agent_y (the agent's position in grid cells, from the bottom-left corner), target_bearing (where the
+current target lies from the agent's heading, one of BEARINGS: eight 45-degree sectors, "ahead"
+centred on the heading; in a straight line, walls ignored).
 
 Speed and memory: memory-maze checks target contacts with a Python loop over MuJoCo's contacts,
 for each of the 3 targets at each of the 50 physics steps of an action; that loop takes two thirds
@@ -53,6 +55,9 @@ from gymnasium import spaces
 OBS_SHAPE = (3, 64, 64)
 ACTIONS = ("noop", "forward", "left", "right", "fwd+left", "fwd+right")
 TARGET_NAMES = ("red", "green", "blue")
+# The current target's direction seen from the agent, in 45-degree sectors counter-clockwise from
+# its heading (info["target_bearing"]: what a memory must hold once the target is out of view).
+BEARINGS = ("ahead", "ahead-left", "left", "behind-left", "behind", "behind-right", "right", "ahead-right")
 MAZE_STEPS = 1000  # memory-maze's time limit for 9x9 (250 s at 4 actions per second)
 FRAME_SIZE = 256  # render(): the agent's view and the top-down view, each FRAME_SIZE pixels square
 
@@ -197,7 +202,8 @@ class MemoryMazeEnv(gym.Env):
     def _info(self) -> dict:
         x, y = self._state["agent_pos"]
         return {"target_index": self.target_index, "targets_collected": self._collected,
-                "agent_x": float(x), "agent_y": float(y)}
+                "agent_x": float(x), "agent_y": float(y),
+                "target_bearing": bearing(self.agent_pos, self.agent_dir, self._state["target_pos"])}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """seed: fixes the episode (maze, targets, spawn); without one, the episode is drawn from the
@@ -289,6 +295,14 @@ class MemoryMazeEnv(gym.Env):
 
 
 _STEPS4 = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def bearing(position, heading, point) -> str:
+    """Which of the BEARINGS `point` lies in, seen from `position` facing `heading` (all in cells)."""
+    to_point = np.asarray(point, dtype=float) - np.asarray(position, dtype=float)
+    heading = np.asarray(heading, dtype=float)
+    angle = np.degrees(np.arctan2(heading[0] * to_point[1] - heading[1] * to_point[0], heading @ to_point))  # > 0: left
+    return BEARINGS[int(np.floor((angle + 22.5) / 45.0)) % len(BEARINGS)]
 
 
 def grid_distances(layout: np.ndarray, goal: tuple[int, int]) -> np.ndarray:
