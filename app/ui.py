@@ -81,7 +81,7 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task)
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
-               "target_return": request.target_return, "sampled_actions": request.sample,
+               "app_step_cap": request.step_cap, "target_return": request.target_return, "sampled_actions": request.sample,
                "info": traces[0].reset_info,
                "left": {"checkpoint": left, **outcome(traces[0], models[0], request.task)},
                "right": {"checkpoint": right, **outcome(traces[1], models[1], request.task)}}
@@ -121,8 +121,11 @@ def memory_panel(panel_input):
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
     told = f" The episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
+    cap = summary.get("app_step_cap")
+    capped = f", stopped by the app after {cap} steps" if cap and any(
+        summary[side]["steps"] >= cap for side in ("left", "right")) else ""
     text = (f"**{names[0]}**: {_verdict(summary['left'])}.  \n**{names[1]}**: {_verdict(summary['right'])}."
-            f"  \nSeed {summary['seed']}, {json.dumps(summary['settings'])}.{told}")
+            f"  \nSeed {summary['seed']}, {json.dumps(summary['settings'])}{capped}.{told}")
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]

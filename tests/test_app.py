@@ -158,7 +158,7 @@ def test_api_plays_memory_maze_with_a_step_cap(served_app):
     client = Client(served_app, verbose=False)
     left, right, summary = client.predict("memory_maze", "shipped: rate", "shipped: dt", 3, None, 18.1, 40, True,
                                           api_name="/run_episodes")
-    assert summary["settings"] == {"step_cap": 1000}
+    assert summary["settings"] == {"step_cap": 1000} and summary["app_step_cap"] == 40
     assert summary["left"]["mode"] == "rate" and summary["right"]["mode"] == "dt"
     assert summary["left"]["steps"] == summary["right"]["steps"] == 40
     for video in (left, right):
@@ -249,3 +249,22 @@ def test_memory_plot_shows_what_an_auxiliary_head_reads():
     figure_plain, caption_plain = plots.memory_attention(plain, "RATE")
     assert len(figure_plain.axes) == 1 and "remember" not in caption_plain
     plots.close([figure, figure_plain])
+
+
+def test_outcome_text_says_when_the_app_cut_the_episode_short():
+    from app import plots
+    from app.episodes import outcome, play
+    from app.ui import memory_panel
+    from rate_core.tasks import get_task
+
+    task = get_task("tmaze")
+    models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
+    for cap, expected in ((40, True), (0, False)):
+        request = make_request("tmaze", 0, 300, 1.0, cap, False)
+        traces = [play(model, request) for model in models]
+        summary = {"seed": 0, "settings": request.settings, "app_step_cap": request.step_cap,
+                   **{side: outcome(trace, model, task) for side, trace, model in zip(("left", "right"), traces, models)}}
+        text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
+                                       "what_if": None})
+        assert ('{"episode_length": 300}, stopped by the app after 40 steps.' in text) == expected, text
+        plots.close([f for f in figures[:len(figures) // 2] if f is not None])
