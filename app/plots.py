@@ -82,10 +82,13 @@ def memory_change(trace: EpisodeTrace | None, name: str):
     return figure, caption
 
 
-def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[str, ...] = (), told: str = ""):
+def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[str, ...] = (), told: str = "",
+                     truth: np.ndarray | None = None):
     """Share of each step's attention on the read memory tokens, per layer; below it, for a model
     trained with an auxiliary head, what that head reads at each step (`class_names`: its classes;
-    `told`: what the episode actually had, e.g. 'pillar: red')."""
+    `told`: what the episode actually had, e.g. 'pillar: red'; `truth`: (T,) the true class at each
+    step, -1 where unknown, drawn over the reading when there are more than 3 classes, which are
+    shown as a heatmap rather than lines)."""
     title = f"{name}: attention each step puts on the memory tokens"
     if trace is None or trace.memory_attention is None:
         return _empty(title, "this model has no memory tokens"), ""
@@ -105,17 +108,30 @@ def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[s
                "heads) that goes to the memory tokens rather than the current segment's own tokens.")
     if reads:
         axis = axes[1, 0]
-        for c in range(trace.aux_probs.shape[1]):
-            label = class_names[c] if c < len(class_names) else f"class {c}"
-            axis.plot(steps, trace.aux_probs[:, c], linewidth=1.6, label=label)
+        classes = trace.aux_probs.shape[1]
+        labels = [class_names[c] if c < len(class_names) else f"class {c}" for c in range(classes)]
+        if classes <= 3:
+            for c in range(classes):
+                axis.plot(steps, trace.aux_probs[:, c], linewidth=1.6, label=labels[c])
+            axis.set_ylim(-0.04, 1.04)  # a curve at 0 or 1 stays visible
+            axis.set_ylabel("probability")
+            axis.legend(fontsize=8, ncol=4, loc="center right")
+            caption += (" Below: the model was trained to say, at every step, what it must remember; the curve is "
+                        "what it says. Steady after the cue is gone means the memory holds it.")
+        else:
+            axis.imshow(trace.aux_probs.T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1,
+                        interpolation="nearest", extent=(-0.5, trace.length - 0.5, -0.5, classes - 0.5))
+            axis.set_yticks(range(classes), labels, fontsize=7)
+            if truth is not None:
+                known = truth >= 0
+                axis.scatter(steps[known], truth[known], s=4, color="cyan", label="true")
+                axis.legend(fontsize=8, loc="upper right")
+            caption += (" Below: the model was trained to say, at every step, what it must remember; bright is what "
+                        "it says (its probability per class)" + (", cyan dots the truth" if truth is not None else "")
+                        + ". Right when the answer is out of view means the memory holds it.")
         _segment_lines(axis, trace)
-        axis.set_ylim(-0.04, 1.04)  # a curve at 0 or 1 stays visible
-        axis.set_ylabel("probability")
         axis.set_title(f"{name}: what its auxiliary head reads from memory and view"
                        + (f" (the episode's {told})" if told else ""), fontsize=11)
-        axis.legend(fontsize=8, ncol=4, loc="center right")
-        caption += (" Below: the model was trained to say, at every step, what it must remember; the curve is "
-                    "what it says. Steady after the cue is gone means the memory holds it.")
     axes[-1, 0].set_xlabel("step (dotted: segment boundaries)")
     figure.tight_layout()
     return figure, caption

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from app import plots
 from app.episodes import (CHECKPOINT_ROOT, AppError, agent_name, default_pair, demo_tasks, episode_videos,
@@ -113,6 +114,17 @@ def aux_class_names(task) -> tuple[str, ...]:
     return tuple(str(names.get(value, value)) for value in task.aux_values)
 
 
+def aux_truth(task, trace) -> np.ndarray | None:
+    """(T,) the class of the task's auxiliary label at each step of `trace` (what the model saw before
+    acting: the reset's info, then each step's), -1 where the value is none of the classes; None
+    where the trace does not record it."""
+    key = task.aux_label
+    if trace is None or key is None or key not in trace.info or key not in trace.reset_info:
+        return None
+    values = [trace.reset_info[key], *trace.info[key][:-1]]
+    return np.array([task.aux_values.index(v) if v in task.aux_values else -1 for v in values])
+
+
 def memory_panel(panel_input):
     """Outcome text, four figures and their captions for the traces of a run."""
     if not panel_input:
@@ -132,7 +144,7 @@ def memory_panel(panel_input):
     figures = [plots.what_if(panel_input.get("what_if"), names, task.action_names, task.counterfactual_label),
                plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
                plots.memory_attention(trace, name, aux_class_names(task), task.explain(trace.reset_info)
-                                      if task.explain and trace is not None else ""),
+                                      if task.explain and trace is not None else "", aux_truth(task, trace)),
                plots.action_probabilities(traces, names, task.action_names)]
     return [text, *[f for f, _ in figures], *[c for _, c in figures]]
 

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 
 from app.episodes import AppError, load_model, make_request
@@ -245,6 +246,25 @@ def test_memory_plot_shows_what_an_auxiliary_head_reads():
     assert [line.get_label() for line in reads.get_lines() if not line.get_label().startswith("_")] == ["down", "up"]
     assert list(reads.get_lines()[1].get_ydata()) == list(trace.aux_probs[:, 1])
     assert "cue: up" in reads.get_title() and "what it must remember" in caption
+    # many classes (Memory Maze's 8 bearings): a heatmap, the true class at each step drawn over it
+    from types import SimpleNamespace
+
+    from app.ui import aux_truth
+
+    maze = get_task("memory_maze")
+    assert aux_class_names(maze) == maze.aux_values and len(maze.aux_values) == 8
+    many = run_episodes(tiny_model("rate", aux_classes=8), RaggedVectorEnv([9]), seeds=[0], target_return=1.0,
+                        trace=True).traces[0]
+    played = SimpleNamespace(reset_info={"target_bearing": "left"},
+                             info={"target_bearing": np.array(["ahead"] * 8 + ["odd"])})
+    truth = aux_truth(maze, played)
+    assert truth.tolist() == [2] + [0] * 8  # what the model saw before each step: the reset's, then each step's
+    assert aux_truth(maze, SimpleNamespace(reset_info={}, info={})) is None
+    figure_many, caption_many = plots.memory_attention(many, "RATE", maze.aux_values, "", truth)
+    heat = figure_many.axes[1]
+    assert heat.get_images()[0].get_array().shape == (8, 9) and len(heat.collections) == 1
+    assert [t.get_text() for t in heat.get_yticklabels()] == list(maze.aux_values) and "cyan dots" in caption_many
+    plots.close([figure_many])
     plain = run_episodes(tiny_model("rate"), RaggedVectorEnv([9]), seeds=[0], target_return=1.0, trace=True).traces[0]
     figure_plain, caption_plain = plots.memory_attention(plain, "RATE")
     assert len(figure_plain.axes) == 1 and "remember" not in caption_plain
