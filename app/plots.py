@@ -130,8 +130,10 @@ def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[s
                         "it says (its probability per class)" + (", cyan dots the truth" if truth is not None else "")
                         + ". Right when the answer is out of view means the memory holds it.")
         _segment_lines(axis, trace)
-        axis.set_title(f"{name}: what its auxiliary head reads from memory and view"
-                       + (f" (the episode's {told})" if told else ""), fontsize=11)
+        title = f"{name}: what its auxiliary head reads from memory and view"
+        if told:
+            title += ("\n" if len(title) + len(told) > 70 else " ") + f"(the episode's {told})"
+        axis.set_title(title, fontsize=11 if "\n" not in title else 9)
     axes[-1, 0].set_xlabel("step (dotted: segment boundaries)")
     figure.tight_layout()
     return figure, caption

@@ -217,6 +217,7 @@ def test_subproc_vector_env_matches_lockstep_on_memory_maze():
         obs, info = ours.reset(seed=seeds)
         assert_same((obs, info), reference.reset(seed=seeds))
         assert info["target_index"].shape == (2,)
+        assert info["target_bearing"].shape == (2,) and set(info["target_bearing"]) <= set(BEARINGS)  # strings pass
         actions = np.random.default_rng(1).integers(6, size=(14, 2))
         for step_actions in actions:  # 2 steps past the cap
             assert_same(ours.step(step_actions), reference.step(step_actions))

@@ -45,8 +45,16 @@ class LockstepVectorEnv(VectorEnv):
         self.done = np.ones(self.num_envs, dtype=bool)
 
     def _infos(self) -> dict[str, np.ndarray]:
-        keys = {k for info in self._info for k, v in info.items() if isinstance(v, (bool, int, float, np.number, np.bool_))}
-        return {k: np.array([info.get(k, 0) for info in self._info]) for k in sorted(keys)}
+        """Scalar info values (numbers and strings, e.g. Memory Maze's target_bearing) as (num_envs,)
+        arrays; an env without the key gives 0 (a string key: "")."""
+        blank = {}
+        for info in self._info:
+            for k, v in info.items():
+                if isinstance(v, (str, np.str_)):
+                    blank[k] = ""
+                elif isinstance(v, (bool, int, float, np.number, np.bool_)):
+                    blank.setdefault(k, 0)
+        return {k: np.array([info.get(k, blank[k]) for info in self._info]) for k in sorted(blank)}
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
