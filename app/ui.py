@@ -82,7 +82,8 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task)
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
-               "app_step_cap": request.step_cap, "target_return": request.target_return, "sampled_actions": request.sample,
+               "app_step_cap": request.step_cap, "target_return": request.target_return,
+               "sampled_actions": request.sample,
                "info": traces[0].reset_info,
                "left": {"checkpoint": left, **outcome(traces[0], models[0], request.task)},
                "right": {"checkpoint": right, **outcome(traces[1], models[1], request.task)}}

@@ -283,7 +283,8 @@ def test_outcome_text_says_when_the_app_cut_the_episode_short():
         request = make_request("tmaze", 0, 300, 1.0, cap, False)
         traces = [play(model, request) for model in models]
         summary = {"seed": 0, "settings": request.settings, "app_step_cap": request.step_cap,
-                   **{side: outcome(trace, model, task) for side, trace, model in zip(("left", "right"), traces, models)}}
+                   **{side: outcome(trace, model, task)
+                      for side, trace, model in zip(("left", "right"), traces, models)}}
         text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
                                        "what_if": None})
         assert ('{"episode_length": 300}, stopped by the app after 40 steps.' in text) == expected, text
