@@ -297,11 +297,15 @@ class MemoryMazeEnv(gym.Env):
 _STEPS4 = ((1, 0), (-1, 0), (0, 1), (0, -1))
 
 
+def angle_off(heading: np.ndarray, direction: np.ndarray) -> float:
+    """Degrees from `heading` to `direction` (2-vectors), in (-180, 180]; > 0: to the left."""
+    return float(np.degrees(np.arctan2(heading[0] * direction[1] - heading[1] * direction[0], heading @ direction)))
+
+
 def bearing(position, heading, point) -> str:
     """Which of the BEARINGS `point` lies in, seen from `position` facing `heading` (all in cells)."""
     to_point = np.asarray(point, dtype=float) - np.asarray(position, dtype=float)
-    heading = np.asarray(heading, dtype=float)
-    angle = np.degrees(np.arctan2(heading[0] * to_point[1] - heading[1] * to_point[0], heading @ to_point))  # > 0: left
+    angle = angle_off(np.asarray(heading, dtype=float), to_point)
     return BEARINGS[int(np.floor((angle + 22.5) / 45.0)) % len(BEARINGS)]
 
 
@@ -357,8 +361,7 @@ class MemoryMazeExpert:
                                                                     env.targets_pos[target]))
 
     def _steer(self, position: np.ndarray, heading: np.ndarray, aim: np.ndarray) -> int:
-        to_aim = aim - position
-        off = np.degrees(np.arctan2(heading[0] * to_aim[1] - heading[1] * to_aim[0], heading @ to_aim))  # > 0: left
+        off = angle_off(heading, aim - position)  # > 0: left
         if abs(off) <= self.aim:
             return 1
         if abs(off) <= self.curve:
