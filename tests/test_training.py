@@ -66,6 +66,51 @@ def test_dataset_errors_name_the_problem(dataset_path, tmp_path):
     assert not any(tmp_path.glob("*empty*"))  # nor a staging folder
 
 
+def test_dataset_writer_streams_episodes_to_disk_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    from training.dataset import DatasetWriter
+
+    rng = np.random.default_rng(0)
+    episodes = [{"observations": rng.integers(0, 255, size=(n, 3, 5, 5), dtype=np.uint8),
+                 "actions": rng.integers(0, 4, n), "rewards": rng.normal(size=n), "labels": rng.integers(0, 4, n)}
+                for n in (7, 12, 3)]
+    # copied in blocks of 2 rows (frames of 75 bytes), so a chunk is never held twice in memory
+    monkeypatch.setattr(DatasetWriter, "BLOCK_BYTES", 150)
+    with DatasetWriter(tmp_path / "d", "minigrid_memory") as writer:
+        for episode in episodes:
+            writer.add_episode(episode)
+            assert not (tmp_path / "d").exists()  # nothing looks like a dataset before close()
+        writer.close({"seed": 3})
+    data = load_dataset(tmp_path / "d", task="minigrid_memory")
+    assert np.array_equal(data.observations, np.concatenate([e["observations"] for e in episodes]))
+    assert np.array_equal(data.episode_starts, [0, 7, 19, 22]) and data.meta["settings"] == {"seed": 3}
+    assert data.rewards.dtype == np.float32
+    assert np.allclose(data.rewards, np.concatenate([e["rewards"] for e in episodes]))
+    assert np.array_equal(data.labels, np.concatenate([e["labels"] for e in episodes]))
+    assert [f.name for f in tmp_path.iterdir()] == ["d"]  # the staging folder became it
+
+    # an error inside the block (here: an episode without the labels the first had) removes the staging folder
+    with pytest.raises(ValueError, match="all episodes or none must have labels"):
+        with DatasetWriter(tmp_path / "e", "minigrid_memory") as writer:
+            writer.add_episode(episodes[0])
+            writer.add_episode({k: v for k, v in episodes[1].items() if k != "labels"})
+    with pytest.raises(ValueError, match="rows of shape"):
+        with DatasetWriter(tmp_path / "e", "minigrid_memory") as writer:
+            writer.add_episode(episodes[0])
+            writer.add_episode({**episodes[1], "observations": np.zeros((12, 3, 6, 6), np.uint8)})
+    with pytest.raises(ValueError, match="no episodes to write"):
+        DatasetWriter(tmp_path / "e", "minigrid_memory").close({})
+    assert [f.name for f in tmp_path.iterdir()] == ["d"]
+
+
+def test_dataset_writer_headers_hold_large_shapes(tmp_path):
+    from training.dataset import _npy_header
+
+    header = _npy_header(np.dtype(np.uint8), (10**12, 3, 64, 64), 256)
+    assert len(header) == 256
+    (tmp_path / "a.npy").write_bytes(_npy_header(np.dtype("<f4"), (2, 3), 256) + np.arange(6, dtype="<f4").tobytes())
+    assert np.array_equal(np.load(tmp_path / "a.npy", mmap_mode="r"), np.arange(6).reshape(2, 3))
+
+
 def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):
 
     rng = np.random.default_rng(0)

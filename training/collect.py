@@ -22,7 +22,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy
 from rate_core.tasks import Task, get_task
-from training.dataset import write_dataset
+from training.dataset import DatasetWriter
 
 
 @dataclass
@@ -207,49 +207,53 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     that acts instead of the teacher (run_episode)."""
     policy = None if policy is None else str(policy)
     dataset_settings = [{**settings, **(overrides or {})} for settings in task.dataset_settings]
-    episodes, tried, successes = [], 0, 0
+    returns, lengths, differing, tried, successes = [], [], 0, 0, 0
     total = episodes_per_setting * len(task.dataset_settings)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    try:
-        with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
-            for settings in dataset_settings:
-                kept = 0
-                stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher, teacher_options, policy)
-                while kept < episodes_per_setting:
-                    if tried >= 10 * total + 100:
-                        raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of {tried} "
-                                           f"episodes")
-                    episode = next(stream)
-                    tried += 1
-                    successes += episode["success"]
-                    if task.dataset_success_only and not episode["success"]:
-                        continue
-                    episodes.append(episode)
-                    kept += 1
-                    progress.update()
-                stream.close()
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    returns = np.array([e["return"] for e in episodes])
-    taught = task.make_teacher(**(teacher_options or {})) if teacher else None
-    lengths = np.array([len(e["actions"]) for e in episodes])
-    path = write_dataset(out, task.name, episodes, {
-        "settings": dataset_settings, "episodes_per_setting": episodes_per_setting, "seed": seed,
-        "expert": type(task.make_expert()).__name__,
-        "teacher": type(taught).__name__ if teacher else None,
-        "teacher_settings": {k: v for k, v in vars(taught).items() if isinstance(v, (int, float, tuple))}
-        if teacher else None,
-        "policy": policy,
-        "labelled_steps_differing": float(np.mean(np.concatenate([e["labels"] != e["actions"] for e in episodes])))
-        if teacher else 0.0,
-        "mean_return": float(returns.mean()),
-        "expert_episodes_run": tried, "expert_success_rate": successes / tried,
-        "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
-    })
+    # Episodes go to disk as they come (the writer's staging folder), so memory holds one at a time.
+    with DatasetWriter(out, task.name) as writer:
+        try:
+            with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
+                for settings in dataset_settings:
+                    kept = 0
+                    stream = _episodes(task, settings, seed + tried, pool, 2 * workers, teacher, teacher_options,
+                                       policy)
+                    while kept < episodes_per_setting:
+                        if tried >= 10 * total + 100:
+                            raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of "
+                                               f"{tried} episodes")
+                        episode = next(stream)
+                        tried += 1
+                        successes += episode["success"]
+                        if task.dataset_success_only and not episode["success"]:
+                            continue
+                        writer.add_episode(episode)
+                        returns.append(episode["return"])
+                        lengths.append(len(episode["actions"]))
+                        differing += int(np.sum(episode["labels"] != episode["actions"])) if teacher else 0
+                        kept += 1
+                        progress.update()
+                    stream.close()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        returns, lengths = np.array(returns), np.array(lengths)
+        taught = task.make_teacher(**(teacher_options or {})) if teacher else None
+        path = writer.close({
+            "settings": dataset_settings, "episodes_per_setting": episodes_per_setting, "seed": seed,
+            "expert": type(task.make_expert()).__name__,
+            "teacher": type(taught).__name__ if teacher else None,
+            "teacher_settings": {k: v for k, v in vars(taught).items() if isinstance(v, (int, float, tuple))}
+            if teacher else None,
+            "policy": policy,
+            "labelled_steps_differing": float(differing / lengths.sum()) if teacher else 0.0,
+            "mean_return": float(returns.mean()),
+            "expert_episodes_run": tried, "expert_success_rate": successes / tried,
+            "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
+        })
     succeeded = f"; the expert succeeded in {successes} of {tried} episodes" \
         if task.evaluation.metric == "success" or task.dataset_success_only else ""  # return tasks: no success
-    print(f"wrote {len(episodes)} episodes ({lengths.sum():,} steps, mean length {lengths.mean():.1f}, mean return "
+    print(f"wrote {len(lengths)} episodes ({lengths.sum():,} steps, mean length {lengths.mean():.1f}, mean return "
           f"{returns.mean():.3f}) to {path}{succeeded}")
     return path
 

@@ -17,7 +17,6 @@ collector never leaves something that looks like a dataset. Loading checks every
 meta.json and raises DatasetError naming the file and the problem.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -46,19 +45,10 @@ def write_dataset(path: str | os.PathLike, task: str, episodes: list[dict], sett
         having = sum(name in e for e in episodes)
         if having not in (0, len(episodes)):
             raise ValueError(f"{having} of {len(episodes)} episodes have {name}: all or none must")
-    with_labels = "labels" in episodes[0]
-    lengths = [len(e["actions"]) for e in episodes]
-    parts = {
-        "observations": [np.asarray(e["observations"]) for e in episodes],
-        "actions": [np.asarray(e["actions"], dtype=np.int64) for e in episodes],
-        "rewards": [np.asarray(e["rewards"], dtype=np.float32) for e in episodes],
-        "episode_starts": [np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)],
-    }
-    if with_labels:
-        parts["labels"] = [np.asarray(e["labels"], dtype=np.int64) for e in episodes]
-    if "aux_labels" in episodes[0]:
-        parts["aux_labels"] = [np.asarray(e["aux_labels"], dtype=np.int64) for e in episodes]
-    return _write_folder(path, task, parts, settings)
+    with DatasetWriter(path, task) as writer:
+        for episode in episodes:
+            writer.add_episode(episode)
+        return writer.close(settings)
 
 
 def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
@@ -74,56 +64,132 @@ def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
     if len(shapes) > 1:
         raise ValueError(f"the datasets' observations differ in shape ({', '.join(map(str, shapes))})")
     offsets = np.cumsum([0] + [len(source.actions) for source in sources[:-1]])
-    parts = {
-        "observations": [source.observations for source in sources],
-        "actions": [source.actions for source in sources],
-        "rewards": [source.rewards for source in sources],
-        "episode_starts": [np.concatenate([[0]] + [source.episode_starts[1:] + offset
-                                                   for source, offset in zip(sources, offsets)])],
-    }
-    if any(source.labels is not None for source in sources):
-        parts["labels"] = [source.actions if source.labels is None else source.labels for source in sources]
-    if all(source.aux_labels is not None for source in sources):
-        parts["aux_labels"] = [source.aux_labels for source in sources]
-    settings = {"merged_from": [{"path": str(source.path), "episodes": source.num_episodes,
-                                 "settings": source.meta.get("settings")} for source in sources]}
-    return _write_folder(path, tasks.pop(), parts, settings)
+    labelled = any(source.labels is not None for source in sources)
+    with_aux = all(source.aux_labels is not None for source in sources)
+    with DatasetWriter(path, tasks.pop()) as writer:
+        for source in sources:
+            writer.append("observations", source.observations)
+            writer.append("actions", source.actions)
+            writer.append("rewards", source.rewards)
+            if labelled:
+                writer.append("labels", source.actions if source.labels is None else source.labels)
+            if with_aux:
+                writer.append("aux_labels", source.aux_labels)
+        starts = np.concatenate([[0]] + [source.episode_starts[1:] + offset
+                                         for source, offset in zip(sources, offsets)])
+        settings = {"merged_from": [{"path": str(source.path), "episodes": source.num_episodes,
+                                     "settings": source.meta.get("settings")} for source in sources]}
+        return writer.close(settings, episode_starts=starts)
 
 
-def _write_folder(path: str | os.PathLike, task: str, parts: dict[str, list[np.ndarray]], settings: dict) -> Path:
-    """Write each array of `parts` (its chunks concatenated) under a staging name, then meta.json,
-    then rename the folder to `path` (replacing one there)."""
-    path = Path(path)
-    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    declared = {name: _write_concatenated(staging / f"{name}.npy", chunks) for name, chunks in parts.items()}
-    meta = {
-        "format_version": FORMAT_VERSION, "task": task, "episodes": len(parts["episode_starts"][0]) - 1,
-        "steps": declared["actions"]["shape"][0], "settings": settings,
-        "arrays": declared,
-    }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, path)
-    return path
+class DatasetWriter:
+    """Writes a dataset folder array by array as the data comes, so the writer never holds more than
+    the chunk it is given (the collector adds one episode at a time: 300 Memory Maze episodes are
+    3.7 GB of frames). Everything goes into a staging folder beside `path`; close() writes the
+    headers, then meta.json, then renames the folder to `path` (replacing one there). Leaving a
+    `with` block by an exception, or abort(), removes the staging folder.
+
+        with DatasetWriter("data/tmaze/expert", "tmaze") as writer:
+            for episode in episodes:
+                writer.add_episode(episode)
+            writer.close(settings)
+    """
+
+    HEADER_BYTES = 256
+    """room kept at the start of each .npy file for its header, written at close() with the final row
+    count (a header for a shape of 4 dimensions of any size takes under 128)"""
+    BLOCK_BYTES = 1 << 26
+    """appended chunks (maybe memory-mapped datasets of several GB) are copied this much at a time"""
+
+    def __init__(self, path: str | os.PathLike, task: str):
+        self.path, self.task = Path(path), task
+        self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self._files = {}  # array name -> open file
+        self._layout = {}  # array name -> [dtype, shape of one row, rows written]
+        self._lengths = []  # steps of each episode given to add_episode
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+    def add_episode(self, episode: dict) -> None:
+        """Append one episode: observations (T, ...), actions (T,), rewards (T,), and labels (T,) and
+        aux_labels (T,) if the first episode had them (then every episode must)."""
+        names = ARRAYS[:3] + tuple(name for name in OPTIONAL_ARRAYS if name in episode)
+        if self._lengths and set(names) != set(self._layout):
+            raise ValueError(f"episode {len(self._lengths)} has {', '.join(names)}, the first had "
+                             f"{', '.join(self._layout)}: all episodes or none must have labels and aux_labels")
+        steps = len(episode["actions"])
+        dtypes = {"actions": np.int64, "rewards": np.float32, "labels": np.int64, "aux_labels": np.int64}
+        for name in names:
+            values = np.asarray(episode[name], dtype=dtypes.get(name))
+            if len(values) != steps:
+                raise ValueError(f"episode {len(self._lengths)}: {len(values)} {name} for {steps} actions")
+            self.append(name, values)
+        self._lengths.append(steps)
+
+    def append(self, name: str, chunk: np.ndarray) -> None:
+        """Append rows to the array `name` (its dtype and row shape are those of its first chunk)."""
+        if name not in self._files:
+            self._files[name] = open(self.staging / f"{name}.npy", "wb")
+            self._files[name].write(b"\0" * self.HEADER_BYTES)
+            self._layout[name] = [chunk.dtype, chunk.shape[1:], 0]
+        dtype, row_shape, _ = self._layout[name]
+        if chunk.shape[1:] != row_shape:
+            raise ValueError(f"{name}: rows of shape {chunk.shape[1:]} after rows of shape {row_shape}")
+        if not np.can_cast(chunk.dtype, dtype, "same_kind"):
+            raise ValueError(f"{name}: {chunk.dtype} values after {dtype} ones")
+        block = max(1, self.BLOCK_BYTES // max(1, chunk[:1].nbytes))
+        for first in range(0, len(chunk), block):
+            self._files[name].write(np.ascontiguousarray(chunk[first:first + block], dtype=dtype).data)
+        self._layout[name][2] += len(chunk)
+
+    def close(self, settings: dict, episode_starts: np.ndarray | None = None) -> Path:
+        """Finish the files and put the folder in place; returns its path. episode_starts: the offsets
+        (episodes + 1,) where the arrays were given by append(); by default those of add_episode()."""
+        if episode_starts is None:
+            if not self._lengths:
+                self.abort()
+                raise ValueError("no episodes to write")
+            episode_starts = np.concatenate([[0], np.cumsum(self._lengths)])
+        self.append("episode_starts", np.asarray(episode_starts, dtype=np.int64))
+        declared = {}
+        for name, file in self._files.items():
+            dtype, row_shape, rows = self._layout[name]
+            file.seek(0)
+            file.write(_npy_header(dtype, (rows, *row_shape), self.HEADER_BYTES))
+            file.close()
+            declared[name] = {"shape": [rows, *row_shape], "dtype": str(dtype)}
+        meta = {
+            "format_version": FORMAT_VERSION, "task": self.task, "episodes": len(episode_starts) - 1,
+            "steps": declared["actions"]["shape"][0], "settings": settings, "arrays": declared,
+        }
+        (self.staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.staging, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        for file in self._files.values():
+            file.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _write_concatenated(file: Path, chunks: list[np.ndarray]) -> dict:
-    """Write the chunks' concatenation to the .npy `file` chunk by chunk (no second copy in memory,
-    which 15 GB of frames would not leave room for); returns its shape and dtype for meta.json."""
-    dtype = functools.reduce(np.promote_types, (c.dtype for c in chunks))
-    shape = (sum(len(c) for c in chunks), *chunks[0].shape[1:])
-    out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-    position = 0
-    for chunk in chunks:
-        out[position:position + len(chunk)] = chunk
-        position += len(chunk)
-    out.flush()
-    del out
-    return {"shape": list(shape), "dtype": str(dtype)}
+def _npy_header(dtype: np.dtype, shape: tuple, size: int) -> bytes:
+    """A .npy (version 1.0) header of exactly `size` bytes for a C-ordered array."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                 "shape": tuple(int(n) for n in shape)}).encode("latin1")
+    padding = size - 10 - len(text) - 1
+    if padding < 0:
+        raise ValueError(f"a .npy header for shape {shape} does not fit in {size} bytes")
+    return b"\x93NUMPY\x01\x00" + (size - 10).to_bytes(2, "little") + text + b" " * padding + b"\n"
 
 
 @dataclass
