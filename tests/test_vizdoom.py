@@ -579,6 +579,8 @@ def test_collector_lets_a_checkpoint_act_while_the_teacher_labels(tmp_path):
     data = load_dataset(collect(task, tmp_path / "dagger", 1, seed=5, teacher=True, overrides={"step_cap": steps},
                                 policy=tmp_path / "policy"))
     assert data.meta["settings"]["policy"] == str(tmp_path / "policy") and len(data.actions) == steps
+    # the episode counts are the acting policy's, not the expert's
+    assert data.meta["settings"]["policy_episodes_run"] == 1 and "expert_success_rate" not in data.meta["settings"]
     # every action is the one the agent's random stream draws from the model's softmax, the model
     # fed the return-to-go from the task's target return minus the rewards so far
     rewards = np.asarray(data.rewards, dtype=np.float64)

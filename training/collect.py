@@ -208,6 +208,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     policy = None if policy is None else str(policy)
     dataset_settings = [{**settings, **(overrides or {})} for settings in task.dataset_settings]
     returns, lengths, differing, tried, successes = [], [], 0, 0, 0
+    actor = "policy" if policy else "expert"  # who acted, so whose successes are counted
     total = episodes_per_setting * len(task.dataset_settings)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     # Episodes go to disk as they come (the writer's staging folder), so memory holds one at a time.
@@ -220,7 +221,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
                                        policy)
                     while kept < episodes_per_setting:
                         if tried >= 10 * total + 100:
-                            raise RuntimeError(f"the expert of {task.name} succeeded in only {successes} of "
+                            raise RuntimeError(f"the {actor} of {task.name} succeeded in only {successes} of "
                                                f"{tried} episodes")
                         episode = next(stream)
                         tried += 1
@@ -248,10 +249,10 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
             "policy": policy,
             "labelled_steps_differing": float(differing / lengths.sum()) if teacher else 0.0,
             "mean_return": float(returns.mean()),
-            "expert_episodes_run": tried, "expert_success_rate": successes / tried,
+            f"{actor}_episodes_run": tried, f"{actor}_success_rate": successes / tried,
             "success_only": task.dataset_success_only, "mean_length": float(lengths.mean()),
         })
-    succeeded = f"; the expert succeeded in {successes} of {tried} episodes" \
+    succeeded = f"; the {actor} succeeded in {successes} of {tried} episodes" \
         if task.evaluation.metric == "success" or task.dataset_success_only else ""  # return tasks: no success
     print(f"wrote {len(lengths)} episodes ({lengths.sum():,} steps, mean length {lengths.mean():.1f}, mean return "
           f"{returns.mean():.3f}) to {path}{succeeded}")
