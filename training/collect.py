@@ -211,7 +211,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     actor = "policy" if policy else "expert"  # who acted, so whose successes are counted
     total = episodes_per_setting * len(task.dataset_settings)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    # Episodes go to disk as they come (the writer's staging folder), so memory holds one at a time.
+    # Episodes go to disk as they come (the writer's staging folder), so memory holds only those in flight.
     with DatasetWriter(out, task.name) as writer:
         try:
             with tqdm(total=total, desc=f"collecting {task.name}", unit="episode") as progress:
