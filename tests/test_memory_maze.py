@@ -287,6 +287,32 @@ def test_exploring_expert_remembers_only_targets_it_has_seen():
     assert expert.seen_targets == {0, 1}
 
 
+def test_exploring_expert_with_a_bounded_recall_forgets_what_it_saw_too_long_ago():
+    env = _Corridors(target_index=0)
+    expert, forever = ExploringMemoryMazeExpert(noise=0.0, recall=2), ExploringMemoryMazeExpert(noise=0.0)
+    expert.reset(env, {})
+    forever.reset(env, {})
+    for step in (1, 2, 3, 4):
+        expert.act(env, None, None)
+        forever.act(env, None, None)
+        if step == 1:
+            env.agent_dir = np.array([-1.0, 0.0])  # turned away: nothing but its own cell in view from now on
+        known = step - 1 <= 2  # seen at step 1, remembered for 2 steps
+        assert expert.seen_targets == ({0} if known else set()) and forever.seen_targets == {0}, step
+        assert expert.seen[0].all() == known and expert.seen[0, 0] and forever.seen[0].all(), step
+    # every reachable cell seen within the recall: it heads for the one seen longest ago
+    expert.seen_at[np.asarray(_Corridors.maze_layout, bool)] = expert.steps
+    expert.seen_at[2, 4] = expert.steps - 1
+    assert expert._nearest_unseen(np.array([0.5, 0.5])) == (4, 2)
+    with pytest.raises(ValueError, match="recall"):
+        ExploringMemoryMazeExpert(recall=-1)
+    # the dataset's teacher takes it as an option (collect --teacher --teacher-options recall=90)
+    from training.collect import parse_teacher_options
+
+    options = parse_teacher_options(get_task("memory_maze"), ("recall=90",))
+    assert options == {"recall": 90.0} and get_task("memory_maze").make_teacher(**options).expert.recall == 90
+
+
 def test_privileged_expert_heads_for_an_unseen_target():
     env = _Corridors(target_index=2)
     expert = MemoryMazeExpert(noise=0.0)

@@ -418,18 +418,45 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
     line through free cells). While the current target is unseen it walks to the nearest free cell
     it has not seen yet; once seen, the shortest path as its parent (the layout stays privileged:
     an agent learns it by looking around).
+
+    With `recall` > 0 it remembers only what it saw in its last `recall` steps: a target out of view
+    for longer is unseen again (it explores), and so are free cells, so it explores towards the
+    cells it saw longest ago. Its behaviour then rests on the recent past only, which a policy with
+    a bounded memory can follow.
     """
 
     fov = 40.0  # half-angle of the view: the egocentric camera has fovy 80 degrees and a square image
     sight = 6.0  # cells: a target farther away is a few pixels
 
+    def __init__(self, noise: float = 0.1, recall: float = 0.0):
+        super().__init__(noise)
+        if recall < 0:
+            raise ValueError(f"recall must be 0 (remember everything) or a number of steps, got {recall}")
+        self.recall = recall
+        """steps for which what it saw counts as known (0: the whole episode)"""
+
     def reset(self, env: MemoryMazeEnv, info: dict) -> None:
         super().reset(env, info)
-        self.seen_targets: set[int] = set()
-        self.seen = np.zeros(self.layout.shape, dtype=bool)
+        self.steps = 0
+        self.target_seen_at = np.full(len(env.targets_pos), -np.inf)  # the step each target was last in view
+        self.seen_at = np.full(self.layout.shape, -np.inf)  # the step each cell was last in view
         self._to_cell: dict[tuple[int, int], np.ndarray] = {}  # grid distances to explored-towards cells
 
+    def _known(self, seen_at: np.ndarray) -> np.ndarray:
+        return seen_at > -np.inf if not self.recall else self.steps - seen_at <= self.recall
+
+    @property
+    def seen_targets(self) -> set[int]:
+        """The targets it knows the place of."""
+        return {int(i) for i in np.flatnonzero(self._known(self.target_seen_at))}
+
+    @property
+    def seen(self) -> np.ndarray:
+        """(H, W) bool: the cells it knows as seen."""
+        return self._known(self.seen_at)
+
     def act(self, env: MemoryMazeEnv, obs, info) -> int:
+        self.steps += 1
         position, heading = np.asarray(env.agent_pos, dtype=float), np.asarray(env.agent_dir, dtype=float)
         self._look(position, heading, np.asarray(env.targets_pos, dtype=float))
         target = env.target_index
@@ -452,18 +479,24 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
         return np.array([bool(c) and self._clear(position, p, clearance=0.0) for c, p in zip(candidate, points)])
 
     def _look(self, position: np.ndarray, heading: np.ndarray, targets: np.ndarray) -> None:
-        self.seen_targets.update(int(i) for i in np.flatnonzero(self._in_view(position, heading, targets)))
-        ys, xs = np.nonzero(self.layout & ~self.seen)
+        self.target_seen_at[self._in_view(position, heading, targets)] = self.steps
+        # with a bounded recall, cells in view again are seen anew; else only unseen ones matter
+        ys, xs = np.nonzero(self.layout if self.recall else self.layout & ~self.seen)
         if len(xs):
             seen = self._in_view(position, heading, np.stack([xs + 0.5, ys + 0.5], axis=1))
-            self.seen[ys[seen], xs[seen]] = True
+            self.seen_at[ys[seen], xs[seen]] = self.steps
 
     def _nearest_unseen(self, position: np.ndarray) -> tuple[int, int] | None:
-        """The unseen free cell (x, y) fewest steps away, None when every reachable cell was seen."""
+        """The unseen free cell (x, y) fewest steps away; when every reachable cell is seen, None, or
+        with a bounded recall the one seen longest ago."""
         here = grid_distances(self.layout, self._cell(position))
         ys, xs = np.nonzero(self.layout & ~self.seen & (here >= 0))
         if not len(xs):
-            return None
+            if not self.recall:
+                return None
+            ys, xs = np.nonzero(self.layout & (here >= 0))
+            oldest = self.seen_at[ys, xs] == self.seen_at[ys, xs].min()
+            ys, xs = ys[oldest], xs[oldest]
         i = int(np.argmin(here[ys, xs]))
         return int(xs[i]), int(ys[i])
 
@@ -479,10 +512,12 @@ class MemoryMazeTeacher:
     same way.
     """
 
-    def __init__(self, noise: float = 0.1):
+    def __init__(self, noise: float = 0.1, recall: float = 0.0):
         self.noise = noise
         """probability of a random action at each step"""
-        self.expert = ExploringMemoryMazeExpert(noise=0.0)
+        self.recall = recall
+        """steps the expert remembers what it saw (ExploringMemoryMazeExpert; 0: the whole episode)"""
+        self.expert = ExploringMemoryMazeExpert(noise=0.0, recall=recall)
 
     def reset(self, env: MemoryMazeEnv, info: dict) -> None:
         self.expert.reset(env, info)
