@@ -340,3 +340,31 @@ def test_teacher_behaves_as_the_noisy_expert_and_labels_with_the_clean_one(env):
         action, label = teacher.act_and_label(env, obs, info)
         assert label == clean.act(env, obs, info)
         obs, _, _, _, info = env.step(action)
+
+
+def test_pursuit_probe_replays_episodes_and_buckets_every_step(tmp_path, capsys):
+    from rate_core.checkpoint import save_checkpoint
+    from rate_core.model import MemoryTransformer
+    from tests.tiny import tiny_config
+    from training.collect import collect
+    from training.dataset import load_dataset
+    from training.pursuit_probe import Args, main, replay
+
+    task = get_task("memory_maze")
+    data = load_dataset(collect(task, tmp_path / "heldout", 2, seed=7, teacher=True, overrides={"step_cap": 60}))
+    # the replay of a teacher's episode walks the same frames (checked inside) and its rider labels
+    # every step as the teacher did
+    since, labels, rewards = replay(8, data.actions[60:], observations=data.observations[60:])
+    np.testing.assert_array_equal(labels, data.labels[60:])
+    np.testing.assert_array_equal(rewards, data.rewards[60:])
+    assert (since >= -1).all() and (since[since > 0] <= np.arange(60)[since > 0]).all()
+    model = MemoryTransformer(tiny_config("rate", obs_kind="image", obs_shape=OBS_SHAPE, act_dim=len(ACTIONS)),
+                              task=task.name)
+    save_checkpoint(model, tmp_path / "model")
+    main(Args(checkpoint=str(tmp_path / "model"), data=tmp_path / "heldout", episodes=2, steps=50))
+    out = capsys.readouterr().out
+    assert "2 teacher episodes" in out and "2 of its own (seeds 0-1" in out
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2][1:]
+    assert [row[0].strip() for row in rows] == ["in view", "1-30", "31-90", "91-270", ">270", "never"]
+    for part in (1, 2):  # the buckets share out every step
+        assert sum(float(row[part].split()[0]) for row in rows) == pytest.approx(1.0, abs=1e-3)
