@@ -368,3 +368,5 @@ def test_pursuit_probe_replays_episodes_and_buckets_every_step(tmp_path, capsys)
     assert [row[0].strip() for row in rows] == ["in view", "1-30", "31-90", "91-270", ">270", "never"]
     for part in (1, 2):  # the buckets share out every step
         assert sum(float(row[part].split()[0]) for row in rows) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(SystemExit, match="checkpoint folder does not exist"):
+        main(Args(checkpoint=str(tmp_path / "nothing")))

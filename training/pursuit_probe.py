@@ -25,10 +25,10 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from rate_core.checkpoint import load_checkpoint
+from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
-from training.dataset import load_dataset
+from training.dataset import DatasetError, load_dataset
 
 TASK = get_task("memory_maze")
 BUCKETS = (("in view", 0, 0), ("1-30", 1, 30), ("31-90", 31, 90), ("91-270", 91, 270), (">270", 271, 10**9),
@@ -102,6 +102,9 @@ def teacher_states(model, data, progress=True) -> list[dict]:
 
     obs, actions, rtg = take(data.observations), take(data.actions), take(data.returns_to_go)
     targets = take(data.labels if data.labels is not None else data.actions)
+    if "seed" not in (data.meta.get("settings") or {}):
+        raise SystemExit(f"error: {data.path} does not record its first seed (a merged dataset?); give --data a "
+                         "folder made by collect --teacher --seed S")
     first_seed = int(data.meta["settings"]["seed"])
     since = np.stack([replay(first_seed + e, actions[e], observations=obs[e])[0]
                       for e in tqdm(range(n), desc="replaying the teacher's episodes", disable=not progress)])
@@ -140,8 +143,11 @@ def own_states(model, episodes: int, seed: int, recall: float, steps: int = 1000
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint, task=TASK.name).eval()
-    data = load_dataset(args.data, task=TASK.name)
+    try:
+        model = load_checkpoint(args.checkpoint, task=TASK.name).eval()
+        data = load_dataset(args.data, task=TASK.name)
+    except (CheckpointError, DatasetError) as error:
+        raise SystemExit(f"error: {error}") from None
     forced = teacher_states(model, data)
     own, mean_return = own_states(model, args.episodes, args.seed, args.recall, args.steps)
     print(f"{args.checkpoint}: {data.num_episodes} teacher episodes ({args.data}); {args.episodes} of its own "
