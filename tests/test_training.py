@@ -354,6 +354,22 @@ def test_time_limit_stops_the_run_and_writes_the_model(dataset_path, tmp_path):
     assert not (tmp_path / "run" / "last").exists()  # no partial epoch saved as a whole one for --resume
 
 
+def test_time_limit_counts_the_time_of_earlier_sittings_on_resume(dataset_path, tmp_path):
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, tmp_path / "run"), on_epoch_end=kill_after_first_epoch)
+    trained = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())["training_seconds"]
+    assert trained > 0
+    # a budget the first sitting already spent: the resumed run stops at once, before any update
+    train(_tiny_config(dataset_path, tmp_path / "run", resume=True, max_minutes=trained / 60 / 2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first_epoch_steps = log[-2]["step"]
+    assert log[-1] == {"epoch": 2, "step": first_epoch_steps, "stopped": "max_minutes"}
+
+
 def test_paper_architecture_option_trains_the_papers_config(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "paper", epochs=1, batch_size=8, arch="paper")))
     assert model.config == paper_config("tmaze", "rate")

@@ -104,8 +104,9 @@ class TrainConfig:
     """bfloat16 autocast of the forward pass, on CUDA or on the CPU (worth it where the CPU has bfloat16
     instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time here); weights and optimiser stay float32"""
     max_minutes: float | None = None
-    """stop after this many minutes of this run (at the end of a batch) and write the model as it is then;
-    the learning rate decays by steps or by time, whichever is further along (for a fixed time budget)"""
+    """stop after this many minutes of training (at the end of a batch; a resumed run counts its earlier
+    sittings too) and write the model as it is then; the learning rate decays by steps or by time,
+    whichever is further along (for a fixed time budget)"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
     val_data: Path | None = None
@@ -310,9 +311,9 @@ class WeightAverage:
 
 
 def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step: int, config: TrainConfig,
-                        average: WeightAverage | None = None) -> None:
-    """Optimiser, schedule, progress, RNG state and the weight average into `directory` (safetensors +
-    JSON, no pickle)."""
+                        average: WeightAverage | None = None, training_seconds: float = 0.0) -> None:
+    """Optimiser, schedule, progress (with the seconds trained so far, which --max-minutes counts), RNG
+    state and the weight average into `directory` (safetensors + JSON, no pickle)."""
     state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()
                if torch.is_tensor(v)}
@@ -324,7 +325,7 @@ def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step:
             tensors[f"rng.cuda.{i}"] = rng
     save_file(tensors, str(directory / STATE_TENSORS))
     (directory / STATE_JSON).write_text(json.dumps({
-        "epoch": epoch, "step": step, "param_groups": state["param_groups"],
+        "epoch": epoch, "step": step, "training_seconds": training_seconds, "param_groups": state["param_groups"],
         "ema_updates": average.updates if average is not None else None,
         "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -332,8 +333,8 @@ def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step:
 
 
 def load_training_state(directory: Path, optimizer, scheduler,
-                        average: WeightAverage | None = None) -> tuple[int, int, dict]:
-    """Restore what save_training_state wrote; returns (epoch, step, saved config)."""
+                        average: WeightAverage | None = None) -> tuple[int, int, float]:
+    """Restore what save_training_state wrote; returns (epoch, step, seconds trained so far)."""
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
         tensors = load_file(str(directory / STATE_TENSORS))
@@ -356,7 +357,7 @@ def load_training_state(directory: Path, optimizer, scheduler,
         for name, value in average.average.items():
             value.copy_(tensors[f"ema.{name}"])
         average.updates = meta["ema_updates"]
-    return meta["epoch"], meta["step"], meta["config"]
+    return meta["epoch"], meta["step"], float(meta.get("training_seconds", 0.0))  # 0: saved before it was kept
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -451,7 +452,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
         saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
         model.load_state_dict(saved.state_dict())
-        start_epoch, step, _ = load_training_state(last, optimizer, scheduler, average)
+        start_epoch, step, trained = load_training_state(last, optimizer, scheduler, average)
+        started_at -= trained  # --max-minutes and the time-decayed learning rate count every sitting
         if main_process:
             print(f"resuming {out} after epoch {start_epoch}")
     elif config.resume and main_process:
@@ -541,7 +543,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             log.flush()
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
-                folder, optimizer, scheduler, epoch + 1, step, config, average))
+                folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at))
         if world > 1:
             dist.barrier()  # the others wait for the checkpoint (and evaluation) of process 0
         if on_epoch_end is not None:
