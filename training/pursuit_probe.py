@@ -66,17 +66,14 @@ def replay(seed: int, actions: np.ndarray, recall: float = 0.0, observations: np
     expert = ExploringMemoryMazeExpert(noise=0.0, recall=recall)
     expert.reset(env, info)
     since, labels, rewards = (np.zeros(len(actions), dtype=np.int64) for _ in range(3))
-    last_seen = np.full(len(env.targets_pos), -1)
     for t, action in enumerate(actions):
         if observations is not None and t % 100 == 0 and not np.array_equal(obs, observations[t]):
             raise ValueError(f"episode of seed {seed}: the replay's frame {t} differs from the dataset's; "
                              "--data must be collected from consecutive seeds (collect --seed)")
-        in_view = expert._in_view(np.asarray(env.agent_pos, float), np.asarray(env.agent_dir, float),
-                                  np.asarray(env.targets_pos, float))
-        last_seen[in_view] = t
-        target = env.target_index
-        since[t] = t - last_seen[target] if last_seen[target] >= 0 else -1
         labels[t] = expert.act(env, obs, info)
+        # the expert has just looked around: it keeps the step each target was last in view (whatever its recall)
+        seen_at = expert.target_seen_at[env.target_index]
+        since[t] = expert.steps - seen_at if seen_at > -np.inf else -1
         obs, rewards[t], _, _, info = env.step(int(action))
     env.close()
     return since, labels, rewards
