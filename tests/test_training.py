@@ -15,8 +15,8 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, shift_frames,
-                            shift_offsets, train, windows, WeightAverage)
+from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, model_overrides,
+                            shift_frames, shift_offsets, train, windows, WeightAverage)
 
 TASK = get_task("tmaze")
 
@@ -377,6 +377,27 @@ def test_paper_architecture_option_trains_the_papers_config(dataset_path, tmp_pa
     assert model.training_info["arch"] == "paper"
     with pytest.raises(ValueError, match="--arch must be one of"):
         train(_tiny_config(dataset_path, tmp_path / "bad", arch="big"))
+
+
+def test_model_set_overrides_the_architecture_and_is_kept_on_resume(dataset_path, tmp_path):
+    pairs = ("n_head=2", "d_head=8", "use_ffn=true", "d_inner=32", "dropatt=0.05")
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "set", epochs=1, model_set=pairs)))
+    expected = replace(TASK.model_config("rate"), n_head=2, d_head=8, use_ffn=True, d_inner=32, dropatt=0.05)
+    assert model.config == expected
+    assert model.training_info["model_set"] == list(pairs)
+    train(_tiny_config(dataset_path, tmp_path / "set", epochs=1, model_set=pairs, resume=True))
+    with pytest.raises(SystemExit, match="model_set"):
+        train(_tiny_config(dataset_path, tmp_path / "set", epochs=1, resume=True))
+
+
+def test_model_overrides_parse_each_kind_and_name_bad_pairs():
+    assert model_overrides(("conv_channels=8,16,16", "use-ffn=0", "dropout=0.3", "d_model=32")) == {
+        "conv_channels": (8, 16, 16), "use_ffn": False, "dropout": 0.3, "d_model": 32}
+    for bad, message in (("n_head", "expected FIELD=VALUE"), ("mode=dt", "expected FIELD=VALUE"),
+                         ("n_head=two", "n_head needs"), ("use_ffn=yes", "true or false"),
+                         ("conv_channels=8,16", "three channel counts")):
+        with pytest.raises(ValueError, match=message):
+            model_overrides((bad,))
 
 
 def test_balanced_seeds_split_the_cue_sides():

@@ -100,6 +100,9 @@ class TrainConfig:
     """continue the run in `out` from its last completed epoch"""
     dropout: float | None = None
     """override the model config's dropout and attention dropout"""
+    model_set: tuple[str, ...] = ()
+    """override fields of the architecture (after --arch and --dropout), as FIELD=VALUE pairs of
+    rate_core.model.ModelConfig, e.g. --model-set n_head=8 conv_channels=32,64,64 use_ffn=true"""
     bf16: bool = False
     """bfloat16 autocast of the forward pass, on CUDA or on the CPU (worth it where the CPU has bfloat16
     instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time here); weights and optimiser stay float32"""
@@ -166,15 +169,53 @@ def past(deadline: float, device: torch.device, world: int) -> bool:
     return up
 
 
+# Fields --model-set may change: the size and regularisation of the network, not what it reads or
+# how memory flows (those follow --task, --model, --no-action-inputs and --aux-weight).
+SETTABLE_FIELDS = ("d_model", "n_layer", "n_head", "d_head", "use_ffn", "d_inner", "dropout", "dropatt",
+                   "num_mem_tokens", "mem_len", "n_head_ca", "conv_channels")
+
+
+def model_overrides(pairs: tuple[str, ...]) -> dict:
+    """Parse --model-set FIELD=VALUE pairs into ModelConfig field values."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    overrides = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in SETTABLE_FIELDS:
+            raise ValueError(f"--model-set {pair!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(SETTABLE_FIELDS)}")
+        kind = types[name]
+        try:
+            if name == "conv_channels":
+                value = tuple(int(c) for c in text.split(","))
+                if len(value) != 3:
+                    raise ValueError("three channel counts")
+            elif kind in (bool, "bool"):
+                if text.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("true or false")
+                value = text.strip().lower() in ("true", "1")
+            elif kind in (int, "int"):
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError as error:
+            raise ValueError(f"--model-set {pair!r}: {name} needs {error}") from None
+        overrides[name] = value
+    return overrides
+
+
 def model_config_of(config: TrainConfig) -> ModelConfig:
     """The architecture a run trains: the task's registry config or the paper's, with --dropout,
-    --no-action-inputs and --aux-weight (an auxiliary head) applied."""
+    --model-set, --no-action-inputs and --aux-weight (an auxiliary head) applied."""
     if config.arch == "paper":
         model_config = paper_config(config.task, config.model)
     else:
         model_config = get_task(config.task).model_config(config.model)
     if config.dropout is not None:
         model_config = replace(model_config, dropout=config.dropout, dropatt=config.dropout)
+    if config.model_set:
+        model_config = replace(model_config, **model_overrides(config.model_set))
     if not config.action_inputs:
         model_config = replace(model_config, action_inputs=False)
     if config.aux_weight:
@@ -415,7 +456,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
         "random_offsets": config.random_offsets, "shift_augment": config.shift_augment, "ema": config.ema,
-        "aux_weight": config.aux_weight,
+        "aux_weight": config.aux_weight, "model_set": list(config.model_set),
     }).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -445,8 +486,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
         saved_config.setdefault("ema", 0.0)  # and before --ema
         saved_config.setdefault("aux_weight", 0.0)  # and before --aux-weight
+        saved_config["model_set"] = tuple(saved_config.get("model_set", ()))  # JSON gives a list
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
-                    "epochs", "memory_grad", "seed", "ema", "aux_weight"):
+                    "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
