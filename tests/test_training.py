@@ -15,8 +15,8 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import (TrainConfig, epoch_windows, held_out_loss, lr_multiplier, make_batch, model_overrides,
-                            shift_frames, shift_offsets, train, windows, WeightAverage)
+from training.train import (TrainConfig, bf16_warning, cpu_has_bf16, epoch_windows, held_out_loss, lr_multiplier,
+                            make_batch, model_overrides, shift_frames, shift_offsets, train, windows, WeightAverage)
 
 TASK = get_task("tmaze")
 
@@ -398,6 +398,21 @@ def test_model_overrides_parse_each_kind_and_name_bad_pairs():
                          ("conv_channels=8,16", "three channel counts")):
         with pytest.raises(ValueError, match=message):
             model_overrides((bad,))
+
+
+def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert cpu_has_bf16(cpuinfo) is False
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_bf16(cpuinfo) is True
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert cpu_has_bf16(cpuinfo) is None and cpu_has_bf16(tmp_path / "absent") is None
+    cpu, bf16 = torch.device("cpu"), TrainConfig(bf16=True)
+    assert "leave out --bf16" in bf16_warning(bf16, cpu, False)
+    assert bf16_warning(bf16, cpu, True) is None and bf16_warning(bf16, cpu, None) is None
+    assert bf16_warning(TrainConfig(), cpu, False) is None
+    assert bf16_warning(bf16, torch.device("cuda"), False) is None
 
 
 def test_balanced_seeds_split_the_cue_sides():

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -105,7 +106,8 @@ class TrainConfig:
     rate_core.model.ModelConfig, e.g. --model-set n_head=8 conv_channels=32,64,64 use_ffn=true"""
     bf16: bool = False
     """bfloat16 autocast of the forward pass, on CUDA or on the CPU (worth it where the CPU has bfloat16
-    instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time here); weights and optimiser stay float32"""
+    instructions, e.g. avx512_bf16: a ViZDoom RATE step took 1.3x less time there; without them autocast
+    emulates bfloat16 and is several times slower, and training warns); weights and optimiser stay float32"""
     max_minutes: float | None = None
     """stop after this many minutes of training (at the end of a batch; a resumed run counts its earlier
     sittings too) and write the model as it is then; the learning rate decays by steps or by time,
@@ -310,6 +312,29 @@ def shift_frames(obs: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
     return shifted
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether the CPU has bfloat16 instructions (avx512_bf16 or amx_bf16); None where it cannot tell
+    (no /proc/cpuinfo, as on macOS, or no flags line, as on ARM)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return None
+
+
+def bf16_warning(config: TrainConfig, device: torch.device, has_bf16: bool | None) -> str | None:
+    """The warning for --bf16 on a CPU that lacks bfloat16 instructions, where autocast emulates them."""
+    if not config.bf16 or device.type != "cpu" or has_bf16 is not False:
+        return None
+    return ("warning: --bf16 on a CPU without bfloat16 instructions (no avx512_bf16 or amx_bf16 among its flags): "
+            "autocast emulates them, several times slower than float32 (a Memory Maze RATE update took 6.5x as "
+            "long); leave out --bf16 on this machine")
+
+
 def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
     """Linear warm-up to 1, then decay to 0.1 at the last step."""
     if step < warmup:
@@ -509,6 +534,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if world > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    warning = bf16_warning(config, device, cpu_has_bf16()) if main_process else None
+    if warning:
+        print(warning, file=sys.stderr)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if main_process else None
