@@ -190,17 +190,23 @@ def model_overrides(pairs: tuple[str, ...]) -> dict:
         kind = types[name]
         try:
             if name == "conv_channels":
-                value = tuple(int(c) for c in text.split(","))
-                if len(value) != 3:
-                    raise ValueError("three channel counts")
+                parts = text.split(",")
+                if len(parts) != 3 or not all(c.strip().isdigit() for c in parts):
+                    raise ValueError("three channel counts, e.g. 32,64,64")
+                value = tuple(int(c) for c in parts)
             elif kind in (bool, "bool"):
                 if text.strip().lower() not in ("true", "false", "1", "0"):
                     raise ValueError("true or false")
                 value = text.strip().lower() in ("true", "1")
             elif kind in (int, "int"):
+                if not text.strip().lstrip("-").isdigit():
+                    raise ValueError("a whole number")
                 value = int(text)
             else:
-                value = float(text)
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise ValueError("a number") from None
         except ValueError as error:
             raise ValueError(f"--model-set {pair!r}: {name} needs {error}") from None
         overrides[name] = value
