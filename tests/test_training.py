@@ -303,6 +303,10 @@ def test_resume_refuses_different_settings(dataset_path, tmp_path):
     train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
     with pytest.raises(SystemExit, match="batch_size"):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, batch_size=2, resume=True))
+    for change in ({"dropout": 0.3}, {"learning_rate": 1e-2}, {"weight_decay": 0.5}, {"warmup_steps": 7},
+                   {"decay": "linear"}, {"grad_clip": 0.0}):
+        with pytest.raises(SystemExit, match=f"--resume with {next(iter(change))}="):
+            train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True, **change))
 
 
 def test_training_without_action_inputs_is_recorded_and_kept_on_resume(dataset_path, tmp_path):

@@ -519,7 +519,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("aux_weight", 0.0)  # and before --aux-weight
         saved_config["model_set"] = tuple(saved_config.get("model_set", ()))  # JSON gives a list
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
-                    "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set"):
+                    "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set", "dropout", "learning_rate",
+                    "weight_decay", "warmup_steps", "decay", "grad_clip"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -545,7 +546,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         print(warning, file=sys.stderr)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a") if main_process else None
+    log = open(out / "log.jsonl", "a", buffering=1) if main_process else None  # whole lines even after a kill
     say = print if main_process else (lambda *a, **k: None)
     say(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps"
         + (" (random offsets: more or fewer per epoch)" if config.random_offsets else "") + ", "
