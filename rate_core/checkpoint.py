@@ -50,6 +50,12 @@ def model_card(model: MemoryTransformer) -> str:
             f"Training:\n{training}")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None) -> Path:
     """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
     complete checkpoint or the new complete one, never a mix or a half-written file.
@@ -63,7 +69,9 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     model.save_pretrained(staging, config=checkpoint_config(model))
     if extra is not None:
         extra(staging)
+    readable = 0o666 & ~_umask()  # safetensors writes its files 0600; give every file the usual mode
     for path in staging.iterdir():
+        os.chmod(path, readable)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"

@@ -55,6 +55,15 @@ def test_saving_over_a_checkpoint_replaces_it_and_leaves_no_debris(saved):
     assert [p.name for p in directory.parent.iterdir()] == ["ckpt"]
 
 
+def test_checkpoint_files_get_the_mode_of_ordinary_files(saved, tmp_path):
+    _, directory = saved
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("x")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+    assert modes["model.safetensors"] == ordinary.stat().st_mode & 0o777, modes
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_config_holds_model_task_and_training(saved):
     _, directory = saved
     config = json.loads((directory / "config.json").read_text())
