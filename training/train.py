@@ -617,7 +617,6 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
         if main_process:
             log.write(json.dumps(record) + "\n")
-            log.flush()
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
                 folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at))
