@@ -607,15 +607,28 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         batch, steps = actions.shape
         if state is None:
             state = self.initial_state(batch)
-        tokens = self.embed(rtg, obs, actions)
+        hidden, state = self.advance(self.embed(rtg, obs, actions), state)
         m = self.config.num_mem_tokens
-        hidden, cache = self.run_core(tokens, state.memory, state.memory, state.cache)
         outputs = hidden[:, m + 1 : m + 3 * steps : 3]
         aux = self.aux_head(outputs) if self.aux_head is not None else None
-        memory = None
-        if m:
-            memory = self.update_memory(state.memory, hidden[:, m + 3 * steps :])
-        return self.head(outputs), aux, MemoryState(memory, cache)
+        return self.head(outputs), aux, state
+
+    def advance(self, tokens: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
+        """One segment of embedded tokens (B, S, d) from `state`: hidden (B, m + S + m, d) and the
+        next segment's state (memory through the MRV, Transformer-XL cache)."""
+        m = self.config.num_mem_tokens
+        hidden, cache = self.run_core(tokens, state.memory, state.memory, state.cache)
+        memory = self.update_memory(state.memory, hidden[:, m + tokens.shape[1]:]) if m else None
+        return hidden, MemoryState(memory, cache)
+
+    @torch.no_grad()
+    def replay(self, segments: list[torch.Tensor], batch_size: int) -> MemoryState:
+        """The state after these whole segments of embedded tokens (each (B, 3K, d)), from the
+        initial state: what the model would carry had the episode started with the first of them."""
+        state = self.initial_state(batch_size)
+        for tokens in segments:
+            state = self.advance(tokens, state)[1]
+        return state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -21,11 +21,23 @@ from rate_core.model import ACTION_PAD, MemoryTransformer
 
 
 class SegmentRecurrentPolicy:
-    """Acts for a batch of envs step by step with cached keys and values (rate, rmt, trxl)."""
+    """Acts for a batch of envs step by step with cached keys and values (rate, rmt, trxl).
 
-    def __init__(self, model: MemoryTransformer, num_envs: int, need_weights: bool = False):
+    memory_horizon H: at every segment boundary, rebuild the memory and cache from the initial state
+    over only the last H - 1 finished segments, so that no step sees anything from more than H
+    segments back (None: carry them over the whole episode, as trained and as the protocols do).
+    It measures how far back a model's memory reaches."""
+
+    def __init__(self, model: MemoryTransformer, num_envs: int, need_weights: bool = False,
+                 memory_horizon: int | None = None):
+        if memory_horizon is not None and memory_horizon < 1:
+            raise ValueError(f"memory_horizon counts segments, the current one included: at least 1, "
+                             f"got {memory_horizon}")
         self.model = model
         self.need_weights = need_weights
+        self.memory_horizon = memory_horizon
+        self.segments = []  # with a memory horizon: embedded tokens (B, 3K, d) of the last H - 1 segments
+        self.current = []  # with a memory horizon: the current segment's embedded tokens so far
         self.context = model.begin_segment(model.initial_state(num_envs))
         self.steps = 0  # steps of the current segment so far
         self.previous = None  # the previous step's actions, fed as the first token of the next step
@@ -39,6 +51,8 @@ class SegmentRecurrentPolicy:
         tokens = model.embed(rtg[:, None], obs[:, None], pad)[:, :2]  # R_t, o_t
         if self.steps:
             tokens = torch.cat([model.action_tokens(self.previous)[:, None], tokens], dim=1)
+        if self.memory_horizon is not None:
+            self.current.append(tokens)
         want = self.need_weights and model.config.num_mem_tokens > 0
         hidden, weights = model.extend_segment(tokens, self.context, need_weights=want)
         if want:
@@ -58,9 +72,16 @@ class SegmentRecurrentPolicy:
         if self.steps < self.model.config.segment_steps:
             return None
         model = self.model
-        model.extend_segment(model.action_tokens(action)[:, None], self.context)
+        last = model.action_tokens(action)[:, None]
+        model.extend_segment(last, self.context)
         before = self.context.state.memory
-        state = model.finish_segment(self.context)
+        if self.memory_horizon is None:
+            state = model.finish_segment(self.context)
+        else:
+            self.segments = (self.segments + [torch.cat(self.current + [last], dim=1)])[1 - self.memory_horizon:] \
+                if self.memory_horizon > 1 else []
+            self.current = []
+            state = model.replay(self.segments, len(action))
         self.context = model.begin_segment(state)
         self.steps = 0
         return None if before is None else (before, state.memory)
@@ -70,6 +91,8 @@ class SegmentRecurrentPolicy:
         self.context.select(index)
         if self.previous is not None:
             self.previous = self.previous[index]
+        self.segments = [tokens[index] for tokens in self.segments]
+        self.current = [tokens[index] for tokens in self.current]
 
 
 class SlidingWindowPolicy:
@@ -106,9 +129,15 @@ def _aux_probs(model: MemoryTransformer, output: torch.Tensor) -> torch.Tensor |
     return None if model.aux_head is None else model.aux_head(output).float().softmax(-1)
 
 
-def make_policy(model: MemoryTransformer, num_envs: int, need_weights: bool = False):
-    cls = SlidingWindowPolicy if model.config.mode == "dt" else SegmentRecurrentPolicy
-    return cls(model, num_envs, need_weights)
+def make_policy(model: MemoryTransformer, num_envs: int, need_weights: bool = False,
+                memory_horizon: int | None = None):
+    """The step-by-step policy of the model's mode; memory_horizon: see SegmentRecurrentPolicy."""
+    if model.config.mode != "dt":
+        return SegmentRecurrentPolicy(model, num_envs, need_weights, memory_horizon)
+    if memory_horizon is not None:
+        raise ValueError("a memory horizon is for models that carry memory or a cache across segments "
+                         "(rate, rmt, trxl); DT sees a fixed window of K * N steps")
+    return SlidingWindowPolicy(model, num_envs, need_weights)
 
 
 @dataclass
@@ -253,8 +282,8 @@ def _render_all(vector_env, num: int):
 @torch.no_grad()
 def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
                  sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
-                 temperature: float = 1.0,
-                 frames: bool = False, observations: bool = False) -> EpisodeBatch:
+                 temperature: float = 1.0, frames: bool = False, observations: bool = False,
+                 memory_horizon: int | None = None) -> EpisodeBatch:
     """Play one episode in each env of `vector_env` (autoreset disabled), seeded by `seeds`.
 
     target_return: return-to-go at the first step, one number or one per env (then
@@ -262,7 +291,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     argmax, with per-env random streams seeded by (sample_seed, env seed); max_steps: stop after
     this many steps (default: when every env is done); progress: optional callable(step) for
     progress bars; trace: record an EpisodeTrace per env (frames and observations only when asked;
-    frames need an env made with render_mode='rgb_array').
+    frames need an env made with render_mode='rgb_array'); memory_horizon: see SegmentRecurrentPolicy.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -270,7 +299,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     seeds = list(seeds)
     obs, reset_info = vector_env.reset(seed=seeds)
     obs_dtype = torch.uint8 if model.config.obs_kind == "image" else torch.float32
-    policy = make_policy(model, num, need_weights=trace)
+    policy = make_policy(model, num, need_weights=trace, memory_horizon=memory_horizon)
     rtg_all = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (num,)).copy()
     rngs = [np.random.default_rng([sample_seed, int(s)]) for s in seeds] if sample else None
     recorder = _Recorder(model, seeds, reset_info, num, frames, observations) if trace else None

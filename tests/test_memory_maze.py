@@ -7,6 +7,8 @@ context for each new maze), so the tests share one env where they can."""
 
 import functools
 import logging
+import os
+import signal
 import subprocess
 import sys
 
@@ -206,6 +208,18 @@ def test_subproc_vector_env_matches_lockstep_on_tmaze():
         ours.close()
         reference.close()
     assert not any(process.is_alive() for process in ours._processes)
+
+
+def test_a_killed_worker_is_reported_with_its_likely_cause():
+    env_fns = [functools.partial(TMazeEnv, episode_length=5)] * 2
+    envs = SubprocLockstepVectorEnv(env_fns, num_workers=2)
+    try:
+        envs.reset(seed=[1, 2])
+        os.kill(envs._processes[1].pid, signal.SIGKILL)  # as the out-of-memory killer does
+        with pytest.raises(RuntimeError, match=r"env worker 1 ended \(exit code -9\); .*out-of-memory"):
+            envs.step([0, 0])
+    finally:
+        envs.close()
 
 
 def test_subproc_vector_env_matches_lockstep_on_memory_maze():

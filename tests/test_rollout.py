@@ -42,6 +42,34 @@ def test_cached_policy_equals_recompute(variant, action_inputs):
             policy.record_action(actions[:, t])
 
 
+@pytest.mark.parametrize("horizon", [1, 2, 3, 100])
+@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "dt"])
+def test_memory_horizon_acts_as_if_the_episode_began_that_many_segments_back(variant, horizon):
+    model = tiny_model(variant)
+    steps = 5 * K + 2
+    rtg, obs, actions = random_batch(model.config, batch=3, steps=steps)
+    policy = make_policy(model, 3, memory_horizon=horizon)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        for t in range(steps):
+            if t == 3 * K + 1:  # an env finishes: its row leaves the batch, the kept segments follow
+                rows = torch.tensor([0, 2])
+                policy.select(rows)
+            logits = policy.logits(rtg[rows, t], obs[rows, t])
+            start = max(0, t // K - horizon + 1) * K  # the first step of the oldest segment it may see
+            window = slice(start, None)
+            expected = recomputed_logits(model, rtg[rows, window], obs[rows, window], actions[rows, window], t - start)
+            assert torch.allclose(logits, expected, atol=1e-5), (variant, horizon, t)
+            policy.record_action(actions[rows, t])
+
+
+def test_memory_horizon_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="at least 1"):
+        make_policy(tiny_model("rate"), 2, memory_horizon=0)
+    with pytest.raises(ValueError, match="DT sees a fixed window"):
+        make_policy(tiny_model("dt"), 2, memory_horizon=2)
+
+
 def reference_episode(model, task, settings, seed, target_return):
     """One env, recomputing every step from the full history: the slow, obvious way."""
     env = task.make_env(**settings)

@@ -565,6 +565,16 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json"))
     assert "+0.000 +- 0.000  0 / 4 / 0" in capsys.readouterr().out
 
+    # a memory horizon is recorded, and compare says that the two evaluations differ in it
+    main(Args(checkpoint=checkpoint, values=(10,), episodes=4, seed=3, memory_horizon=1, json=tmp_path / "h.json"))
+    assert load_evaluation(tmp_path / "h.json")["memory_horizon"] == 1 and a["memory_horizon"] is None
+    capsys.readouterr()
+    compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "h.json"))
+    out = capsys.readouterr().out
+    assert "memory horizon 1 segment\n" in out and "differ in memory horizon" in out
+    with pytest.raises(SystemExit, match="--memory-horizon: .*at least 1"):
+        main(Args(checkpoint=checkpoint, episodes=2, memory_horizon=0, json=tmp_path / "zero.json"))
+
     # pairing uses the seeds both played, whatever their order
     first = {"seeds": [1, 2, 3], "returns": [1.0, 0.0, 1.0]}
     second = {"seeds": [3, 2, 9], "returns": [0.0, 0.0, 5.0]}

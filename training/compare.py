@@ -79,11 +79,15 @@ def main(args: Args) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     for name, report in (("A", first), ("B", second)):
-        print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}")
+        horizon = report.get("memory_horizon")  # older files have none: the whole episode
+        print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}"
+              + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else ""))
     differing = [k for k in ("target_return", "sample_actions", "temperature")  # older files have no temperature
                  if first["protocol"].get(k, 1.0) != second["protocol"].get(k, 1.0)]
     if first.get("overrides") != second.get("overrides"):
         differing.append("environment settings")
+    if first.get("memory_horizon") != second.get("memory_horizon"):
+        differing.append("memory horizon")
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
     setting = first["protocol"]["setting"]

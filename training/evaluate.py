@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
-from rate_core.rollout import EpisodeBatch, run_episodes
+from rate_core.rollout import EpisodeBatch, make_policy, run_episodes
 from rate_core.tasks import Task, get_task
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
@@ -49,6 +49,10 @@ class Args:
     temperature: float = 1.0
     """sampled actions are drawn from softmax(logits / temperature): below 1 nearer the argmax, above 1
     more random (recorded in the JSON's protocol)"""
+    memory_horizon: int | None = None
+    """carry memory and cache over at most this many segments, the current one included: at every segment
+    boundary they are rebuilt from the last H - 1 segments, as if the episode had started there (default:
+    the whole episode, as the protocol; rate, rmt and trxl only). Shows how far back a model's memory reaches"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Path | None = None
@@ -85,10 +89,12 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
 
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
-             target_return: float | None = None, temperature: float | None = None) -> list[dict]:
+             target_return: float | None = None, temperature: float | None = None,
+             memory_horizon: int | None = None) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
     on_result: optional callable(results so far), called after each value (e.g. to save them);
-    overrides: environment settings that replace the task's defaults (e.g. step_cap)."""
+    overrides: environment settings that replace the task's defaults (e.g. step_cap);
+    memory_horizon: see rate_core.rollout.SegmentRecurrentPolicy."""
     protocol = task.evaluation
     temperature = protocol.temperature if temperature is None else temperature
     sample = protocol.sample_actions if sample is None else sample
@@ -106,7 +112,8 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             desc = f"{protocol.setting}={value}" + (f" episodes {start + 1}-{start + len(chunk)}" if batch < episodes else "")
             with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
                 parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
-                                          progress=lambda _: bar.update(), temperature=temperature))
+                                          progress=lambda _: bar.update(), temperature=temperature,
+                                          memory_horizon=memory_horizon))
             env.close()
         outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
@@ -211,11 +218,17 @@ def main(args: Args) -> None:
             raise SystemExit("error: --temperature changes sampled actions; this evaluation takes the argmax "
                              "(add --actions sampled)")
         protocol = replace(protocol, temperature=args.temperature)
+    try:
+        make_policy(model, 1, memory_horizon=args.memory_horizon)
+    except ValueError as error:
+        raise SystemExit(f"error: --memory-horizon: {error}")
     episodes = args.episodes or protocol.episodes
     actions = "argmax" if not protocol.sample_actions else \
         "sampled" + (f" at temperature {protocol.temperature}" if protocol.temperature != 1 else "")
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
-          f"{protocol.setting}, {actions} actions, target return {protocol.target_return}")
+          f"{protocol.setting}, {actions} actions, target return {protocol.target_return}"
+          + (f", memory horizon {args.memory_horizon} segment{'s' * (args.memory_horizon > 1)}"
+             if args.memory_horizon else ""))
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     out = args.json or Path(args.checkpoint) / "eval.json"
@@ -223,12 +236,13 @@ def main(args: Args) -> None:
     def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
         out.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
-            "protocol": asdict(protocol), "overrides": overrides, "results": results,
+            "protocol": asdict(protocol), "overrides": overrides, "memory_horizon": args.memory_horizon,
+            "results": results,
         }, indent=2))
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
                        overrides=overrides, target_return=protocol.target_return,
-                       temperature=protocol.temperature)
+                       temperature=protocol.temperature, memory_horizon=args.memory_horizon)
     print_table(task, results)
     print(f"wrote {out}")
 

@@ -12,6 +12,7 @@ picklable: module-level functions or functools.partial of them, not lambdas.
 
 import multiprocessing as mp
 import os
+import signal
 import traceback
 from typing import Any, Callable
 
@@ -113,8 +114,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
             try:
                 status, result = connection.recv()
             except (EOFError, ConnectionError):
-                code = self._processes[worker].exitcode
-                status, result = "error", (RuntimeError(f"env worker {worker} ended (exit code {code})"), "")
+                status, result = "error", (RuntimeError(self._ended(worker)), "")
             if status == "error":
                 error, text = result
                 if failure is None:
@@ -124,6 +124,17 @@ class SubprocLockstepVectorEnv(VectorEnv):
         if failure is not None:
             raise failure
         return answers
+
+    def _ended(self, worker: int) -> str:
+        """Why a worker's connection closed, for the error: its exit code (waited for briefly, as the
+        pipe closes before the process is gone) and what a kill by SIGKILL usually means."""
+        process = self._processes[worker]
+        process.join(timeout=5)
+        message = f"env worker {worker} ended (exit code {process.exitcode})"
+        if process.exitcode == -signal.SIGKILL:
+            message += ("; it was killed (SIGKILL), most often by the kernel's out-of-memory killer: run fewer envs "
+                        "at once, or fewer jobs beside this one")
+        return message
 
     def _request(self, command: str, arguments: list) -> list:
         if self.closed:
