@@ -110,9 +110,16 @@ class EpisodeRequest:
     target_return: float
     step_cap: int | None
     sample: bool
+    memory_horizon: int | None = None
+    """segments that RATE, RMT and TrXL may remember, the current one included (None: all; DT: its window)"""
+
+    def horizon_for(self, model: MemoryTransformer) -> int | None:
+        """The memory horizon this model plays with: none for DT, whose window is fixed."""
+        return None if model.config.mode == "dt" else self.memory_horizon
 
 
-def make_request(task_name: str, seed, setting_value, target_return, step_cap, sample: bool) -> EpisodeRequest:
+def make_request(task_name: str, seed, setting_value, target_return, step_cap, sample: bool,
+                 memory_horizon=0) -> EpisodeRequest:
     """Check the visitor's settings; AppError says which one is wrong and what is allowed."""
     try:
         task = get_task(task_name)
@@ -135,7 +142,13 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
         if not float(step_cap).is_integer() or not 1 <= step_cap <= 100_000:
             raise AppError(f"step cap must be a whole number from 1 to 100000 (0: play to the end), got {step_cap}")
         cap = int(step_cap)
-    return EpisodeRequest(task, settings, int(seed), target, cap, bool(sample))
+    horizon = None
+    if memory_horizon not in (None, 0):
+        if not float(memory_horizon).is_integer() or not 1 <= memory_horizon <= 10_000:
+            raise AppError(f"memory horizon must be a whole number of segments from 1 to 10000 (0: the whole "
+                           f"episode), got {memory_horizon}")
+        horizon = int(memory_horizon)
+    return EpisodeRequest(task, settings, int(seed), target, cap, bool(sample), horizon)
 
 
 def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> EpisodeTrace:
@@ -147,7 +160,8 @@ def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> Ep
     try:
         batch = run_episodes(model, env, [request.seed], request.target_return, sample=request.sample,
                              sample_seed=request.seed, max_steps=request.step_cap, progress=progress, trace=True,
-                             frames=True, observations=request.task.counterfactual is not None)
+                             frames=True, observations=request.task.counterfactual is not None,
+                             memory_horizon=request.horizon_for(model))
     finally:
         env.close()
     return batch.traces[0]
@@ -156,8 +170,8 @@ def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> Ep
 @torch.no_grad()
 def last_step_probs(model: MemoryTransformer, trace: EpisodeTrace, observations: np.ndarray) -> np.ndarray:
     """Action probabilities (A,) at the last step of the episode replayed with these observations and
-    the trace's actions and returns-to-go (teacher forcing: segment by segment as in training, or
-    DT's last window)."""
+    the trace's actions and returns-to-go (teacher forcing: segment by segment as in training, from
+    the first segment its memory horizon reaches, or DT's last window)."""
     steps = trace.length
     device = next(model.parameters()).device
     rtg = torch.as_tensor(trace.returns_to_go, device=device)[None]
@@ -169,7 +183,9 @@ def last_step_probs(model: MemoryTransformer, trace: EpisodeTrace, observations:
         logits = model.last_step_logits(rtg[:, -k:], obs[:, -k:], actions[:, -k:])
     else:
         state = None
-        for start in range(0, steps, k):
+        last = (steps - 1) // k * k  # the last step's segment
+        first = 0 if trace.memory_horizon is None else max(0, last - (trace.memory_horizon - 1) * k)
+        for start in range(first, steps, k):
             seg = slice(start, start + k)
             out, state = model(rtg[:, seg], obs[:, seg], actions[:, seg], state)
         logits = out[:, -1]
@@ -195,7 +211,7 @@ def outcome(trace: EpisodeTrace, model: MemoryTransformer, task: Task) -> dict:
     result = {
         "mode": model.config.mode, "steps": steps, "return": round(trace.total_return, 4),
         "segments": math.ceil(steps / model.config.context_length) if model.config.mode != "dt" else None,
-        "memory_updates": len(trace.memory_update_steps),
+        "memory_updates": len(trace.memory_update_steps), "memory_horizon": trace.memory_horizon,
     }
     if task.evaluation.metric == "success":
         result["success"] = trace.success
@@ -237,7 +253,14 @@ def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: s
     segment = t // k
     if memory and t % k == 0 and 0 < t < trace.length:
         draw.rectangle((0, height, width, height + 3), fill=(250, 210, 40))
-        note, colour = f"segment {segment + 1} begins: memory updated from the last {k} steps", (250, 210, 40)
+        horizon = trace.memory_horizon
+        if horizon is None:
+            reach = f"memory updated from the last {k} steps"
+        elif horizon == 1:
+            reach = "memory reset (memory horizon 1)"
+        else:
+            reach = f"memory rebuilt from the last {(horizon - 1) * k} steps only (memory horizon {horizon})"
+        note, colour = f"segment {segment + 1} begins: {reach}", (250, 210, 40)
     else:
         note = f"segment {segment + 1} (K = {k} steps)" if memory else f"window of the last {k} steps"
         colour = (150, 150, 150)

@@ -56,16 +56,16 @@ def describe(task: str, mode: str) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------------ callbacks
 def run_episodes(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
-                 step_cap: float, sample: bool, progress=gr.Progress()):
+                 step_cap: float, sample: bool, memory_horizon: float = 0, progress=gr.Progress()):
     """Play the same seeded episode with the left and the right checkpoint.
     Returns the two videos, a JSON summary per agent, and the traces for the memory panel."""
-    key = (task, left, right, seed, setting, target_return, step_cap, bool(sample))
+    key = (task, left, right, seed, setting, target_return, step_cap, bool(sample), memory_horizon)
     cacheable = all(str(choice).startswith("shipped: ") for choice in (left, right))
     with _cache_lock:
         if cacheable and key in RESULT_CACHE:
             return RESULT_CACHE[key]
     try:
-        request = make_request(task, seed, setting, target_return, step_cap, sample)
+        request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
         models = [load_model(choice, request.task.name) for choice in (left, right)]
         names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
         traces = []
@@ -83,7 +83,7 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     videos = episode_videos(traces, models, names, request.task)
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
                "app_step_cap": request.step_cap, "target_return": request.target_return,
-               "sampled_actions": request.sample,
+               "sampled_actions": request.sample, "memory_horizon": request.memory_horizon,
                "info": traces[0].reset_info,
                "left": {"checkpoint": left, **outcome(traces[0], models[0], request.task)},
                "right": {"checkpoint": right, **outcome(traces[1], models[1], request.task)}}
@@ -105,6 +105,9 @@ def _verdict(side: dict) -> str:
     parts.append(f"return {side['return']:g} in {side['steps']} steps")
     if side.get("segments"):
         parts.append(f"{side['segments']} segments, {side['memory_updates']} memory updates")
+    if side.get("memory_horizon"):
+        horizon = side["memory_horizon"]
+        parts.append(f"memory horizon {horizon} segment{'s' * (horizon > 1)}")
     return ", ".join(parts)
 
 
@@ -169,7 +172,7 @@ def default_inputs(task_name: str) -> list:
     left, right = default_pair(task_name)
     setting = task.demo_setting.default if task.demo_setting else None
     return [task_name, left, right, 0, setting, task.evaluation.target_return, task.demo_step_cap or 0,
-            task.evaluation.sample_actions]
+            task.evaluation.sample_actions, 0]
 
 
 def warm_cache(examples: list[list]) -> None:
@@ -195,7 +198,7 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         gr.Markdown(INTRO)
         if not tasks:
             gr.Markdown("No trained checkpoints are shipped yet (they land under `assets/checkpoints/`).")
-        first = default_inputs(tasks[0]) if tasks else [None] * 8
+        first = default_inputs(tasks[0]) if tasks else [None] * 9
         spec = get_task(tasks[0]).demo_setting if tasks else None
         with gr.Row():
             task = gr.Dropdown(tasks, value=first[0], label="task")
@@ -211,6 +214,9 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step")
             cap = gr.Number(value=first[6], precision=0, label="step cap", info="0: play each episode to its end")
             sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action")
+            horizon = gr.Number(value=0, precision=0, label="memory horizon (segments)",
+                                info="0: remember the whole episode; H: RATE, RMT and TrXL remember the last H "
+                                     "segments only (DT keeps its window)")
         run = gr.Button("Run", variant="primary")
         outcome_text = gr.Markdown()
         with gr.Row():
@@ -223,7 +229,7 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             captions.append(gr.Markdown())
         summary = gr.JSON(label="summary")
         panel_state = gr.State()
-        inputs = [task, left, right, seed, setting, target, cap, sample]
+        inputs = [task, left, right, seed, setting, target, cap, sample, horizon]
         gr.Examples(examples, inputs=inputs, label="examples (precomputed: press Run after choosing one)")
         with gr.Accordion("Shipped checkpoints and model configurations", open=False):
             rows = shipped_checkpoints()

@@ -174,6 +174,8 @@ class EpisodeTrace:
     """(T + 1, H, W, 3) uint8 rendered frames: before each step and after the last (when asked)"""
     observations: np.ndarray | None = None
     """(T + 1, *obs_shape) observations (when asked)"""
+    memory_horizon: int | None = None
+    """the segments memory and cache reached back over (run_episodes' memory_horizon; None: the whole episode)"""
 
     @property
     def length(self) -> int:
@@ -209,8 +211,8 @@ def _per_env(value, num: int) -> bool:
 class _Recorder:
     """Collects traces of all envs, step by step."""
 
-    def __init__(self, model, seeds, reset_info, num, frames, observations):
-        self.model, self.seeds, self.num = model, list(seeds), num
+    def __init__(self, model, seeds, reset_info, num, frames, observations, memory_horizon=None):
+        self.model, self.seeds, self.num, self.memory_horizon = model, list(seeds), num, memory_horizon
         self.want_frames, self.want_obs = frames, observations
         self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[], attention=[],
                            aux=[], frames=[], obs=[]) for _ in range(num)]
@@ -266,7 +268,7 @@ class _Recorder:
                 memory_attention=np.array(rec["attention"]) if rec["attention"] else None,
                 aux_probs=np.array(rec["aux"], dtype=np.float32) if rec["aux"] else None,
                 frames=np.array(rec["frames"]) if rec["frames"] else None,
-                observations=np.array(rec["obs"]) if rec["obs"] else None,
+                observations=np.array(rec["obs"]) if rec["obs"] else None, memory_horizon=self.memory_horizon,
             ))
         return out
 
@@ -302,7 +304,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     policy = make_policy(model, num, need_weights=trace, memory_horizon=memory_horizon)
     rtg_all = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (num,)).copy()
     rngs = [np.random.default_rng([sample_seed, int(s)]) for s in seeds] if sample else None
-    recorder = _Recorder(model, seeds, reset_info, num, frames, observations) if trace else None
+    recorder = _Recorder(model, seeds, reset_info, num, frames, observations, memory_horizon) if trace else None
     returns = np.zeros(num)
     lengths = np.zeros(num, dtype=np.int64)
     successes = np.zeros(num, dtype=bool)

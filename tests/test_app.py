@@ -71,8 +71,13 @@ def test_settings_out_of_range_are_refused_with_the_allowed_range():
         make_request("tmaze", 0, 150, 1.0, 2.5, False)
     with pytest.raises(AppError, match="unknown task"):
         make_request("chess", 0, 150, 1.0, 0, False)
+    with pytest.raises(AppError, match="memory horizon must be a whole number of segments"):
+        make_request("tmaze", 0, 150, 1.0, 0, False, 1.5)
+    with pytest.raises(AppError, match="memory horizon"):
+        make_request("tmaze", 0, 150, 1.0, 0, False, -2)
     request = make_request("tmaze", 3, 200, None, 0, False)
     assert request.settings == {"episode_length": 200} and request.target_return == 1.0 and request.step_cap is None
+    assert request.memory_horizon is None and make_request("tmaze", 3, 200, None, 0, False, 2).memory_horizon == 2
 
 
 def test_bad_checkpoints_are_refused_with_a_message(tmp_path):
@@ -131,7 +136,11 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
         with pytest.raises(Exception, match=message):
             client.predict(*inputs, api_name="/run_episodes")
     again = client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, api_name="/run_episodes")
-    assert again[2]["left"]["steps"] == 59
+    assert again[2]["left"]["steps"] == 59 and again[2]["memory_horizon"] is None
+    with pytest.raises(Exception, match="memory horizon"):
+        client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, -1, api_name="/run_episodes")
+    cut = client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, 1, api_name="/run_episodes")
+    assert cut[2]["memory_horizon"] == cut[2]["left"]["memory_horizon"] == 1 and cut[2]["right"]["memory_horizon"] is None
 
 
 def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
@@ -228,6 +237,19 @@ def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
     assert abs(rate["played"] - traces[0].probs[-1]).max() < 1e-4  # the replay reproduces the played step
     assert rate["played"].argmax() != rate["flipped"].argmax()  # the other cue, the other turn
     assert dt["played"].argmax() == dt["flipped"].argmax()  # the cue left DT's window long ago
+
+
+def test_a_memory_horizon_makes_rate_forget_the_cue_and_leaves_dt_alone():
+    from app.episodes import play, what_if
+    from rate_core.tasks import get_task
+
+    request = make_request("tmaze", 0, 300, 1.0, 0, False, memory_horizon=2)  # K = 50: the cue is 5 segments back
+    models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
+    traces = [play(model, request) for model in models]
+    assert traces[0].memory_horizon == 2 and traces[1].memory_horizon is None
+    rate, _ = what_if(traces, models, get_task("tmaze"))
+    assert abs(rate["played"] - traces[0].probs[-1]).max() < 1e-4  # the replay keeps to the horizon
+    assert np.allclose(rate["played"], rate["flipped"], atol=1e-5)  # the other cue is out of reach: no change
 
 
 def test_memory_plot_shows_what_an_auxiliary_head_reads():
