@@ -78,8 +78,8 @@ class SegmentRecurrentPolicy:
         if self.memory_horizon is None:
             state = model.finish_segment(self.context)
         else:
-            self.segments = (self.segments + [torch.cat(self.current + [last], dim=1)])[1 - self.memory_horizon:] \
-                if self.memory_horizon > 1 else []
+            keep = self.memory_horizon - 1  # finished segments the next one may draw on
+            self.segments = (self.segments + [torch.cat(self.current + [last], dim=1)])[-keep:] if keep else []
             self.current = []
             state = model.replay(self.segments, len(action))
         self.context = model.begin_segment(state)

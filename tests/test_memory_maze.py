@@ -216,8 +216,17 @@ def test_a_killed_worker_is_reported_with_its_likely_cause():
     try:
         envs.reset(seed=[1, 2])
         os.kill(envs._processes[1].pid, signal.SIGKILL)  # as the out-of-memory killer does
+        envs._processes[1].join(timeout=5)  # gone before the request: the send itself fails
         with pytest.raises(RuntimeError, match=r"env worker 1 ended \(exit code -9\); .*out-of-memory"):
             envs.step([0, 0])
+        envs.close()
+        envs = SubprocLockstepVectorEnv(env_fns, num_workers=2)
+        envs.reset(seed=[1, 2])
+        # killed after the request went out: its answer never comes, the other worker's does
+        envs._connections[0].send(("step", np.zeros(1, dtype=np.int64)))
+        os.kill(envs._processes[1].pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"env worker 1 ended \(exit code -9\); .*out-of-memory"):
+            envs._receive_all()
     finally:
         envs.close()
 

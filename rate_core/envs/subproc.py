@@ -139,8 +139,11 @@ class SubprocLockstepVectorEnv(VectorEnv):
     def _request(self, command: str, arguments: list) -> list:
         if self.closed:
             raise RuntimeError("this vector env is closed; make a new one")
-        for connection, argument in zip(self._connections, arguments):
-            connection.send((command, argument))
+        for worker, (connection, argument) in enumerate(zip(self._connections, arguments)):
+            try:
+                connection.send((command, argument))
+            except (BrokenPipeError, ConnectionError):  # it died since the last request
+                raise RuntimeError(self._ended(worker)) from None
         return self._receive_all()
 
     def _split(self, values) -> list:
