@@ -336,6 +336,67 @@ def test_exploring_expert_with_a_bounded_recall_forgets_what_it_saw_too_long_ago
     assert options == {"recall": 90.0} and get_task("memory_maze").make_teacher(**options).expert.recall == 90
 
 
+class _Ring:
+    """Stands in for MemoryMazeEnv: a ring of free cells round a wall, the agent '@' at (0.5, 0.5)
+    facing +y, up the left column; target 0 at the right end of the middle row.
+
+        y=2  . . . .      the short way to the target runs along the bottom row (4 steps), the long
+        y=1  . # # 0      one up the left column and along the top row (6 steps)
+        y=0  @ . . .
+    """
+
+    maze_layout = np.array([[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=np.uint8)
+    targets_pos = np.array([[3.5, 1.5]])
+
+    def __init__(self):
+        self.target_index = 0
+        self.agent_pos, self.agent_dir = np.array([0.5, 0.5]), np.array([0.0, 1.0])
+        self.np_random = np.random.default_rng(0)
+
+
+def test_seen_only_expert_plans_through_cells_it_has_seen():
+    env = _Ring()
+    seen_only, layout = ExploringMemoryMazeExpert(noise=0.0, seen_only=True), ExploringMemoryMazeExpert(noise=0.0)
+    for expert in (seen_only, layout):
+        expert.reset(env, {})
+        expert.target_seen_at[0] = 0  # it saw the target once, and the long way round, never the short one
+        expert.seen_at[[0, 1, 2, 2, 2, 2, 1], [0, 0, 0, 1, 2, 3, 3]] = 0
+    assert layout.act(env, None, None) == 3  # on the layout: turn right, to the short way along the bottom row
+    assert seen_only.act(env, None, None) == 1  # on what it saw: straight up the left column
+    assert not seen_only.seen[0, 1:].any()  # facing up, it still has not seen the bottom row
+
+    # the target not seen: it explores towards the nearest unseen free cell next to the cells it can reach
+    explorer = ExploringMemoryMazeExpert(noise=0.0, seen_only=True)
+    explorer.reset(env, {})
+    explorer.act(env, None, None)  # sees up the left column: (0, 1) and (0, 2)
+    assert explorer.seen[:, 0].all() and explorer.seen.sum() == 3
+    assert explorer._frontier((0, 0), explorer.seen) == (1, 0)  # 1 step away; (1, 2) is 3
+    explorer.seen_at[explorer.layout] = 1  # everything seen: nothing left to explore
+    assert explorer._frontier((0, 0), explorer.seen) is None
+    with pytest.raises(ValueError, match="seen_only"):
+        ExploringMemoryMazeExpert(seen_only=2)
+    # the dataset's teacher takes it as an option (collect --teacher --teacher-options seen_only=1)
+    from training.collect import parse_teacher_options
+
+    options = parse_teacher_options(get_task("memory_maze"), ("seen_only=1",))
+    assert get_task("memory_maze").make_teacher(**options).expert.seen_only
+
+
+def test_label_probe_counts_where_two_teachers_agree(capsys):
+    from training.label_probe import Args, main, probe
+
+    same = probe("memory_maze", {}, {}, episodes=1, seed=5, early=20, settings={"step_cap": 40})
+    assert same["agree"] == same["agree_early"] == 1.0 and same["steps"] == 40
+    # a teacher that acts at random half the time labels (with its noise-free expert) as the other's
+    noisy = probe("memory_maze", {"noise": 0.5}, {}, episodes=1, seed=5, early=20, settings={"step_cap": 40})
+    assert noisy["agree"] == 1.0
+    main(Args(b=("seen_only=1",), episodes=1, seed=5, early=20, settings=("step_cap=40",)))
+    out = capsys.readouterr().out
+    assert "mean return" in out and "of 40 steps" in out and "first 20" in out
+    with pytest.raises(SystemExit, match="seen_only"):
+        main(Args(b=("seen_onl=1",), episodes=1))
+
+
 def test_privileged_expert_heads_for_an_unseen_target():
     env = _Corridors(target_index=2)
     expert = MemoryMazeExpert(noise=0.0)

@@ -368,14 +368,17 @@ class MemoryMazeExpert:
             return 4 if off > 0 else 5
         return 2 if off > 0 else 3
 
-    def _aim_point(self, position: np.ndarray, distance: np.ndarray, goal_pos: np.ndarray) -> np.ndarray:
+    def _aim_point(self, position: np.ndarray, distance: np.ndarray, goal_pos: np.ndarray,
+                   free: np.ndarray | None = None) -> np.ndarray:
         """The farthest cell centre along the shortest path (up to `lookahead` cells) to `goal_pos`
-        (whose cell has `distance` 0) in clear sight."""
+        (whose cell has `distance` 0) in clear sight; paths and sight lines keep to the cells of
+        `free` ((H, W) bool, default: the layout's free cells)."""
+        free = self.layout if free is None else free
         cell = self._cell(position)
         path = []
         while len(path) < self.lookahead and distance[cell[1], cell[0]] > 0:
             x, y = cell
-            cell = min(((x + dx, y + dy) for dx, dy in _STEPS4 if self._free(x + dx, y + dy)
+            cell = min(((x + dx, y + dy) for dx, dy in _STEPS4 if self._free(x + dx, y + dy, free)
                         and distance[y + dy, x + dx] >= 0), key=lambda c: distance[c[1], c[0]])
             path.append(cell)
         if not path:
@@ -383,7 +386,7 @@ class MemoryMazeExpert:
         centres = [np.asarray(goal_pos, dtype=float) if distance[y, x] == 0 else np.array([x + 0.5, y + 0.5])
                    for x, y in path]
         for centre in reversed(centres[1:]):
-            if self._clear(position, centre):
+            if self._clear(position, centre, free=free):
                 return centre
         return centres[0]
 
@@ -391,12 +394,16 @@ class MemoryMazeExpert:
         x, y = (int(v) for v in np.clip(np.floor(position), 0, np.array(self.layout.shape[::-1]) - 1))
         return x, y
 
-    def _free(self, x: int, y: int) -> bool:
-        return 0 <= y < self.layout.shape[0] and 0 <= x < self.layout.shape[1] and bool(self.layout[y, x])
+    def _free(self, x: int, y: int, free: np.ndarray | None = None) -> bool:
+        free = self.layout if free is None else free
+        return 0 <= y < free.shape[0] and 0 <= x < free.shape[1] and bool(free[y, x])
 
-    def _clear(self, start: np.ndarray, end: np.ndarray, clearance: float | None = None) -> bool:
+    def _clear(self, start: np.ndarray, end: np.ndarray, clearance: float | None = None,
+               free: np.ndarray | None = None) -> bool:
         """Whether a ball can roll straight from `start` to `end`: points along the line and
-        `clearance` (default: the class's) to either side of it are all in free cells."""
+        `clearance` (default: the class's) to either side of it are all in cells of `free` (default:
+        the layout's free cells)."""
+        free = self.layout if free is None else free
         line = end - start
         length = float(np.hypot(*line))
         if length == 0:
@@ -405,8 +412,8 @@ class MemoryMazeExpert:
         t = np.linspace(0.0, 1.0, int(length / 0.1) + 2)[:, None]
         points = np.concatenate([start + t * line + offset for offset in (0.0, side, -side)])
         cells = np.floor(points).astype(int)
-        inside = ((cells >= 0) & (cells < np.array(self.layout.shape[::-1]))).all(axis=1)
-        return bool(inside.all() and self.layout[cells[:, 1], cells[:, 0]].all())
+        inside = ((cells >= 0) & (cells < np.array(free.shape[::-1]))).all(axis=1)
+        return bool(inside.all() and free[cells[:, 1], cells[:, 0]].all())
 
 
 class ExploringMemoryMazeExpert(MemoryMazeExpert):
@@ -423,17 +430,26 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
     for longer is unseen again (it explores), and so are free cells, so it explores towards the
     cells it saw longest ago. Its behaviour then rests on the recent past only, which a policy with
     a bounded memory can follow.
+
+    With `seen_only` it plans on what it has seen instead of the privileged layout: paths to a
+    target and sight lines for cutting corners keep to cells it has seen (its own cell counts as
+    seen), and it explores towards the nearest frontier: an unseen free cell next to a seen cell it
+    can reach through seen cells. Its steps then follow from its observations, as a clone's must.
     """
 
     fov = 40.0  # half-angle of the view: the egocentric camera has fovy 80 degrees and a square image
     sight = 6.0  # cells: a target farther away is a few pixels
 
-    def __init__(self, noise: float = 0.1, recall: float = 0.0):
+    def __init__(self, noise: float = 0.1, recall: float = 0.0, seen_only: bool = False):
         super().__init__(noise)
         if recall < 0:
             raise ValueError(f"recall must be 0 (remember everything) or a number of steps, got {recall}")
+        if seen_only not in (0, 1):
+            raise ValueError(f"seen_only must be 0 (plan on the layout) or 1 (on the cells seen), got {seen_only}")
         self.recall = recall
         """steps for which what it saw counts as known (0: the whole episode)"""
+        self.seen_only = bool(seen_only)
+        """plan paths through the cells it has seen only (else through the privileged layout)"""
 
     def reset(self, env: MemoryMazeEnv, info: dict) -> None:
         super().reset(env, info)
@@ -460,6 +476,8 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
         position, heading = np.asarray(env.agent_pos, dtype=float), np.asarray(env.agent_dir, dtype=float)
         self._look(position, heading, np.asarray(env.targets_pos, dtype=float))
         target = env.target_index
+        if self.seen_only:
+            return self._act_on_seen(env, position, heading, target)
         goal = None if target in self.seen_targets else self._nearest_unseen(position)
         if goal is None:
             return super().act(env, obs, info)
@@ -469,6 +487,51 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
             self._to_cell[goal] = grid_distances(self.layout, goal)
         centre = np.array([goal[0] + 0.5, goal[1] + 0.5])
         return self._steer(position, heading, self._aim_point(position, self._to_cell[goal], centre))
+
+    def _act_on_seen(self, env: MemoryMazeEnv, position: np.ndarray, heading: np.ndarray, target: int) -> int:
+        x, y = self._cell(position)
+        self.seen_at[y, x] = self.steps  # where it stands is known
+        known = self.seen
+        goal, goal_pos = None, None
+        if target in self.seen_targets:
+            goal_pos = np.asarray(env.targets_pos[target], dtype=float)
+            goal = self._cell(goal_pos)
+            known = known.copy()
+            known[goal[1], goal[0]] = True
+            distance = grid_distances(known, goal)
+            if distance[y, x] < 0:  # seen across cells it has not: find a way round first
+                goal, known = None, self.seen
+        if goal is None:
+            goal = self._frontier((x, y), known)
+            if goal is None:  # every reachable cell seen, the target not yet: on the layout as its parent
+                return super().act(env, None, None)
+            goal_pos = np.array([goal[0] + 0.5, goal[1] + 0.5])
+            known = known.copy()
+            known[goal[1], goal[0]] = True
+            distance = grid_distances(known, goal)
+        if self.noise and self.rng.random() < self.noise:
+            return int(self.rng.integers(len(ACTIONS)))
+        return self._steer(position, heading, self._aim_point(position, distance, goal_pos, free=known))
+
+    def _frontier(self, cell: tuple[int, int], known: np.ndarray) -> tuple[int, int] | None:
+        """The unseen free cell (x, y) fewest steps from `cell` through `known` cells (it is next to
+        one of them); with a bounded recall and no such cell, the known cell seen longest ago; else None."""
+        here = grid_distances(known, cell).astype(float)
+        here[here < 0] = np.inf
+        padded = np.pad(here, 1, constant_values=np.inf)
+        nearest = np.min([padded[1 + dy:1 + dy + here.shape[0], 1 + dx:1 + dx + here.shape[1]]
+                          for dx, dy in _STEPS4], axis=0) + 1
+        nearest[~(self.layout & ~known)] = np.inf
+        if np.isfinite(nearest).any():
+            y, x = np.unravel_index(int(np.argmin(nearest)), nearest.shape)
+            return int(x), int(y)
+        if not self.recall:
+            return None
+        reachable = np.isfinite(here)
+        oldest = np.where(reachable, self.seen_at, np.inf)
+        ys, xs = np.nonzero(oldest == oldest.min())
+        i = int(np.argmin(here[ys, xs]))
+        return int(xs[i]), int(ys[i])
 
     def _in_view(self, position: np.ndarray, heading: np.ndarray, points: np.ndarray) -> np.ndarray:
         """(n,) bool: which of the (n, 2) points the agent sees now."""
@@ -512,12 +575,14 @@ class MemoryMazeTeacher:
     same way.
     """
 
-    def __init__(self, noise: float = 0.1, recall: float = 0.0):
+    def __init__(self, noise: float = 0.1, recall: float = 0.0, seen_only: bool = False):
         self.noise = noise
         """probability of a random action at each step"""
         self.recall = recall
         """steps the expert remembers what it saw (ExploringMemoryMazeExpert; 0: the whole episode)"""
-        self.expert = ExploringMemoryMazeExpert(noise=0.0, recall=recall)
+        self.seen_only = bool(seen_only)
+        """the expert plans through the cells it has seen only (ExploringMemoryMazeExpert)"""
+        self.expert = ExploringMemoryMazeExpert(noise=0.0, recall=recall, seen_only=seen_only)
 
     def reset(self, env: MemoryMazeEnv, info: dict) -> None:
         self.expert.reset(env, info)
