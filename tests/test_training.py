@@ -395,8 +395,8 @@ def test_model_set_overrides_the_architecture_and_is_kept_on_resume(dataset_path
 
 
 def test_model_overrides_parse_each_kind_and_name_bad_pairs():
-    assert model_overrides(("conv_channels=8,16,16", "use-ffn=0", "dropout=0.3", "d_model=32")) == {
-        "conv_channels": (8, 16, 16), "use_ffn": False, "dropout": 0.3, "d_model": 32}
+    assert model_overrides(("conv_channels=8,16,16", "use-ffn=0", "dropout=0.3", "d_model=32", "sections=6")) == {
+        "conv_channels": (8, 16, 16), "use_ffn": False, "dropout": 0.3, "d_model": 32, "sections": 6}
     for bad, message in (("n_head", "expected FIELD=VALUE"), ("mode=dt", "expected FIELD=VALUE"),
                          ("n_head=two", "n_head needs a whole number"), ("dropout=high", "a number"),
                          ("use_ffn=yes", "true or false"), ("conv_channels=8,16", "three channel counts")):

@@ -171,10 +171,11 @@ def past(deadline: float, device: torch.device, world: int) -> bool:
     return up
 
 
-# Fields --model-set may change: the size and regularisation of the network, not what it reads or
-# how memory flows (those follow --task, --model, --no-action-inputs and --aux-weight).
+# Fields --model-set may change: the size and regularisation of the network, and the segments per
+# training window (how far back training asks memory to carry), not what it reads or how memory
+# flows (those follow --task, --model, --no-action-inputs and --aux-weight).
 SETTABLE_FIELDS = ("d_model", "n_layer", "n_head", "d_head", "use_ffn", "d_inner", "dropout", "dropatt",
-                   "num_mem_tokens", "mem_len", "n_head_ca", "conv_channels")
+                   "num_mem_tokens", "mem_len", "n_head_ca", "conv_channels", "sections")
 
 
 def model_overrides(pairs: tuple[str, ...]) -> dict:
