@@ -491,27 +491,29 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
     def _act_on_seen(self, env: MemoryMazeEnv, position: np.ndarray, heading: np.ndarray, target: int) -> int:
         x, y = self._cell(position)
         self.seen_at[y, x] = self.steps  # where it stands is known
-        known = self.seen
-        goal, goal_pos = None, None
+        seen, plan = self.seen, None
         if target in self.seen_targets:
             goal_pos = np.asarray(env.targets_pos[target], dtype=float)
-            goal = self._cell(goal_pos)
-            known = known.copy()
-            known[goal[1], goal[0]] = True
-            distance = grid_distances(known, goal)
-            if distance[y, x] < 0:  # seen across cells it has not: find a way round first
-                goal, known = None, self.seen
-        if goal is None:
-            goal = self._frontier((x, y), known)
+            plan = self._plan_through(seen, self._cell(goal_pos))
+            if plan[1][y, x] < 0:  # seen across cells it has not: find a way round first
+                plan = None
+        if plan is None:
+            goal = self._frontier((x, y), seen)
             if goal is None:  # every reachable cell seen, the target not yet: on the layout as its parent
                 return super().act(env, None, None)
             goal_pos = np.array([goal[0] + 0.5, goal[1] + 0.5])
-            known = known.copy()
-            known[goal[1], goal[0]] = True
-            distance = grid_distances(known, goal)
+            plan = self._plan_through(seen, goal)
         if self.noise and self.rng.random() < self.noise:
             return int(self.rng.integers(len(ACTIONS)))
+        known, distance = plan
         return self._steer(position, heading, self._aim_point(position, distance, goal_pos, free=known))
+
+    @staticmethod
+    def _plan_through(seen: np.ndarray, goal: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(the cells a path may use: those `seen` and the goal's, the grid distances to `goal` through them)."""
+        known = seen.copy()
+        known[goal[1], goal[0]] = True
+        return known, grid_distances(known, goal)
 
     def _frontier(self, cell: tuple[int, int], known: np.ndarray) -> tuple[int, int] | None:
         """The unseen free cell (x, y) fewest steps from `cell` through `known` cells (it is next to
@@ -525,11 +527,14 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
         if np.isfinite(nearest).any():
             y, x = np.unravel_index(int(np.argmin(nearest)), nearest.shape)
             return int(x), int(y)
-        if not self.recall:
-            return None
-        reachable = np.isfinite(here)
-        oldest = np.where(reachable, self.seen_at, np.inf)
-        ys, xs = np.nonzero(oldest == oldest.min())
+        return self._seen_longest_ago(np.isfinite(here), here) if self.recall else None
+
+    def _seen_longest_ago(self, reachable: np.ndarray, here: np.ndarray) -> tuple[int, int]:
+        """Of the `reachable` cells ((H, W) bool), the one (x, y) seen longest ago; on a tie the one
+        fewest steps away by `here`."""
+        ys, xs = np.nonzero(reachable)
+        oldest = self.seen_at[ys, xs] == self.seen_at[ys, xs].min()
+        ys, xs = ys[oldest], xs[oldest]
         i = int(np.argmin(here[ys, xs]))
         return int(xs[i]), int(ys[i])
 
@@ -555,11 +560,7 @@ class ExploringMemoryMazeExpert(MemoryMazeExpert):
         here = grid_distances(self.layout, self._cell(position))
         ys, xs = np.nonzero(self.layout & ~self.seen & (here >= 0))
         if not len(xs):
-            if not self.recall:
-                return None
-            ys, xs = np.nonzero(self.layout & (here >= 0))
-            oldest = self.seen_at[ys, xs] == self.seen_at[ys, xs].min()
-            ys, xs = ys[oldest], xs[oldest]
+            return self._seen_longest_ago(self.layout & (here >= 0), here) if self.recall else None
         i = int(np.argmin(here[ys, xs]))
         return int(xs[i]), int(ys[i])
 
