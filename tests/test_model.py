@@ -266,6 +266,29 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(memory_grad):
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
+@pytest.mark.parametrize("memory_grad", ["bptt", "detached"])
+def test_step_weights_give_a_weighted_mean_loss(memory_grad):
+    rtg, obs, actions = random_batch(tiny_config("rate"), batch=4)
+    targets = (actions + 1) % 4
+    zeroed = torch.zeros_like(actions, dtype=torch.bool)
+    zeroed[1:, 2:7] = True
+    weights = torch.where(zeroed, 0.0, 2.5)  # a constant weight is the plain mean; weight 0 is no target
+
+    def trained(targets, weights, micro_batch=None):
+        model = tiny_model("rate", dropout=0.0, dropatt=0.0).train()
+        losses = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rtg, obs, actions, targets=targets,
+                            memory_grad=memory_grad, micro_batch=micro_batch, weights=weights)
+        return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = trained(torch.where(zeroed, ACTION_PAD, targets), None)
+    for micro_batch in (None, 2):
+        weighted = trained(targets, weights, micro_batch)
+        assert weighted[0] == pytest.approx(plain[0], abs=1e-6)
+        assert torch.allclose(weighted[1], plain[1], atol=1e-6)
+    tilted = trained(targets, torch.where(zeroed, 3.0, 1.0))
+    assert not torch.allclose(tilted[1], plain[1], atol=1e-4)
+
+
 def test_image_encoder_encodes_repeated_images_once_with_equal_outputs_and_gradients():
     from rate_core.model import ImageEncoder, _distinct_images
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rate_core.checkpoint import load_checkpoint
+from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
@@ -15,8 +15,8 @@ from training.collect import collect, run_episode
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import (TrainConfig, bf16_warning, cpu_has_bf16, epoch_windows, held_out_loss, lr_multiplier,
-                            make_batch, model_overrides, shift_frames, shift_offsets, train, windows, WeightAverage)
+from training.train import (TrainConfig, bf16_warning, cpu_has_bf16, drop_actions, epoch_windows, held_out_loss,
+                            keyframe_weights, lr_multiplier, make_batch, model_overrides, shift_frames, shift_offsets, train, windows, WeightAverage)
 
 TASK = get_task("tmaze")
 
@@ -304,7 +304,8 @@ def test_resume_refuses_different_settings(dataset_path, tmp_path):
     with pytest.raises(SystemExit, match="batch_size"):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, batch_size=2, resume=True))
     for change in ({"dropout": 0.3}, {"learning_rate": 1e-2}, {"weight_decay": 0.5}, {"warmup_steps": 7},
-                   {"decay": "linear"}, {"grad_clip": 0.0}):
+                   {"decay": "linear"}, {"grad_clip": 0.0}, {"action_dropout": 0.5},
+                   {"keyframe_weight": 2.0}):
         with pytest.raises(SystemExit, match=f"--resume with {next(iter(change))}="):
             train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True, **change))
 
@@ -314,6 +315,60 @@ def test_training_without_action_inputs_is_recorded_and_kept_on_resume(dataset_p
     assert model.config.action_inputs is False and model.training_info["action_inputs"] is False
     with pytest.raises(SystemExit, match="action_inputs"):
         train(_tiny_config(dataset_path, tmp_path / "blind", epochs=1, resume=True))
+
+
+def test_action_dropout_hides_actions_but_never_padding_and_draws_the_same_again():
+    actions = torch.randint(0, 4, (64, 90))
+    actions[:, 70:] = ACTION_PAD  # an episode's end
+    hidden = drop_actions(actions, 0.3, seed=1, epoch=2, batch=5)
+    assert torch.equal(hidden[:, 70:], actions[:, 70:])
+    changed = hidden[:, :70] != actions[:, :70]
+    assert (hidden[:, :70][changed] == ACTION_PAD).all()
+    assert 0.25 < changed.float().mean() < 0.35
+    assert torch.equal(drop_actions(actions, 0.3, seed=1, epoch=2, batch=5), hidden)  # a resumed run hides the same
+    assert not torch.equal(drop_actions(actions, 0.3, seed=1, epoch=2, batch=6), hidden)
+    assert torch.equal(drop_actions(actions, 0.0, seed=1, epoch=2, batch=5), actions)
+    # a torchrun process's rows of the global batch hide what one process training on it would
+    shard = drop_actions(actions[1::2], 0.3, seed=1, epoch=2, batch=5, samples=64, rows=slice(1, None, 2))
+    assert torch.equal(shard, hidden[1::2])
+
+
+def test_keyframes_are_the_steps_where_the_last_action_is_not_the_target(dataset_path, tmp_path):
+    actions = torch.tensor([[1, 1, 2, 2, 0, ACTION_PAD, ACTION_PAD]])
+    targets = torch.tensor([[1, 2, 2, 2, 1, ACTION_PAD, ACTION_PAD]])  # the labels (step 1 took a random action)
+    assert keyframe_weights(actions, targets, 1.0) is None
+    assert keyframe_weights(actions, targets, 3.0).tolist() == [[1, 3, 3, 1, 3, 1, 1]]  # padding: no target
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, keyframe_weight=3.0)))
+    assert model.training_info["keyframe_weight"] == 3.0
+    with pytest.raises(ValueError, match="--keyframe-weight must be positive"):
+        train(_tiny_config(dataset_path, tmp_path / "bad", keyframe_weight=0.0))
+
+
+def test_action_dropout_trains_and_is_recorded(dataset_path, tmp_path):
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, action_dropout=0.5)))
+    assert model.training_info["action_dropout"] == 0.5
+    with pytest.raises(ValueError, match="--action-dropout must be a probability"):
+        train(_tiny_config(dataset_path, tmp_path / "bad", action_dropout=1.0))
+    with pytest.raises(ValueError, match="--no-action-inputs has none"):
+        train(_tiny_config(dataset_path, tmp_path / "bad", action_dropout=0.2, action_inputs=False))
+
+
+def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(dataset_path, tmp_path):
+    first = train(_tiny_config(dataset_path, tmp_path / "first", epochs=1))
+    # at learning rate 0 (and no weight decay) fine-tuning leaves the weights as they were loaded
+    tuned = train(_tiny_config(dataset_path, tmp_path / "tuned", epochs=1, init=first, learning_rate=0.0,
+                               weight_decay=0.0, dropout=0.2))
+    start, end = load_checkpoint(first), load_checkpoint(tuned)
+    for (name, a), b in zip(start.state_dict().items(), end.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert end.training_info["init"] == str(first)
+    fresh = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fresh", epochs=1, learning_rate=0.0,
+                                               weight_decay=0.0, seed=4)))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), end.state_dict().values()))
+    with pytest.raises(CheckpointError, match="architecture differs.*n_layer"):
+        train(_tiny_config(dataset_path, tmp_path / "wider", epochs=1, init=first, model_set=("n_layer=1",)))
+    with pytest.raises(CheckpointError, match="expected 'dt'"):
+        train(_tiny_config(dataset_path, tmp_path / "dt", model="dt", epochs=1, init=first))
 
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(dataset_path, tmp_path):

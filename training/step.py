@@ -27,6 +27,15 @@ def action_loss_sum(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor
                            ignore_index=ACTION_PAD, reduction="sum")
 
 
+def weighted_loss_sum(logits: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """action_loss_sum() with each step's cross-entropy multiplied by weights (B, T) (None: all 1)."""
+    if weights is None:
+        return action_loss_sum(logits, actions)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1).long(),
+                             ignore_index=ACTION_PAD, reduction="none")
+    return (losses * weights.reshape(-1).to(losses.dtype)).sum()
+
+
 def segment_slices(model: MemoryTransformer, total_steps: int) -> list[slice]:
     """Time slices of the segments of a total_steps-long sample, in order."""
     length = model.config.segment_steps
@@ -47,19 +56,20 @@ class SegmentLosses(torch.nn.Module):
         self.model = model
 
     def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None, targets=None,
-                aux_targets=None, aux_weight: float = 0.0):
+                aux_targets=None, aux_weight: float = 0.0, weights=None):
         """Returns (sum of the per-segment mean losses or None, per-segment detached action losses,
         state). counts: the number of targets of each segment that its summed loss is divided by.
         targets: the actions to predict (default: the input actions). aux_targets (B, T): the classes
         the model's auxiliary head predicts (ACTION_PAD where none), their mean cross-entropy
         weighted by aux_weight added to each segment's loss (the returned values stay the action
-        losses)."""
+        losses). weights (B, T): each step's weight in the action loss (then counts are the segments'
+        summed weights; None: every target weighs 1)."""
         targets = actions if targets is None else targets
         total, values = None, []
         for seg, count in zip(times, counts):
             logits, aux_logits, state = self.model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
-                loss = action_loss_sum(logits, targets[:, seg]) / count
+                loss = weighted_loss_sum(logits, targets[:, seg], None if weights is None else weights[:, seg]) / count
                 values.append(loss.detach())
                 if aux_weight:
                     loss = loss + aux_weight * action_loss_sum(aux_logits, aux_targets[:, seg]) / count
@@ -81,7 +91,7 @@ def _optimizer_step(model, optimizer, grad_clip, scheduler):
 def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions, targets=None,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
                micro_batch: int | None = None, runner: torch.nn.Module | None = None,
-               aux_targets=None, aux_weight: float = 0.0) -> list[float]:
+               aux_targets=None, aux_weight: float = 0.0, weights=None) -> list[float]:
     """One training step on a batch of K*N-step samples.
 
     rtg (B, K*N) float; obs (B, K*N, *obs_shape); actions (B, K*N) long, ACTION_PAD for padding.
@@ -94,6 +104,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     the update equals one process training on the global batch.
     aux_targets (B, K*N) long, aux_weight: the auxiliary loss (SegmentLosses), for a model with an
     auxiliary head; its targets are the steps' auxiliary labels, padded where the actions are.
+    weights (B, K*N) float: each step's weight in the action loss, which is then a weighted mean
+    (e.g. train --keyframe-weight); None: the plain mean.
     Returns the mean loss of each segment that has targets (a list of floats, in segment order;
     over the global batch when distributed).
     """
@@ -111,7 +123,9 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     times = segment_slices(model, actions.shape[1])
     # Per-segment target counts over the whole (global) batch, so that pieces add up to batch means.
     targets = actions if targets is None else targets
-    counts_tensor = torch.stack([(targets[:, seg] != ACTION_PAD).sum() for seg in times]).to(torch.float64)
+    valid = targets != ACTION_PAD
+    counts_tensor = torch.stack([(valid[:, seg] if weights is None else (weights * valid)[:, seg]).sum()
+                                 for seg in times]).to(torch.float64)
     if distributed:
         torch.distributed.all_reduce(counts_tensor)
     counts = counts_tensor.tolist()
@@ -125,7 +139,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
         with context:
             total, values, state = runner(rtg[part], obs[part], actions[part], [times[i] for i in which],
                                           [counts[i] for i in which], state, targets[part],
-                                          None if aux_targets is None else aux_targets[part], aux_weight)
+                                          None if aux_targets is None else aux_targets[part], aux_weight,
+                                          None if weights is None else weights[part])
             for i, value in zip(which, values):
                 if value is not None:
                     losses[i] += value.to(torch.float64)

@@ -123,6 +123,18 @@ class TrainConfig:
     """keep an exponential moving average of the weights with this decay per optimiser step (e.g. 0.999:
     about the last 1,000 steps), warmed up as min(ema, (1 + n) / (10 + n)) after n steps; the finished model,
     the held-out loss and the periodic evaluations use the averaged weights (0: off)"""
+    init: Path | None = None
+    """start from this checkpoint's weights (a folder from train or assets/checkpoints/...; its
+    architecture must be the run's) instead of a fresh initialisation: fine-tuning; the optimiser and
+    the learning-rate schedule start afresh (None: fresh weights)"""
+    action_dropout: float = 0.0
+    """probability that an action input is hidden from the model during training (replaced by the
+    unknown-action token the current step has), drawn anew for every step of every window, so the
+    policy must read the observations where it could copy its own last action (0: off)"""
+    keyframe_weight: float = 1.0
+    """weight in the action loss of the steps whose target differs from the action taken just before
+    (where copying one's last action is wrong: keyframes, as in keyframe-focused imitation); the loss
+    is the weighted mean (1: every step alike)"""
     aux_weight: float = 0.0
     """weight of the auxiliary loss (0: off): an extra linear head predicts, at every step, what the
     agent must remember (the task's aux_label, e.g. ViZDoom's pillar colour; the dataset must hold
@@ -155,6 +167,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--aux-weight must be 0 (off) or positive, got {resolved.aux_weight}")
     if resolved.aux_weight and not task.aux_classes:
         raise ValueError(f"--aux-weight: task {task.name} has no auxiliary label (Task.aux_label); leave it at 0")
+    if not 0.0 <= resolved.action_dropout < 1.0:
+        raise ValueError(f"--action-dropout must be a probability in [0, 1), got {resolved.action_dropout}")
+    if resolved.action_dropout and not resolved.action_inputs:
+        raise ValueError("--action-dropout hides action inputs, but --no-action-inputs has none; use one of the two")
+    if resolved.keyframe_weight <= 0:
+        raise ValueError(f"--keyframe-weight must be positive (1: off), got {resolved.keyframe_weight}")
     if not 0.0 <= resolved.ema < 1.0:
         raise ValueError(f"--ema must be 0 (off) or a decay in (0, 1) such as 0.999, got {resolved.ema}")
     model_config_of(resolved)  # raises for an unknown mode, or a task the paper has no config for
@@ -305,6 +323,39 @@ def shift_offsets(pad: int, samples: int, seed: int, epoch: int, batch: int) -> 
     """(samples, 2) offsets (dy, dx) in [-pad, pad] for one global batch, drawn from (seed, epoch, batch):
     a resumed run draws the same, and each torchrun process takes its samples' rows."""
     return np.random.default_rng([seed, epoch, batch, 2]).integers(-pad, pad + 1, size=(samples, 2))
+
+
+def drop_actions(actions: torch.Tensor, probability: float, seed: int, epoch: int, batch: int,
+                 samples: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """actions (B, L) with each action that is not padding replaced by ACTION_PAD (the unknown-action token)
+    with `probability`, drawn from (seed, epoch, batch) so a resumed run hides the same; a new tensor.
+    samples, rows: the global batch's size and this process's rows of it (under torchrun)."""
+    draws = np.random.default_rng([seed, epoch, batch, 3]).random((samples or len(actions), actions.shape[1]))[rows]
+    hide = torch.from_numpy(draws < probability).to(actions.device)
+    return torch.where(hide & (actions != ACTION_PAD), torch.full_like(actions, ACTION_PAD), actions)
+
+
+def keyframe_weights(actions: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """(B, L) loss weights: `weight` at the steps whose target differs from the action taken at the step
+    before in the window, 1 elsewhere (and at each window's first step); None when weight is 1."""
+    if weight == 1.0:
+        return None
+    weights = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
+    weights[:, 1:][(targets[:, 1:] != actions[:, :-1]) & (targets[:, 1:] != ACTION_PAD)] = weight
+    return weights
+
+
+def initial_weights(path: Path, task: str, model_config: ModelConfig) -> dict:
+    """The weights of checkpoint `path` for a run of `model_config` (--init): its architecture must match
+    (dropout aside, which only acts in training)."""
+    saved = load_checkpoint(path, task=task, mode=model_config.mode)
+    theirs, ours = asdict(saved.config), asdict(model_config)
+    differ = [f"{k}={theirs[k]!r} (the run: {ours[k]!r})" for k in ours
+              if k not in ("dropout", "dropatt") and theirs.get(k) != ours[k]]
+    if differ:
+        raise CheckpointError(f"--init {path}: its architecture differs from this run's: {', '.join(differ)}; "
+                              f"give the same --model / --arch / --model-set as it was trained with")
+    return saved.state_dict()
 
 
 def shift_frames(obs: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
@@ -489,7 +540,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         "seed": config.seed, "processes": world, "arch": config.arch, "action_inputs": config.action_inputs,
         "random_offsets": config.random_offsets, "shift_augment": config.shift_augment, "ema": config.ema,
         "aux_weight": config.aux_weight, "model_set": list(config.model_set),
+        "init": None if config.init is None else str(config.init), "action_dropout": config.action_dropout,
+        "keyframe_weight": config.keyframe_weight,
     }).to(device)
+    if config.init is not None:
+        model.load_state_dict(initial_weights(Path(config.init), task.name, model_config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     started_at = time.monotonic()
@@ -518,10 +573,14 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("shift_augment", 0)  # and before --shift-augment
         saved_config.setdefault("ema", 0.0)  # and before --ema
         saved_config.setdefault("aux_weight", 0.0)  # and before --aux-weight
+        saved_config.setdefault("init", None)  # and before --init
+        saved_config.setdefault("action_dropout", 0.0)  # and before --action-dropout
+        saved_config.setdefault("keyframe_weight", 1.0)  # and before --keyframe-weight
         saved_config["model_set"] = tuple(saved_config.get("model_set", ()))  # JSON gives a list
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
                     "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set", "dropout", "learning_rate",
-                    "weight_decay", "warmup_steps", "decay", "grad_clip"):
+                    "weight_decay", "warmup_steps", "decay", "grad_clip", "init", "action_dropout",
+                    "keyframe_weight"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
@@ -578,12 +637,17 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if config.shift_augment:
                 offsets = shift_offsets(config.shift_augment, len(index), config.seed, epoch, b)
                 obs = shift_frames(obs, offsets[rank::world])
+            weights = keyframe_weights(actions, targets, config.keyframe_weight)  # from the actions as taken
+            if config.action_dropout:
+                actions = drop_actions(actions, config.action_dropout, config.seed, epoch, b, len(index),
+                                       slice(rank, None, world))
             with autocast:
                 losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
                                     memory_grad=config.memory_grad,
                                     grad_clip=config.grad_clip, scheduler=scheduler,
                                     micro_batch=config.micro_batch or None, runner=runner,
-                                    aux_targets=aux[0] if aux else None, aux_weight=config.aux_weight)
+                                    aux_targets=aux[0] if aux else None, aux_weight=config.aux_weight,
+                                    weights=weights)
             step += steps_per_batch
             if average is not None:
                 average.update()
