@@ -21,19 +21,12 @@ from rate_core.model import ACTION_PAD, MemoryState, MemoryTransformer
 MEMORY_GRADS = ("bptt", "detached")
 
 
-def action_loss_sum(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of logits (B, T, A) against actions (B, T); padding (ACTION_PAD) is ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1).long(),
-                           ignore_index=ACTION_PAD, reduction="sum")
-
-
-def weighted_loss_sum(logits: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """action_loss_sum() with each step's cross-entropy multiplied by weights (B, T) (None: all 1)."""
-    if weights is None:
-        return action_loss_sum(logits, actions)
+def action_loss_sum(logits: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of logits (B, T, A) against actions (B, T); padding (ACTION_PAD) is ignored.
+    weights (B, T): each step's cross-entropy multiplied by its weight (None: all 1)."""
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1).long(),
-                             ignore_index=ACTION_PAD, reduction="none")
-    return (losses * weights.reshape(-1).to(losses.dtype)).sum()
+                             ignore_index=ACTION_PAD, reduction="sum" if weights is None else "none")
+    return losses if weights is None else (losses * weights.reshape(-1).to(losses.dtype)).sum()
 
 
 def segment_slices(model: MemoryTransformer, total_steps: int) -> list[slice]:
@@ -69,7 +62,7 @@ class SegmentLosses(torch.nn.Module):
         for seg, count in zip(times, counts):
             logits, aux_logits, state = self.model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
-                loss = weighted_loss_sum(logits, targets[:, seg], None if weights is None else weights[:, seg]) / count
+                loss = action_loss_sum(logits, targets[:, seg], None if weights is None else weights[:, seg]) / count
                 values.append(loss.detach())
                 if aux_weight:
                     loss = loss + aux_weight * action_loss_sum(aux_logits, aux_targets[:, seg]) / count
