@@ -148,3 +148,55 @@ def test_loading_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     load_checkpoint(directory)
     MemoryTransformer.from_pretrained(directory)
+
+
+def test_averaging_checkpoints_takes_the_weighted_mean_of_every_float_tensor(tmp_path, capsys):
+    from training.average import Args, main
+
+    first, second = tiny_model("rate", seed=0), tiny_model("rate", seed=1)
+    save_checkpoint(first, tmp_path / "a")
+    save_checkpoint(second, tmp_path / "b")
+    main(Args(sources=(tmp_path / "a", tmp_path / "b"), out=tmp_path / "soup", weights=(1.0, 3.0)))
+    soup = load_checkpoint(tmp_path / "soup")
+    assert "average of 2 checkpoints" in capsys.readouterr().out
+    a, b, mixed = first.state_dict(), second.state_dict(), soup.state_dict()
+    assert set(mixed) == set(a)
+    floats = [key for key in a if a[key].is_floating_point()]
+    assert floats and not torch.equal(a[floats[0]], b[floats[0]])
+    for key in floats:
+        assert torch.allclose(mixed[key], 0.25 * a[key] + 0.75 * b[key], atol=1e-6), key
+    assert [(s["checkpoint"], s["weight"]) for s in soup.training_info["average_of"]] == [
+        (str(tmp_path / "a"), 0.25), (str(tmp_path / "b"), 0.75)]
+    # a checkpoint averaged with itself is itself: the same actions' logits
+    main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "self"))
+    batch = random_batch(first.config)
+    assert torch.allclose(sample_logits(load_checkpoint(tmp_path / "self"), *batch),
+                          sample_logits(first, *batch), atol=1e-5)
+
+
+def test_averaging_refuses_different_models_and_bad_arguments(tmp_path):
+    from training.average import Args, main
+
+    save_checkpoint(tiny_model("rate", seed=0), tmp_path / "a")
+    save_checkpoint(tiny_model("rate", seed=1, d_model=32, d_inner=64), tmp_path / "wide")
+    save_checkpoint(tiny_model("dt", seed=0), tmp_path / "dt")
+    other_task = tiny_model("rate", seed=2)
+    other_task.task = "tmaze"
+    save_checkpoint(other_task, tmp_path / "other_task")
+    with pytest.raises(SystemExit, match=r"model config differs .*d_inner.*d_model"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "wide"), out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="model config differs"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "dt"), out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="task 'tmaze' differs"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "other_task"), out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="at least two"):
+        main(Args(sources=(tmp_path / "a",), out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="one weight per checkpoint"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "x", weights=(1.0,)))
+    with pytest.raises(SystemExit, match="non-negative"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "x", weights=(1.0, -1.0)))
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "missing"), out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="one of the sources"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "wide"), out=tmp_path / "a"))
+    assert not (tmp_path / "x").exists()
