@@ -281,6 +281,12 @@ def _render_all(vector_env, num: int):
     return frames
 
 
+def sample_actions(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Actions (B,) drawn from probs (B, A) by inverting the cumulative distribution at uniform (B,) in [0, 1):
+    the first action whose cumulative probability reaches the uniform draw."""
+    return (probs.cumsum(-1) < uniform[:, None].to(probs.dtype)).sum(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
                  sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
@@ -320,7 +326,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
         probs = (logits.float() / temperature).softmax(-1)
         if sample:
             uniform = torch.as_tensor([rngs[i].random() for i in ids], dtype=torch.float32, device=device)
-            action = (probs.cumsum(-1) < uniform[:, None]).sum(-1).clamp_(max=probs.shape[-1] - 1)
+            action = sample_actions(probs, uniform)
         else:
             action = logits.argmax(-1)
         attention, aux = policy.memory_attention, policy.aux_probs

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rate_core.model import ACTION_PAD
-from rate_core.rollout import make_policy, run_episodes
+from rate_core.rollout import make_policy, run_episodes, sample_actions
 from rate_core.tasks import get_task
 from tests.tiny import ALL_VARIANTS, K, N, random_batch, tiny_model
 
@@ -146,6 +146,16 @@ def test_engine_logits_equal_recompute_with_envs_ending_at_different_steps(varia
                 assert torch.allclose(torch.tensor(trace.logits[t]), expected, atol=1e-5), (variant, t)
         assert np.allclose(trace.probs.sum(-1), 1.0, atol=1e-5)
         assert np.allclose(trace.returns_to_go[1:], trace.returns_to_go[:-1] - trace.rewards[:-1], atol=1e-5)
+
+
+def test_sample_actions_inverts_the_cumulative_distribution():
+    probs = torch.tensor([[0.2, 0.5, 0.3]] * 6)
+    uniform = torch.tensor([0.0, 0.2, 0.21, 0.69, 0.71, 0.9999999])
+    assert sample_actions(probs, uniform).tolist() == [0, 0, 1, 1, 2, 2]
+    short = torch.tensor([[0.5, 0.4999]])  # a cumulative sum that falls short of the draw: the last action
+    assert sample_actions(short, torch.tensor([0.99995])).tolist() == [1]
+    draws = sample_actions(probs[:1].expand(20000, 3), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    assert np.allclose(np.bincount(draws.numpy(), minlength=3) / 20000, [0.2, 0.5, 0.3], atol=0.015)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
-from rate_core.rollout import make_policy
+from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
 from training.dataset import DatasetWriter
 
@@ -109,10 +109,9 @@ class CheckpointAgent:
     @torch.no_grad()
     def act(self, obs) -> int:
         logits = self.policy.logits(torch.tensor([self.return_to_go]), torch.as_tensor(obs)[None].to(self.obs_dtype))
-        probs = logits[0].float().softmax(-1).numpy().astype(np.float64)
-        action = int(self.rng.choice(len(probs), p=probs / probs.sum()))
-        self.policy.record_action(torch.tensor([action]))
-        return action
+        action = sample_actions(logits.float().softmax(-1), torch.tensor([self.rng.random()]))
+        self.policy.record_action(action)
+        return int(action[0])
 
     def observe(self, reward: float) -> None:
         self.return_to_go -= float(reward)
