@@ -559,6 +559,22 @@ def test_evaluate_cli_temperature_is_recorded_and_checked(dataset_path, tmp_path
         main(Args(checkpoint=str(checkpoint), values=(30,), episodes=2, actions="sampled", temperature=0.0, json=out))
 
 
+def test_evaluate_cli_max_envs_batches_the_episodes_without_changing_them(dataset_path, tmp_path, capsys):
+    from training.evaluate import Args, main
+
+    checkpoint = str(train(_tiny_config(dataset_path, tmp_path / "batched", epochs=1)))
+    runs = {}
+    for max_envs in (None, 2):
+        out = tmp_path / f"{max_envs}.json"
+        main(Args(checkpoint=checkpoint, values=(12,), episodes=6, actions="sampled", max_envs=max_envs, json=out))
+        runs[max_envs] = json.loads(out.read_text())
+    assert runs[2]["protocol"]["max_envs"] == 2 and runs[None]["protocol"]["max_envs"] is None
+    assert runs[2]["results"][0]["returns"] == runs[None]["results"][0]["returns"]
+    assert runs[2]["results"][0]["seeds"] == runs[None]["results"][0]["seeds"]
+    with pytest.raises(SystemExit, match="--max-envs must be at least 1"):
+        main(Args(checkpoint=checkpoint, values=(12,), episodes=2, max_envs=0, json=tmp_path / "e.json"))
+
+
 def test_evaluate_cli_settings_are_checked_against_the_environment(dataset_path, tmp_path):
     from training.evaluate import Args, main
 

@@ -53,6 +53,10 @@ class Args:
     """carry memory and cache over at most this many segments, the current one included: at every segment
     boundary they are rebuilt from the last H - 1 segments, as if the episode had started there (default:
     the whole episode, as the protocol; rate, rmt and trxl only). Shows how far back a model's memory reaches"""
+    max_envs: int | None = None
+    """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
+    them, Memory Maze 10, which peaks near 10 GB of memory on a CPU host). Fewer take less memory, not other
+    results: each episode's action draws are seeded by its own seed"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Path | None = None
@@ -90,11 +94,12 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
              target_return: float | None = None, temperature: float | None = None,
-             memory_horizon: int | None = None) -> list[dict]:
+             memory_horizon: int | None = None, max_envs: int | None = None) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
     on_result: optional callable(results so far), called after each value (e.g. to save them);
     overrides: environment settings that replace the task's defaults (e.g. step_cap);
-    memory_horizon: see rate_core.rollout.SegmentRecurrentPolicy."""
+    memory_horizon: see rate_core.rollout.SegmentRecurrentPolicy; max_envs: envs at once (default: the
+    protocol's max_envs)."""
     protocol = task.evaluation
     temperature = protocol.temperature if temperature is None else temperature
     sample = protocol.sample_actions if sample is None else sample
@@ -104,7 +109,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         settings = {**task.default_settings, **(overrides or {}), protocol.setting: value}
         seeds = balanced_seeds(task, settings, episodes, seed)
         started = time.perf_counter()
-        batch = protocol.max_envs or episodes
+        batch = max_envs or protocol.max_envs or episodes
         parts = []
         for start in range(0, episodes, batch):
             chunk = seeds[start:start + batch]
@@ -218,6 +223,10 @@ def main(args: Args) -> None:
             raise SystemExit("error: --temperature changes sampled actions; this evaluation takes the argmax "
                              "(add --actions sampled)")
         protocol = replace(protocol, temperature=args.temperature)
+    if args.max_envs is not None:
+        if args.max_envs < 1:
+            raise SystemExit(f"error: --max-envs must be at least 1, got {args.max_envs}")
+        protocol = replace(protocol, max_envs=args.max_envs)
     try:
         make_policy(model, 1, memory_horizon=args.memory_horizon)
     except ValueError as error:
@@ -242,7 +251,8 @@ def main(args: Args) -> None:
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
                        overrides=overrides, target_return=protocol.target_return,
-                       temperature=protocol.temperature, memory_horizon=args.memory_horizon)
+                       temperature=protocol.temperature, memory_horizon=args.memory_horizon,
+                       max_envs=protocol.max_envs)
     print_table(task, results)
     print(f"wrote {out}")
 
