@@ -145,12 +145,15 @@ def memory_panel(panel_input):
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]
-    figures = [plots.what_if(panel_input.get("what_if"), names, task.action_names, task.counterfactual_label),
+    replay = panel_input.get("what_if")
+    figures = [plots.what_if(replay, names, task.action_names, task.counterfactual_label) if replay else (None, ""),
                plots.memory_heatmaps(trace, name), plots.memory_change(trace, name),
                plots.memory_attention(trace, name, aux_class_names(task), task.explain(trace.reset_info)
                                       if task.explain and trace is not None else "", aux_truth(task, trace)),
                plots.action_probabilities(traces, names, task.action_names)]
-    return [text, *[f for f, _ in figures], *[c for _, c in figures]]
+    # the counterfactual panel only where the task has a replay (T-Maze), not an empty box
+    what_if_plot = gr.Plot(value=figures[0][0], visible=bool(replay))
+    return [text, what_if_plot, *[f for f, _ in figures[1:]], *[c for _, c in figures]]
 
 
 def task_changed(task_name: str):

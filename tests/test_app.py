@@ -295,7 +295,7 @@ def test_memory_plot_shows_what_an_auxiliary_head_reads():
 
 def test_outcome_text_says_when_the_app_cut_the_episode_short():
     from app import plots
-    from app.episodes import outcome, play
+    from app.episodes import outcome, play, what_if
     from app.ui import memory_panel
     from rate_core.tasks import get_task
 
@@ -310,4 +310,9 @@ def test_outcome_text_says_when_the_app_cut_the_episode_short():
         text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
                                        "what_if": None})
         assert ('{"episode_length": 300}, stopped by the app after 40 steps.' in text) == expected, text
-        plots.close([f for f in figures[:len(figures) // 2] if f is not None])
+        assert figures[0].visible is False  # no replay: the counterfactual panel is hidden, not an empty box
+        plots.close([f for f in figures[1:len(figures) // 2] if f is not None])
+    _, shown, *others = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
+                                      "what_if": what_if(traces, models, task)})
+    assert shown.visible is True and shown.value is not None
+    plots.close([f for f in others[:len(others) // 2] if f is not None])

@@ -49,7 +49,17 @@ def test_browser_runs_an_episode_and_both_videos_play():
             durations = page.evaluate("Array.from(document.querySelectorAll('video')).map(v => v.duration)")
             assert len(durations) == 2 and abs(durations[0] - durations[1]) < 0.1, durations
             page.get_by_text("Inside the memory").scroll_into_view_if_needed()
-            page.wait_for_function("!document.body.innerText.includes('processing')", timeout=60_000)
+            # the memory panel is drawn (the replay's caption is there) and no progress text has been seen for
+            # 2 s (the page load's own run leaves the caption there before Run's panel starts drawing)
+            page.wait_for_function("""() => {
+                const text = document.body.innerText;
+                if (!text.includes('replayed with only the cue changed') || /processing|steps \\|/.test(text)) {
+                    window.quietSince = null;
+                    return false;
+                }
+                window.quietSince = window.quietSince || Date.now();
+                return Date.now() - window.quietSince > 2000;
+            }""", timeout=90_000)
             page.wait_for_timeout(1000)
             out = ROOT / "outputs" / "screenshots"
             out.mkdir(parents=True, exist_ok=True)
