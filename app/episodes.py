@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +165,28 @@ def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> Ep
     finally:
         env.close()
     return batch.traces[0]
+
+
+def play_pair(models: list[MemoryTransformer], request: EpisodeRequest, progress=None,
+              poll_seconds: float = 0.25) -> list[EpisodeTrace]:
+    """play() with each model at once, in two threads: each env steps in its own process (Memory
+    Maze, ViZDoom) or loop, and the models' inference releases the GIL, so a Memory Maze pair takes
+    about 20 s on 2 cores instead of 36 s one after the other. The episodes are those play() gives
+    (actions are drawn from per-episode streams). progress: optional callable([left step, right
+    step]), called from this thread (where a UI's progress tracker lives) every poll_seconds."""
+    steps = [0] * len(models)
+
+    def run(index: int) -> EpisodeTrace:
+        def report(step: int) -> None:
+            steps[index] = step
+        return play(models[index], request, report)
+
+    with ThreadPoolExecutor(len(models), thread_name_prefix="play") as pool:
+        futures = [pool.submit(run, index) for index in range(len(models))]
+        while wait(futures, timeout=poll_seconds).not_done:
+            if progress is not None:
+                progress(list(steps))
+        return [future.result() for future in futures]  # an episode's error (e.g. AppError) is raised here
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import numpy as np
 
 from app import plots
 from app.episodes import (CHECKPOINT_ROOT, AppError, agent_name, default_pair, demo_tasks, episode_videos,
-                          load_model, make_request, outcome, play, shipped_choices, what_if)
+                          load_model, make_request, outcome, play_pair, shipped_choices, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -68,15 +68,13 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
         request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
         models = [load_model(choice, request.task.name) for choice in (left, right)]
         names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
-        traces = []
-        for model, name in zip(models, names):
-            limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
+        limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
 
-            def report(step, name=name, limit=limit):
-                if step % 10 == 0:
-                    progress((step, limit) if limit else None, desc=f"{name}: step {step}")
+        def report(steps):
+            progress((min(steps), limit) if limit else None,
+                     desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps)))
 
-            traces.append(play(model, request, report))
+        traces = play_pair(models, request, report)
     except AppError as error:
         raise gr.Error(str(error), duration=None) from None
     progress(None, desc="writing videos")

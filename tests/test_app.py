@@ -226,6 +226,24 @@ def test_readme_is_a_space_card_matching_the_pins():
     assert front["python_version"].strip('"') == "3.11"
 
 
+def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one():
+    from dataclasses import replace
+
+    from app.episodes import play, play_pair
+
+    request = make_request("minigrid_memory", 3, 11, 0.96, 60, True)  # sampled actions: per-episode streams
+    models = [load_model("shipped: rate", "minigrid_memory"), load_model("shipped: dt", "minigrid_memory")]
+    reports = []
+    pair = play_pair(models, request, progress=reports.append, poll_seconds=0.01)
+    for together, model in zip(pair, models):
+        alone = play(model, request)
+        assert together.length == alone.length and np.array_equal(together.actions, alone.actions)
+        assert np.allclose(together.probs, alone.probs, atol=1e-5)
+    assert reports and all(len(r) == 2 and 0 <= min(r) for r in reports)  # progress came to this thread
+    with pytest.raises(AppError, match="Minigrid"):  # an even size the environment refuses, past make_request
+        play_pair(models, replace(request, settings={**request.settings, "size": 12}))
+
+
 def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
     from app.episodes import play, what_if
     from rate_core.tasks import get_task
