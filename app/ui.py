@@ -3,14 +3,15 @@ and a look inside RATE's memory. Tasks and checkpoints come from the registry an
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from app import plots
-from app.episodes import (CHECKPOINT_ROOT, AppError, agent_name, default_pair, demo_tasks, episode_videos,
-                          load_model, make_request, outcome, play_pair, shipped_choices, what_if)
+from app.episodes import (CHECKPOINT_ROOT, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
+                          episode_videos, load_model, make_request, outcome, play_pair, shipped_choices, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -26,6 +27,8 @@ guess."""
 
 PANELS = 5  # figures in the memory panel
 RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
+_IN_FLIGHT: dict = {}  # request -> threading.Event set when the run playing it ends (cached or failed)
+_visits = 0  # visitors' runs playing now
 _cache_lock = threading.Lock()
 
 
@@ -58,14 +61,56 @@ def describe(task: str, mode: str) -> tuple[str, dict]:
 def run_episodes(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
                  step_cap: float, sample: bool, memory_horizon: float = 0, progress=gr.Progress()):
     """Play the same seeded episode with the left and the right checkpoint.
-    Returns the two videos, a JSON summary per agent, and the traces for the memory panel."""
-    key = (task, left, right, seed, setting, target_return, step_cap, bool(sample), memory_horizon)
-    cacheable = all(str(choice).startswith("shipped: ") for choice in (left, right))
+    Returns the two videos, a JSON summary per agent, and the traces for the memory panel.
+    While a visitor's run plays, the background warm-up does not start another example (warm_cache)."""
+    global _visits
     with _cache_lock:
-        if cacheable and key in RESULT_CACHE:
-            return RESULT_CACHE[key]
+        _visits += 1
+    try:
+        return _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon, progress)
+    finally:
+        with _cache_lock:
+            _visits -= 1
+
+
+def _cached_run(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
+                step_cap: float, sample: bool, memory_horizon: float, progress):
+    """run_episodes through RESULT_CACHE (shipped checkpoints) and _IN_FLIGHT."""
     try:
         request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
+    except AppError as error:
+        raise gr.Error(str(error), duration=None) from None
+    if not all(str(choice).startswith("shipped: ") for choice in (left, right)):  # files may change: no cache
+        return _play_and_render(request, left, right, progress)
+    # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it
+    key = (request.task.name, left, right, request.seed, tuple(sorted(request.settings.items())),
+           request.target_return, request.step_cap, request.sample, request.memory_horizon)
+    with _cache_lock:
+        if key in RESULT_CACHE:
+            return RESULT_CACHE[key]
+        running = _IN_FLIGHT.get(key)
+        if running is None:
+            _IN_FLIGHT[key] = threading.Event()
+    if running is not None:  # e.g. the background warm-up is playing this very example: wait, do not play it twice
+        progress(None, desc="this run is being played already (the app's examples warm up at start): waiting")
+        running.wait()
+        with _cache_lock:
+            if key in RESULT_CACHE:
+                return RESULT_CACHE[key]
+        return _play_and_render(request, left, right, progress)  # that run failed: its error reaches this visitor
+    try:
+        result = _play_and_render(request, left, right, progress)
+        with _cache_lock:
+            RESULT_CACHE[key] = result
+        return result
+    finally:
+        with _cache_lock:
+            _IN_FLIGHT.pop(key).set()
+
+
+def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
+    """run_episodes without its cache."""
+    try:
         models = [load_model(choice, request.task.name) for choice in (left, right)]
         names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
         limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
@@ -89,11 +134,7 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
         trace.frames = None
     panel_input = {"traces": traces, "names": names, "task": request.task.name, "summary": summary,
                    "what_if": what_if(traces, models, request.task)}
-    result = (str(videos[0]), str(videos[1]), summary, panel_input)
-    if cacheable:
-        with _cache_lock:
-            RESULT_CACHE[key] = result
-    return result
+    return str(videos[0]), str(videos[1]), summary, panel_input
 
 
 def _verdict(side: dict) -> str:
@@ -176,11 +217,15 @@ def default_inputs(task_name: str) -> list:
             task.evaluation.sample_actions, 0]
 
 
-def warm_cache(examples: list[list]) -> None:
-    """Play the examples in the background so that their results are ready when asked for."""
+def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
+    """Play the examples in the background so that their results are ready when asked for; each
+    waits until no visitor's run is playing, so that on a small machine the first visitors do not
+    share the cores with the warm-up."""
     for example in examples:
+        while _visits:
+            time.sleep(pause_seconds)
         try:
-            run_episodes(*example, progress=lambda *a, **k: None)
+            _cached_run(*example, progress=lambda *a, **k: None)
         except Exception as error:  # a broken shipped checkpoint must not stop the app
             print(f"could not precompute example {example}: {error}")
 

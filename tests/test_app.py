@@ -244,6 +244,70 @@ def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one()
         play_pair(models, replace(request, settings={**request.settings, "size": 12}))
 
 
+def test_a_run_already_playing_is_waited_for_not_played_twice(monkeypatch):
+    import threading
+
+    import app.ui as ui
+
+    calls, release = [], threading.Event()
+
+    def slow_play(request, left, right, progress):
+        calls.append(request)
+        release.wait(10)
+        if len(calls) == 1 and request.seed == 1:  # seed 1's first run fails
+            raise RuntimeError("the first run broke")
+        return f"result {len(calls)}"
+
+    monkeypatch.setattr(ui, "_play_and_render", slow_play)
+    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    for seed, expected in ((0, ["result 1", "result 1"]), (1, ["the first run broke", "result 2"])):
+        calls.clear()
+        release.clear()
+        results = [None, None]
+
+        def visit(index, seed=seed):
+            try:
+                # the second visit has Memory Maze's setting box as another task left it: not part of the run
+                setting = 150 if index == 0 else 999
+                results[index] = ui.run_episodes("memory_maze", "shipped: rate", "shipped: dt", seed, setting, 18.1,
+                                                 300, True, progress=quiet)
+            except RuntimeError as error:
+                results[index] = str(error)
+
+        first = threading.Thread(target=visit, args=(0,))
+        first.start()
+        while not calls:  # the first visit is playing
+            time.sleep(0.01)
+        second = threading.Thread(target=visit, args=(1,))
+        second.start()
+        time.sleep(0.2)
+        assert len(calls) == 1  # the second visit waits for the first instead of playing too
+        release.set()
+        first.join(10)
+        second.join(10)
+        assert results == expected  # the same result, or after a failure a run of its own
+        assert not ui._IN_FLIGHT
+
+
+def test_the_warm_up_waits_while_a_visitor_plays(monkeypatch):
+    import threading
+
+    import app.ui as ui
+
+    played = []
+    monkeypatch.setattr(ui, "_cached_run", lambda *example, progress: played.append(example))
+    monkeypatch.setattr(ui, "_visits", 1)  # a visitor's run is playing
+    examples = [["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (0, 1)]
+    warm = threading.Thread(target=ui.warm_cache, args=(examples, 0.01))
+    warm.start()
+    time.sleep(0.2)
+    assert played == []
+    monkeypatch.setattr(ui, "_visits", 0)
+    warm.join(5)
+    assert played == [tuple(example) for example in examples]
+
+
 def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
     from app.episodes import play, what_if
     from rate_core.tasks import get_task
