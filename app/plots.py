@@ -34,7 +34,11 @@ def memory_heatmaps(trace: EpisodeTrace | None, name: str):
         return _empty(title, "this model has no memory tokens"), ""
     count = len(trace.memory)
     shown = np.unique(np.linspace(0, count - 1, min(count, MAX_HEATMAPS)).round().astype(int))
-    limit = float(np.abs(trace.memory).max()) or 1.0
+    # the scale of the memories the episode wrote: the learned initial memory is often much larger and
+    # would leave every later panel pale; it is clipped to this scale instead (the caption says so)
+    written = trace.memory[1:] if count > 1 else trace.memory
+    limit = float(np.abs(written).max()) or 1.0
+    clipped = count > 1 and float(np.abs(trace.memory[0]).max()) > limit
     figure, axes = plt.subplots(1, len(shown), figsize=(min(16, 2.2 * len(shown) + 1.5), 3.0), squeeze=False,
                                 layout="constrained")
     for axis, index in zip(axes[0], shown):
@@ -45,10 +49,13 @@ def memory_heatmaps(trace: EpisodeTrace | None, name: str):
         axis.set_xlabel("feature", fontsize=8)
         axis.tick_params(labelsize=7)
     axes[0][0].set_ylabel("memory token", fontsize=8)
-    figure.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01)
+    figure.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, extend="both" if clipped else "neither")
     figure.suptitle(title, fontsize=11)
     caption = (f"Each panel is the {trace.memory.shape[1]} x {trace.memory.shape[2]} memory the model reads at the "
                f"start of a segment: rows are memory tokens, columns their features (red positive, blue negative).")
+    if clipped:
+        caption += (f" The colours span the memories written during the episode (up to {limit:.2g}); the learned "
+                    f"initial memory reaches {float(np.abs(trace.memory[0]).max()):.2g} and is clipped to that.")
     return figure, caption
 
 

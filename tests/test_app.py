@@ -308,6 +308,21 @@ def test_the_warm_up_waits_while_a_visitor_plays(monkeypatch):
     assert played == [tuple(example) for example in examples]
 
 
+def test_memory_heatmaps_take_the_scale_of_the_written_memories():
+    from app import plots
+    from app.episodes import play
+
+    request = make_request("tmaze", 0, 150, 1.0, 0, False)
+    trace = play(load_model("shipped: rate", "tmaze"), request)
+    figure, caption = plots.memory_heatmaps(trace, "RATE")
+    limits = {image.get_clim() for axis in figure.axes for image in axis.get_images()}
+    written = float(np.abs(trace.memory[1:]).max())
+    assert limits == {(-written, written)}
+    if np.abs(trace.memory[0]).max() > written:
+        assert "clipped" in caption
+    plots.close([figure])
+
+
 def test_what_if_replay_shows_rate_remembers_and_dt_forgets():
     from app.episodes import play, what_if
     from rate_core.tasks import get_task
