@@ -38,7 +38,8 @@ def memory_heatmaps(trace: EpisodeTrace | None, name: str):
     # would leave every later panel pale; it is clipped to this scale instead (the caption says so)
     written = trace.memory[1:] if count > 1 else trace.memory
     limit = float(np.abs(written).max()) or 1.0
-    clipped = count > 1 and float(np.abs(trace.memory[0]).max()) > limit
+    start = float(np.abs(trace.memory[0]).max())
+    clipped = count > 1 and start > limit
     figure, axes = plt.subplots(1, len(shown), figsize=(min(16, 2.2 * len(shown) + 1.5), 3.0), squeeze=False,
                                 layout="constrained")
     for axis, index in zip(axes[0], shown):
@@ -55,7 +56,7 @@ def memory_heatmaps(trace: EpisodeTrace | None, name: str):
                f"start of a segment: rows are memory tokens, columns their features (red positive, blue negative).")
     if clipped:
         caption += (f" The colours span the memories written during the episode (up to {limit:.2g}); the learned "
-                    f"initial memory reaches {float(np.abs(trace.memory[0]).max()):.2g} and is clipped to that.")
+                    f"initial memory reaches {start:.2g} and is clipped to that.")
     return figure, caption
 
 
@@ -179,11 +180,10 @@ def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_na
     return figure, caption
 
 
-def what_if(results: list[dict] | None, names: list[str], action_names: tuple[str, ...], label: str):
-    """Last-step action probabilities of each agent as played and with the counterfactual."""
+def what_if(results: list[dict], names: list[str], action_names: tuple[str, ...], label: str):
+    """Last-step action probabilities of each agent as played and with the counterfactual (the app hides
+    this panel where the task has none)."""
     title = f"What if the {label} had been the other way? The last decision of each agent"
-    if results is None:
-        return _empty(title, "this task has no counterfactual replay"), ""
     figure, axes = plt.subplots(1, len(results), figsize=(9, 2.8), squeeze=False, sharey=True, layout="constrained")
     labels = [action_names[a] if a < len(action_names) else str(a) for a in range(len(results[0]["played"]))]
     positions = np.arange(len(labels))
