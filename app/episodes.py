@@ -3,6 +3,7 @@ both, and turn the traces into videos, plots and a summary. Everything reads the
 a task with shipped checkpoints appears without app changes."""
 
 import functools
+import json
 import math
 import os
 import tempfile
@@ -51,6 +52,40 @@ def default_pair(task: str, root: Path = CHECKPOINT_ROOT) -> tuple[str | None, s
     left = SHIPPED + "rate" if SHIPPED + "rate" in choices else (choices[0] if choices else None)
     right = SHIPPED + "dt" if SHIPPED + "dt" in choices else (choices[-1] if choices else None)
     return left, right
+
+
+def shipped_scores(task: str, root: Path = CHECKPOINT_ROOT) -> str:
+    """A markdown table of what the task's shipped checkpoints score (their eval.json, written by
+    `python -m training.evaluate`): a row per checkpoint, a column per evaluated setting ('–': not
+    evaluated at that value)."""
+    rows, settings, protocol = [], [], None
+    for folder in sorted(path.parent for path in (root / task).glob("*/config.json")):
+        try:
+            evaluation = json.loads((folder / "eval.json").read_text())
+            protocol, results = evaluation["protocol"], evaluation["results"]
+            cells = {r[protocol["setting"]]: (f"{r['success_rate']:.2f}" if protocol["metric"] == "success" else
+                                              f"{r['mean_return']:.2f} ± {r['return_sem']:.2f}") for r in results}
+        except (OSError, ValueError, KeyError, TypeError):
+            cells = None  # no evaluation, or not one this app reads
+        rows.append((folder.name, cells))
+        settings += [value for value in (cells or {}) if value not in settings]
+    if protocol is None:
+        return ""
+    metric = "success rate" if protocol["metric"] == "success" else "mean return ± SEM"
+    lines = [f"| checkpoint | {' | '.join(str(v) for v in settings)} |",
+             "| --- " * (len(settings) + 1) + "|"]
+    for name, cells in rows:
+        values = [cells.get(v, "–") for v in settings] if cells else ["not evaluated"] + [""] * (len(settings) - 1)
+        lines.append(f"| {name} | {' | '.join(values)} |")
+    actions = "sampled" if protocol["sample_actions"] else "most likely"
+    return (f"Shipped checkpoints, {metric} over {protocol['episodes']} episodes for each `{protocol['setting']}` "
+            f"({actions} actions, `python -m training.evaluate`):\n\n" + "\n".join(lines))
+
+
+def task_description(task: str, root: Path = CHECKPOINT_ROOT) -> str:
+    """What the app says about a task: its title, what the agent must remember, and the shipped scores."""
+    spec = get_task(task)
+    return "\n\n".join(part for part in (f"### {spec.title}", spec.about, shipped_scores(task, root)) if part)
 
 
 def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Path:
@@ -219,7 +254,8 @@ def what_if(traces: list[EpisodeTrace], models: list[MemoryTransformer], task: T
     observations (e.g. the other cue); None when the task has no counterfactual."""
     if task.counterfactual is None or any(t.observations is None for t in traces):
         return None
-    return [{"played": trace.probs[-1], "flipped": last_step_probs(model, trace, task.counterfactual(trace.observations))}
+    return [{"played": trace.probs[-1],
+             "flipped": last_step_probs(model, trace, task.counterfactual(trace.observations))}
             for trace, model in zip(traces, models)]
 
 
@@ -321,7 +357,9 @@ def episode_videos(traces: list[EpisodeTrace], models: list[MemoryTransformer], 
                    folder: Path | None = None) -> list[Path]:
     """One video per agent, with the same number of frames and frame rate (a shorter episode holds
     its last frame)."""
-    folder = folder or Path(tempfile.mkdtemp(prefix="episode_", dir=VIDEO_ROOT.mkdir(parents=True, exist_ok=True) or VIDEO_ROOT))
+    if folder is None:
+        VIDEO_ROOT.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="episode_", dir=VIDEO_ROOT))
     count = max(len(trace.frames) for trace in traces)
     fps = video_fps(count)
     jobs = []

@@ -11,7 +11,8 @@ import numpy as np
 
 from app import plots
 from app.episodes import (CHECKPOINT_ROOT, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
-                          episode_videos, load_model, make_request, outcome, play_pair, shipped_choices, what_if)
+                          episode_videos, load_model, make_request, outcome, play_pair, shipped_choices,
+                          task_description, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -20,10 +21,9 @@ from rate_core.tasks import get_task
 INTRO = """# RATE: Recurrent Action Transformer with Memory
 RATE reads a long episode in **segments** of K steps and carries what matters from one segment to
 the next in a few **memory tokens**. A Decision Transformer (DT) only sees a fixed window of recent
-steps. Press **Run**: both agents play the same episode, left and right. In the T-Maze the cue
-(up or down) is shown only at the first step; at the far end of the corridor the agent must turn to
-that side. RATE still knows it there; DT, whose window no longer reaches the first step, can only
-guess."""
+steps. Every task here hides something the agent must remember long after it was shown; the text under
+the task says what. Pick a task and press **Run**: both agents play the same episode, left and right,
+and below the videos you see what RATE's memory held."""
 
 PANELS = 5  # figures in the memory panel
 RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
@@ -196,7 +196,7 @@ def memory_panel(panel_input):
 
 
 def task_changed(task_name: str):
-    """Checkpoint choices and settings of the chosen task."""
+    """The chosen task's description, checkpoint choices and settings."""
     task = get_task(task_name)
     choices = shipped_choices(task_name)
     left, right = default_pair(task_name)
@@ -204,7 +204,8 @@ def task_changed(task_name: str):
     setting = gr.update(visible=False) if spec is None else gr.update(
         visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", value=spec.default, info=spec.info,
         minimum=spec.minimum, maximum=spec.maximum)
-    return (gr.update(choices=choices, value=left), gr.update(choices=choices, value=right), setting,
+    return (task_description(task_name), gr.update(choices=choices, value=left),
+            gr.update(choices=choices, value=right), setting,
             gr.update(value=task.evaluation.target_return), gr.update(value=task.demo_step_cap or 0),
             gr.update(value=task.evaluation.sample_actions))
 
@@ -252,6 +253,7 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                                label="left agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
             right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
                                 label="right agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
+        task_text = gr.Markdown(task_description(first[0]) if tasks else "")
         with gr.Row():
             seed = gr.Number(value=0, precision=0, label="seed", info="the same episode for both agents")
             setting = gr.Number(value=first[4], precision=0, visible=spec is not None,
@@ -290,7 +292,7 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         panel_outputs = [outcome_text, *figures, *captions]
         run.click(run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
                   concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
-        task.change(task_changed, task, [left, right, setting, target, cap, sample], api_name=False)
+        task.change(task_changed, task, [task_text, left, right, setting, target, cap, sample], api_name=False)
         if tasks:
             demo.load(lambda: run_episodes(*first, progress=lambda *a, **k: None), None,
                       [left_video, right_video, summary, panel_state], api_name=False).success(

@@ -122,6 +122,8 @@ class Task:
     predict it at every step"""
     aux_values: tuple = ()
     """the values aux_label takes, in class order (the stored label is the value's index)"""
+    about: str = ""
+    """a few sentences for the app's visitors: what the agent sees, what it must remember, what it scores"""
 
     @property
     def aux_classes(self) -> int:
@@ -231,6 +233,11 @@ register(Task(
     demo_setting=DemoSetting("episode_length", "corridor length T (steps)", minimum=10, maximum=1200, default=300,
                              info="the agent walks T - 2 cells, then must turn to the side the cue showed at step 0"),
     explain=_tmaze_explain,
+    about=("A corridor of T - 2 cells. At the first step the agent is shown a cue, up or down; then it walks "
+           "the corridor and at the junction must turn to the cue's side (success 1, else 0). The models were "
+           "trained on corridors of at most 150 steps. RATE carries the cue from segment to segment in its "
+           "memory tokens; DT sees the last 150 steps, so past T = 150 its window no longer holds the cue and "
+           "it can only guess."),
     counterfactual=_tmaze_flip_cue,
     aux_label="cue",
     aux_values=(-1, 1),
@@ -292,6 +299,11 @@ register(Task(
     demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91,
                              info="the hallway is about size - 5 cells long; trained at 11, 21 and 41"),
     explain=_minigrid_explain,
+    about=("A gridworld seen through a 3x3 window in front of the agent. The start room holds an object, a key "
+           "or a ball, which the agent must go and look at; at the end of a long hallway it must then step next "
+           "to the same one of two (success, and a return that shrinks with the steps taken). The grid size sets "
+           "the hallway's length: the models were trained at 11, 21 and 41, and larger grids ask memory to carry "
+           "the cue further; DT sees the last 90 steps."),
     aux_label="cue",
     aux_values=(0, 1),
 ))
@@ -361,6 +373,10 @@ register(Task(
     action_names=("left", "right", "forward", "left+fwd", "right+fwd"),
     demo_step_cap=500,
     explain=_two_colors_explain,
+    about=("A room whose acid floor drains health. A pillar, red or green, stands in the middle for the first "
+           "45 steps only; items of both colours keep appearing. Items of the pillar's colour heal (+1 return), "
+           "the others hurt; every step alive adds 0.02, and the episode ends when health runs out. Once the "
+           "pillar is gone only memory says which colour to pick; DT's window is 150 steps."),
     aux_label="is_red",
     aux_values=(0, 1),
 ))
@@ -437,6 +453,10 @@ register(Task(
     action_names=("noop", "forward", "left", "right", "fwd+left", "fwd+right"),
     demo_step_cap=300,
     explain=_memory_maze_explain,
+    about=("A 3D maze of 9x9 cells seen from the agent's eyes, with three coloured targets. The colour of "
+           "the frame's border names the current target; touching it scores +1 and names another. In 1,000 "
+           "steps, remembering where targets were seen (and the way there) scores more: our expert reaches "
+           "about 27, the paper's RATE 7.64 and DT 6.83."),
     # Where the current target lies from the agent's heading (8 sectors): once out of view, only
     # memory of where it was seen and of the turns since tells (`train --aux-weight`).
     aux_label="target_bearing",

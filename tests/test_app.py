@@ -14,9 +14,10 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from app.episodes import AppError, load_model, make_request
-from app.ui import build_demo, describe, shipped_checkpoints
+from app.episodes import AppError, demo_tasks, load_model, make_request, task_description
+from app.ui import build_demo, describe, shipped_checkpoints, task_changed
 from rate_core.checkpoint import save_checkpoint
+from rate_core.tasks import TASKS
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,43 @@ def test_shipped_checkpoints_lists_good_and_reports_bad(tmp_path):
     assert ["unit_test", "rate", "unit_test/rate", "ok"] in rows
     broken = [row for row in rows if row[2] == "unit_test/broken"][0]
     assert broken[3].startswith("unusable:") and "not valid JSON" in broken[3]
+
+
+def test_every_task_says_what_its_agent_must_remember():
+    for task in TASKS.values():
+        assert len(task.about) > 100 and ("remember" in task.about or "memory" in task.about), task.name
+
+
+def test_task_description_shows_each_shipped_checkpoints_evaluation():
+    root = ROOT / "assets" / "checkpoints"
+    for name in demo_tasks():
+        text = task_description(name)
+        assert TASKS[name].title in text and TASKS[name].about in text
+        for eval_path in sorted(root.glob(f"{name}/*/eval.json")):
+            evaluation = json.loads(eval_path.read_text())
+            last = evaluation["results"][-1]
+            score = (f"{last['success_rate']:.2f}" if evaluation["protocol"]["metric"] == "success"
+                     else f"{last['mean_return']:.2f} ± {last['return_sem']:.2f}")
+            cells = {line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")]
+                     for line in text.splitlines() if line.startswith("|")}
+            header, row = cells["checkpoint"], cells[eval_path.parent.name]
+            column = header.index(str(last[evaluation["protocol"]["setting"]]))
+            assert row[column] == score, (row, score)
+    # the page's task switch brings the description with it
+    assert task_changed("memory_maze")[0] == task_description("memory_maze")
+
+
+def test_task_description_survives_a_missing_or_broken_evaluation(tmp_path):
+    shipped = ROOT / "assets" / "checkpoints" / "tmaze"
+    for folder in ("rate", "dt"):
+        (tmp_path / "tmaze" / folder).mkdir(parents=True)
+        (tmp_path / "tmaze" / folder / "config.json").write_text((shipped / folder / "config.json").read_text())
+    assert task_description("tmaze", tmp_path).endswith(TASKS["tmaze"].about)  # nothing evaluated: no table
+    (tmp_path / "tmaze" / "rate" / "eval.json").write_text((shipped / "rate" / "eval.json").read_text())
+    (tmp_path / "tmaze" / "dt" / "eval.json").write_text('{"protocol": {}')
+    lines = task_description("tmaze", tmp_path).splitlines()
+    assert "| dt | not evaluated |" in "\n".join(lines)
+    assert any(line.startswith("| rate | 1.00 |") for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +168,8 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
-    for inputs, message in [(("tmaze", str(tmp_path / "missing"), "shipped: dt", 0, 150, 1.0, 0, False), "does not exist"),
+    for inputs, message in [(("tmaze", str(tmp_path / "missing"), "shipped: dt", 0, 150, 1.0, 0, False),
+                             "does not exist"),
                             (("tmaze", str(bad), "shipped: dt", 0, 150, 1.0, 0, False), "config.json"),
                             (("tmaze", "shipped: rate", "shipped: dt", 0, 5000, 1.0, 0, False), "from 10 to 1200")]:
         with pytest.raises(Exception, match=message):
@@ -140,7 +179,8 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
     with pytest.raises(Exception, match="memory horizon"):
         client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, -1, api_name="/run_episodes")
     cut = client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, 1, api_name="/run_episodes")
-    assert cut[2]["memory_horizon"] == cut[2]["left"]["memory_horizon"] == 1 and cut[2]["right"]["memory_horizon"] is None
+    assert cut[2]["memory_horizon"] == cut[2]["left"]["memory_horizon"] == 1
+    assert cut[2]["right"]["memory_horizon"] is None
 
 
 def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rate_core.tasks import TASKS
 from tests.test_app import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,9 @@ def test_browser_runs_an_episode_and_both_videos_play():
                                         args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
+            # the chosen task says what its agent must remember, and what the shipped checkpoints score
+            page.get_by_text(TASKS["tmaze"].about[:60]).wait_for(timeout=30_000)
+            assert "Shipped checkpoints, success rate" in page.inner_text("body")
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_function("document.querySelectorAll('video').length >= 2", timeout=60_000)
             # both videos load and advance: they play in this browser

@@ -1,8 +1,14 @@
 """The command-line tools run and print what they promise."""
 
+import contextlib
+import importlib
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +41,40 @@ def test_bench_train_runs_with_tiny_settings():
 def test_help_explains_options():
     assert "--rate-batch" in run("-m", "training.bench_train", "--help")
     assert "--port" in run("app.py", "--help")
+
+
+def help_options(config_class, monkeypatch) -> dict[str, str]:
+    """The options of a tyro CLI's --help, each with its whole help text on one line."""
+    monkeypatch.setenv("COLUMNS", "200")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        tyro.cli(config_class, args=["--help"])
+    options, current = {}, None
+    for line in out.getvalue().splitlines():
+        text = line.strip("│ ").strip()
+        if text.startswith(("--", "[")):  # an option, or a positional argument's metavar
+            current = text.split()[0]
+            options[current] = text
+        elif current and text:
+            options[current] += " " + text
+    return options
+
+
+def test_every_tool_states_each_default_once(monkeypatch):
+    tools = 0
+    for path in sorted((ROOT / "training").glob("*.py")):
+        found = re.search(r"tyro\.cli\((\w+)", path.read_text())
+        if not found:
+            continue
+        tools += 1
+        options = help_options(getattr(importlib.import_module(f"training.{path.stem}"), found.group(1)), monkeypatch)
+        assert options, path.stem
+        for option, text in options.items():
+            assert text.count("default:") <= 1, (path.stem, text)
+            assert "(default: )" not in text, (path.stem, text)
+    assert tools >= 15
+    options = help_options(importlib.import_module("training.train").TrainConfig, monkeypatch)
+    assert "(default: the task's)" in options["--epochs"] and "(default: runs/<task>/<model>)" in options["--out"]
 
 
 def test_bench_rollout_prints_ratios_last():

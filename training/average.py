@@ -12,23 +12,25 @@ initialisations do not line up unit by unit, and their average is a broken model
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import tyro
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from rate_core.model import MemoryTransformer
+from training.cli import OWN_DEFAULT
 
 
 @dataclass
 class Args:
     """Average the weights of checkpoints that share a task and model config; write a new checkpoint."""
 
-    sources: tyro.conf.Positional[tuple[Path, ...]]
+    sources: Annotated[tyro.conf.Positional[tuple[Path, ...]], OWN_DEFAULT]
     """checkpoint folders (config.json + model.safetensors), at least two"""
     out: Path
     """the averaged checkpoint's folder (replaced if it exists; it may not be one of the sources)"""
-    weights: tuple[float, ...] | None = None
+    weights: Annotated[tuple[float, ...] | None, OWN_DEFAULT] = None
     """one non-negative weight per source, normalised to sum to 1 (default: equal weights)"""
 
 

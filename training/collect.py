@@ -12,6 +12,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
+from training.cli import NONE_DEFAULT, OWN_DEFAULT
 from training.dataset import DatasetWriter
 
 
@@ -31,11 +33,11 @@ class Args:
 
     task: str = "tmaze"
     """task name from the registry (rate_core.tasks)"""
-    out: Path | None = None
+    out: Annotated[Path | None, OWN_DEFAULT] = None
     """dataset folder (default: data/<task>/expert)"""
-    episodes: int | None = None
+    episodes: Annotated[int | None, OWN_DEFAULT] = None
     """episodes per environment setting (default: the task's)"""
-    seed: int | None = None
+    seed: Annotated[int | None, OWN_DEFAULT] = None
     """seed of the first episode; episode i uses seed + i (default: the task's dataset_seed, far from the
     evaluator's seeds where seeds draw the layout)"""
     workers: int = 1
@@ -43,10 +45,10 @@ class Args:
     teacher: bool = False
     """run the task's teacher instead of its expert (ViZDoom-Two-Colors: detours to the other colour;
     Memory Maze: clean labels of the noisy expert's steps; the dataset holds actions and labels)"""
-    settings: tuple[str, ...] = ()
+    settings: Annotated[tuple[str, ...], OWN_DEFAULT] = ()
     """environment settings as NAME=INT that replace the task's dataset settings (e.g. cue=1 for
     ViZDoom-Two-Colors' oracle cue)"""
-    teacher_options: tuple[str, ...] = ()
+    teacher_options: Annotated[tuple[str, ...], NONE_DEFAULT] = ()
     """with --teacher: the teacher's settings as NAME=NUMBER (e.g. noise=0.3: random actions at 30% of
     the steps, all still labelled with the expert's action; detour=0 for ViZDoom-Two-Colors)"""
     policy: Path | None = None

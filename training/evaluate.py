@@ -19,6 +19,7 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, make_policy, run_episodes
 from rate_core.tasks import Task, get_task
+from training.cli import OWN_DEFAULT
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
 
@@ -29,19 +30,20 @@ class Args:
 
     checkpoint: str
     """checkpoint folder (config.json + model.safetensors) or hf://USER/NAME"""
-    values: Annotated[tuple[int, ...] | None, tyro.conf.arg(aliases=("--lengths", "--sizes"))] = None
+    values: Annotated[tuple[int, ...] | None,
+                      tyro.conf.arg(aliases=("--lengths", "--sizes"), help_behavior_hint="")] = None
     """values of the task's evaluation setting to test (T-Maze episode lengths, Minigrid grid sizes; default:
     the protocol's)"""
     step_cap: int | None = None
     """override the episode step cap of tasks that have one (Minigrid 500, ViZDoom 2100)"""
-    settings: tuple[str, ...] = ()
+    settings: Annotated[tuple[str, ...], OWN_DEFAULT] = ()
     """other environment settings as NAME=INT (e.g. cue=1: ViZDoom-Two-Colors' oracle cue)"""
     target_return: float | Literal["top-decile"] | None = None
     """override the protocol's target return: a number, or top-decile (the 90th percentile of the episode
     returns of the dataset in --data)"""
-    data: Path | None = None
+    data: Annotated[Path | None, OWN_DEFAULT] = None
     """dataset for --target-return top-decile (default: data/<task>/expert)"""
-    episodes: int | None = None
+    episodes: Annotated[int | None, OWN_DEFAULT] = None
     """episodes per setting (default: the protocol's)"""
     actions: Literal["protocol", "sampled", "argmax"] = "protocol"
     """how the agent picks its action: as the protocol says (T-Maze argmax, the others sampled), sampled
@@ -49,17 +51,17 @@ class Args:
     temperature: float = 1.0
     """sampled actions are drawn from softmax(logits / temperature): below 1 nearer the argmax, above 1
     more random (recorded in the JSON's protocol)"""
-    memory_horizon: int | None = None
+    memory_horizon: Annotated[int | None, OWN_DEFAULT] = None
     """carry memory and cache over at most this many segments, the current one included: at every segment
     boundary they are rebuilt from the last H - 1 segments, as if the episode had started there (default:
     the whole episode, as the protocol; rate, rmt and trxl only). Shows how far back a model's memory reaches"""
-    max_envs: int | None = None
+    max_envs: Annotated[int | None, OWN_DEFAULT] = None
     """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
     them, Memory Maze 10, which peaks near 10 GB of memory on a CPU host). Fewer take less memory, not other
     results: each episode's action draws are seeded by its own seed"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
-    json: Path | None = None
+    json: Annotated[Path | None, OWN_DEFAULT] = None
     """write the results here (default: eval.json next to the checkpoint's files)"""
     device: str = "auto"
     """cpu, cuda or auto"""
@@ -114,7 +116,9 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         for start in range(0, episodes, batch):
             chunk = seeds[start:start + batch]
             env = task.make_vector_env(len(chunk), **settings)
-            desc = f"{protocol.setting}={value}" + (f" episodes {start + 1}-{start + len(chunk)}" if batch < episodes else "")
+            desc = f"{protocol.setting}={value}"
+            if batch < episodes:
+                desc += f" episodes {start + 1}-{start + len(chunk)}"
             with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
                 parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
                                           progress=lambda _: bar.update(), temperature=temperature,

@@ -10,12 +10,14 @@ Prints success rate, mean return (with SEM) and mean length, per value of the ta
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import tyro
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
+from training.cli import OWN_DEFAULT
 from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
@@ -28,7 +30,7 @@ class Args:
     """task name from the registry"""
     episodes: int = 100
     """episodes (balanced between the two values of the task's balance key)"""
-    settings: tuple[str, ...] = ()
+    settings: Annotated[tuple[str, ...], OWN_DEFAULT] = ()
     """environment settings as NAME=INT (default: the task's default settings)"""
     seed: int = 0
     """first seed"""

@@ -10,12 +10,14 @@ need to collect and train on it to know it changes nothing.
 """
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import tyro
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
+from training.cli import NONE_DEFAULT, OWN_DEFAULT
 from training.collect import parse_settings, parse_teacher_options
 
 
@@ -25,9 +27,9 @@ class Args:
 
     task: str = "memory_maze"
     """task name from the registry (one with a teacher)"""
-    a: tuple[str, ...] = ()
+    a: Annotated[tuple[str, ...], NONE_DEFAULT] = ()
     """teacher A's options as NAME=NUMBER (collect --teacher-options); A acts"""
-    b: tuple[str, ...] = ()
+    b: Annotated[tuple[str, ...], NONE_DEFAULT] = ()
     """teacher B's options as NAME=NUMBER; B only labels"""
     episodes: int = 4
     """episodes, seeds from --seed"""
@@ -35,7 +37,7 @@ class Args:
     """first seed (the shipped data's first)"""
     early: int = 200
     """steps counted as the start of an episode"""
-    settings: tuple[str, ...] = ()
+    settings: Annotated[tuple[str, ...], OWN_DEFAULT] = ()
     """environment settings as NAME=INT (default: the task's)"""
 
 

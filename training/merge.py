@@ -9,10 +9,12 @@ actions serve as their labels.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import tyro
 
+from training.cli import OWN_DEFAULT
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
 
@@ -20,8 +22,8 @@ from training.dataset import DatasetError, load_dataset, merge_datasets
 class Args:
     """Join datasets of one task (folders written by python -m training.collect) into one."""
 
-    sources: tyro.conf.Positional[tuple[Path, ...]]
-    """dataset folders, in the order their episodes take"""
+    sources: Annotated[tyro.conf.Positional[tuple[Path, ...]], OWN_DEFAULT]
+    """dataset folders (at least two), in the order their episodes take"""
     out: Path
     """the new dataset's folder (replaced if it exists; it may not be one of the sources)"""
 

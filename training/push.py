@@ -13,12 +13,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import tyro
 
 from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
+from training.cli import OWN_DEFAULT
 
 VIDEO_NAME = "episode.mp4"
 
@@ -33,7 +35,7 @@ class Args:
     """Hub repository, USER/NAME (created if missing)"""
     dry_run: bool = False
     """write the folder that would be uploaded and stop"""
-    out: Path | None = None
+    out: Annotated[Path | None, OWN_DEFAULT] = None
     """where to build the upload folder (default: outputs/push/<NAME>)"""
     video: bool = True
     """include an example episode video (seed 0, the task's default settings)"""

@@ -24,20 +24,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import tyro
-from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
 from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
@@ -60,23 +61,23 @@ class TrainConfig:
     action_inputs: bool = True
     """feed the actions taken to the model (--no-action-inputs: returns and observations only, so
     the policy cannot copy its own past actions; see ModelConfig.action_inputs)"""
-    data: Path | None = None
+    data: Annotated[Path | None, OWN_DEFAULT] = None
     """dataset folder (default: data/<task>/expert, made by python -m training.collect)"""
-    out: Path | None = None
+    out: Annotated[Path | None, OWN_DEFAULT] = None
     """run folder (default: runs/<task>/<model>)"""
-    epochs: int | None = None
+    epochs: Annotated[int | None, TASK_DEFAULT] = None
     """passes over the dataset"""
-    batch_size: int | None = None
+    batch_size: Annotated[int | None, TASK_DEFAULT] = None
     """samples per optimiser step"""
-    learning_rate: float | None = None
+    learning_rate: Annotated[float | None, TASK_DEFAULT] = None
     """peak AdamW learning rate"""
-    weight_decay: float | None = None
+    weight_decay: Annotated[float | None, TASK_DEFAULT] = None
     """AdamW weight decay"""
-    warmup_steps: int | None = None
+    warmup_steps: Annotated[int | None, TASK_DEFAULT] = None
     """optimiser steps of linear warm-up"""
     decay: str = "cosine"
     """learning-rate decay after warm-up: cosine | linear | none (to 10% of the peak)"""
-    grad_clip: float | None = None
+    grad_clip: Annotated[float | None, TASK_DEFAULT] = None
     """gradient-norm clipping (0: off)"""
     memory_grad: str = "bptt"
     """bptt (train memory through all segments) | detached (the reference scheme)"""
@@ -101,7 +102,7 @@ class TrainConfig:
     """continue the run in `out` from its last completed epoch"""
     dropout: float | None = None
     """override the model config's dropout and attention dropout"""
-    model_set: tuple[str, ...] = ()
+    model_set: Annotated[tuple[str, ...], NONE_DEFAULT] = ()
     """override fields of the architecture (after --arch and --dropout), as FIELD=VALUE pairs of
     rate_core.model.ModelConfig, e.g. --model-set n_head=8 conv_channels=32,64,64 use_ffn=true"""
     bf16: bool = False
