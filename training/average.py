@@ -19,7 +19,7 @@ import tyro
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from rate_core.model import MemoryTransformer
-from training.cli import OWN_DEFAULT
+from training.cli import OWN_DEFAULT, cli
 
 
 @dataclass
@@ -92,4 +92,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

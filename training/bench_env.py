@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import tyro
 
 from rate_core.tasks import Task, get_task
+from training.cli import cli
 
 
 @dataclass
@@ -60,4 +60,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

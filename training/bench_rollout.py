@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 from rate_core.checkpoint import load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
+from training.cli import cli
 
 
 @dataclass
@@ -169,4 +169,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

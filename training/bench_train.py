@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import tyro
 from torch.utils.flop_counter import FlopCounterMode
+
+from training.cli import cli
 
 REFERENCE_RATE_TOKENS_PER_S = 1800  # a reference implementation, RATE batch 128, this kind of 2-core machine
 
@@ -129,4 +130,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -16,14 +16,13 @@ from typing import Annotated
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
 from training.dataset import DatasetWriter
 
 
@@ -280,4 +279,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

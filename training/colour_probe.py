@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 from rate_core.checkpoint import load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy
 from rate_core.tasks import get_task
+from training.cli import cli
 from training.step import segment_slices
 
 TASK = get_task("vizdoom_two_colors")
@@ -216,4 +216,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

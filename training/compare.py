@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from training.cli import cli
+
 
 @dataclass
 class Args:
@@ -99,4 +101,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -19,7 +19,7 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, make_policy, run_episodes
 from rate_core.tasks import Task, get_task
-from training.cli import OWN_DEFAULT
+from training.cli import OWN_DEFAULT, cli
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
 
@@ -262,4 +262,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

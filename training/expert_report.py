@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import tyro
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT
+from training.cli import OWN_DEFAULT, cli
 from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
@@ -77,4 +76,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -36,12 +36,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 from torch import nn
 from tqdm import tqdm
 
 from rate_core.envs.vizdoom_two_colors import CUES, TwoColorsEnv, TwoColorsTeacher
 from rate_core.model import ImageEncoder
+from training.cli import cli
 from training.evaluate import standard_error
 
 PILLAR_STEPS = 45
@@ -271,4 +271,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

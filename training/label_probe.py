@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
-import tyro
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
 from training.collect import parse_settings, parse_teacher_options
 
 
@@ -86,4 +85,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

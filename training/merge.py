@@ -14,7 +14,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT
+from training.cli import OWN_DEFAULT, cli
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
 
@@ -46,4 +46,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import tyro
-
 from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT
+from training.cli import OWN_DEFAULT, cli
 
 VIDEO_NAME = "episode.mp4"
 
@@ -102,4 +100,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

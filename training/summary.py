@@ -5,10 +5,9 @@
 
 from dataclasses import dataclass
 
-import tyro
-
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
+from training.cli import cli
 
 
 @dataclass
@@ -39,4 +38,4 @@ def main(args: Args) -> None:
     print("(here d_head = 64, d_inner = 128), so part of the gap is sizes we cannot reconstruct.")
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

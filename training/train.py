@@ -29,7 +29,6 @@ from typing import Annotated, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import tyro
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -38,7 +37,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
 from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
@@ -715,4 +714,4 @@ def main(config: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(TrainConfig))
+    main(cli(TrainConfig))
