@@ -43,11 +43,8 @@ def cli(config_class: type[T], args: list[str] | None = None) -> T:
     fields = []
     for f in dataclasses.fields(config_class):
         if f.name in docs:
-            default = {} if f.default is dataclasses.MISSING else {"default": f.default}
-            if f.default_factory is not dataclasses.MISSING:
-                default = {"default_factory": f.default_factory}
             fields.append((f.name, Annotated[hints[f.name], tyro.conf.arg(help=docs[f.name])],
-                           dataclasses.field(**default)))
+                           dataclasses.field(default=f.default, default_factory=f.default_factory)))
     helped = dataclasses.make_dataclass(config_class.__name__, fields, bases=(config_class,))
     helped.__doc__ = config_class.__doc__
     helped.__module__ = config_class.__module__

@@ -30,8 +30,7 @@ class Args:
 
     checkpoint: str
     """checkpoint folder (config.json + model.safetensors) or hf://USER/NAME"""
-    values: Annotated[tuple[int, ...] | None,
-                      tyro.conf.arg(aliases=("--lengths", "--sizes"), help_behavior_hint="")] = None
+    values: Annotated[tuple[int, ...] | None, tyro.conf.arg(aliases=("--lengths", "--sizes")), OWN_DEFAULT] = None
     """values of the task's evaluation setting to test (T-Maze episode lengths, Minigrid grid sizes; default:
     the protocol's)"""
     step_cap: int | None = None
