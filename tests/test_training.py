@@ -711,6 +711,25 @@ def test_shift_augment_changes_training_and_a_resumed_run_draws_the_same_shifts(
     assert any(not torch.equal(a, c) for a, c in zip(straight.state_dict().values(), plain.state_dict().values()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_fine_tuning_options_train_on_cuda_in_bf16(tmp_path):
+    """The options of Memory Maze's shipped fine-tuning (--init, --action-dropout) and their neighbours
+    (--keyframe-weight, --shift-augment) on image observations, on CUDA with bf16 autocast."""
+    data = _image_dataset(tmp_path)
+    base = dict(task="minigrid_memory", model="rate", data=data, epochs=1, batch_size=2, warmup_steps=1,
+                eval_every=0, seed=3, device="cuda", bf16=True)
+    first = train(TrainConfig(**base, out=tmp_path / "first"))
+    tuned = load_checkpoint(train(TrainConfig(**base, out=tmp_path / "tuned", init=first, action_dropout=0.3,
+                                              keyframe_weight=3.0, shift_augment=2)))
+    info = tuned.training_info
+    assert (info["init"], info["action_dropout"], info["keyframe_weight"], info["shift_augment"]) == (
+        str(first), 0.3, 3.0, 2)
+    log = [json.loads(line) for line in (tmp_path / "tuned" / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite([r["loss"] for r in log if "loss" in r]).all()
+    start = load_checkpoint(first)
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+
+
 def test_shift_augment_is_refused_for_vector_observations_and_negative_values(dataset_path, tmp_path):
     with pytest.raises(ValueError, match="leave it at 0 for this task"):
         train(_tiny_config(dataset_path, tmp_path / "run", shift_augment=2))
