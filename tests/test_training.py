@@ -684,14 +684,19 @@ def _image_dataset(tmp_path):
     return write_dataset(tmp_path / "images", "minigrid_memory", episodes, {})
 
 
+def _image_config(data, out, **overrides):
+    fields = dict(task="minigrid_memory", model="rate", data=data, out=out, epochs=2, batch_size=2, warmup_steps=1,
+                  eval_every=0, seed=3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
 def test_shift_augment_changes_training_and_a_resumed_run_draws_the_same_shifts(tmp_path):
     data = _image_dataset(tmp_path)
 
     def config(out, **overrides):
         # on the CPU: cuDNN's convolution gradients are not bit-reproducible from run to run
-        return TrainConfig(**{**dict(task="minigrid_memory", model="rate", data=data, out=tmp_path / out, epochs=2,
-                                     batch_size=2, warmup_steps=1, eval_every=0, seed=3, shift_augment=3,
-                                     device="cpu"), **overrides})
+        return _image_config(data, tmp_path / out, **{"shift_augment": 3, "device": "cpu", **overrides})
 
     straight = load_checkpoint(train(config("straight")))
     assert straight.training_info["shift_augment"] == 3
@@ -716,11 +721,9 @@ def test_fine_tuning_options_train_on_cuda_in_bf16(tmp_path):
     """The options of Memory Maze's shipped fine-tuning (--init, --action-dropout) and their neighbours
     (--keyframe-weight, --shift-augment) on image observations, on CUDA with bf16 autocast."""
     data = _image_dataset(tmp_path)
-    base = dict(task="minigrid_memory", model="rate", data=data, epochs=1, batch_size=2, warmup_steps=1,
-                eval_every=0, seed=3, device="cuda", bf16=True)
-    first = train(TrainConfig(**base, out=tmp_path / "first"))
-    tuned = load_checkpoint(train(TrainConfig(**base, out=tmp_path / "tuned", init=first, action_dropout=0.3,
-                                              keyframe_weight=3.0, shift_augment=2)))
+    first = train(_image_config(data, tmp_path / "first", epochs=1, device="cuda", bf16=True))
+    tuned = load_checkpoint(train(_image_config(data, tmp_path / "tuned", epochs=1, device="cuda", bf16=True,
+                                                init=first, action_dropout=0.3, keyframe_weight=3.0, shift_augment=2)))
     info = tuned.training_info
     assert (info["init"], info["action_dropout"], info["keyframe_weight"], info["shift_augment"]) == (
         str(first), 0.3, 3.0, 2)
