@@ -83,7 +83,8 @@ class _RelativeAttention(torch.autograd.Function):
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
             heads = torch.arange(part.start, part.stop, device=key.device) % n_head
-            probs = _chunk_probabilities(query[part] + content_bias[heads, None], query[part] + position_bias[heads, None],
+            probs = _chunk_probabilities(query[part] + content_bias[heads, None],
+                                         query[part] + position_bias[heads, None],
                                          key[part], padded_key[heads], allowed, scale)
             if dropout:
                 keep, rescale = _keep_mask(probs.shape, dropout, seed + start, probs.device)

@@ -73,13 +73,13 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
     if evaluation:
         setting = evaluation["protocol"]["setting"]
         metric = evaluation["protocol"]["metric"]
+        key = "success_rate" if metric == "success" else "mean_return"
         for r in evaluation["results"]:
-            key, value = ("success_rate", r["success_rate"]) if metric == "success" else ("mean_return", r["mean_return"])
             results.append(EvalResult(
                 task_type="reinforcement-learning", task_name="Offline reinforcement learning",
                 dataset_type=task_name, dataset_name=title or task_name, dataset_config=f"{setting}={r[setting]}",
                 metric_type=key, metric_name=f"{key.replace('_', ' ')} ({setting} = {r[setting]}, "
-                                             f"{r['episodes']} episodes)", metric_value=value))
+                                             f"{r['episodes']} episodes)", metric_value=r[key]))
             rows.append(f"| {r[setting]} | {r['episodes']} | {r['success_rate']:.2f} | "
                         f"{r['mean_return']:.3f} ± {r['return_sem']:.3f} |")
     data = ModelCardData(library_name="rate_core", tags=["offline-rl", "reinforcement-learning", c.mode, task_name],

@@ -541,7 +541,8 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         to those of forward() over the whole segment."""
         m, done = self.config.num_mem_tokens, context.done
         if done != context.mask.shape[0] - 2 * m:
-            raise ValueError(f"finish_segment needs a full segment of {context.mask.shape[0] - 2 * m} tokens, got {done}")
+            raise ValueError(
+                f"finish_segment needs a full segment of {context.mask.shape[0] - 2 * m} tokens, got {done}")
         memory, cache = context.state
         if m:
             write_out, _ = self._extend(memory, context, slice(m + done, 2 * m + done), -(m - 1), False)

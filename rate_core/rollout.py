@@ -214,8 +214,8 @@ class _Recorder:
     def __init__(self, model, seeds, reset_info, num, frames, observations, memory_horizon=None):
         self.model, self.seeds, self.num, self.memory_horizon = model, list(seeds), num, memory_horizon
         self.want_frames, self.want_obs = frames, observations
-        self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[], attention=[],
-                           aux=[], frames=[], obs=[]) for _ in range(num)]
+        self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[],
+                           attention=[], aux=[], frames=[], obs=[]) for _ in range(num)]
         self.reset_info = [{k: v[i].item() for k, v in reset_info.items() if _per_env(v, num)} for i in range(num)]
         if model.initial_memory is not None:
             for rec in self.steps:

@@ -82,7 +82,8 @@ def test_mixed_precision_inputs_as_autocast_gives_them():
         assert torch.allclose(a.double(), b, atol=0.1, rtol=0.05)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device here"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,7 +141,8 @@ def test_inference_kernel_matches_plain_attention(q_len, key_len, causal, monkey
     rows, n_head, d_head = 12, 3, 4
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     query, key, value = make(rows, q_len, d_head), make(rows, key_len, d_head), make(rows, key_len, d_head)
-    content_bias, position_bias, position_key = make(n_head, d_head), make(n_head, d_head), make(n_head, key_len + 2, d_head)
+    content_bias, position_bias = make(n_head, d_head), make(n_head, d_head)
+    position_key = make(n_head, key_len + 2, d_head)
     offset = key_len - q_len
     positions = torch.arange(key_len)[None, :] <= torch.arange(q_len)[:, None] + offset
     allowed = positions if causal else torch.rand(q_len, key_len, generator=gen) < 0.5

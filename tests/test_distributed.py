@@ -23,7 +23,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
                   seed=3, dropout=0.0)
     single = load_checkpoint(train(TrainConfig(out=tmp_path / "one", **common)))
     args = ["--task", "tmaze", "--model", "rate", "--data", str(data), "--epochs", "1", "--batch-size", "4",
-            "--warmup-steps", "2", "--learning-rate", "5e-5", "--eval-every", "0", "--seed", "3", "--dropout", "0", "--out", str(tmp_path / "two")]
+            "--warmup-steps", "2", "--learning-rate", "5e-5", "--eval-every", "0", "--seed", "3", "--dropout", "0",
+            "--out", str(tmp_path / "two")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "training.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,

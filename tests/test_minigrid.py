@@ -98,4 +98,5 @@ def test_render_shows_the_map_and_the_agents_view_beside_it(size):
     assert frame.dtype == np.uint8 and frame.shape[0] >= view.shape[0]
     assert np.array_equal(frame[:view.shape[0], -view.shape[1]:], view)
     obs, *_ = env.step(0)  # the view follows the agent
-    assert np.array_equal(env.render()[:view.shape[0], -view.shape[1]:], obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))
+    shown = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
+    assert np.array_equal(env.render()[:view.shape[0], -view.shape[1]:], shown)

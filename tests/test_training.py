@@ -16,7 +16,8 @@ from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
 from training.train import (TrainConfig, bf16_warning, cpu_has_bf16, drop_actions, epoch_windows, held_out_loss,
-                            keyframe_weights, lr_multiplier, make_batch, model_overrides, shift_frames, shift_offsets, train, windows, WeightAverage)
+                            keyframe_weights, lr_multiplier, make_batch, model_overrides, shift_frames, shift_offsets,
+                            train, windows, WeightAverage)
 
 TASK = get_task("tmaze")
 
@@ -123,7 +124,8 @@ def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):
     assert np.array_equal(actions[:7], episodes[0]["actions"]) and np.array_equal(targets[:7], episodes[0]["labels"])
     assert (targets[7:] == ACTION_PAD).all() and (actions[7:] == ACTION_PAD).all()
     with pytest.raises(ValueError, match="all or none"):
-        write_dataset(tmp_path / "e", "tmaze", [episodes[0], {k: v for k, v in episodes[1].items() if k != "labels"}], {})
+        unlabelled = {k: v for k, v in episodes[1].items() if k != "labels"}
+        write_dataset(tmp_path / "e", "tmaze", [episodes[0], unlabelled], {})
 
     # the step's loss is the cross-entropy against the labels, the actions being the input
     model = MemoryTransformer(replace(TASK.model_config("rate"), dropout=0.0, dropatt=0.0))
@@ -251,7 +253,8 @@ def test_a_resumed_run_with_random_offsets_matches_a_straight_one(dataset_path, 
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train(_tiny_config(dataset_path, tmp_path / "resumed", random_offsets=True), on_epoch_end=kill_after_first_epoch)
+        train(_tiny_config(dataset_path, tmp_path / "resumed", random_offsets=True),
+              on_epoch_end=kill_after_first_epoch)
     with pytest.raises(SystemExit, match="random_offsets"):
         train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True))
     resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True, random_offsets=True)))

@@ -399,7 +399,8 @@ def test_oracle_cue_paints_the_pillars_colour_into_every_frame_and_nothing_else(
         parse_settings(task, ("colour=1",))
     with pytest.raises(SystemExit, match="NAME=INT"):
         parse_settings(task, ("cue=yes",))
-    main(Args(task="vizdoom_two_colors", out=tmp_path / "cued", episodes=1, settings=("cue=1",)))  # collect --settings cue=1
+    # collect --settings cue=1
+    main(Args(task="vizdoom_two_colors", out=tmp_path / "cued", episodes=1, settings=("cue=1",)))
     data = load_dataset(tmp_path / "cued")
     assert data.meta["settings"]["settings"] == [{"step_cap": 150, "cue": 1}]
     assert len(set(map(tuple, data.observations[:, :, 0, 0].tolist()))) == 1  # one colour, in every frame

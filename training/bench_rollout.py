@@ -152,12 +152,14 @@ def main(args: Args) -> None:
     # The three loops must agree on what they did (argmax; reference envs are the first ones).
     check = run_episodes(model, task.make_vector_env(args.envs, **settings), seeds, target, trace=True)
     agree = all(np.array_equal(check.traces[i].actions, a) for i, a in enumerate(ref_actions)) and all(
-        np.array_equal(check.traces[i].actions[: batched_actions.shape[1]], batched_actions[i]) for i in range(args.envs))
+        np.array_equal(check.traces[i].actions[: batched_actions.shape[1]], batched_actions[i])
+        for i in range(args.envs))
 
     latency, update = segment_latency(model, task, settings, args.envs, device)
     print(f"{'loop':<20} {'env-steps':>10} {'seconds':>9} {'env-steps/s':>12}")
     print(f"{'engine':<20} {engine_steps:>10} {engine_seconds:>9.2f} {engine_rate:>12.1f}")
-    print(f"{'reference':<20} {ref_steps:>10} {ref_seconds:>9.2f} {ref_rate:>12.1f}   ({args.reference_envs} envs, one at a time)")
+    print(f"{'reference':<20} {ref_steps:>10} {ref_seconds:>9.2f} {ref_rate:>12.1f}   "
+          f"({args.reference_envs} envs, one at a time)")
     print(f"{'batched recompute':<20} {batched_actions.size:>10} {batched_seconds:>9.2f} {batched_rate:>12.1f}   "
           f"({batched_actions.shape[1]} steps of {args.envs} envs)")
     print(f"actions of the three loops agree: {agree}")
@@ -165,7 +167,8 @@ def main(args: Args) -> None:
           f"middle {latency[k // 2] * 1e3:.2f} ms, end {latency[-1] * 1e3:.2f} ms; memory update after the segment "
           f"{update * 1e3:.2f} ms (once per {k} steps)")
     print(f"success rate of the engine's episodes: {engine.successes.mean():.2f}")
-    print(f"speedup_vs_reference={engine_rate / ref_rate:.1f} speedup_vs_batched_recompute={batched_rate and engine_rate / batched_rate:.1f}")
+    print(f"speedup_vs_reference={engine_rate / ref_rate:.1f} "
+          f"speedup_vs_batched_recompute={batched_rate and engine_rate / batched_rate:.1f}")
 
 
 if __name__ == "__main__":

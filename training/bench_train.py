@@ -11,6 +11,7 @@ import multiprocessing as mp
 import resource
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,13 +58,15 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     obs = torch.randn(batch, steps, *config.obs_shape, device=device)
     actions = torch.randint(0, config.act_dim, (batch, steps), device=device)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB)
-    train_step(model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad, micro_batch=args.micro_batch or None)  # warm-up
+    step = partial(train_step, model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad,
+                   micro_batch=args.micro_batch or None)
+    step()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad, micro_batch=args.micro_batch or None)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps

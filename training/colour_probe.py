@@ -212,7 +212,8 @@ def main(args: Args) -> None:
         m = memory_probe(model, args.memory_episodes, args.seed + 10_000)
         print(f"colour decodable (held-out accuracy over {m['episodes'] - m['episodes'] // 2} episodes, "
               f"red share {m['red_share']:.2f}): encoder on the first frame {m['encoder_first_frame']:.2f}"
-              + (f", memory after segment 1 {m['memory_after_segment_1']:.2f}" if "memory_after_segment_1" in m else ""))
+              + (f", memory after segment 1 {m['memory_after_segment_1']:.2f}"
+                 if "memory_after_segment_1" in m else ""))
 
 
 if __name__ == "__main__":

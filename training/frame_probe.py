@@ -123,7 +123,8 @@ def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: i
               if len(chunk)]
     jobs = [(chunk, kind, block, cue) for chunk in chunks]
     with ProcessPoolExecutor(max(1, workers)) as pool:
-        parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes", unit="chunk"))
+        parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes",
+                          unit="chunk"))
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 

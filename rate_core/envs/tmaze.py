@@ -105,9 +105,11 @@ def _background(corridor_length: int, cue: int, first: int, cue_shown: bool, y: 
     if first == 0:
         side = "UP" if cue > 0 else "DOWN"
         draw.text((box(0, 0)[0], mid - 1.5 * row_h - 18),
-                  f"cue: {side}" + (" (shown now)" if cue_shown else " (shown at step 0 only)"), fill=cue_colour, font=font)
+                  f"cue: {side}" + (" (shown now)" if cue_shown else " (shown at step 0 only)"),
+                  fill=cue_colour, font=font)
     else:
-        draw.text((4, mid - 1.5 * row_h - 18), f"<- start and cue ({first} cells back)", fill=(220, 220, 220), font=font)
+        draw.text((4, mid - 1.5 * row_h - 18), f"<- start and cue ({first} cells back)",
+                  fill=(220, 220, 220), font=font)
     return image
 
 

@@ -241,7 +241,8 @@ class TwoColorsExpert:
         if self.noise and self.rng.random() < self.noise:
             return int(self.rng.integers(len(ACTIONS)))
         pose, items = env.objects()
-        offsets = (np.degrees(np.arctan2(items[:, 1] - pose[1], items[:, 0] - pose[0])) - pose[2] + 180.0) % 360.0 - 180.0
+        bearings = np.degrees(np.arctan2(items[:, 1] - pose[1], items[:, 0] - pose[0]))
+        offsets = (bearings - pose[2] + 180.0) % 360.0 - 180.0
         right = items[(items[:, 2] == self.is_red) & (np.abs(offsets) <= self.sight), :2]
         wrong = items[items[:, 2] != self.is_red, :2]
         if not len(right):
