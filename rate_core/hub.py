@@ -13,6 +13,7 @@ import torch
 
 from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
+from rate_core.tasks import result_key
 
 HF_PREFIX = "hf://"
 CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval.json", "*.mp4"]
@@ -72,8 +73,7 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
     rows = []
     if evaluation:
         setting = evaluation["protocol"]["setting"]
-        metric = evaluation["protocol"]["metric"]
-        key = "success_rate" if metric == "success" else "mean_return"
+        key = result_key(evaluation["protocol"]["metric"])
         for r in evaluation["results"]:
             results.append(EvalResult(
                 task_type="reinforcement-learning", task_name="Offline reinforcement learning",

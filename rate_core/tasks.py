@@ -38,6 +38,11 @@ class EvalProtocol:
     """names of the balance key's values for the report, e.g. ((1, "red"), (0, "green"))"""
 
 
+def result_key(metric: str) -> str:
+    """The key of an evaluation result (a row of eval.json's "results") that holds the metric `metric`."""
+    return "success_rate" if metric == "success" else "mean_return"
+
+
 @dataclass(frozen=True)
 class TrainDefaults:
     """Training hyper-parameters that reproduce the shipped checkpoint of a task."""

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
-from rate_core.tasks import get_task
+from rate_core.tasks import get_task, result_key
 from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
@@ -677,8 +677,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             with averaged():
                 results = evaluate(model, task, values, config.eval_episodes, seed=10_000, show_progress=False)
             torch.set_rng_state(rng_state)
-            record["eval"] = {str(r[task.evaluation.setting]): r["success_rate" if task.evaluation.metric == "success"
-                                                                  else "mean_return"] for r in results}
+            key = result_key(task.evaluation.metric)
+            record["eval"] = {str(r[task.evaluation.setting]): r[key] for r in results}
             print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
         if main_process:
             log.write(json.dumps(record) + "\n")
