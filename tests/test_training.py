@@ -6,12 +6,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from training.collect import collect, run_episode
+from training.curves import read_log
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
@@ -155,7 +157,7 @@ def test_learning_rate_schedule():
 
 def _tiny_config(dataset_path, out, **overrides):
     fields = dict(task="tmaze", model="rate", data=dataset_path, out=out, epochs=3, batch_size=4, warmup_steps=2,
-                  eval_every=0, seed=3)
+                  eval_every=0, seed=3, curves=False)  # the curves test turns them on
     fields.update(overrides)
     return TrainConfig(**fields)
 
@@ -267,9 +269,14 @@ def test_a_resumed_run_with_random_offsets_matches_a_straight_one(dataset_path, 
 def test_held_out_loss_is_logged_every_epoch_and_leaves_training_unchanged(dataset_path, tmp_path):
     held_out = collect(TASK, tmp_path / "held_out", episodes_per_setting=1, seed=100)
     plain = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "plain")))
-    checked = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "checked", val_data=held_out)))
+    checked = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "checked", val_data=held_out,
+                                                 curves=True)))
     for (name, a), b in zip(plain.state_dict().items(), checked.state_dict().values()):
         assert torch.equal(a, b), name  # evaluation mode, no gradients, no draws from the random stream
+    # the curves (train's default, off in these tests for speed) leave training alone too and show the held-out loss
+    assert not (tmp_path / "plain" / "curves.png").exists()
+    assert Image.open(tmp_path / "checked" / "curves.png").format == "PNG"
+    assert read_log(tmp_path / "checked").val_losses.shape == (3,)
     log = [json.loads(line) for line in (tmp_path / "checked" / "log.jsonl").read_text().splitlines()]
     values = [r["val_loss"] for r in log if "val_loss" in r]
     assert len(values) == 3 and all(np.isfinite(values)) and all(v > 0 for v in values)
@@ -689,7 +696,7 @@ def _image_dataset(tmp_path):
 
 def _image_config(data, out, **overrides):
     fields = dict(task="minigrid_memory", model="rate", data=data, out=out, epochs=2, batch_size=2, warmup_steps=1,
-                  eval_every=0, seed=3)
+                  eval_every=0, seed=3, curves=False)
     fields.update(overrides)
     return TrainConfig(**fields)
 

@@ -13,7 +13,8 @@ checkpoints; the update equals one process training on the global batch.
 Every epoch writes runs/<task>/<model>/last (model + optimiser + schedule + RNG) atomically, and
 `--resume` continues from it exactly: an interrupted and resumed run ends with the same weights as
 an uninterrupted one. The finished model is written to runs/<task>/<model>/model, and log.jsonl
-holds the loss per step and the periodic evaluations.
+holds the loss per step and the periodic evaluations; curves.png draws them after every epoch
+(`python -m training.curves RUN [RUN ...]` draws several runs side by side).
 """
 
 import contextlib
@@ -38,6 +39,7 @@ from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task, result_key
 from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli
+from training.curves import metric_label, read_log, write_curves
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
 from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
@@ -114,6 +116,9 @@ class TrainConfig:
     whichever is further along (for a fixed time budget)"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
+    curves: bool = True
+    """draw the run's training curves into curves.png in the run folder after every epoch (training.curves;
+    --no-curves: don't)"""
     val_data: Path | None = None
     """held-out dataset of the same task (e.g. collect --seed away from the training data's seeds): the
     model's loss on it (dropout off) is logged after every epoch as val_loss, to tell overfitting apart"""
@@ -391,6 +396,16 @@ def bf16_warning(config: TrainConfig, device: torch.device, has_bf16: bool | Non
     return ("warning: --bf16 on a CPU without bfloat16 instructions (no avx512_bf16 or amx_bf16 among its flags): "
             "autocast emulates them, several times slower than float32 (a Memory Maze RATE update took 6.5x as "
             "long); leave out --bf16 on this machine")
+
+
+def draw_curves(run: Path, metric: str) -> Path | None:
+    """Write run/curves.png from run/log.jsonl (training.curves). A figure that cannot be drawn must not
+    stop the training: it warns and returns None."""
+    try:
+        return write_curves([read_log(run)], run / "curves.png", metric)
+    except Exception as error:  # noqa: BLE001 (matplotlib, fonts, a full disk: none of them worth a run)
+        print(f"warning: could not draw {run / 'curves.png'}: {error}", file=sys.stderr)
+        return None
 
 
 def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
@@ -682,6 +697,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
         if main_process:
             log.write(json.dumps(record) + "\n")
+            if config.curves:
+                draw_curves(out, metric_label(task.name))
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
                 folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at))
