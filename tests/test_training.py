@@ -629,7 +629,8 @@ def test_step_cap_option_sets_the_cap_whether_or_not_it_is_the_protocols_setting
 
 
 def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_path, tmp_path, capsys):
-    from training.compare import Args as CompareArgs, compare, load_evaluation, main as compare_main, paired
+    from training.compare import (Args as CompareArgs, compare, load_evaluation, main as compare_main, paired,
+                                  plot_pairs)
     from training.evaluate import Args, main
 
     checkpoint = str(train(_tiny_config(dataset_path, tmp_path / "pair", epochs=1)))
@@ -643,8 +644,14 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     rows = compare(a, load_evaluation(tmp_path / "b.json"))
     assert [value for value, _ in rows] == [10, 20]
     assert all(r["difference"] == 0 and r["ties"] == 4 for _, r in rows)
-    compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json"))
+    compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json", plot=tmp_path / "pairs.png"))
     assert "+0.000 +- 0.000  0 / 4 / 0" in capsys.readouterr().out
+    assert Image.open(tmp_path / "pairs.png").format == "PNG"
+    figure = plot_pairs(a, load_evaluation(tmp_path / "b.json"))  # a panel per setting value, a point per pair
+    assert [axis.get_title().split(":")[0] for axis in figure.axes] == ["episode_length = 10", "episode_length = 20"]
+    assert sum(figure.axes[0].collections[0].get_sizes()) == 28 * 4
+    with pytest.raises(SystemExit, match="--plot: .*must be a .png"):
+        compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json", plot=tmp_path / "p.jpg"))
 
     # a memory horizon is recorded, and compare says that the two evaluations differ in it
     main(Args(checkpoint=checkpoint, values=(10,), episodes=4, seed=3, memory_horizon=1, json=tmp_path / "h.json"))

@@ -13,11 +13,13 @@ actions from random streams seeded alike; the SEM of the per-episode differences
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import tyro
 
-from training.cli import cli
+from training.cli import OWN_DEFAULT, cli
+from training.figures import plt, save_png
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Args:
     """evaluation A (an eval.json written by training.evaluate)"""
     second: tyro.conf.Positional[Path]
     """evaluation B, of the same task"""
+    plot: Annotated[Path | None, OWN_DEFAULT] = None
+    """also draw the pairs into this PNG: each episode a point at (B's return, A's return), one panel per
+    setting value (default: no plot)"""
 
 
 def load_evaluation(path: Path) -> dict:
@@ -46,32 +51,76 @@ def load_evaluation(path: Path) -> dict:
     return report
 
 
-def paired(a: dict, b: dict) -> dict:
-    """Per-episode comparison of two result rows (same setting value) on the seeds both played."""
+def paired_returns(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The returns of two result rows (same setting value) on the seeds both played, in seed order: (E,), (E,)."""
     returns_a = dict(zip(a["seeds"], a["returns"]))
     returns_b = dict(zip(b["seeds"], b["returns"]))
     seeds = sorted(returns_a.keys() & returns_b.keys())
     if not seeds:
         raise ValueError("the two evaluations share no seeds")
-    x = np.array([returns_a[s] for s in seeds])
-    y = np.array([returns_b[s] for s in seeds])
+    return np.array([returns_a[s] for s in seeds]), np.array([returns_b[s] for s in seeds])
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Per-episode comparison of two result rows (same setting value) on the seeds both played."""
+    x, y = paired_returns(a, b)
     diff = x - y
     sem = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return {"episodes": len(seeds), "mean_first": float(x.mean()), "mean_second": float(y.mean()),
+    return {"episodes": len(x), "mean_first": float(x.mean()), "mean_second": float(y.mean()),
             "difference": float(diff.mean()), "difference_sem": sem,
             "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum())}
 
 
-def compare(first: dict, second: dict) -> list[tuple[object, dict]]:
-    """(setting value, paired figures) for every value of the protocol's setting that both evaluated."""
+def shared_rows(first: dict, second: dict) -> list[tuple[object, dict, dict]]:
+    """(setting value, row of first, row of second) for every value of the protocol's setting both evaluated."""
     if first["task"] != second["task"]:
         raise ValueError(f"the evaluations are of different tasks: {first['task']} and {second['task']}")
     setting = first["protocol"]["setting"]
     rows_b = {r[setting]: r for r in second["results"]}
-    rows = [(r[setting], paired(r, rows_b[r[setting]])) for r in first["results"] if r[setting] in rows_b]
+    rows = [(r[setting], r, rows_b[r[setting]]) for r in first["results"] if r[setting] in rows_b]
     if not rows:
         raise ValueError(f"the evaluations share no value of {setting}")
     return rows
+
+
+def compare(first: dict, second: dict) -> list[tuple[object, dict]]:
+    """(setting value, paired figures) for every value of the protocol's setting that both evaluated."""
+    return [(value, paired(a, b)) for value, a, b in shared_rows(first, second)]
+
+
+def plot_pairs(first: dict, second: dict):
+    """A figure with one panel per shared setting value: each episode as a point at (B's return, A's return),
+    its area growing with the episodes that share it; above the diagonal A did better."""
+    rows = shared_rows(first, second)
+    setting = first["protocol"]["setting"]
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows) + 0.6, 4.4), squeeze=False)
+    for axis, (value, a, b) in zip(axes[0], rows):
+        x, y = paired_returns(a, b)
+        figures = paired(a, b)
+        points, counts = np.unique(np.stack([y, x], axis=1), axis=0, return_counts=True)
+        low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        pad = 0.06 * (high - low) if high > low else 0.5
+        axis.plot([low - pad, high + pad], [low - pad, high + pad], color="0.6", linestyle="--", linewidth=1)
+        axis.scatter(points[:, 0], points[:, 1], s=28 * counts, alpha=0.6, color="tab:blue", edgecolors="none")
+        for (px, py), count in zip(points, counts):
+            if count > 1:
+                axis.annotate(str(count), (px, py), ha="center", va="center", fontsize=7, color="white")
+        axis.set_xlim(low - pad, high + pad)
+        axis.set_ylim(low - pad, high + pad)
+        axis.set_aspect("equal")
+        axis.set_xlabel(f"B: return ({_name(second)})", fontsize=8)
+        axis.set_ylabel(f"A: return ({_name(first)})", fontsize=8)
+        axis.set_title(f"{setting} = {value}: A - B {figures['difference']:+.2f} +- {figures['difference_sem']:.2f}\n"
+                       f"A ahead in {figures['wins']}, ties {figures['ties']}, B ahead in {figures['losses']} "
+                       f"of {figures['episodes']}", fontsize=9)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _name(report: dict) -> str:
+    """A checkpoint's short name for an axis: its last two path parts and its mode."""
+    return f"{'/'.join(Path(str(report['checkpoint'])).parts[-2:])}, {report['mode']}"
 
 
 def main(args: Args) -> None:
@@ -98,6 +147,11 @@ def main(args: Args) -> None:
         print(f"{value:>12} {row['episodes']:>8} {row['mean_first']:>9.3f} {row['mean_second']:>9.3f} "
               f"{row['difference']:>+8.3f} +- {row['difference_sem']:.3f}  "
               f"{row['wins']} / {row['ties']} / {row['losses']}")
+    if args.plot is not None:
+        try:
+            print(f"wrote {save_png(plot_pairs(first, second), args.plot)}")
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: --plot: {error}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ superseded by the resumed ones, so each step and epoch is drawn once, as the run
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +22,7 @@ import numpy as np
 import tyro
 
 from training.cli import OWN_DEFAULT, cli
+from training.figures import plt, save_png
 
 
 @dataclass
@@ -104,11 +104,6 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_runs(logs: list[RunLog], metric: str = "score"):
     """A matplotlib figure of the runs' curves (one colour per run). metric names the evaluation's axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = ["loss"]
     if any(np.isfinite(log.val_losses).any() for log in logs):
         panels.append("val")
@@ -157,19 +152,8 @@ def plot_runs(logs: list[RunLog], metric: str = "score"):
 
 
 def write_curves(logs: list[RunLog], out: Path, metric: str = "score") -> Path:
-    """Draw the runs into out (PNG), written whole or not at all (a temporary file renamed into place)."""
-    import matplotlib.pyplot as plt
-
-    figure = plot_runs(logs, metric)
-    out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        figure.savefig(partial, dpi=110, format="png")
-        os.replace(partial, out)
-    finally:
-        plt.close(figure)
-        partial.unlink(missing_ok=True)
-    return out
+    """Draw the runs into out (a PNG, written whole or not at all)."""
+    return save_png(plot_runs(logs, metric), out)
 
 
 def summary(log: RunLog) -> str:
@@ -209,10 +193,9 @@ def main(args: Args) -> None:
     out = args.out or Path(logs[0].name) / "curves.png"
     if out.suffix.lower() != ".png":
         raise SystemExit(f"error: --out {out} must be a .png file")
-    metric = metric_label(_task_of(Path(logs[0].name)))
     for log in logs:
         print(summary(log))
-    print(f"wrote {write_curves(logs, out, metric)}")
+    print(f"wrote {write_curves(logs, out, metric_label(_task_of(Path(logs[0].name))))}")
 
 
 def metric_label(task_name: str | None) -> str:
