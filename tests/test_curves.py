@@ -39,6 +39,16 @@ def test_a_resumed_run_is_read_as_the_sitting_that_finished_each_step(tmp_path):
     assert "best evaluation at 100: 0.75 after epoch 2" in summary(log)
 
 
+def test_an_epoch_logged_before_a_kill_and_done_again_is_read_once(tmp_path):
+    # killed after epoch 2's line was written but before its checkpoint: the resumed run redoes epoch 2
+    records = [_batch(1, 1, 1.0), {"epoch": 1, "step": 1, "epoch_seconds": 1.0},
+               _batch(2, 2, 0.9), {"epoch": 2, "step": 2, "epoch_seconds": 1.0, "val_loss": 5.0},
+               _batch(2, 2, 0.8), {"epoch": 2, "step": 2, "epoch_seconds": 1.0, "val_loss": 0.5}]
+    log = read_log(_write_log(tmp_path / "run", records))
+    assert log.losses.tolist() == [1.0, 0.8] and log.epoch_steps.tolist() == [1, 2]
+    assert math.isnan(log.val_losses[0]) and log.val_losses[1] == 0.5
+
+
 def test_a_run_stopped_at_its_time_limit_says_so(tmp_path):
     log = read_log(_write_log(tmp_path / "run", [_batch(1, 1, 1.0), {"epoch": 1, "step": 1, "stopped": "max_minutes"}]))
     assert log.stopped and "stopped at --max-minutes" in summary(log)

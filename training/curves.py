@@ -47,7 +47,7 @@ def read_log(run: Path) -> RunLog:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a run folder written by python -m training.train "
                                 "(its --out)")
-    batches, epochs, stopped = {}, {}, False
+    batches, epochs, stopped, last_step = {}, {}, False, -1
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -64,9 +64,10 @@ def read_log(run: Path) -> RunLog:
             stopped = True
         elif "loss" in record:
             step = record["step"]
-            for later in [s for s in batches if s >= step]:  # a resumed sitting redoes these steps
-                del batches[later]
-            batches[step] = record
+            if step <= last_step:  # a resumed sitting redoes these steps (and their epochs)
+                batches = {s: r for s, r in batches.items() if s < step}
+                epochs = {e: r for e, r in epochs.items() if r["step"] < step}
+            batches[step], last_step = record, step
             stopped = False
         else:
             epochs[record["epoch"]] = record
