@@ -35,7 +35,9 @@ class Args:
     setting value (default: no plot)"""
 
 
-def load_evaluation(path: Path) -> dict:
+def load_evaluation(path: Path, per_episode: bool = True) -> dict:
+    """An eval.json written by training.evaluate (SystemExit saying what to do if it is not one, or if
+    per_episode and it lacks the per-episode seeds and returns that pairing needs)."""
     try:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -44,7 +46,7 @@ def load_evaluation(path: Path) -> dict:
         raise SystemExit(f"error: {path} is not JSON ({error})")
     if not isinstance(report, dict) or "results" not in report or "protocol" not in report:
         raise SystemExit(f"error: {path} is not an evaluation written by python -m training.evaluate")
-    for result in report["results"]:
+    for result in report["results"] if per_episode else ():
         if "seeds" not in result or "returns" not in result:
             raise SystemExit(f"error: {path} has no per-episode returns (written by an older evaluator); "
                              "evaluate the checkpoint again to compare it")

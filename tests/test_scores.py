@@ -1,0 +1,66 @@
+"""training.scores: evaluations drawn against the protocol's setting."""
+
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.scores import Args, main, metric_and_error, plot_scores
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
+
+
+def _report(task, mode, setting, rows, metric_key="success_rate"):
+    return {"task": task, "mode": mode, "checkpoint": f"runs/{task}/{mode}/model",
+            "results": [{setting: value, "episodes": 100, metric_key: score, "mean_return": score,
+                         "return_sem": 0.1} for value, score in rows]}
+
+
+def test_the_error_bar_is_the_binomial_sem_for_success_and_the_return_sem_otherwise():
+    assert metric_and_error({"success_rate": 0.5, "episodes": 100}, "success") == (0.5,
+                                                                                    pytest.approx(math.sqrt(0.25 / 99)))
+    assert metric_and_error({"success_rate": 1.0, "episodes": 100}, "success") == (1.0, 0.0)
+    assert metric_and_error({"mean_return": 7.6, "return_sem": 0.575}, "return") == (7.6, 0.575)
+
+
+def test_lines_by_setting_on_a_log_axis_where_the_values_span_a_factor_of_8():
+    rate = _report("tmaze", "rate", "episode_length", [(150, 1.0), (300, 1.0), (9600, 1.0)])
+    dt = _report("tmaze", "dt", "episode_length", [(150, 1.0), (300, 0.5)])
+    figure = plot_scores([rate, dt])
+    (axis,) = figure.axes
+    assert axis.get_xscale() == "log" and axis.get_ylabel() == "success rate"
+    assert [bars.lines[0].get_ydata().tolist() for bars in axis.containers] == [[1.0, 1.0, 1.0], [1.0, 0.5]]
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["tmaze/rate (rate)", "tmaze/dt (dt)"]
+
+
+def test_one_bar_per_evaluation_where_the_protocol_has_one_value():
+    figure = plot_scores([_report("memory_maze", "rate", "step_cap", [(1000, 7.6)], "unused"),
+                          _report("memory_maze", "dt", "step_cap", [(1000, 6.2)], "unused")], labels=["R", "D"])
+    (axis,) = figure.axes
+    assert [bar.get_height() for bar in axis.patches] == [7.6, 6.2]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["R", "D"] and axis.get_ylabel() == "mean return"
+    figure = plot_scores([_report("memory_maze", "rate", "step_cap", [(1000, 7.6)], "unused")],
+                         references={"paper RATE": 7.64})
+    assert [line.get_ydata()[0] for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"] == [7.64]
+
+
+def test_evaluations_of_two_tasks_are_refused():
+    with pytest.raises(ValueError, match="different tasks"):
+        plot_scores([_report("tmaze", "rate", "episode_length", [(150, 1.0)]),
+                     _report("memory_maze", "dt", "step_cap", [(1000, 6.2)])])
+
+
+def test_the_cli_draws_shipped_checkpoints_folders(tmp_path, capsys):
+    main(Args(evaluations=(ASSETS / "memory_maze/rate", ASSETS / "memory_maze/dt"), out=tmp_path / "mm.png"))
+    out = capsys.readouterr().out
+    assert "memory_maze/rate (rate)  1000: 7.600 +- 0.575" in out and "memory_maze/dt (dt)  1000: 6.200" in out
+    assert Image.open(tmp_path / "mm.png").format == "PNG"
+    main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "ref.png", reference=("paper RATE=7.64",)))
+    with pytest.raises(SystemExit, match="expected LABEL=VALUE"):
+        main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "r.png", reference=("paper=high",)))
+    with pytest.raises(SystemExit, match="at least one evaluation"):
+        main(Args(evaluations=()))
+    with pytest.raises(SystemExit, match="must be a .png"):
+        main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "mm.svg"))
+
