@@ -60,7 +60,8 @@ def plot_scores(reports: list[dict], labels: list[str] | None = None, references
         axis.set_xticks(range(len(reports)), labels, fontsize=8)
         for i, (height, error) in enumerate(heights):  # inside the bar, clear of the error bars and references
             axis.text(i, height / 2, f"{height:.2f}\n+- {error:.2f}", ha="center", va="center", fontsize=9,
-                      color="white", fontweight="bold")
+                      color="white", fontweight="bold", zorder=5,
+                      bbox={"facecolor": f"C{i}", "edgecolor": "none", "boxstyle": "round,pad=0.3"})
         axis.set_title(f"{task.title}: {ylabel} at {setting} {values[0]}", fontsize=10)
     else:
         for i, report in enumerate(reports):
