@@ -31,7 +31,10 @@ def test_lines_by_setting_on_a_log_axis_where_the_values_span_a_factor_of_8():
     (axis,) = figure.axes
     assert axis.get_xscale() == "log" and axis.get_ylabel() == "success rate"
     assert [bars.lines[0].get_ydata().tolist() for bars in axis.containers] == [[1.0, 1.0, 1.0], [1.0, 0.5]]
-    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["tmaze/rate (rate)", "tmaze/dt (dt)"]
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == [
+        "in the training data (episode_length up to 150)", "tmaze/rate (rate)", "tmaze/dt (dt)"]
+    (band,) = [patch for patch in axis.patches if patch.get_label().startswith("in the training data")]
+    assert band.get_x() + band.get_width() == 150  # the registry's T-Maze datasets reach T = 150
 
 
 def test_one_bar_per_evaluation_where_the_protocol_has_one_value():

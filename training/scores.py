@@ -6,7 +6,8 @@
 One line per evaluation: the protocol's metric (success rate, or mean return) at each value of its
 setting (T-Maze's corridor length, Minigrid's grid size) with the SEM as an error bar, on a log axis
 where the values span a factor of 8 or more; where the protocol has a single value (ViZDoom's and
-Memory Maze's step cap), one bar per evaluation. The table is printed too.
+Memory Maze's step cap), one bar per evaluation. A grey band marks the setting values of the task's
+datasets (T-Maze trained up to T = 150, Minigrid up to size 41). The table is printed too.
 """
 
 import math
@@ -73,6 +74,12 @@ def plot_scores(reports: list[dict], labels: list[str] | None = None, references
             axis.set_xscale("log")
             axis.set_xticks(values, [str(v) for v in values])
             axis.minorticks_off()
+        trained = [settings[setting] for settings in task.dataset_settings if setting in settings]
+        if trained:  # the registry's datasets: where the models were trained, the rest is generalisation
+            left = axis.get_xlim()[0]
+            axis.axvspan(left, max(trained), color="0.5", alpha=0.12, linewidth=0,
+                         label=f"in the training data ({setting} up to {max(trained)})")
+            axis.set_xlim(left=left)
         axis.set_xlabel(setting)
         axis.legend(fontsize=8)
         axis.set_title(f"{task.title}: {ylabel} by {setting}", fontsize=10)
