@@ -90,6 +90,15 @@ def compare(first: dict, second: dict) -> list[tuple[object, dict]]:
     return [(value, paired(a, b)) for value, a, b in shared_rows(first, second)]
 
 
+def label_of(report: dict, folder: Path | None = None) -> str:
+    """An evaluation's short name for a legend or an axis: the last two path parts of the checkpoint folder it
+    was read from (default: of the checkpoint it names; a train run's model/ folder goes by its run) and its mode."""
+    path = Path(folder).resolve() if folder is not None else Path(str(report["checkpoint"]))
+    if path.name == "model":  # runs/<task>/<run>/model: the run names it
+        path = path.parent
+    return f"{'/'.join(path.parts[-2:])} ({report['mode']})"
+
+
 def plot_pairs(first: dict, second: dict):
     """A figure with one panel per shared setting value: each episode as a point at (B's return, A's return),
     its area growing with the episodes that share it; above the diagonal A did better."""
@@ -110,19 +119,14 @@ def plot_pairs(first: dict, second: dict):
         axis.set_xlim(low - pad, high + pad)
         axis.set_ylim(low - pad, high + pad)
         axis.set_aspect("equal")
-        axis.set_xlabel(f"B: return ({_name(second)})", fontsize=8)
-        axis.set_ylabel(f"A: return ({_name(first)})", fontsize=8)
+        axis.set_xlabel(f"B: return, {label_of(second)}", fontsize=8)
+        axis.set_ylabel(f"A: return, {label_of(first)}", fontsize=8)
         axis.set_title(f"{setting} = {value}: A - B {figures['difference']:+.2f} +- {figures['difference_sem']:.2f}\n"
                        f"A ahead in {figures['wins']}, ties {figures['ties']}, B ahead in {figures['losses']} "
                        f"of {figures['episodes']}", fontsize=9)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
-
-
-def _name(report: dict) -> str:
-    """A checkpoint's short name for an axis: its last two path parts and its mode."""
-    return f"{'/'.join(Path(str(report['checkpoint'])).parts[-2:])}, {report['mode']}"
 
 
 def main(args: Args) -> None:

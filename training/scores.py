@@ -19,7 +19,7 @@ import tyro
 
 from rate_core.tasks import get_task, result_key
 from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
-from training.compare import load_evaluation
+from training.compare import label_of, load_evaluation
 from training.figures import plt, save_png
 
 
@@ -29,15 +29,6 @@ def metric_and_error(row: dict, metric: str) -> tuple[float, float]:
         p, n = row["success_rate"], row["episodes"]
         return p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
     return row["mean_return"], row.get("return_sem", math.nan)
-
-
-def label_of(report: dict, folder: Path | None = None) -> str:
-    """An evaluation's legend entry: the last two path parts of the checkpoint folder it was read from
-    (default: of the checkpoint it names; a train run's model/ folder goes by its run) and its mode."""
-    path = Path(folder).resolve() if folder is not None else Path(str(report["checkpoint"]))
-    if path.name == "model":  # runs/<task>/<run>/model: the run names it
-        path = path.parent
-    return f"{'/'.join(path.parts[-2:])} ({report['mode']})"
 
 
 def plot_scores(reports: list[dict], labels: list[str] | None = None, references: dict[str, float] | None = None):
