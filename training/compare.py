@@ -110,9 +110,10 @@ def plot_pairs(first: dict, second: dict):
         figures = paired(a, b)
         points, counts = np.unique(np.stack([y, x], axis=1), axis=0, return_counts=True)
         low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-        pad = 0.06 * (high - low) if high > low else 0.5
+        pad = 0.12 * (high - low) if high > low else 0.5
         axis.plot([low - pad, high + pad], [low - pad, high + pad], color="0.6", linestyle="--", linewidth=1)
-        axis.scatter(points[:, 0], points[:, 1], s=28 * counts, alpha=0.6, color="tab:blue", edgecolors="none")
+        sizes = 24 + 600 * counts / len(x)  # area: a floor for single episodes, then the share of the episodes
+        axis.scatter(points[:, 0], points[:, 1], s=sizes, alpha=0.6, color="tab:blue", edgecolors="none")
         for (px, py), count in zip(points, counts):
             if count > 1:
                 axis.annotate(str(count), (px, py), ha="center", va="center", fontsize=7, color="white")
