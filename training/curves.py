@@ -22,7 +22,7 @@ import numpy as np
 import tyro
 
 from training.cli import OWN_DEFAULT, cli
-from training.figures import plt, save_png
+from training.figures import metric_label, plt, save_png
 
 
 @dataclass
@@ -75,8 +75,7 @@ def read_log(run: Path) -> RunLog:
         raise ValueError(f"{path} holds no training steps yet")
     steps = sorted(batches)
     epoch_numbers = sorted(epochs)
-    values = sorted({value for e in epochs.values() for value in e.get("eval", {})},
-                    key=lambda v: (len(v), v))
+    values = in_setting_order({value for e in epochs.values() for value in e.get("eval", {})})
     return RunLog(
         name=str(run.parent if run.name.endswith(".jsonl") else run),
         steps=np.array(steps, dtype=np.int64),
@@ -89,6 +88,16 @@ def read_log(run: Path) -> RunLog:
         epoch_seconds=np.array([epochs[e].get("epoch_seconds", math.nan) for e in epoch_numbers], dtype=np.float64),
         stopped=stopped,
     )
+
+
+def in_setting_order(values) -> list[str]:
+    """Setting values as logged (strings of integers, e.g. "150", "1200") in numeric order."""
+    return sorted(values, key=lambda v: (len(v), v))
+
+
+def smoothing_window(steps: int) -> int:
+    """Steps in the moving average of a run of `steps` logged steps: about 2% of them."""
+    return max(1, steps // 50)
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -114,10 +123,10 @@ def plot_runs(logs: list[RunLog], metric: str = "score"):
     figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     axes = dict(zip(panels, axes[:, 0]))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    values = sorted({value for log in logs for value in log.evaluations}, key=lambda v: (len(v), v))
+    values = in_setting_order({value for log in logs for value in log.evaluations})
     styles = {value: ["-", "--", ":", "-."][i % 4] for i, value in enumerate(values)}  # one per setting value
     labelled = set()
-    window = max(1, max(len(log.steps) for log in logs) // 50)  # one smoothing for every run
+    window = smoothing_window(max(len(log.steps) for log in logs))  # one smoothing for every run
     for index, log in enumerate(logs):
         colour = colours[index % len(colours)]
         label = log.name + (" (stopped at --max-minutes)" if log.stopped else "")
@@ -161,7 +170,7 @@ def summary(log: RunLog) -> str:
     """One line: steps, epochs, last smoothed loss, best held-out loss and best evaluation with their epochs."""
     parts = [f"{log.name}: {len(log.epoch_steps)} epochs, {int(log.steps[-1]) if len(log.steps) else 0} steps"]
     if len(log.losses):
-        parts.append(f"training loss {moving_average(log.losses, max(1, len(log.steps) // 50))[-1]:.4f} at the end")
+        parts.append(f"training loss {moving_average(log.losses, smoothing_window(len(log.steps)))[-1]:.4f} at the end")
     if np.isfinite(log.val_losses).any():
         best = int(np.nanargmin(log.val_losses))
         parts.append(f"best held-out loss {log.val_losses[best]:.4f} after epoch {best + 1}")
@@ -197,16 +206,6 @@ def main(args: Args) -> None:
     for log in logs:
         print(summary(log))
     print(f"wrote {write_curves(logs, out, metric_label(_task_of(Path(logs[0].name))))}")
-
-
-def metric_label(task_name: str | None) -> str:
-    """The axis label of a task's in-run evaluation ("success rate", "mean return"); "score" if unknown."""
-    from rate_core.tasks import get_task, result_key
-
-    try:
-        return result_key(get_task(task_name).evaluation.metric).replace("_", " ")
-    except (KeyError, TypeError, ValueError):
-        return "score"
 
 
 def _task_of(run: Path) -> str | None:

@@ -8,6 +8,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rate_core.tasks import get_task, result_key  # noqa: E402
+
+
+def metric_label(task_name: str | None) -> str:
+    """The axis label of a task's evaluation metric ("success rate", "mean return"); "score" if the task is unknown."""
+    try:
+        return result_key(get_task(task_name).evaluation.metric).replace("_", " ")
+    except (KeyError, TypeError, ValueError):
+        return "score"
+
 
 def save_png(figure, out: Path) -> Path:
     """Write figure to out as a PNG through a temporary file renamed into place (a kill leaves the old

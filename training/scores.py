@@ -17,10 +17,10 @@ from typing import Annotated
 
 import tyro
 
-from rate_core.tasks import get_task, result_key
+from rate_core.tasks import get_task
 from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
 from training.compare import label_of, load_evaluation
-from training.figures import plt, save_png
+from training.figures import metric_label, plt, save_png
 
 
 def metric_and_error(row: dict, metric: str) -> tuple[float, float]:
@@ -42,7 +42,7 @@ def plot_scores(reports: list[dict], labels: list[str] | None = None, references
                          "draw one task at a time")
     task = get_task(reports[0]["task"])
     setting, metric = task.evaluation.setting, task.evaluation.metric
-    ylabel = result_key(metric).replace("_", " ")
+    ylabel = metric_label(task.name)
     values = sorted({r[setting] for report in reports for r in report["results"]})
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
     if len(values) == 1:

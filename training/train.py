@@ -39,9 +39,10 @@ from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task, result_key
 from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli
-from training.curves import metric_label, read_log, write_curves
+from training.curves import read_log, write_curves
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
+from training.figures import metric_label
 from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
@@ -629,6 +630,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         + (f", {world} processes" if world > 1 else ""))
 
     deadline = started_at + time_limit if time_limit else None
+    curves_label = metric_label(task.name)
     stopped = False
     loss = float("nan")
     for epoch in range(start_epoch, config.epochs):
@@ -697,11 +699,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             print(f"epoch {epoch + 1}: evaluation {task.evaluation.metric} {record['eval']}")
         if main_process:
             log.write(json.dumps(record) + "\n")
-            if config.curves:
-                draw_curves(out, metric_label(task.name))
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
                 folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at))
+            if config.curves:  # after the checkpoint: a kill while drawing loses no epoch
+                draw_curves(out, curves_label)
         if world > 1:
             dist.barrier()  # the others wait for the checkpoint (and evaluation) of process 0
         if on_epoch_end is not None:
