@@ -290,8 +290,11 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             config_view = gr.JSON(label="model config")
 
         panel_outputs = [outcome_text, *figures, *captions]
-        run.click(run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
-                  concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
+        # the outcome and the panels are emptied first, so that while the new pair plays they never show the last
+        # run's (another task's, perhaps) beside the new videos
+        run.click(lambda: memory_panel(None), None, panel_outputs, api_name=False, queue=False).then(
+            run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
+            concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
         task.change(task_changed, task, [task_text, left, right, setting, target, cap, sample], api_name=False)
         if tasks:
             demo.load(lambda: run_episodes(*first, progress=lambda *a, **k: None), None,

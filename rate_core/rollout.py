@@ -291,7 +291,7 @@ def sample_actions(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
                  sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
                  temperature: float = 1.0, frames: bool = False, observations: bool = False,
-                 memory_horizon: int | None = None) -> EpisodeBatch:
+                 memory_horizon: int | None = None, hide_actions: float = 0.0) -> EpisodeBatch:
     """Play one episode in each env of `vector_env` (autoreset disabled), seeded by `seeds`.
 
     target_return: return-to-go at the first step, one number or one per env (then
@@ -299,8 +299,13 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     argmax, with per-env random streams seeded by (sample_seed, env seed); max_steps: stop after
     this many steps (default: when every env is done); progress: optional callable(step) for
     progress bars; trace: record an EpisodeTrace per env (frames and observations only when asked;
-    frames need an env made with render_mode='rgb_array'); memory_horizon: see SegmentRecurrentPolicy.
+    frames need an env made with render_mode='rgb_array'); memory_horizon: see SegmentRecurrentPolicy;
+    hide_actions: the probability with which each chosen action is fed back to the model as the
+    unknown-action token (as train --action-dropout hides them in training; the env still takes it),
+    drawn per env from a stream seeded by (sample_seed, env seed, 1).
     """
+    if not 0.0 <= hide_actions <= 1.0:
+        raise ValueError(f"hide_actions is a probability in [0, 1], got {hide_actions}")
     model.eval()
     device = next(model.parameters()).device
     num = vector_env.num_envs
@@ -310,6 +315,7 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     policy = make_policy(model, num, need_weights=trace, memory_horizon=memory_horizon)
     rtg_all = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (num,)).copy()
     rngs = [np.random.default_rng([sample_seed, int(s)]) for s in seeds] if sample else None
+    hide_rngs = [np.random.default_rng([sample_seed, int(s), 1]) for s in seeds] if hide_actions else None
     recorder = _Recorder(model, seeds, reset_info, num, frames, observations, memory_horizon) if trace else None
     returns = np.zeros(num)
     lengths = np.zeros(num, dtype=np.int64)
@@ -330,7 +336,11 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
         else:
             action = logits.argmax(-1)
         attention, aux = policy.memory_attention, policy.aux_probs
-        update = policy.record_action(action)
+        fed = action
+        if hide_rngs is not None:
+            hide = torch.as_tensor([hide_rngs[i].random() < hide_actions for i in ids], device=device)
+            fed = torch.where(hide, torch.full_like(action, ACTION_PAD), action)
+        update = policy.record_action(fed)
         action_np = action.cpu().numpy()
         if recorder is not None:
             recorder.act(ids, rtg_all[ids].copy(), logits.float().cpu().numpy(), probs.cpu().numpy(), action_np,

@@ -69,6 +69,13 @@ def test_browser_runs_an_episode_and_both_videos_play():
             out.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out / "app.png"), full_page=True)
             assert "success" in page.content()
+            # Run again: the last run's outcome and panels go at once, and the new ones come with the new pair
+            caption = "replayed with only the cue changed"
+            page.locator("input[type=number]").first.fill("1")  # the seed
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.wait_for_function(f"!document.body.innerText.includes('{caption}')", timeout=5_000, polling=50)
+            page.get_by_text(caption).first.wait_for(timeout=90_000)
+            assert "Seed 1," in page.inner_text("body")
             browser.close()
     finally:
         app.terminate()

@@ -187,6 +187,44 @@ def test_sampled_episode_does_not_depend_on_its_batch():
     assert any(not np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, other.traces))
 
 
+@pytest.mark.parametrize("variant", ["rate", "dt"])
+def test_actions_hidden_at_probability_one_play_as_a_model_without_action_inputs(variant):
+    import copy
+    from dataclasses import replace
+
+    model = tiny_model(variant)
+    blind = copy.deepcopy(model)
+    blind.config = replace(model.config, action_inputs=False)  # the same weights, every action token the unknown one
+    task = get_task("tmaze")
+    settings = {"episode_length": 2 * K + 5}
+    hidden = run_episodes(model, task.make_vector_env(3, **settings), [4, 5, 6], 1.0, sample=True, sample_seed=2,
+                          trace=True, hide_actions=1.0)
+    without = run_episodes(blind, task.make_vector_env(3, **settings), [4, 5, 6], 1.0, sample=True, sample_seed=2,
+                           trace=True)
+    shown = run_episodes(model, task.make_vector_env(3, **settings), [4, 5, 6], 1.0, sample=True, sample_seed=2,
+                         trace=True)
+    for a, b in zip(hidden.traces, without.traces):
+        assert np.array_equal(a.actions, b.actions) and np.allclose(a.logits, b.logits, atol=1e-5)
+    assert any(not np.allclose(a.logits, b.logits, atol=1e-3) for a, b in zip(hidden.traces, shown.traces))
+
+
+def test_hidden_actions_are_drawn_per_episode_and_checked():
+    model = tiny_model("rate")
+    task = get_task("tmaze")
+    settings = {"episode_length": 2 * K + 5}
+    together = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
+                            sample_seed=3, trace=True, hide_actions=0.5)
+    alone = run_episodes(model, task.make_vector_env(1, **settings), [12], 1.0, sample=True, sample_seed=3,
+                         trace=True, hide_actions=0.5)
+    assert np.array_equal(together.traces[2].actions, alone.traces[0].actions)
+    assert np.allclose(together.traces[2].logits, alone.traces[0].logits, atol=1e-5)
+    shown = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
+                         sample_seed=3, trace=True, hide_actions=0.0)
+    assert any(not np.allclose(a.logits, b.logits, atol=1e-3) for a, b in zip(together.traces, shown.traces))
+    with pytest.raises(ValueError, match="probability in \\[0, 1\\]"):
+        run_episodes(model, task.make_vector_env(1, **settings), [1], 1.0, hide_actions=1.5)
+
+
 def test_trace_records_memory_updates_and_attention_on_memory():
     model = tiny_model("rate")
     steps = 3 * K + 2

@@ -664,6 +664,16 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     with pytest.raises(SystemExit, match="--memory-horizon: .*at least 1"):
         main(Args(checkpoint=checkpoint, episodes=2, memory_horizon=0, json=tmp_path / "zero.json"))
 
+    # so are hidden action inputs (evaluate --hide-actions)
+    main(Args(checkpoint=checkpoint, values=(10,), episodes=4, seed=3, hide_actions=1.0, json=tmp_path / "x.json"))
+    assert load_evaluation(tmp_path / "x.json")["hide_actions"] == 1.0 and a["hide_actions"] == 0.0
+    capsys.readouterr()
+    compare_main(CompareArgs(first=tmp_path / "x.json", second=tmp_path / "a.json"))
+    out = capsys.readouterr().out
+    assert "action inputs hidden with probability 1.0\n" in out and "differ in hidden actions" in out
+    with pytest.raises(SystemExit, match="--hide-actions is a probability"):
+        main(Args(checkpoint=checkpoint, episodes=2, hide_actions=-0.1, json=tmp_path / "neg.json"))
+
     # pairing uses the seeds both played, whatever their order
     first = {"seeds": [1, 2, 3], "returns": [1.0, 0.0, 1.0]}
     second = {"seeds": [3, 2, 9], "returns": [0.0, 0.0, 5.0]}

@@ -138,14 +138,18 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {error}")
     for name, report in (("A", first), ("B", second)):
         horizon = report.get("memory_horizon")  # older files have none: the whole episode
+        hidden = report.get("hide_actions", 0.0)  # older files have none: every action shown
         print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}"
-              + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else ""))
+              + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else "")
+              + (f", action inputs hidden with probability {hidden}" if hidden else ""))
     differing = [k for k in ("target_return", "sample_actions", "temperature")  # older files have no temperature
                  if first["protocol"].get(k, 1.0) != second["protocol"].get(k, 1.0)]
     if first.get("overrides") != second.get("overrides"):
         differing.append("environment settings")
     if first.get("memory_horizon") != second.get("memory_horizon"):
         differing.append("memory horizon")
+    if first.get("hide_actions", 0.0) != second.get("hide_actions", 0.0):
+        differing.append("hidden actions")
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
     setting = first["protocol"]["setting"]

@@ -54,6 +54,10 @@ class Args:
     """carry memory and cache over at most this many segments, the current one included: at every segment
     boundary they are rebuilt from the last H - 1 segments, as if the episode had started there (default:
     the whole episode, as the protocol; rate, rmt and trxl only). Shows how far back a model's memory reaches"""
+    hide_actions: float = 0.0
+    """feed each chosen action back to the model as the unknown-action token with this probability (as train
+    --action-dropout hides them in training; the env still takes the action). Default 0: every action shown,
+    as the protocol"""
     max_envs: Annotated[int | None, OWN_DEFAULT] = None
     """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
     them, Memory Maze 10, which peaks near 10 GB of memory on a CPU host). Fewer take less memory, not other
@@ -95,12 +99,13 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
              target_return: float | None = None, temperature: float | None = None,
-             memory_horizon: int | None = None, max_envs: int | None = None) -> list[dict]:
+             memory_horizon: int | None = None, max_envs: int | None = None,
+             hide_actions: float = 0.0) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
     on_result: optional callable(results so far), called after each value (e.g. to save them);
     overrides: environment settings that replace the task's defaults (e.g. step_cap);
     memory_horizon: see rate_core.rollout.SegmentRecurrentPolicy; max_envs: envs at once (default: the
-    protocol's max_envs)."""
+    protocol's max_envs); hide_actions: see rate_core.rollout.run_episodes."""
     protocol = task.evaluation
     temperature = protocol.temperature if temperature is None else temperature
     sample = protocol.sample_actions if sample is None else sample
@@ -121,7 +126,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
                 parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
                                           progress=lambda _: bar.update(), temperature=temperature,
-                                          memory_horizon=memory_horizon))
+                                          memory_horizon=memory_horizon, hide_actions=hide_actions))
             env.close()
         outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
@@ -226,6 +231,8 @@ def main(args: Args) -> None:
             raise SystemExit("error: --temperature changes sampled actions; this evaluation takes the argmax "
                              "(add --actions sampled)")
         protocol = replace(protocol, temperature=args.temperature)
+    if not 0.0 <= args.hide_actions <= 1.0:
+        raise SystemExit(f"error: --hide-actions is a probability in [0, 1], got {args.hide_actions}")
     if args.max_envs is not None:
         if args.max_envs < 1:
             raise SystemExit(f"error: --max-envs must be at least 1, got {args.max_envs}")
@@ -240,7 +247,8 @@ def main(args: Args) -> None:
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
           f"{protocol.setting}, {actions} actions, target return {protocol.target_return}"
           + (f", memory horizon {args.memory_horizon} segment{'s' * (args.memory_horizon > 1)}"
-             if args.memory_horizon else ""))
+             if args.memory_horizon else "")
+          + (f", action inputs hidden with probability {args.hide_actions}" if args.hide_actions else ""))
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     out = args.json or Path(args.checkpoint) / "eval.json"
@@ -249,13 +257,13 @@ def main(args: Args) -> None:
         out.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
             "protocol": asdict(protocol), "overrides": overrides, "memory_horizon": args.memory_horizon,
-            "results": results,
+            "hide_actions": args.hide_actions, "results": results,
         }, indent=2))
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
                        overrides=overrides, target_return=protocol.target_return,
                        temperature=protocol.temperature, memory_horizon=args.memory_horizon,
-                       max_envs=protocol.max_envs)
+                       max_envs=protocol.max_envs, hide_actions=args.hide_actions)
     print_table(task, results)
     print(f"wrote {out}")
 
