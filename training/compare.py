@@ -37,7 +37,8 @@ class Args:
 
 def load_evaluation(path: Path, per_episode: bool = True) -> dict:
     """An eval.json written by training.evaluate (SystemExit saying what to do if it is not one, or if
-    per_episode and it lacks the per-episode seeds and returns that pairing needs)."""
+    per_episode and it lacks the per-episode seeds and returns that pairing needs). Options newer than the file
+    (memory_horizon, hide_actions) are filled in with what it played."""
     try:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -50,6 +51,8 @@ def load_evaluation(path: Path, per_episode: bool = True) -> dict:
         if "seeds" not in result or "returns" not in result:
             raise SystemExit(f"error: {path} has no per-episode returns (written by an older evaluator); "
                              "evaluate the checkpoint again to compare it")
+    report.setdefault("memory_horizon", None)  # older files have none: the whole episode
+    report.setdefault("hide_actions", 0.0)  # nor this: every action shown
     return report
 
 
@@ -137,8 +140,7 @@ def main(args: Args) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     for name, report in (("A", first), ("B", second)):
-        horizon = report.get("memory_horizon")  # older files have none: the whole episode
-        hidden = report.get("hide_actions", 0.0)  # older files have none: every action shown
+        horizon, hidden = report["memory_horizon"], report["hide_actions"]
         print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}"
               + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else "")
               + (f", action inputs hidden with probability {hidden}" if hidden else ""))
@@ -146,9 +148,9 @@ def main(args: Args) -> None:
                  if first["protocol"].get(k, 1.0) != second["protocol"].get(k, 1.0)]
     if first.get("overrides") != second.get("overrides"):
         differing.append("environment settings")
-    if first.get("memory_horizon") != second.get("memory_horizon"):
+    if first["memory_horizon"] != second["memory_horizon"]:
         differing.append("memory horizon")
-    if first.get("hide_actions", 0.0) != second.get("hide_actions", 0.0):
+    if first["hide_actions"] != second["hide_actions"]:
         differing.append("hidden actions")
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
