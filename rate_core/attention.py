@@ -9,7 +9,10 @@ bulk of the work and of the memory. On a CPU, streaming them through main memory
 makes attention slow, so `relative_attention` works on a few rows at a time (sized to stay in
 cache) and keeps nothing of size Q x K for backward: the backward pass recomputes each chunk's
 probabilities (as flash attention does). Dropout masks are regenerated from a per-call seed, so
-the recomputation is exact.
+the recomputation is exact. Within a chunk, the query rows go in blocks (`attention_blocks`) that
+compute only the keys their mask lets them see: a RATE segment's memory tokens skip the
+Transformer-XL cache, a causal window (DT) skips the keys after each block, and a block that sees
+all of its keys is not masked.
 """
 
 import math
@@ -40,13 +43,16 @@ def shifted_view(position_scores: torch.Tensor, q_len: int, key_len: int) -> tor
                                       position_scores.storage_offset() + q_len - 1)
 
 
-def _chunk_probabilities(content_query, position_query, key, position_key, allowed, scale):
-    """Softmax probabilities (c, Q, K) of one chunk. position_key: (c, W + 1, dh), last row zero."""
-    q_len, key_len = allowed.shape
+def _chunk_probabilities(content_query, position_query, key, position_key, blocked, scale):
+    """Softmax probabilities (c, Q, K) of one block of one chunk. position_key: (c, W + 1, dh), last
+    row zero; blocked: (Q, K) bool, True where the key is hidden, or None where none is."""
+    q_len, key_len = content_query.shape[1], key.shape[1]
     position_scores = torch.bmm(position_query, position_key.transpose(1, 2))
     scores = torch.baddbmm(shifted_view(position_scores, q_len, key_len), content_query, key.transpose(1, 2),
                            beta=scale, alpha=scale)
-    return scores.masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 def _keep_mask(shape, dropout, seed, device):
@@ -79,19 +85,27 @@ class _RelativeAttention(torch.autograd.Function):
                  chunk):
         rows, n_head = query.shape[0], position_key.shape[0]
         padded_key = F.pad(position_key, (0, 0, 0, 1))  # spare zero row -> spare column of the scores
+        blocks, blocked = attention_blocks(allowed), ~allowed
         out = query.new_empty(rows, query.shape[1], value.shape[2])
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
             heads = torch.arange(part.start, part.stop, device=key.device) % n_head
-            probs = _chunk_probabilities(query[part] + content_bias[heads, None],
-                                         query[part] + position_bias[heads, None],
-                                         key[part], padded_key[heads], allowed, scale)
-            if dropout:
-                keep, rescale = _keep_mask(probs.shape, dropout, seed + start, probs.device)
-                torch.bmm(probs.mul_(keep), value[part], out=out[part])
-                out[part].mul_(rescale)  # rescaling the (Q x dh) output is cheaper than the (Q x K) weights
-            else:
-                torch.bmm(probs, value[part], out=out[part])
+            content_query = query[part] + content_bias[heads, None]
+            position_query = query[part] + position_bias[heads, None]
+            chunk_pk = padded_key[heads]
+            for index, (q_start, q_end, key_start, key_end, dense) in enumerate(blocks):
+                queries, keys = slice(q_start, q_end), slice(key_start, key_end)
+                probs = _chunk_probabilities(content_query[:, queries], position_query[:, queries], key[part, keys],
+                                             _block_position_key(chunk_pk, allowed.shape[1], key_start, key_end),
+                                             None if dense else blocked[queries, keys], scale)
+                target = out[part, queries]
+                if dropout:
+                    keep, rescale = _keep_mask(probs.shape, dropout, _block_seed(seed, start, index, blocks),
+                                               probs.device)
+                    torch.bmm(probs.mul_(keep), value[part, keys], out=target)
+                    target.mul_(rescale)  # rescaling the (Q x dh) output is cheaper than the (Q x K) weights
+                else:
+                    torch.bmm(probs, value[part, keys], out=target)
         ctx.save_for_backward(query, key, value, content_bias, position_bias, padded_key, allowed)
         ctx.config = (scale, dropout, seed, chunk)
         return out
@@ -106,9 +120,11 @@ class _RelativeAttention(torch.autograd.Function):
     def _backward(saved, config, grad_out):
         query, key, value, content_bias, position_bias, padded_key, allowed = saved
         scale, dropout, seed, chunk = config
-        rows, q_len = query.shape[:2]
-        n_head, width1, _ = padded_key.shape
-        grad_query, grad_key, grad_value = (torch.empty_like(t) for t in (query, key, value))  # all rows written
+        rows, key_len = query.shape[0], allowed.shape[1]
+        n_head = padded_key.shape[0]
+        blocks, blocked = attention_blocks(allowed), ~allowed
+        grad_query = torch.empty_like(query)  # every query row belongs to one block
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)  # keys are shared by blocks
         grad_cb, grad_pb, grad_pk = (torch.zeros_like(t) for t in (content_bias, position_bias, padded_key))
         grad_out = grad_out.contiguous()
         for start in range(0, rows, chunk):
@@ -117,28 +133,46 @@ class _RelativeAttention(torch.autograd.Function):
             chunk_pk = padded_key[heads]
             content_query = query[part] + content_bias[heads, None]
             position_query = query[part] + position_bias[heads, None]
-            probs = _chunk_probabilities(content_query, position_query, key[part], chunk_pk, allowed, scale)
-            g = grad_out[part]
-            if dropout:
-                keep, rescale = _keep_mask(probs.shape, dropout, seed + start, probs.device)
-                g = g * rescale
-                grad_probs = torch.bmm(g, value[part].transpose(1, 2)).mul_(keep)
-                grad_value[part] = torch.bmm((probs * keep).transpose(1, 2), g)
-            else:
-                grad_probs = torch.bmm(g, value[part].transpose(1, 2))
-                grad_value[part] = torch.bmm(probs.transpose(1, 2), g)
-            # softmax backward, one fused kernel: dS = P * (dP - sum(dP * P)); masked entries have P = 0.
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(scale)
-            grad_cq = torch.bmm(grad_scores, key[part])
-            grad_key[part] = torch.bmm(grad_scores.transpose(1, 2), content_query)
-            grad_position = grad_scores.new_zeros(part.stop - part.start, q_len, width1)
-            shifted_view(grad_position, q_len, allowed.shape[1]).copy_(grad_scores)
-            grad_pq = torch.bmm(grad_position, chunk_pk)
-            grad_pk.index_add_(0, heads, torch.bmm(grad_position.transpose(1, 2), position_query))
-            torch.add(grad_cq, grad_pq, out=grad_query[part])
-            grad_cb.index_add_(0, heads, grad_cq.sum(1))
-            grad_pb.index_add_(0, heads, grad_pq.sum(1))
+            for index, (q_start, q_end, key_start, key_end, dense) in enumerate(blocks):
+                queries, keys = slice(q_start, q_end), slice(key_start, key_end)
+                block_cq, block_pq = content_query[:, queries], position_query[:, queries]
+                block_pk = _block_position_key(chunk_pk, key_len, key_start, key_end)
+                probs = _chunk_probabilities(block_cq, block_pq, key[part, keys], block_pk,
+                                             None if dense else blocked[queries, keys], scale)
+                g = grad_out[part, queries]
+                if dropout:
+                    keep, rescale = _keep_mask(probs.shape, dropout, _block_seed(seed, start, index, blocks),
+                                               probs.device)
+                    g = g * rescale
+                    grad_probs = torch.bmm(g, value[part, keys].transpose(1, 2)).mul_(keep)
+                    grad_value[part, keys].baddbmm_((probs * keep).transpose(1, 2), g)
+                else:
+                    grad_probs = torch.bmm(g, value[part, keys].transpose(1, 2))
+                    grad_value[part, keys].baddbmm_(probs.transpose(1, 2), g)
+                # softmax backward, one fused kernel: dS = P * (dP - sum(dP * P)); masked entries have P = 0.
+                grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(scale)
+                grad_cq = torch.bmm(grad_scores, key[part, keys])
+                grad_key[part, keys].baddbmm_(grad_scores.transpose(1, 2), block_cq)
+                grad_position = grad_scores.new_zeros(grad_scores.shape[0], q_end - q_start, block_pk.shape[1])
+                shifted_view(grad_position, q_end - q_start, key_end - key_start).copy_(grad_scores)
+                grad_pq = torch.bmm(grad_position, block_pk)
+                grad_pk[:, key_len - (key_end - key_start):].index_add_(
+                    0, heads, torch.bmm(grad_position.transpose(1, 2), block_pq))
+                torch.add(grad_cq, grad_pq, out=grad_query[part, queries])
+                grad_cb.index_add_(0, heads, grad_cq.sum(1))
+                grad_pb.index_add_(0, heads, grad_pq.sum(1))
         return (grad_query, grad_key, grad_value, grad_cb, grad_pb, grad_pk[:, :-1], None, None, None, None, None)
+
+
+def _block_position_key(position_key: torch.Tensor, key_len: int, key_start: int, key_end: int) -> torch.Tensor:
+    """The rows of a (c, W + 1, dh) position-key table (row w: distance key_len - 1 - w) that a block
+    of keys [key_start, key_end) needs: row w of the result holds distance (key_end - key_start) - 1 - w."""
+    return position_key[:, key_len - (key_end - key_start):]
+
+
+def _block_seed(seed: int, start: int, index: int, blocks: list) -> int:
+    """The dropout seed of one block of one chunk of rows: distinct for every (chunk, block)."""
+    return seed + start * len(blocks) + index
 
 
 def relative_attention(query, key, value, content_bias, position_bias, position_key, allowed, scale,
@@ -152,7 +186,9 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     """
     if chunk is None:
         budget = CHUNK_ELEMENTS.get(query.device.type, CHUNK_ELEMENTS["cpu"])
-        chunk = max(1, budget // (allowed.shape[0] * allowed.shape[1]))
+        largest = max((q_end - q_start) * (key_end - key_start)
+                      for q_start, q_end, key_start, key_end, _ in attention_blocks(allowed))
+        chunk = max(1, budget // largest)
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
@@ -166,30 +202,44 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
 
 
 INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference kernel (32 MB in float32)
-QUERY_BLOCK = 64  # long query runs are cut into blocks that skip the keys their mask hides
+QUERY_BLOCK = 64  # long causal query runs are cut into blocks that skip the keys their mask hides
 
 
-def _query_blocks(allowed: torch.Tensor):
-    """[(q_start, q_end, key_end)]: blocks of query rows and the keys they need. Query i sits at key
-    position K - Q + i; a block [s, e) can stop at key K - Q + e when no row of it sees a later
-    key (causal rows); otherwise it runs to the last query with all keys."""
-    q_len, key_len = allowed.shape
-    if q_len < 2 * QUERY_BLOCK:
-        return [(0, q_len, key_len)]
-    cached = getattr(allowed, "_query_blocks", None)  # masks are reused (e.g. DT's, per window size)
+def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bool]]:
+    """[(q_start, q_end, key_start, key_end, dense)]: the query rows in blocks, each with the only
+    keys its rows may see and whether it sees all of them (then no mask is applied).
+
+    Query i sits at key position K - Q + i, so a block [s, e) ends its keys at K - Q + e (the
+    kernels' shifted position scores need that alignment) when none of its rows sees a later key;
+    a block grows until that holds. Rows are grouped by the first key they see and by their kind
+    (causal: seeing up to their own position; otherwise the last key they see): the read memory
+    tokens, the segment and the write memory tokens of a RATE segment are blocks of their own, and
+    long causal runs (DT's windows) are cut into blocks of QUERY_BLOCK rows. Plans are kept on the
+    mask (the model reuses its masks)."""
+    cached = getattr(allowed, "_attention_blocks", None)
     if cached is not None and cached[0] == (QUERY_BLOCK, allowed._version):
         return cached[1]
-    columns = torch.arange(1, key_len + 1, device=allowed.device)
-    extent = (allowed * columns).amax(1).tolist()  # last allowed key + 1, per query row
+    q_len, key_len = allowed.shape
+    offset = key_len - q_len
+    columns = torch.arange(key_len, device=allowed.device)
+    sees = allowed.any(1)  # a row that sees nothing spans all keys (its softmax is undefined anyway)
+    first = torch.where(sees, torch.where(allowed, columns, key_len).amin(1), 0).tolist()
+    last = torch.where(sees, torch.where(allowed, columns + 1, 0).amax(1), key_len).tolist()
+    kind = [(first[i], None if last[i] == offset + i + 1 else last[i]) for i in range(q_len)]
     blocks, start = [], 0
     while start < q_len:
-        end = min(start + QUERY_BLOCK, q_len)
-        key_end = key_len - q_len + end
-        if max(extent[start:end]) > key_end:
-            end, key_end = q_len, key_len
-        blocks.append((start, end, key_end))
+        end = start + 1
+        while end < q_len and kind[end] == kind[start]:
+            end += 1
+        if kind[start][1] is None and end - start >= 2 * QUERY_BLOCK:
+            end = start + QUERY_BLOCK
+        while max(last[start:end]) > offset + end:
+            end += 1
+        key_start, key_end = min(first[start:end]), offset + end
+        dense = bool(allowed[start:end, key_start:key_end].all())
+        blocks.append((start, end, key_start, key_end, dense))
         start = end
-    allowed._query_blocks = ((QUERY_BLOCK, allowed._version), blocks)
+    allowed._attention_blocks = ((QUERY_BLOCK, allowed._version), blocks)
     return blocks
 
 
@@ -226,24 +276,27 @@ def _relative_attention_inference(query, key, value, content_bias, position_bias
     blocked = ~allowed
     out = query.new_empty(rows, q_len, value.shape[2])
     weights = query.new_zeros(rows, q_len, key_len) if need_weights else None
-    blocks = _query_blocks(allowed)
+    # A few new queries (incremental inference) are one block: planning would cost more than it saves.
+    blocks = attention_blocks(allowed) if q_len >= 2 * QUERY_BLOCK else [(0, q_len, 0, key_len, False)]
     for start in range(0, rows, batch_per_group * n_head):
         part = slice(start, min(start + batch_per_group * n_head, rows))
         grouped = query[part].view(-1, n_head, q_len, d_head)  # (b, H, Q, dh)
         batch = grouped.shape[0]
-        for q_start, q_end, key_end in blocks:
-            q_rows = q_end - q_start
+        for q_start, q_end, key_start, key_end, dense in blocks:
+            q_rows, keys = q_end - q_start, slice(key_start, key_end)
             block = grouped[:, :, q_start:q_end]
             content_query = (block + content_bias[:, None]).reshape(-1, q_rows, d_head)
             position_query = (block + position_bias[:, None]).transpose(0, 1).reshape(n_head, batch * q_rows, d_head)
-            # column w of the full table holds distance K - 1 - w: drop the K - key_end largest ones
-            position_scores = torch.bmm(position_query, padded_key[:, :, key_len - key_end:])
+            # column w of the full table holds distance K - 1 - w: keep the block's distances
+            position_scores = torch.bmm(position_query, padded_key[:, :, key_len - (key_end - key_start):])
             position_scores = position_scores.view(n_head, batch, q_rows, -1).transpose(0, 1)
             position_scores = position_scores.reshape(batch * n_head, q_rows, -1)
-            scores = torch.baddbmm(shifted_view(position_scores, q_rows, key_end), content_query,
-                                   key[part, :key_end].transpose(1, 2), beta=scale, alpha=scale)
-            probs = scores.masked_fill_(blocked[q_start:q_end, :key_end], float("-inf")).softmax(dim=-1)
-            torch.bmm(probs, value[part, :key_end], out=out[part, q_start:q_end])
+            scores = torch.baddbmm(shifted_view(position_scores, q_rows, key_end - key_start), content_query,
+                                   key[part, keys].transpose(1, 2), beta=scale, alpha=scale)
+            if not dense:
+                scores.masked_fill_(blocked[q_start:q_end, keys], float("-inf"))
+            probs = scores.softmax(dim=-1)
+            torch.bmm(probs, value[part, keys], out=out[part, q_start:q_end])
             if need_weights:
-                weights[part, q_start:q_end, :key_end] = probs
+                weights[part, q_start:q_end, keys] = probs
     return out, weights

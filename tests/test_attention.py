@@ -155,3 +155,87 @@ def test_inference_kernel_matches_plain_attention(q_len, key_len, causal, monkey
     assert torch.allclose(out, expected, atol=1e-12)
     assert torch.allclose(weights.sum(-1), torch.ones(rows, q_len, dtype=torch.float64))
     assert torch.allclose(weights @ value, expected, atol=1e-12)
+
+
+def model_mask(num_tokens: int, cache_len: int, memory_tokens: int) -> torch.Tensor:
+    """The model's segment mask: read memory, the segment's causal tokens and write memory."""
+    from tests.tiny import tiny_model
+
+    model = tiny_model("rate_cached", num_mem_tokens=memory_tokens) if memory_tokens else tiny_model("dt")
+    return model._build_mask(num_tokens, cache_len)
+
+
+def test_blocks_of_a_rate_segment_skip_what_their_rows_cannot_see():
+    m, segment, cache = 3, 12, 30
+    allowed = model_mask(segment, cache, m)
+    q_len, key_len = allowed.shape
+    assert attention.attention_blocks(allowed) == [
+        (0, m, cache, cache + m, True),                        # read memory: only itself
+        (m, m + segment, 0, cache + m + segment, False),      # the segment: causal, not the write tokens
+        (m + segment, q_len, cache, key_len, True),           # write memory: not the cache
+    ]
+    # the first segment has no cache: the read memory still stays apart from the segment
+    assert attention.attention_blocks(model_mask(segment, 0, m))[0] == (0, m, 0, m, True)
+
+
+@pytest.mark.parametrize("q_len,key_len,seed", [(150, 150, 0), (150, 160, 1), (40, 70, 2), (9, 9, 3)])
+def test_blocks_cover_every_allowed_key(q_len, key_len, seed, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    gen = torch.Generator().manual_seed(seed)
+    offset = key_len - q_len
+    causal = torch.arange(key_len)[None, :] <= torch.arange(q_len)[:, None] + offset
+    allowed = causal & (torch.rand(q_len, key_len, generator=gen) < 0.8) if seed else causal
+    allowed[:, offset:] |= torch.eye(q_len, dtype=torch.bool)
+    allowed[: q_len // 4, offset + q_len // 4:] = seed % 2 == 1  # rows that see later keys (as memory tokens do)
+    blocks = attention.attention_blocks(allowed)
+    assert blocks[0][0] == 0 and blocks[-1][1] == q_len
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # consecutive, no row left out
+    for q_start, q_end, key_start, key_end, dense in blocks:
+        assert key_end == offset + q_end  # the alignment of the shifted position scores
+        outside = allowed[q_start:q_end].clone()
+        outside[:, key_start:key_end] = False
+        assert not outside.any()
+        assert dense == bool(allowed[q_start:q_end, key_start:key_end].all())
+    if seed == 0:  # a causal window is cut into blocks of QUERY_BLOCK rows that end at their last query
+        assert [b[:2] for b in blocks][:3] == [(0, 16), (16, 32), (32, 48)]
+
+
+def structured_inputs(allowed, rows=4, n_head=2, d_head=3, extra=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    q_len, key_len = allowed.shape
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype, requires_grad=True)  # noqa: E731
+    return (make(rows, q_len, d_head), make(rows, key_len, d_head), make(rows, key_len, d_head),
+            make(n_head, d_head), make(n_head, d_head), make(n_head, key_len + extra, d_head))
+
+
+@pytest.mark.parametrize("shape", ["rate", "rate_first_segment", "dt"])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_blocked_kernel_matches_plain_attention_on_model_masks(shape, chunk, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+    m = 0 if shape == "dt" else 3
+    allowed = model_mask(30 if shape == "dt" else 12, 20 if shape == "rate" else 0, m)
+    tensors = structured_inputs(allowed, extra=max(m - 1, 0))
+    assert len(attention.attention_blocks(allowed)) >= 3
+    ours = relative_attention(*tensors, allowed, scale=0.5, chunk=chunk)
+    reference = plain_attention(*tensors, allowed, scale=0.5)
+    assert torch.allclose(ours, reference, atol=1e-12)
+    weights = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad((ours * weights).sum(), tensors)
+    grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
+    names = ("query", "key", "value", "content_bias", "position_bias", "position_key")
+    for name, a, b in zip(names, grads_ours, grads_ref):
+        assert torch.allclose(a, b, atol=1e-10), name
+    inference, _ = attention.relative_attention_inference(*(t.detach() for t in tensors), allowed, 0.5)
+    assert torch.allclose(inference, reference, atol=1e-12)
+
+
+def test_gradcheck_with_dropout_over_several_blocks():
+    allowed = model_mask(3, 2, 2)
+    assert len(attention.attention_blocks(allowed)) == 3
+    tensors = structured_inputs(allowed, rows=2, n_head=2, d_head=2, extra=1)
+
+    def fixed_seed_attention(*args):
+        torch.manual_seed(7)  # the same dropout mask on every evaluation
+        return relative_attention(*args, allowed, scale=0.7, dropout=0.3, chunk=1)
+
+    assert torch.autograd.gradcheck(fixed_seed_attention, tuple(tensors))
