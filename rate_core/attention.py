@@ -9,10 +9,10 @@ bulk of the work and of the memory. On a CPU, streaming them through main memory
 makes attention slow, so `relative_attention` works on a few rows at a time (sized to stay in
 cache) and keeps nothing of size Q x K for backward: the backward pass recomputes each chunk's
 probabilities (as flash attention does). Dropout masks are regenerated from a per-call seed, so
-the recomputation is exact. Within a chunk, the query rows go in blocks (`attention_blocks`) that
-compute only the keys their mask lets them see: a RATE segment's memory tokens skip the
-Transformer-XL cache, a causal window (DT) skips the keys after each block, and a block that sees
-all of its keys is not masked.
+the recomputation is exact. Where that skips enough of the scores to pay, the query rows go in
+blocks (`attention_blocks`) that compute only the keys their mask lets them see: a causal window
+(DT) skips the keys after each block of rows, a RATE segment's memory tokens the Transformer-XL
+cache. A block that sees all of its keys is not masked.
 """
 
 import math
@@ -73,19 +73,19 @@ def _keep_mask(shape, dropout, seed, device):
 class _RelativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, content_bias, position_bias, position_key, allowed, scale, dropout, seed,
-                chunk):
+                chunk, blocks):
         # The inputs come in one dtype (relative_attention casts them); autocast must not re-cast parts
         # of the kernel (on CUDA it runs softmax in float32, and bmm's out= would then mismatch).
         with torch.autocast(query.device.type, enabled=False):
             return _RelativeAttention._forward(ctx, query, key, value, content_bias, position_bias, position_key,
-                                               allowed, scale, dropout, seed, chunk)
+                                               allowed, scale, dropout, seed, chunk, blocks)
 
     @staticmethod
     def _forward(ctx, query, key, value, content_bias, position_bias, position_key, allowed, scale, dropout, seed,
-                 chunk):
+                 chunk, blocks):
         rows, n_head = query.shape[0], position_key.shape[0]
         padded_key = F.pad(position_key, (0, 0, 0, 1))  # spare zero row -> spare column of the scores
-        blocks, blocked = attention_blocks(allowed), ~allowed
+        blocked = ~allowed
         out = query.new_empty(rows, query.shape[1], value.shape[2])
         for start in range(0, rows, chunk):
             part = slice(start, min(start + chunk, rows))
@@ -107,7 +107,7 @@ class _RelativeAttention(torch.autograd.Function):
                 else:
                     torch.bmm(probs, value[part, keys], out=target)
         ctx.save_for_backward(query, key, value, content_bias, position_bias, padded_key, allowed)
-        ctx.config = (scale, dropout, seed, chunk)
+        ctx.config = (scale, dropout, seed, chunk, blocks)
         return out
 
     @staticmethod
@@ -119,10 +119,10 @@ class _RelativeAttention(torch.autograd.Function):
     @staticmethod
     def _backward(saved, config, grad_out):
         query, key, value, content_bias, position_bias, padded_key, allowed = saved
-        scale, dropout, seed, chunk = config
+        scale, dropout, seed, chunk, blocks = config
         rows, key_len = query.shape[0], allowed.shape[1]
         n_head = padded_key.shape[0]
-        blocks, blocked = attention_blocks(allowed), ~allowed
+        blocked = ~allowed
         grad_query = torch.empty_like(query)  # every query row belongs to one block
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)  # keys are shared by blocks
         grad_cb, grad_pb, grad_pk = (torch.zeros_like(t) for t in (content_bias, position_bias, padded_key))
@@ -161,7 +161,8 @@ class _RelativeAttention(torch.autograd.Function):
                 torch.add(grad_cq, grad_pq, out=grad_query[part, queries])
                 grad_cb.index_add_(0, heads, grad_cq.sum(1))
                 grad_pb.index_add_(0, heads, grad_pq.sum(1))
-        return (grad_query, grad_key, grad_value, grad_cb, grad_pb, grad_pk[:, :-1], None, None, None, None, None)
+        return (grad_query, grad_key, grad_value, grad_cb, grad_pb, grad_pk[:, :-1], None, None, None, None, None,
+                None)
 
 
 def _block_position_key(position_key: torch.Tensor, key_len: int, key_start: int, key_end: int) -> torch.Tensor:
@@ -176,19 +177,22 @@ def _block_seed(seed: int, start: int, index: int, blocks: list) -> int:
 
 
 def relative_attention(query, key, value, content_bias, position_bias, position_key, allowed, scale,
-                       dropout=0.0, chunk=None):
+                       dropout=0.0, chunk=None, skip_hidden=True):
     """Relative multi-head attention over (batch x head) rows, row r belonging to head r % H.
 
     query: (R, Q, dh); key, value: (R, K, dh); content_bias, position_bias: (H, dh), added to the
     query for the content and the position term; position_key: (H, W, dh), row w for distance
     K - 1 - w (W >= K); allowed: (Q, K) bool, query i sits at key position K - Q + i; dropout on
-    the attention probabilities. Returns (R, Q, dh).
+    the attention probabilities; chunk: rows per pass (default: sized to the cache); skip_hidden:
+    compute each block of query rows over only the keys it may see (`attention_blocks`; False:
+    every row over every key, as a plain chunked kernel, for comparison). Returns (R, Q, dh).
     """
+    q_len, key_len = allowed.shape
     if chunk is None:
         budget = CHUNK_ELEMENTS.get(query.device.type, CHUNK_ELEMENTS["cpu"])
-        largest = max((q_end - q_start) * (key_end - key_start)
-                      for q_start, q_end, key_start, key_end, _ in attention_blocks(allowed))
-        chunk = max(1, budget // largest)
+        # sized by the whole Q x K: chunks sized by the blocks (more rows each) measured slower
+        chunk = max(1, budget // (q_len * key_len))
+    blocks = attention_blocks(allowed) if skip_hidden else [(0, q_len, 0, key_len, False)]
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
@@ -198,11 +202,16 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     key, value, content_bias, position_bias, position_key = (
         t.to(dtype) for t in (key, value, content_bias, position_bias, position_key))
     return _RelativeAttention.apply(query.contiguous(), key, value, content_bias,
-                                    position_bias, position_key.contiguous(), allowed, scale, dropout, seed, chunk)
+                                    position_bias, position_key.contiguous(), allowed, scale, dropout, seed, chunk,
+                                    blocks)
 
 
 INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference kernel (32 MB in float32)
 QUERY_BLOCK = 64  # long causal query runs are cut into blocks that skip the keys their mask hides
+# Blocks are used when they compute at most this share of the Q x K scores. Measured on 2 cores
+# (training.bench_attention): causal windows (about 0.6) ran 1.1-2.4x faster in blocks; RATE
+# segments (0.7-0.85) gained on one thread but lost up to 1.3x on two.
+SKIP_BELOW = 2 / 3
 
 
 def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bool]]:
@@ -214,8 +223,9 @@ def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bo
     a block grows until that holds. Rows are grouped by the first key they see and by their kind
     (causal: seeing up to their own position; otherwise the last key they see): the read memory
     tokens, the segment and the write memory tokens of a RATE segment are blocks of their own, and
-    long causal runs (DT's windows) are cut into blocks of QUERY_BLOCK rows. Plans are kept on the
-    mask (the model reuses its masks)."""
+    long causal runs (DT's windows) are cut into blocks of QUERY_BLOCK rows. Where the blocks would
+    compute more than SKIP_BELOW of the scores, all rows are one block. Plans are kept on the mask
+    (the model reuses its masks)."""
     cached = getattr(allowed, "_attention_blocks", None)
     if cached is not None and cached[0] == (QUERY_BLOCK, allowed._version):
         return cached[1]
@@ -239,6 +249,9 @@ def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bo
         dense = bool(allowed[start:end, key_start:key_end].all())
         blocks.append((start, end, key_start, key_end, dense))
         start = end
+    computed = sum((q_end - q_start) * (key_end - key_start) for q_start, q_end, key_start, key_end, _ in blocks)
+    if computed > SKIP_BELOW * q_len * key_len:  # too little to skip to pay for smaller, strided products
+        blocks = [(0, q_len, 0, key_len, bool(allowed.all()))]
     allowed._attention_blocks = ((QUERY_BLOCK, allowed._version), blocks)
     return blocks
 

@@ -166,7 +166,7 @@ def model_mask(num_tokens: int, cache_len: int, memory_tokens: int) -> torch.Ten
 
 
 def test_blocks_of_a_rate_segment_skip_what_their_rows_cannot_see():
-    m, segment, cache = 3, 12, 30
+    m, segment, cache = 3, 6, 60
     allowed = model_mask(segment, cache, m)
     q_len, key_len = allowed.shape
     assert attention.attention_blocks(allowed) == [
@@ -174,13 +174,14 @@ def test_blocks_of_a_rate_segment_skip_what_their_rows_cannot_see():
         (m, m + segment, 0, cache + m + segment, False),      # the segment: causal, not the write tokens
         (m + segment, q_len, cache, key_len, True),           # write memory: not the cache
     ]
-    # the first segment has no cache: the read memory still stays apart from the segment
-    assert attention.attention_blocks(model_mask(segment, 0, m))[0] == (0, m, 0, m, True)
+    # blocks that would skip little (no cache yet) are not worth their smaller products: one block
+    assert attention.attention_blocks(model_mask(12, 0, m)) == [(0, 18, 0, 18, False)]
 
 
 @pytest.mark.parametrize("q_len,key_len,seed", [(150, 150, 0), (150, 160, 1), (40, 70, 2), (9, 9, 3)])
 def test_blocks_cover_every_allowed_key(q_len, key_len, seed, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(attention, "SKIP_BELOW", 1.0)  # blocks however little they skip
     gen = torch.Generator().manual_seed(seed)
     offset = key_len - q_len
     causal = torch.arange(key_len)[None, :] <= torch.arange(q_len)[:, None] + offset
@@ -212,6 +213,7 @@ def structured_inputs(allowed, rows=4, n_head=2, d_head=3, extra=0, dtype=torch.
 @pytest.mark.parametrize("chunk", [1, 3, 100])
 def test_blocked_kernel_matches_plain_attention_on_model_masks(shape, chunk, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(attention, "SKIP_BELOW", 1.0)
     m = 0 if shape == "dt" else 3
     allowed = model_mask(30 if shape == "dt" else 12, 20 if shape == "rate" else 0, m)
     tensors = structured_inputs(allowed, extra=max(m - 1, 0))
@@ -227,9 +229,12 @@ def test_blocked_kernel_matches_plain_attention_on_model_masks(shape, chunk, mon
         assert torch.allclose(a, b, atol=1e-10), name
     inference, _ = attention.relative_attention_inference(*(t.detach() for t in tensors), allowed, 0.5)
     assert torch.allclose(inference, reference, atol=1e-12)
+    assert torch.allclose(relative_attention(*tensors, allowed, scale=0.5, chunk=chunk, skip_hidden=False), reference,
+                          atol=1e-12)
 
 
-def test_gradcheck_with_dropout_over_several_blocks():
+def test_gradcheck_with_dropout_over_several_blocks(monkeypatch):
+    monkeypatch.setattr(attention, "SKIP_BELOW", 1.0)
     allowed = model_mask(3, 2, 2)
     assert len(attention.attention_blocks(allowed)) == 3
     tensors = structured_inputs(allowed, rows=2, n_head=2, d_head=2, extra=1)

@@ -112,3 +112,24 @@ def test_expert_report_scores_the_expert_per_group():
 def test_bench_env_prints_steps_per_second_last():
     out = run("-m", "training.bench_env", "--task", "tmaze", "--steps", "200")
     assert float(out.strip().splitlines()[-1].split("=")[1]) > 0
+
+
+def test_bench_attention_prints_the_speedup_of_blocks_last():
+    out = run("-m", "training.bench_attention", "--checkpoints", "assets/checkpoints/tmaze/dt",
+              "assets/checkpoints/memory_maze/rate", "--batch-size", "2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("assets/")]
+    assert len(rows) == 1 + 3  # DT's window, then RATE's three segments as its cache grows
+    assert rows[0].split()[1:4] == ["450", "x", "450"] and rows[1].split()[1:4] == ["120", "x", "120"]
+    assert rows[3].split()[1:4] == ["120", "x", "360"]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("median_speedup=") and "blocked_cases=1 one_block_cases=3" in last
+    assert float(last.split()[0].split("=")[1]) > 0
+
+
+def test_benchmarks_refuse_a_missing_checkpoint_in_one_line():
+    for args in (["training.bench_attention", "--checkpoints"], ["training.bench_rollout", "--checkpoint"]):
+        result = subprocess.run([sys.executable, "-m", *args, "no/such/folder"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == ("error: no/such/folder: checkpoint folder does not exist (expected a folder "
+                                         "with config.json and model.safetensors)")

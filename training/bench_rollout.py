@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rate_core.checkpoint import load_checkpoint
+from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
@@ -110,7 +110,10 @@ def segment_latency(model, task, settings, envs: int, device, segments: int = 2)
 def main(args: Args) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    model = load_checkpoint(args.checkpoint, device=device).eval()
+    try:
+        model = load_checkpoint(args.checkpoint, device=device).eval()
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}")
     if model.config.mode == "dt":
         raise SystemExit("error: the benchmark compares cached segment-recurrent inference; give a rate, rmt or "
                          "trxl checkpoint")

@@ -41,6 +41,13 @@ class Args:
     """cpu, cuda or auto (cuda when available)"""
 
 
+def inplace_baddbmm_flop(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
+    """Multiply-add work of the in-place `baddbmm_` (the attention backward accumulates with it), which
+    torch's counter leaves out: 2 * b * m * k * n, as for `baddbmm`."""
+    batch, rows, inner = batch1_shape
+    return 2 * batch * rows * inner * batch2_shape[-1]
+
+
 def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     from rate_core.model import MemoryTransformer
     from rate_core.paper import paper_config
@@ -75,7 +82,7 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # Matrix-multiply work of one step, counted on 2 samples and scaled (it is linear in the batch).
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: inplace_baddbmm_flop}) as counter:
         train_step(model, optimizer, rtg[:2], obs[:2], actions[:2], memory_grad=args.memory_grad)
     flops = counter.get_total_flops() * batch / 2
     queue.put(dict(mode=mode, batch=batch, device=str(device), seconds=seconds,
