@@ -184,15 +184,17 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     query for the content and the position term; position_key: (H, W, dh), row w for distance
     K - 1 - w (W >= K); allowed: (Q, K) bool, query i sits at key position K - Q + i; dropout on
     the attention probabilities; chunk: rows per pass (default: sized to the cache); skip_hidden:
-    compute each block of query rows over only the keys it may see (`attention_blocks`; False:
-    every row over every key, as a plain chunked kernel, for comparison). Returns (R, Q, dh).
+    on a CPU, compute each block of query rows over only the keys it may see (`attention_blocks`;
+    False: every row over every key, as a plain chunked kernel, for comparison). Returns (R, Q, dh).
     """
     q_len, key_len = allowed.shape
     if chunk is None:
         budget = CHUNK_ELEMENTS.get(query.device.type, CHUNK_ELEMENTS["cpu"])
         # sized by the whole Q x K: chunks sized by the blocks (more rows each) measured slower
         chunk = max(1, budget // (q_len * key_len))
-    blocks = attention_blocks(allowed) if skip_hidden else [(0, q_len, 0, key_len, False)]
+    # Blocks are measured on CPUs only: on CUDA the kernel runs as it was measured there, one block.
+    blocked = skip_hidden and query.device.type == "cpu"
+    blocks = attention_blocks(allowed) if blocked else [(0, q_len, 0, key_len, False)]
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
