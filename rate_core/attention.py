@@ -211,7 +211,7 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
 INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference kernel (32 MB in float32)
 QUERY_BLOCK = 64  # long causal query runs are cut into blocks that skip the keys their mask hides
 # Blocks are used when they compute at most this share of the Q x K scores. Measured on 2 cores
-# (training.bench_attention): causal windows (about 0.6) ran 1.1-2.4x faster in blocks; RATE
+# (training.bench_attention): causal windows (about 0.6) ran 1.4-2.3x faster in blocks; RATE
 # segments (0.7-0.85) gained on one thread but lost up to 1.3x on two.
 SKIP_BELOW = 2 / 3
 
@@ -229,7 +229,7 @@ def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bo
     compute more than SKIP_BELOW of the scores, all rows are one block. Plans are kept on the mask
     (the model reuses its masks)."""
     cached = getattr(allowed, "_attention_blocks", None)
-    if cached is not None and cached[0] == (QUERY_BLOCK, allowed._version):
+    if cached is not None and cached[0] == (QUERY_BLOCK, SKIP_BELOW, allowed._version):
         return cached[1]
     q_len, key_len = allowed.shape
     offset = key_len - q_len
@@ -254,7 +254,7 @@ def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bo
     computed = sum((q_end - q_start) * (key_end - key_start) for q_start, q_end, key_start, key_end, _ in blocks)
     if computed > SKIP_BELOW * q_len * key_len:  # too little to skip to pay for smaller, strided products
         blocks = [(0, q_len, 0, key_len, bool(allowed.all()))]
-    allowed._attention_blocks = ((QUERY_BLOCK, allowed._version), blocks)
+    allowed._attention_blocks = ((QUERY_BLOCK, SKIP_BELOW, allowed._version), blocks)
     return blocks
 
 
