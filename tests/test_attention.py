@@ -50,10 +50,8 @@ def test_shifted_view_indexes_distances():
                 assert torch.equal(view[:, i, j], scores[:, i, column])
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_matches_plain_attention_values_and_gradients(chunk):
-    inputs = random_inputs()
-    *tensors, allowed = inputs
+def assert_matches_plain_attention(tensors, allowed, chunk) -> torch.Tensor:
+    """relative_attention equals plain_attention, values and gradients; returns plain_attention's values."""
     ours = relative_attention(*tensors, allowed, scale=0.5, chunk=chunk)
     reference = plain_attention(*tensors, allowed, scale=0.5)
     assert torch.allclose(ours, reference, atol=1e-12)
@@ -63,6 +61,13 @@ def test_matches_plain_attention_values_and_gradients(chunk):
     names = ("query", "key", "value", "content_bias", "position_bias", "position_key")
     for name, a, b in zip(names, grads_ours, grads_ref):
         assert torch.allclose(a, b, atol=1e-10), name
+    return reference
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_matches_plain_attention_values_and_gradients(chunk):
+    *tensors, allowed = random_inputs()
+    assert_matches_plain_attention(tensors, allowed, chunk)
 
 
 def test_mixed_precision_inputs_as_autocast_gives_them():
@@ -218,15 +223,7 @@ def test_blocked_kernel_matches_plain_attention_on_model_masks(shape, chunk, mon
     allowed = model_mask(30 if shape == "dt" else 12, 20 if shape == "rate" else 0, m)
     tensors = structured_inputs(allowed, extra=max(m - 1, 0))
     assert len(attention.attention_blocks(allowed)) >= 3
-    ours = relative_attention(*tensors, allowed, scale=0.5, chunk=chunk)
-    reference = plain_attention(*tensors, allowed, scale=0.5)
-    assert torch.allclose(ours, reference, atol=1e-12)
-    weights = torch.randn_like(ours)
-    grads_ours = torch.autograd.grad((ours * weights).sum(), tensors)
-    grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
-    names = ("query", "key", "value", "content_bias", "position_bias", "position_key")
-    for name, a, b in zip(names, grads_ours, grads_ref):
-        assert torch.allclose(a, b, atol=1e-10), name
+    reference = assert_matches_plain_attention(tensors, allowed, chunk)
     inference, _ = attention.relative_attention_inference(*(t.detach() for t in tensors), allowed, 0.5)
     assert torch.allclose(inference, reference, atol=1e-12)
     assert torch.allclose(relative_attention(*tensors, allowed, scale=0.5, chunk=chunk, skip_hidden=False), reference,
