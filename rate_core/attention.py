@@ -96,7 +96,7 @@ class _RelativeAttention(torch.autograd.Function):
             for index, (q_start, q_end, key_start, key_end, dense) in enumerate(blocks):
                 queries, keys = slice(q_start, q_end), slice(key_start, key_end)
                 probs = _chunk_probabilities(content_query[:, queries], position_query[:, queries], key[part, keys],
-                                             _block_position_key(chunk_pk, allowed.shape[1], key_start, key_end),
+                                             chunk_pk[:, _position_offset(allowed.shape[1], key_start, key_end):],
                                              None if dense else blocked[queries, keys], scale)
                 target = out[part, queries]
                 if dropout:
@@ -136,7 +136,8 @@ class _RelativeAttention(torch.autograd.Function):
             for index, (q_start, q_end, key_start, key_end, dense) in enumerate(blocks):
                 queries, keys = slice(q_start, q_end), slice(key_start, key_end)
                 block_cq, block_pq = content_query[:, queries], position_query[:, queries]
-                block_pk = _block_position_key(chunk_pk, key_len, key_start, key_end)
+                offset = _position_offset(key_len, key_start, key_end)
+                block_pk = chunk_pk[:, offset:]
                 probs = _chunk_probabilities(block_cq, block_pq, key[part, keys], block_pk,
                                              None if dense else blocked[queries, keys], scale)
                 g = grad_out[part, queries]
@@ -156,8 +157,7 @@ class _RelativeAttention(torch.autograd.Function):
                 grad_position = grad_scores.new_zeros(grad_scores.shape[0], q_end - q_start, block_pk.shape[1])
                 shifted_view(grad_position, q_end - q_start, key_end - key_start).copy_(grad_scores)
                 grad_pq = torch.bmm(grad_position, block_pk)
-                grad_pk[:, key_len - (key_end - key_start):].index_add_(
-                    0, heads, torch.bmm(grad_position.transpose(1, 2), block_pq))
+                grad_pk[:, offset:].index_add_(0, heads, torch.bmm(grad_position.transpose(1, 2), block_pq))
                 torch.add(grad_cq, grad_pq, out=grad_query[part, queries])
                 grad_cb.index_add_(0, heads, grad_cq.sum(1))
                 grad_pb.index_add_(0, heads, grad_pq.sum(1))
@@ -165,10 +165,10 @@ class _RelativeAttention(torch.autograd.Function):
                 None)
 
 
-def _block_position_key(position_key: torch.Tensor, key_len: int, key_start: int, key_end: int) -> torch.Tensor:
-    """The rows of a (c, W + 1, dh) position-key table (row w: distance key_len - 1 - w) that a block
-    of keys [key_start, key_end) needs: row w of the result holds distance (key_end - key_start) - 1 - w."""
-    return position_key[:, key_len - (key_end - key_start):]
+def _position_offset(key_len: int, key_start: int, key_end: int) -> int:
+    """The first row of a position-key table (row w: distance key_len - 1 - w) that a block of keys
+    [key_start, key_end) needs: from it on, row w holds distance (key_end - key_start) - 1 - w."""
+    return key_len - (key_end - key_start)
 
 
 def _block_seed(seed: int, start: int, index: int, blocks: list) -> int:
@@ -193,8 +193,8 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
         # sized by the whole Q x K: chunks sized by the blocks (more rows each) measured slower
         chunk = max(1, budget // (q_len * key_len))
     # Blocks are measured on CPUs only: on CUDA the kernel runs as it was measured there, one block.
-    blocked = skip_hidden and query.device.type == "cpu"
-    blocks = attention_blocks(allowed) if blocked else [(0, q_len, 0, key_len, False)]
+    use_blocks = skip_hidden and query.device.type == "cpu"
+    blocks = attention_blocks(allowed) if use_blocks else one_block(allowed)
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
@@ -214,6 +214,17 @@ QUERY_BLOCK = 64  # long causal query runs are cut into blocks that skip the key
 # (training.bench_attention): causal windows (about 0.6) ran 1.4-2.3x faster in blocks; RATE
 # segments (0.7-0.85) gained on one thread but lost up to 1.3x on two.
 SKIP_BELOW = 2 / 3
+
+
+def one_block(allowed: torch.Tensor, dense: bool = False) -> list[tuple[int, int, int, int, bool]]:
+    """The plan of attention_blocks that computes every query row over every key."""
+    q_len, key_len = allowed.shape
+    return [(0, q_len, 0, key_len, dense)]
+
+
+def scores_computed(blocks: list[tuple[int, int, int, int, bool]]) -> int:
+    """How many of the Q x K scores a plan of attention_blocks computes."""
+    return sum((q_end - q_start) * (key_end - key_start) for q_start, q_end, key_start, key_end, _ in blocks)
 
 
 def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bool]]:
@@ -251,9 +262,8 @@ def attention_blocks(allowed: torch.Tensor) -> list[tuple[int, int, int, int, bo
         dense = bool(allowed[start:end, key_start:key_end].all())
         blocks.append((start, end, key_start, key_end, dense))
         start = end
-    computed = sum((q_end - q_start) * (key_end - key_start) for q_start, q_end, key_start, key_end, _ in blocks)
-    if computed > SKIP_BELOW * q_len * key_len:  # too little to skip to pay for smaller, strided products
-        blocks = [(0, q_len, 0, key_len, bool(allowed.all()))]
+    if scores_computed(blocks) > SKIP_BELOW * q_len * key_len:  # too little skipped to pay for smaller products
+        blocks = one_block(allowed, dense=bool(allowed.all()))
     allowed._attention_blocks = ((QUERY_BLOCK, SKIP_BELOW, allowed._version), blocks)
     return blocks
 
@@ -292,7 +302,7 @@ def _relative_attention_inference(query, key, value, content_bias, position_bias
     out = query.new_empty(rows, q_len, value.shape[2])
     weights = query.new_zeros(rows, q_len, key_len) if need_weights else None
     # A few new queries (incremental inference) are one block: planning would cost more than it saves.
-    blocks = attention_blocks(allowed) if q_len >= 2 * QUERY_BLOCK else [(0, q_len, 0, key_len, False)]
+    blocks = attention_blocks(allowed) if q_len >= 2 * QUERY_BLOCK else one_block(allowed)
     for start in range(0, rows, batch_per_group * n_head):
         part = slice(start, min(start + batch_per_group * n_head, rows))
         grouped = query[part].view(-1, n_head, q_len, d_head)  # (b, H, Q, dh)
@@ -302,8 +312,8 @@ def _relative_attention_inference(query, key, value, content_bias, position_bias
             block = grouped[:, :, q_start:q_end]
             content_query = (block + content_bias[:, None]).reshape(-1, q_rows, d_head)
             position_query = (block + position_bias[:, None]).transpose(0, 1).reshape(n_head, batch * q_rows, d_head)
-            # column w of the full table holds distance K - 1 - w: keep the block's distances
-            position_scores = torch.bmm(position_query, padded_key[:, :, key_len - (key_end - key_start):])
+            block_pk = padded_key[:, :, _position_offset(key_len, key_start, key_end):]  # (H, dh, block's W + 1)
+            position_scores = torch.bmm(position_query, block_pk)
             position_scores = position_scores.view(n_head, batch, q_rows, -1).transpose(0, 1)
             position_scores = position_scores.reshape(batch * n_head, q_rows, -1)
             scores = torch.baddbmm(shifted_view(position_scores, q_rows, key_end - key_start), content_query,

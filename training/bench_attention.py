@@ -25,7 +25,7 @@ from typing import Annotated
 
 import torch
 
-from rate_core.attention import attention_blocks, relative_attention
+from rate_core.attention import attention_blocks, relative_attention, scores_computed
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer, ModelConfig
 from training.cli import OWN_DEFAULT, cli
@@ -93,7 +93,7 @@ def main(args: Args) -> None:
         for allowed in segment_masks(model):
             inputs = attention_inputs(config, allowed, args.batch_size, generator)
             blocks = attention_blocks(allowed)
-            computed = sum((q_end - q_start) * (key_end - key_start) for q_start, q_end, key_start, key_end, _ in blocks)
+            computed = scores_computed(blocks)
             times = {True: [], False: []}
             for repeat in range(args.repeats + 1):
                 for skip in (True, False):
