@@ -232,15 +232,23 @@ def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
 
 
 # ----------------------------------------------------------------------------------- page
-def build_demo(warm: bool = True) -> gr.Blocks:
-    tasks = demo_tasks()
-    examples = []
+def demo_examples(tasks: list[str]) -> tuple[list[list], list[list]]:
+    """The page's examples (per task: its default run, then another seed and setting where the task
+    has one) and the order the warm-up plays them in: every task's default run first, since a visitor
+    who picks a task and presses Run asks for that one, then the others."""
+    defaults, others = [], []
     for name in tasks:
         first = default_inputs(name)
-        examples.append(first)
+        defaults.append(first)
         setting = get_task(name).demo_setting
-        if setting:
-            examples.append([*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]])
+        others.append([[*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]]] if setting else [])
+    examples = [example for first, rest in zip(defaults, others) for example in (first, *rest)]
+    return examples, defaults + [example for rest in others for example in rest]
+
+
+def build_demo(warm: bool = True) -> gr.Blocks:
+    tasks = demo_tasks()
+    examples, warm_order = demo_examples(tasks)
     with gr.Blocks(title="RATE: memory transformers for offline RL") as demo:
         gr.Markdown(INTRO)
         if not tasks:
@@ -302,6 +310,6 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                 memory_panel, panel_state, panel_outputs, api_name=False)
         for trigger in (demo.load, paper_task.change, paper_mode.change):
             trigger(describe, [paper_task, paper_mode], [paper_text, config_view], api_name=False)
-    if warm and examples:
-        threading.Thread(target=warm_cache, args=(examples,), daemon=True).start()
+    if warm and warm_order:
+        threading.Thread(target=warm_cache, args=(warm_order,), daemon=True).start()
     return demo

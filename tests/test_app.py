@@ -348,6 +348,19 @@ def test_the_warm_up_waits_while_a_visitor_plays(monkeypatch):
     assert played == [tuple(example) for example in examples]
 
 
+def test_the_warm_up_plays_every_tasks_default_run_before_the_other_examples():
+    from app.ui import default_inputs, demo_examples
+
+    tasks = ["tmaze", "minigrid_memory", "memory_maze"]
+    examples, warm_order = demo_examples(tasks)
+    defaults = [default_inputs(name) for name in tasks]
+    assert warm_order[:3] == defaults
+    assert sorted(map(str, warm_order)) == sorted(map(str, examples))  # the same examples, played once each
+    assert examples[0] == defaults[0] and examples[1][:4] == ["tmaze", "shipped: rate", "shipped: dt", 1]
+    assert examples[2] == defaults[1]  # on the page each task's examples stay together
+    assert len(examples) == 5  # Memory Maze has no setting to vary
+
+
 def test_memory_heatmaps_take_the_scale_of_the_written_memories():
     from app import plots
     from app.episodes import play
