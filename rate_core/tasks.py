@@ -5,8 +5,9 @@ shape, its action count, its expert, its dataset defaults, its default model con
 mode) and its evaluation protocol. Environment packages are imported only when an env is made.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from rate_core.model import ModelConfig
 

@@ -6,7 +6,8 @@ terminated/truncated False. Info values that are numbers or booleans become arra
 (num_envs,) (the last value for finished envs).
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
