@@ -196,18 +196,23 @@ def memory_panel(panel_input):
 
 
 def task_changed(task_name: str):
-    """The chosen task's description, checkpoint choices and settings."""
+    """What the page shows for the chosen task, however it was chosen (the dropdown or an example):
+    its description, its checkpoint choices and the setting box's label and range. The values in
+    the boxes are the example's or, when a visitor picks the task, task_defaults'."""
     task = get_task(task_name)
     choices = shipped_choices(task_name)
-    left, right = default_pair(task_name)
     spec = task.demo_setting
     setting = gr.update(visible=False) if spec is None else gr.update(
-        visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", value=spec.default, info=spec.info,
+        visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", info=spec.info,
         minimum=spec.minimum, maximum=spec.maximum)
-    return (task_description(task_name), gr.update(choices=choices, value=left),
-            gr.update(choices=choices, value=right), setting,
-            gr.update(value=task.evaluation.target_return), gr.update(value=task.demo_step_cap or 0),
-            gr.update(value=task.evaluation.sample_actions))
+    return task_description(task_name), gr.update(choices=choices), gr.update(choices=choices), setting
+
+
+def task_defaults(task_name: str):
+    """The task's default run in the input boxes (left, right, setting, target return, step cap,
+    sampling), when a visitor picks the task in the dropdown; an example brings its own values."""
+    inputs = default_inputs(task_name)  # task, left, right, seed, setting, target, cap, sample, horizon
+    return [*inputs[1:3], *inputs[4:8]]
 
 
 def default_inputs(task_name: str) -> list:
@@ -244,6 +249,19 @@ def demo_examples(tasks: list[str]) -> tuple[list[list], list[list]]:
         others.append([[*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]]] if setting else [])
     examples = [example for first, rest in zip(defaults, others) for example in (first, *rest)]
     return examples, defaults + [example for rest in others for example in rest]
+
+
+def example_label(example: list) -> str:
+    """What an example plays, in words: one table's column headers could not name every task's
+    setting (T-Maze's corridor length, Minigrid's grid size)."""
+    name, _, _, seed, setting, _, cap = example[:7]  # the examples play the task's shipped pair
+    task = get_task(name)
+    words = [f"seed {seed}"]
+    if task.demo_setting is not None:
+        words.append(f"{task.demo_setting.label.split(' (')[0]} = {setting}")  # the label without its "(steps)"
+    if cap:
+        words.append(f"first {cap} steps")
+    return f"{task.title}: {', '.join(words)}"
 
 
 def build_demo(warm: bool = True) -> gr.Blocks:
@@ -286,7 +304,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         summary = gr.JSON(label="summary")
         panel_state = gr.State()
         inputs = [task, left, right, seed, setting, target, cap, sample, horizon]
-        gr.Examples(examples, inputs=inputs, label="examples (precomputed: press Run after choosing one)")
+        gr.Examples(examples, inputs=inputs, example_labels=[example_label(example) for example in examples],
+                    label="examples: the shipped RATE vs DT (precomputed: press Run after choosing one)")
         with gr.Accordion("Shipped checkpoints and model configurations", open=False):
             rows = shipped_checkpoints()
             if rows:
@@ -303,7 +322,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         run.click(lambda: memory_panel(None), None, panel_outputs, api_name=False, queue=False).then(
             run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
             concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
-        task.change(task_changed, task, [task_text, left, right, setting, target, cap, sample], api_name=False)
+        task.change(task_changed, task, [task_text, left, right, setting], api_name=False)
+        task.input(task_defaults, task, [left, right, setting, target, cap, sample], api_name=False)
         if tasks:
             demo.load(lambda: run_episodes(*first, progress=lambda *a, **k: None), None,
                       [left_video, right_video, summary, panel_state], api_name=False).success(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.episodes import AppError, demo_tasks, load_model, make_request, task_description
-from app.ui import build_demo, describe, shipped_checkpoints, task_changed
+from app.ui import build_demo, describe, shipped_checkpoints, task_changed, task_defaults
 from rate_core.checkpoint import save_checkpoint
 from rate_core.tasks import TASKS
 from tests.tiny import tiny_model
@@ -66,8 +66,15 @@ def test_task_description_shows_each_shipped_checkpoints_evaluation():
             header, row = cells["checkpoint"], cells[eval_path.parent.name]
             column = header.index(str(last[evaluation["protocol"]["setting"]]))
             assert row[column] == score, (row, score)
-    # the page's task switch brings the description with it
-    assert task_changed("memory_maze")[0] == task_description("memory_maze")
+    # the page's task switch brings the description with it, and the checkpoint choices and the setting box's
+    # range, but no values: an example that switches the task brings its own (task_defaults: the dropdown)
+    text, left, right, setting = task_changed("minigrid_memory")
+    assert text == task_description("minigrid_memory")
+    assert left["choices"] == right["choices"] and "shipped: rate" in left["choices"]
+    assert (setting["minimum"], setting["maximum"]) == (7, 201)
+    assert all("value" not in update for update in (left, right, setting))
+    assert task_changed("memory_maze")[3]["visible"] is False
+    assert task_defaults("minigrid_memory") == ["shipped: rate", "shipped: dt", 41, 0.96, 0, True]
 
 
 def test_task_description_survives_a_missing_or_broken_evaluation(tmp_path):
@@ -359,6 +366,15 @@ def test_the_warm_up_plays_every_tasks_default_run_before_the_other_examples():
     assert examples[0] == defaults[0] and examples[1][:4] == ["tmaze", "shipped: rate", "shipped: dt", 1]
     assert examples[2] == defaults[1]  # on the page each task's examples stay together
     assert len(examples) == 5  # Memory Maze has no setting to vary
+
+
+def test_example_labels_name_each_tasks_own_setting():
+    from app.ui import default_inputs, example_label
+
+    assert example_label(default_inputs("tmaze")) == "T-Maze (passive): seed 0, corridor length T = 300"
+    assert example_label(["minigrid_memory", "shipped: rate", "shipped: dt", 1, 91, 0.96, 0, True, 0]) == (
+        "Minigrid-Memory: seed 1, grid size = 91")
+    assert example_label(default_inputs("memory_maze")) == "Memory Maze 9x9: seed 0, first 300 steps"
 
 
 def test_memory_heatmaps_take_the_scale_of_the_written_memories():

@@ -1,5 +1,6 @@
 """The page in a real browser (Debian's chromium, driven by playwright): run an episode pair and see
-both videos play, then run another and see the first one's panels go at once. Saves
+both videos play, then run another and see the first one's panels go at once; an example and the
+task dropdown fill the boxes. Saves
 outputs/screenshots/app.png."""
 
 import os
@@ -77,6 +78,20 @@ def test_browser_runs_an_episode_and_both_videos_play():
             page.wait_for_function(f"!document.body.innerText.includes('{caption}')", timeout=5_000, polling=50)
             page.get_by_text(caption).first.wait_for(timeout=90_000)
             assert "Seed 1," in page.inner_text("body")
+            # an example of another task fills every box with its own values (the task's change does not
+            # reset them); picking a task in the dropdown brings that task's default run
+            page.get_by_text("Minigrid-Memory: seed 1, grid size = 91").click()
+            grid_size = page.get_by_label("grid size (odd) (7 to 201)")
+            page.wait_for_function("() => document.body.innerText.includes('Minigrid')", timeout=10_000)
+            page.wait_for_timeout(1500)  # the task's change event has run
+            assert grid_size.input_value() == "91"
+            assert page.get_by_label("seed", exact=True).input_value() == "1"
+            assert page.get_by_label("target return", exact=True).input_value() == "0.96"
+            page.get_by_label("task", exact=True).click()
+            page.get_by_role("option", name="tmaze").click()
+            page.wait_for_timeout(1500)
+            assert page.get_by_label("corridor length T (steps) (10 to 1200)").input_value() == "300"
+            assert page.get_by_label("target return", exact=True).input_value() == "1"
             browser.close()
     finally:
         app.terminate()
