@@ -202,25 +202,37 @@ def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> Ep
     return batch.traces[0]
 
 
+class EpisodeCancelled(Exception):
+    """An episode stopped before its end because its caller gave up on it (play_pair)."""
+
+
 def play_pair(models: list[MemoryTransformer], request: EpisodeRequest, progress=None,
               poll_seconds: float = 0.25) -> list[EpisodeTrace]:
     """play() with each model at once, in two threads: each env steps in its own process (Memory
     Maze, ViZDoom) or loop, and the models' inference releases the GIL, so a Memory Maze pair takes
     about 20 s on 2 cores instead of 36 s one after the other. The episodes are those play() gives
     (actions are drawn from per-episode streams). progress: optional callable([left step, right
-    step]), called from this thread (where a UI's progress tracker lives) every poll_seconds."""
+    step]), called from this thread (where a UI's progress tracker lives) every poll_seconds; an
+    exception it raises stops both episodes at their next step and is raised here."""
     steps = [0] * len(models)
+    cancelled = threading.Event()
 
     def run(index: int) -> EpisodeTrace:
         def report(step: int) -> None:
+            if cancelled.is_set():
+                raise EpisodeCancelled(f"stopped at step {step}")
             steps[index] = step
         return play(models[index], request, report)
 
     with ThreadPoolExecutor(len(models), thread_name_prefix="play") as pool:
         futures = [pool.submit(run, index) for index in range(len(models))]
-        while wait(futures, timeout=poll_seconds).not_done:
-            if progress is not None:
-                progress(list(steps))
+        try:
+            while wait(futures, timeout=poll_seconds).not_done:
+                if progress is not None:
+                    progress(list(steps))
+        except BaseException:  # e.g. the app's warm-up giving the cores to a visitor: the episodes stop too
+            cancelled.set()
+            raise
         return [future.result() for future in futures]  # an episode's error (e.g. AppError) is raised here
 
 

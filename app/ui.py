@@ -4,6 +4,7 @@ and a look inside RATE's memory. Tasks and checkpoints come from the registry an
 import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -28,8 +29,18 @@ and below the videos you see what RATE's memory held."""
 PANELS = 5  # figures in the memory panel
 RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
 _IN_FLIGHT: dict = {}  # request -> threading.Event set when the run playing it ends (cached or failed)
-_visits = 0  # visitors' runs playing now
+_visits = 0  # visitors' runs playing now (not those served from the cache or waiting for a run of their request)
 _cache_lock = threading.Lock()
+
+
+class WarmUpYields(Exception):
+    """A visitor's run started while the warm-up played an example: the warm-up stops it, to play it later."""
+
+
+def _warm_up_progress(*args, **kwargs) -> None:
+    """The warm-up's progress callback: it stops the example as soon as a visitor's run needs the cores."""
+    if _visits:
+        raise WarmUpYields
 
 
 def shipped_checkpoints(root: Path = CHECKPOINT_ROOT) -> list[list[str]]:
@@ -62,26 +73,22 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
                  step_cap: float, sample: bool, memory_horizon: float = 0, progress=gr.Progress()):
     """Play the same seeded episode with the left and the right checkpoint.
     Returns the two videos, a JSON summary per agent, and the traces for the memory panel.
-    While a visitor's run plays, the background warm-up does not start another example (warm_cache)."""
-    global _visits
-    with _cache_lock:
-        _visits += 1
-    try:
-        return _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon, progress)
-    finally:
-        with _cache_lock:
-            _visits -= 1
+    The background warm-up gives way to it (warm_cache)."""
+    return _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon, progress,
+                       visitor=True)
 
 
 def _cached_run(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
-                step_cap: float, sample: bool, memory_horizon: float, progress):
-    """run_episodes through RESULT_CACHE (shipped checkpoints) and _IN_FLIGHT."""
+                step_cap: float, sample: bool, memory_horizon: float, progress, visitor: bool = False):
+    """run_episodes through RESULT_CACHE (shipped checkpoints) and _IN_FLIGHT; visitor: a visitor's run
+    (counted in _visits while it plays), not the warm-up's."""
     try:
         request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
     except AppError as error:
         raise gr.Error(str(error), duration=None) from None
     if not all(str(choice).startswith("shipped: ") for choice in (left, right)):  # files may change: no cache
-        return _play_and_render(request, left, right, progress)
+        with _playing(visitor):
+            return _play_and_render(request, left, right, progress)
     # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it
     key = (request.task.name, left, right, request.seed, tuple(sorted(request.settings.items())),
            request.target_return, request.step_cap, request.sample, request.memory_horizon)
@@ -97,15 +104,30 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
         with _cache_lock:
             if key in RESULT_CACHE:
                 return RESULT_CACHE[key]
-        return _play_and_render(request, left, right, progress)  # that run failed: its error reaches this visitor
+        with _playing(visitor):  # that run failed (or the warm-up gave it up): this visitor plays it
+            return _play_and_render(request, left, right, progress)
     try:
-        result = _play_and_render(request, left, right, progress)
+        with _playing(visitor):
+            result = _play_and_render(request, left, right, progress)
         with _cache_lock:
             RESULT_CACHE[key] = result
         return result
     finally:
         with _cache_lock:
             _IN_FLIGHT.pop(key).set()
+
+
+@contextmanager
+def _playing(visitor: bool):
+    """Counts a visitor's run in _visits while it plays."""
+    global _visits
+    with _cache_lock:
+        _visits += visitor
+    try:
+        yield
+    finally:
+        with _cache_lock:
+            _visits -= visitor
 
 
 def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
@@ -224,16 +246,21 @@ def default_inputs(task_name: str) -> list:
 
 
 def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
-    """Play the examples in the background so that their results are ready when asked for; each
-    waits until no visitor's run is playing, so that on a small machine the first visitors do not
-    share the cores with the warm-up."""
-    for example in examples:
+    """Play the examples in the background so that their results are ready when asked for. On a small
+    machine the visitors come first: an example starts only while no visitor's run is playing, and
+    one being played stops as soon as a visitor's run starts (unless that run waits for this very
+    example), to be played again once the visitors' runs are done."""
+    pending = list(examples)
+    while pending:
         while _visits:
             time.sleep(pause_seconds)
         try:
-            _cached_run(*example, progress=lambda *a, **k: None)
+            _cached_run(*pending[0], progress=_warm_up_progress)
+        except WarmUpYields:
+            continue
         except Exception as error:  # a broken shipped checkpoint must not stop the app
-            print(f"could not precompute example {example}: {error}")
+            print(f"could not precompute example {pending[0]}: {error}")
+        pending.pop(0)
 
 
 # ----------------------------------------------------------------------------------- page

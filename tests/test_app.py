@@ -291,6 +291,32 @@ def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one()
         play_pair(models, replace(request, settings={**request.settings, "size": 12}))
 
 
+def test_an_exception_from_progress_stops_both_episodes(monkeypatch):
+    import app.episodes as episodes
+
+    last_step = {}
+
+    def recording_run_episodes(model, *args, progress, **kwargs):
+        def report(step):
+            last_step[model.config.mode] = step
+            progress(step)
+        return run_episodes_before(model, *args, progress=report, **kwargs)
+
+    run_episodes_before = episodes.run_episodes
+    monkeypatch.setattr(episodes, "run_episodes", recording_run_episodes)
+    request = make_request("tmaze", 0, 1200, 1.0, 0, False)
+    models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
+
+    def give_up(steps):
+        if min(steps) >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        episodes.play_pair(models, request, progress=give_up, poll_seconds=0.01)
+    # both played on a little, then stopped at their next step, far from the 1,200 steps of the episode
+    assert set(last_step) == {"rate", "dt"} and 5 <= min(last_step.values()) and max(last_step.values()) < 600
+
+
 def test_a_run_already_playing_is_waited_for_not_played_twice(monkeypatch):
     import threading
 
@@ -375,6 +401,64 @@ def test_example_labels_name_each_tasks_own_setting():
     assert example_label(["minigrid_memory", "shipped: rate", "shipped: dt", 1, 91, 0.96, 0, True, 0]) == (
         "Minigrid-Memory: seed 1, grid size = 91")
     assert example_label(default_inputs("memory_maze")) == "Memory Maze 9x9: seed 0, first 300 steps"
+
+
+def test_the_warm_up_gives_way_to_a_visitor_and_plays_its_example_again_later(monkeypatch):
+    import threading
+
+    import app.ui as ui
+
+    played, visitor_done = [], threading.Event()
+
+    def play_example(*example, progress):
+        played.append(example[3])
+        if len(played) == 1:  # a visitor's run starts while the first example plays
+            monkeypatch.setattr(ui, "_visits", 1)
+            threading.Timer(0.1, visitor_done.set).start()
+        progress((1, 300), desc="step 1")  # the warm-up's next report of its progress
+
+    monkeypatch.setattr(ui, "_cached_run", play_example)
+    examples = [["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (0, 1)]
+    warm = threading.Thread(target=ui.warm_cache, args=(examples, 0.01))
+    warm.start()
+    visitor_done.wait(5)
+    time.sleep(0.1)
+    assert played == [0]  # it stopped at its report and waits while the visitor plays
+    monkeypatch.setattr(ui, "_visits", 0)
+    warm.join(5)
+    assert played == [0, 0, 1]
+    with pytest.raises(ui.WarmUpYields):
+        monkeypatch.setattr(ui, "_visits", 1)
+        ui._warm_up_progress(None, desc="writing videos")
+
+
+def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(monkeypatch):
+    import threading
+
+    import app.ui as ui
+
+    started, release, outcomes = threading.Event(), threading.Event(), []
+
+    def slow_play(request, left, right, progress):
+        started.set()
+        release.wait(10)
+        progress(None, desc="writing videos")  # the warm-up's check: it must not yield to a waiting visitor
+        return "played"
+
+    monkeypatch.setattr(ui, "_play_and_render", slow_play)
+    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    example = ["tmaze", "shipped: rate", "shipped: dt", 0, 150, 1.0, 0, False, 0]
+    warm = threading.Thread(target=lambda: outcomes.append(ui._cached_run(*example, progress=ui._warm_up_progress)))
+    warm.start()
+    started.wait(5)
+    visitor = threading.Thread(target=lambda: outcomes.append(ui.run_episodes(*example, progress=lambda *a, **k: None)))
+    visitor.start()
+    time.sleep(0.2)
+    assert ui._visits == 0  # waiting, not playing
+    release.set()
+    warm.join(5)
+    visitor.join(5)
+    assert outcomes == ["played", "played"]
 
 
 def test_memory_heatmaps_take_the_scale_of_the_written_memories():
