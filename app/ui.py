@@ -268,14 +268,15 @@ def demo_examples(tasks: list[str]) -> tuple[list[list], list[list]]:
     """The page's examples (per task: its default run, then another seed and setting where the task
     has one) and the order the warm-up plays them in: every task's default run first, since a visitor
     who picks a task and presses Run asks for that one, then the others."""
-    defaults, others = [], []
+    examples, defaults, others = [], [], []
     for name in tasks:
         first = default_inputs(name)
-        defaults.append(first)
         setting = get_task(name).demo_setting
-        others.append([[*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]]] if setting else [])
-    examples = [example for first, rest in zip(defaults, others) for example in (first, *rest)]
-    return examples, defaults + [example for rest in others for example in rest]
+        more = [[*first[:3], 1, setting.example or setting.maximum // 2, *first[5:]]] if setting else []
+        examples += [first, *more]
+        defaults.append(first)
+        others += more
+    return examples, defaults + others
 
 
 def example_label(example: list) -> str:

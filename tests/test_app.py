@@ -294,7 +294,7 @@ def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one()
 def test_an_exception_from_progress_stops_both_episodes(monkeypatch):
     import app.episodes as episodes
 
-    last_step = {}
+    last_step, run_episodes_before = {}, episodes.run_episodes
 
     def recording_run_episodes(model, *args, progress, **kwargs):
         def report(step):
@@ -302,7 +302,6 @@ def test_an_exception_from_progress_stops_both_episodes(monkeypatch):
             progress(step)
         return run_episodes_before(model, *args, progress=report, **kwargs)
 
-    run_episodes_before = episodes.run_episodes
     monkeypatch.setattr(episodes, "run_episodes", recording_run_episodes)
     request = make_request("tmaze", 0, 1200, 1.0, 0, False)
     models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
@@ -427,8 +426,8 @@ def test_the_warm_up_gives_way_to_a_visitor_and_plays_its_example_again_later(mo
     monkeypatch.setattr(ui, "_visits", 0)
     warm.join(5)
     assert played == [0, 0, 1]
+    monkeypatch.setattr(ui, "_visits", 1)
     with pytest.raises(ui.WarmUpYields):
-        monkeypatch.setattr(ui, "_visits", 1)
         ui._warm_up_progress(None, desc="writing videos")
 
 

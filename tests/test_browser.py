@@ -1,7 +1,6 @@
 """The page in a real browser (Debian's chromium, driven by playwright): run an episode pair and see
 both videos play, then run another and see the first one's panels go at once; an example and the
-task dropdown fill the boxes. Saves
-outputs/screenshots/app.png."""
+task dropdown fill the boxes. Saves outputs/screenshots/app.png."""
 
 import os
 import shutil
