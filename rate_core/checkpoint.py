@@ -56,14 +56,62 @@ def _umask() -> int:
     return mask
 
 
+def check_replaceable(directory: str | os.PathLike, marker: str, what: str) -> None:
+    """Raise ValueError unless writing a new `what` (e.g. "checkpoint") to `directory` loses nothing but an
+    older `what`: the folder does not exist, is empty, or holds a `what` (its `marker` file, no subfolders).
+    Never the working folder or a folder above it."""
+    directory = Path(directory)
+    resolved, here = directory.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise ValueError(f"{directory} is the working folder or a folder above it; write the {what} to a new folder")
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file; write the {what} to a folder")
+    entries = list(directory.iterdir())
+    if not entries:
+        return
+    problem = f"no {marker}" if not (directory / marker).is_file() else \
+        "subfolders" if any(entry.is_dir() for entry in entries) else None
+    if problem:
+        raise ValueError(f"{directory} exists and is not a {what} (it has {problem}); writing the {what} there "
+                         f"would delete what it holds: give a new folder, or remove this one yourself")
+
+
+def remove_orphans(parent: str | os.PathLike, prefix: str) -> None:
+    """Remove the folders `parent`/`prefix`PID that a process killed mid-write left (PID no longer
+    running): staging folders are named by the writer's process id."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for path in parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None) -> Path:
     """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
-    complete checkpoint or the new complete one, never a mix or a half-written file.
+    complete checkpoint or the new complete one, never a mix or a half-written file. A folder there
+    that is not a checkpoint is left alone (ValueError, see check_replaceable).
     extra: optional callable(folder) that writes more files (e.g. training state) into the same folder."""
     directory = Path(directory)
+    check_replaceable(directory, CONFIG_NAME, "checkpoint")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    for kind in ("staging", "retired"):
+        remove_orphans(directory.parent, f".{directory.name}.{kind}-")
     staging.mkdir(parents=True)
     (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
     model.save_pretrained(staging, config=checkpoint_config(model))
@@ -86,6 +134,10 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     """Parse and check config.json of a checkpoint folder; returns the dict with `model_config`
     turned into a ModelConfig."""
     directory = Path(directory)
+    if directory.is_file():
+        hint = f"; give its folder {directory.parent}" if directory.name in (CONFIG_NAME, WEIGHTS_NAME) else ""
+        raise CheckpointError(f"{directory}: a file, not a checkpoint folder (expected a folder with "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint folder does not exist (expected a folder with "
                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -99,6 +151,10 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_config"), dict):
         raise CheckpointError(f"{config_path}: no 'model_config' object; this is not a rate_core checkpoint")
     version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{config_path}: format_version must be a whole number, got {version!r}")
+    if not isinstance(config.get("task", ""), str):
+        raise CheckpointError(f"{config_path}: 'task' must be a task name, got {config['task']!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: format_version {version} is newer than this rate_core "
                               f"({FORMAT_VERSION}); upgrade rate_core")
@@ -133,6 +189,12 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
         state = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{weights_path}: cannot be read ({error}); the file is truncated or corrupt") from error
+    # bytes that still parse can be garbage, and a diverged run saves NaN: one cheap pass over the weights
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{weights_path}: tensor {bad[0]!r} holds NaN or infinite values{more}; the file is "
+                              f"corrupt or the training diverged")
 
     model = MemoryTransformer(model_config, task=config.get("task", ""), training=config.get("training"))
     expected = model.state_dict()

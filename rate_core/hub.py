@@ -13,7 +13,7 @@ import torch
 
 from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
 from rate_core.model import MemoryTransformer
-from rate_core.tasks import result_key
+from rate_core.tasks import TASKS, result_key
 
 HF_PREFIX = "hf://"
 CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval.json", "*.mp4"]
@@ -23,19 +23,32 @@ def is_hub_reference(ref) -> bool:
     return str(ref).startswith(HF_PREFIX)
 
 
-def checkpoint_folder(ref: str | os.PathLike) -> Path:
+def is_repo_id(name: str) -> bool:
+    """Whether `name` can be a Hub model repository USER/NAME."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def checkpoint_folder(ref: str | os.PathLike, **download) -> Path:
     """The local folder of a checkpoint reference: a path, or `hf://USER/NAME[@REVISION]`, which is
-    fetched into (or found in) the local Hub cache."""
+    fetched into (or found in) the local Hub cache. download: more arguments of snapshot_download
+    (cache_dir, token, force_download, local_files_only)."""
     if not is_hub_reference(ref):
         return Path(ref)
     repo_id, _, revision = str(ref)[len(HF_PREFIX):].partition("@")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if not is_repo_id(repo_id):
         raise CheckpointError(f"{ref}: expected hf://USER/NAME (optionally @REVISION)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=CHECKPOINT_FILES, **download))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{ref}: not in the local Hugging Face cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1); "
@@ -47,17 +60,30 @@ def checkpoint_folder(ref: str | os.PathLike) -> Path:
         raise CheckpointError(f"{ref}: download failed ({error})") from None
 
 
+def pretrained_folder(name: str | os.PathLike, revision: str | None = None, **download) -> Path:
+    """The checkpoint folder of `MemoryTransformer.from_pretrained(name)`: `name` itself where it exists or
+    cannot be a repository id, else the Hub repository USER/NAME (see checkpoint_folder)."""
+    name = str(name)
+    if os.path.exists(name) or not is_repo_id(name):
+        return Path(name)
+    ref = f"{HF_PREFIX}{name}" + (f"@{revision}" if revision else "")
+    try:
+        return checkpoint_folder(ref, **download)
+    except CheckpointError as error:  # a mistyped local path looks like USER/NAME too: say both
+        raise CheckpointError(f"{name}: no such checkpoint folder here, and "
+                              f"{str(error).removeprefix(f'{ref}: ')}") from None
+
+
 def load_reference(ref: str | os.PathLike, task: str | None = None, mode: str | None = None,
                    device: str | torch.device = "cpu") -> MemoryTransformer:
-    """load_checkpoint for a local folder; MemoryTransformer.from_pretrained for `hf://USER/NAME`."""
-    if not is_hub_reference(ref):
-        return load_checkpoint(ref, task=task, mode=mode, device=device)
+    """A checkpoint to run on its task, from a local folder or `hf://USER/NAME[@REVISION]`, through
+    load_checkpoint (the checks of MemoryTransformer.from_pretrained); CheckpointError naming config.json
+    also when it names no registered task."""
     folder = checkpoint_folder(ref)  # download (or find in the cache), with a clear error when it cannot
-    model = MemoryTransformer.from_pretrained(str(folder), map_location=str(device))
-    if task is not None and model.task != task:
-        raise CheckpointError(f"{ref}: checkpoint is for task {model.task!r}, expected {task!r}")
-    if mode is not None and model.config.mode != mode:
-        raise CheckpointError(f"{ref}: checkpoint is a {model.config.mode!r} model, expected {mode!r}")
+    model = load_checkpoint(folder, task=task, mode=mode, device=device)
+    if model.task not in TASKS:
+        problem = f"unknown task {model.task!r}" if model.task else "names no task"
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {problem}; known tasks: {', '.join(sorted(TASKS))}")
     return model
 
 

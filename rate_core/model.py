@@ -636,14 +636,13 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
 
     # ------------------------------------------------------------------------- hub integration
     @classmethod
-    def _from_pretrained(cls, *, model_id, revision=None, map_location="cpu", **kwargs):
-        """from_pretrained() of a local folder or a Hub repository goes through the validating
-        checkpoint loader (safetensors only, never pickle)."""
-        import os
-
+    def from_pretrained(cls, pretrained_model_name_or_path, *, map_location="cpu", revision=None, **download):
+        """A local checkpoint folder, or a Hub repository USER/NAME (found in or fetched into the local Hub
+        cache), through load_checkpoint: its checks and CheckpointError naming the file, where the mixin
+        would read config.json unchecked; safetensors only, never pickle. download: force_download,
+        token, cache_dir, local_files_only, as in PyTorchModelHubMixin.from_pretrained."""
         from rate_core.checkpoint import load_checkpoint
-        from rate_core.hub import HF_PREFIX, checkpoint_folder
+        from rate_core.hub import pretrained_folder
 
-        folder = model_id if os.path.isdir(model_id) else checkpoint_folder(
-            HF_PREFIX + model_id + (f"@{revision}" if revision else ""))
-        return load_checkpoint(folder, device=map_location)
+        return load_checkpoint(pretrained_folder(pretrained_model_name_or_path, revision, **download),
+                               device=map_location)

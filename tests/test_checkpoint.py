@@ -200,3 +200,75 @@ def test_averaging_refuses_different_models_and_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="one of the sources"):
         main(Args(sources=(tmp_path / "a", tmp_path / "wide"), out=tmp_path / "a"))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_file_is_not_taken_for_a_missing_folder(saved):
+    _, directory = saved
+    with pytest.raises(CheckpointError, match=r"config\.json: a file, not a checkpoint folder .*give its folder"):
+        load_checkpoint(directory / "config.json")
+
+
+def test_a_task_that_is_not_a_name(saved):
+    _, directory = saved
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "task": 7}))
+    with pytest.raises(CheckpointError, match=r"config\.json: 'task' must be a task name, got 7"):
+        load_checkpoint(directory)
+    path.write_text(json.dumps({**config, "format_version": "one"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: format_version must be a whole number, got 'one'"):
+        load_checkpoint(directory)
+
+
+def _poison(path, fill=b"\xff"):
+    """Overwrite every tensor byte of a safetensors file (after its 8-byte length and JSON header); 0xFF is NaN."""
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:start] + fill * (len(data) - start))
+
+
+def test_weights_that_are_not_finite(saved):
+    model, directory = saved
+    _poison(directory / "model.safetensors")  # still parses: every float is NaN
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '[\w.]+' holds NaN or infinite values "
+                                              r"\(and \d+ more tensors\); the file is corrupt"):
+        load_checkpoint(directory)
+    with torch.no_grad():
+        model.head.weight[1, 2] = float("inf")
+    save_checkpoint(model, directory)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'head\.weight' holds NaN or infinite "
+                                              r"values; the file is corrupt or the training diverged"):
+        load_checkpoint(directory)
+
+
+def test_from_pretrained_of_a_local_folder_validates_like_load_checkpoint(saved, tmp_path, monkeypatch, caplog):
+    """The Hub mixin reads config.json itself; ours must see every bad folder first, with the same message."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _, directory = saved
+    path = directory / "config.json"
+    config = path.read_text()
+
+    def same_error(folder):
+        with pytest.raises(CheckpointError) as ours:
+            load_checkpoint(folder)
+        with pytest.raises(CheckpointError) as mixin:
+            MemoryTransformer.from_pretrained(folder)
+        assert str(mixin.value) == str(ours.value)
+        return str(ours.value)
+
+    assert same_error(tmp_path / "nowhere").endswith("nowhere: checkpoint folder does not exist (expected a folder "
+                                                     "with config.json and model.safetensors)")
+    path.write_text(config[:40])
+    assert "config.json: not valid JSON" in same_error(directory)
+    path.write_text("[1, 2]")
+    assert "config.json: no 'model_config' object" in same_error(directory)
+    path.unlink()
+    assert same_error(directory) == f"{path}: missing; a checkpoint folder needs config.json and model.safetensors"
+    assert "not found" not in caplog.text  # nor the mixin's own warning
+    monkeypatch.chdir(tmp_path)  # a relative path that is not here could be a Hub repository: say both
+    with pytest.raises(CheckpointError, match=r"^runs/missing: no such checkpoint folder here, and not in the local "
+                                              r"Hugging Face cache"):
+        MemoryTransformer.from_pretrained("runs/missing")

@@ -133,3 +133,82 @@ def test_benchmarks_refuse_a_missing_checkpoint_in_one_line():
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.strip() == ("error: no/such/folder: checkpoint folder does not exist (expected a folder "
                                          "with config.json and model.safetensors)")
+
+
+def test_usage_names_the_module_to_run_and_errors_are_one_line():
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--bogus"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    text = " ".join((result.stdout + result.stderr).replace("│", " ").split())  # rich's box, any width
+    assert result.returncode != 0 and "run: python -m training.evaluate --help" in text
+    for args, message in [(["training.collect", "--task", "nope"], "error: unknown task 'nope'; known tasks: "),
+                          (["training.bench_env", "--task", "nope"], "error: unknown task 'nope'; known tasks: "),
+                          (["training.expert_report", "--task", "tmaze", "--episodes", "-4"],
+                           "error: --episodes must be at least 1, got -4")]:
+        result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.startswith(message) and "Traceback" not in result.stderr, \
+            result.stderr
+
+
+def test_device_checks_say_what_to_use(monkeypatch):
+    import pytest
+    import torch
+
+    from training.cli import device_or_exit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_or_exit("auto") == "cpu" and device_or_exit("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="no CUDA device .*--device cpu or auto"):
+        device_or_exit("cuda")
+    with pytest.raises(SystemExit, match="must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+        device_or_exit("gpu")
+
+
+def test_ctrl_c_ends_a_tool_with_one_line():
+    import pytest
+
+    from training.cli import run_main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit, match="^interrupted: resume with --resume$"):
+        run_main(interrupted, None, "interrupted: resume with --resume")
+
+
+def test_push_refuses_bad_repo_ids_and_folders_it_did_not_write(tmp_path, monkeypatch):
+    import pytest
+
+    from training.push import Args, main
+
+    checkpoint = ROOT / "assets" / "checkpoints" / "tmaze" / "rate"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "push" / "other").mkdir(parents=True)
+    for repo_id in ("USER/", "USER/..", "USER", "a/b/c"):
+        with pytest.raises(SystemExit, match="--repo-id must be USER/NAME"):
+            main(Args(checkpoint=checkpoint, repo_id=repo_id, dry_run=True, video=False))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="--out mine exists and is not a Hub upload folder"):
+        main(Args(checkpoint=checkpoint, repo_id="user/x", out=Path("mine"), dry_run=True, video=False))
+    assert (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "outputs" / "push" / "other").is_dir()
+    main(Args(checkpoint=checkpoint, repo_id="user/x", dry_run=True, video=False))
+    main(Args(checkpoint=checkpoint, repo_id="user/x", dry_run=True, video=False))  # its own folder: replaced
+    assert (tmp_path / "outputs" / "push" / "x" / "config.json").exists()
+
+
+def test_a_corrupt_hub_checkpoint_and_a_checkpoint_folder_to_compare_end_in_one_line(tmp_path):
+    import os
+
+    from tests.test_hub import SHIPPED, fake_hub_cache
+
+    config = (SHIPPED / "config.json").read_text()
+    snapshot = fake_hub_cache(tmp_path, "someone/broken", SHIPPED, config[:25])
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", "hf://someone/broken",
+                             "--json", str(tmp_path / "x.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: {snapshot / 'config.json'}: not valid JSON \(.*\); the file is truncated or "
+                        r"corrupt", result.stderr.strip()), result.stderr
+    out = run("-m", "training.compare", "assets/checkpoints/tmaze/rate/eval.json", "assets/checkpoints/tmaze/dt")
+    assert "B: assets/checkpoints/tmaze/dt (dt)" in out

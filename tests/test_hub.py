@@ -72,3 +72,54 @@ def test_hub_reference_offline_without_cache_says_what_to_do(tmp_path, monkeypat
         checkpoint_folder("hf://not-a-repo-id")
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         load_reference("hf://someone/rate-tmaze")
+
+
+def fake_hub_cache(cache, repo_id, checkpoint, config_text=None):
+    """A local Hub cache holding `checkpoint`'s files as `repo_id` (config.json replaced by config_text if given)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((checkpoint / name).read_bytes())
+    if config_text is not None:
+        (snapshot / "config.json").write_text(config_text)
+    return snapshot
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_a_corrupt_hub_checkpoint_gives_the_loaders_error_naming_the_file(offline_cache):
+    config = (SHIPPED / "config.json").read_text()
+    snapshot = fake_hub_cache(offline_cache, "someone/broken", SHIPPED, config[:25])
+    message = rf"^{snapshot / 'config.json'}: not valid JSON \(.*\); the file is truncated or corrupt$"
+    with pytest.raises(CheckpointError, match=message):
+        load_reference("hf://someone/broken")
+    with pytest.raises(CheckpointError, match=message):
+        MemoryTransformer.from_pretrained("someone/broken")
+    fake_hub_cache(offline_cache, "someone/good", SHIPPED)
+    assert load_reference("hf://someone/good", task="tmaze", mode="rate").task == "tmaze"
+    assert MemoryTransformer.from_pretrained("someone/good").config == load_checkpoint(SHIPPED).config
+    with pytest.raises(CheckpointError, match=r"config\.json: checkpoint is a 'rate' model, expected 'dt'"):
+        load_reference("hf://someone/good", mode="dt")
+
+
+def test_a_checkpoint_of_no_known_task_names_its_config(tmp_path):
+    config = json.loads((SHIPPED / "config.json").read_text())
+    for name, task, problem in [("nameless", None, "names no task"), ("other", "nope", "unknown task 'nope'")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes((SHIPPED / "model.safetensors").read_bytes())
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "task"}
+                                                       | ({"task": task} if task else {})))
+        with pytest.raises(CheckpointError, match=rf"^{folder / 'config.json'}: {problem}; known tasks: .*tmaze"):
+            load_reference(folder)

@@ -1,5 +1,6 @@
 """training.scores: evaluations drawn against the protocol's setting."""
 
+import json
 import math
 from pathlib import Path
 
@@ -67,3 +68,36 @@ def test_the_cli_draws_shipped_checkpoints_folders(tmp_path, capsys):
     with pytest.raises(SystemExit, match="must be a .png"):
         main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "mm.svg"))
 
+
+
+def test_compare_and_scores_read_checkpoint_folders_alike_and_say_how_to_evaluate_one(tmp_path, capsys):
+    from training.compare import Args as CompareArgs, main as compare_main
+
+    compare_main(CompareArgs(first=ASSETS / "tmaze/rate/eval.json", second=ASSETS / "tmaze/dt"))
+    out = capsys.readouterr().out
+    assert "B: assets/checkpoints/tmaze/dt (dt)" in out and "300      100     1.000     0.500   +0.500" in out
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    hint = (f"error: {folder} holds no eval.json; write it with python -m training.evaluate --checkpoint {folder} "
+            f"--json {folder / 'eval.json'}")
+    for run in (lambda: main(Args(evaluations=(folder,), out=tmp_path / "s.png")),
+                lambda: compare_main(CompareArgs(first=folder, second=ASSETS / "tmaze/dt"))):
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert str(exit_.value) == hint
+    with pytest.raises(SystemExit) as exit_:
+        main(Args(evaluations=(tmp_path / "a.json",), out=tmp_path / "s.png"))
+    assert str(exit_.value) == (f"error: {tmp_path / 'a.json'} does not exist; write it with python -m "
+                                f"training.evaluate --checkpoint CHECKPOINT --json {tmp_path / 'a.json'}")
+    with pytest.raises(SystemExit, match=r"model\.safetensors is not JSON"):
+        main(Args(evaluations=(ASSETS / "tmaze/rate/model.safetensors",), out=tmp_path / "s.png"))
+
+
+def test_an_evaluation_of_an_unknown_task_is_one_line_without_quotes(tmp_path):
+    report = _report("nope", "rate", "episode_length", [(150, 1.0)])
+    report["protocol"] = {"setting": "episode_length"}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_:
+        main(Args(evaluations=(tmp_path / "eval.json",), out=tmp_path / "s.png"))
+    assert str(exit_.value).startswith("error: unknown task 'nope'; known tasks: ")

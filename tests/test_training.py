@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -601,7 +602,7 @@ def test_collector_starts_at_the_tasks_dataset_seed(tmp_path, monkeypatch):
     import training.collect as collect_module
 
     task = dataclasses.replace(TASK, dataset_seed=7)
-    monkeypatch.setattr(collect_module, "get_task", lambda name: task)
+    monkeypatch.setattr(collect_module, "task_or_exit", lambda name: task)
     collect_module.main(collect_module.Args(task="tmaze", out=tmp_path / "d", episodes=1))
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["settings"]["seed"] == 7
     expected = load_dataset(collect(TASK, tmp_path / "e", episodes_per_setting=1, seed=7), task="tmaze")
@@ -878,3 +879,84 @@ def test_training_with_the_auxiliary_loss_logs_what_memory_holds_and_is_checked(
                                                        "rewards": np.zeros(9, np.float32)}], {})
     with pytest.raises(DatasetError, match="auxiliary labels"):
         train(_tiny_config(bare, tmp_path / "bare_run", aux_weight=1.0))
+
+
+def test_writers_refuse_a_folder_that_is_not_theirs_and_lose_nothing(dataset_path, tmp_path, monkeypatch):
+    from training import average, collect as collect_tool, merge
+
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    checkpoint = train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
+    with pytest.raises(SystemExit, match="is not a dataset .*no meta.json"):
+        collect_tool.main(collect_tool.Args(task="tmaze", episodes=1, out=mine))
+    with pytest.raises(SystemExit, match="is not a dataset"):
+        merge.main(merge.Args(sources=(dataset_path, dataset_path), out=mine))
+    with pytest.raises(SystemExit, match="is not a checkpoint"):
+        average.main(average.Args(sources=(checkpoint, checkpoint), out=mine))
+    with pytest.raises(SystemExit, match="is not a checkpoint"):  # a folder above its sources
+        average.main(average.Args(sources=(checkpoint, checkpoint), out=tmp_path / "run"))
+    monkeypatch.chdir(mine)
+    with pytest.raises(SystemExit, match="working folder"):
+        collect_tool.main(collect_tool.Args(task="tmaze", episodes=1, out=Path(".")))
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "src").is_dir()
+    assert checkpoint.is_dir() and sorted(p.name for p in mine.iterdir()) == ["notes.txt", "src"]
+    # what the tools wrote before is theirs to replace
+    twice = tmp_path / "twice"
+    assert average.main(average.Args(sources=(checkpoint, checkpoint), out=twice)) == twice
+    assert average.main(average.Args(sources=(checkpoint, checkpoint), out=twice)) == twice
+
+
+def test_collect_checks_its_values_before_any_episode(tmp_path):
+    from training.collect import Args, main
+
+    for args, message in [(dict(task="nope"), "unknown task 'nope'; known tasks"),
+                          (dict(episodes=0), "--episodes must be at least 1, got 0"),
+                          (dict(seed=-5), "--seed must be at least 0"),
+                          (dict(workers=0), "--workers must be at least 1"),
+                          (dict(settings=("episode_length=2",)), "--settings: episode_length must be at least 3")]:
+        with pytest.raises(SystemExit, match=message):
+            main(Args(out=tmp_path / "d", **args))
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_killed_writer_leaves_nothing_the_next_one_keeps(tmp_path):
+    dead = tmp_path / ".data.partial-999999999"  # no process has this id
+    dead.mkdir()
+    (dead / "observations.npy").write_bytes(b"\0" * 100)
+    write_dataset(tmp_path / "data", "tmaze", [run_episode(TASK, {"episode_length": 20}, seed=1)], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    checkpoint = train(_tiny_config(dataset_path, tmp_path / "ev", epochs=1))
+    main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2))  # no eval.json yet: written
+    (checkpoint / "eval.json").write_text('{"protocol": "the shipped one"}')
+    with pytest.raises(SystemExit, match=r"keeps the protocol's results.*\(--values, --episodes\).*--json OUT"):
+        main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2))
+    assert (checkpoint / "eval.json").read_text() == '{"protocol": "the shipped one"}'
+    with pytest.raises(SystemExit, match="--json .*cannot write a file there"):
+        main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=tmp_path / "missing" / "e.json"))
+    for args, message in [(dict(episodes=-1), "--episodes must be at least 1"), (dict(episodes=0), "at least 1"),
+                          (dict(seed=-1), "--seed must be at least 0"), (dict(values=(1,)), "at least 3, got 1"),
+                          (dict(device="gpu"), "--device must be cpu, cuda")]:
+        with pytest.raises(SystemExit, match=message):
+            main(Args(checkpoint=str(checkpoint), json=tmp_path / "e.json", **args))
+
+
+def test_training_refuses_bad_values_and_other_data_on_resume(dataset_path, tmp_path):
+    for change, message in [({"epochs": -1}, "--epochs must be at least 1"), ({"epochs": 0}, "--epochs"),
+                            ({"eval_every": 1, "eval_episodes": 0}, "--eval-episodes must be at least 2"),
+                            ({"micro_batch": -1}, "--micro-batch"), ({"max_minutes": -1.0}, "--max-minutes")]:
+        with pytest.raises(ValueError, match=message):
+            train(_tiny_config(dataset_path, tmp_path / "bad", **change))
+    assert not (tmp_path / "bad").exists()
+    other = collect(TASK, tmp_path / "other", episodes_per_setting=2, seed=50)
+    train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))
+    with pytest.raises(SystemExit, match="--resume with --data .* was trained on"):
+        train(replace(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True), data=other))
+    (tmp_path / "run" / "last" / "train_state.safetensors").write_bytes(b"\x10\x00")  # truncated
+    with pytest.raises(CheckpointError, match="training state unreadable"):
+        train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True))

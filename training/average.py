@@ -17,7 +17,8 @@ from typing import Annotated
 import torch
 import tyro
 
-from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
+from rate_core.checkpoint import (CONFIG_NAME, CheckpointError, check_replaceable, load_checkpoint,
+                                  read_checkpoint_config, save_checkpoint)
 from rate_core.model import MemoryTransformer
 from training.cli import OWN_DEFAULT, cli
 
@@ -29,7 +30,8 @@ class Args:
     sources: Annotated[tyro.conf.Positional[tuple[Path, ...]], OWN_DEFAULT]
     """checkpoint folders (config.json + model.safetensors), at least two"""
     out: Path
-    """the averaged checkpoint's folder (replaced if it exists; it may not be one of the sources)"""
+    """the averaged checkpoint's folder (an older checkpoint there is replaced; a folder holding anything
+    else is refused; it may not be one of the sources)"""
     weights: Annotated[tuple[float, ...] | None, OWN_DEFAULT] = None
     """one non-negative weight per source, normalised to sum to 1 (default: equal weights)"""
 
@@ -81,6 +83,10 @@ def average_checkpoints(sources: list[Path], weights: list[float] | None = None)
 def main(args: Args) -> Path:
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the average to a new folder")
+    try:
+        check_replaceable(args.out, CONFIG_NAME, "checkpoint")
+    except ValueError as error:
+        raise SystemExit(f"error: --out {error}") from None
     try:
         model = average_checkpoints(list(args.sources), None if args.weights is None else list(args.weights))
     except (CheckpointError, ValueError) as error:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rate_core.tasks import Task, get_task
-from training.cli import cli
+from rate_core.tasks import Task
+from training.cli import at_least, cli, task_or_exit
 
 
 @dataclass
@@ -52,7 +52,9 @@ def bench(task: Task, steps: int, seed: int) -> dict:
 
 
 def main(args: Args) -> None:
-    task = get_task(args.task)
+    task = task_or_exit(args.task)
+    at_least("--steps", args.steps, 1)
+    at_least("--seed", args.seed, 0)
     result = bench(task, args.steps, args.seed)
     print(f"{task.title}: {result['steps']} steps ({result['episodes_finished']} episodes finished) in "
           f"{result['seconds']:.2f} s, observations {result['obs_shape']}, env made in {result['make_seconds']:.2f} s")

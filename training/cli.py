@@ -1,9 +1,11 @@
-"""What the tools' command lines share (tyro): `cli` parses a dataclass of arguments, and markers for
-help texts that state a field's default in words."""
+"""What the tools' command lines share (tyro): `cli` parses a dataclass of arguments, markers for
+help texts that state a field's default in words, and the checks of values every tool makes the same
+way (a task by name, a device, a count): each ends the program with one line that says what to do."""
 
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import typing
 from typing import Annotated, TypeVar
@@ -48,6 +50,67 @@ def cli(config_class: type[T], args: list[str] | None = None) -> T:
     helped = dataclasses.make_dataclass(config_class.__name__, fields, bases=(config_class,))
     helped.__doc__ = config_class.__doc__
     helped.__module__ = config_class.__module__
-    parsed = tyro.cli(helped, args=args)
+    parsed = tyro.cli(helped, args=args, prog=program_name())
     # an instance of config_class itself (the subclass made here could not be pickled, e.g. to workers)
     return config_class(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(config_class) if f.init})
+
+
+def program_name() -> str | None:
+    """How the running tool is started, for its usage line: `python -m training.evaluate`, not the path
+    of the file (which cannot be run as a script); None when not started with -m."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else None
+
+
+def task_or_exit(name: str):
+    """The registry's task `name` (rate_core.tasks.get_task); SystemExit listing the tasks if unknown."""
+    from rate_core.tasks import get_task
+
+    try:
+        return get_task(name)
+    except KeyError as error:
+        raise SystemExit(f"error: {error.args[0]}") from None
+
+
+def device_or_exit(choice: str) -> str:
+    """cpu, cuda (or cuda:N) for `choice` (auto: cuda when there is one); SystemExit if that device is
+    unknown or not on this machine."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise SystemExit(f"error: --device must be cpu, cuda, cuda:N or auto, got {choice!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {choice}: this machine has no CUDA device (torch sees none); "
+                         f"use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device must be cpu, cuda, cuda:N or auto, got {choice!r}")
+    return choice
+
+
+def at_least(flag: str, value, lowest) -> None:
+    """SystemExit unless `value` (the value of option `flag`) is at least `lowest`."""
+    if value < lowest:
+        raise SystemExit(f"error: {flag} must be at least {lowest}, got {value}")
+
+
+def check_env_settings(task, settings_list: list[dict], flags: str) -> None:
+    """Build one env of `task` with each of `settings_list` and close it, so that settings an env refuses
+    end the program with the env's own message before any work starts (flags: the options that gave them)."""
+    for settings in settings_list:
+        try:
+            task.make_env(**settings).close()
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"error: {flags}: {error}") from None
+
+
+def run_main(main, args, interrupted: str = "interrupted") -> None:
+    """main(args), a Ctrl-C ending it with the line `interrupted` instead of a traceback (checkpoints and
+    datasets are put in place only when complete, so what was written whole stays)."""
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted) from None

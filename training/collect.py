@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rate_core.checkpoint import CheckpointError, load_checkpoint
+from rate_core.checkpoint import CheckpointError, check_replaceable, load_checkpoint
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, run_main, task_or_exit
 from training.dataset import DatasetWriter
 
 
@@ -260,9 +260,19 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
 
 
 def main(args: Args) -> None:
-    task = get_task(args.task)
+    task = task_or_exit(args.task)
     out = args.out or Path("data") / task.name / "expert"
+    try:  # before any episode: collect replaces the folder at the end
+        check_replaceable(out, "meta.json", "dataset")
+    except ValueError as error:
+        raise SystemExit(f"error: --out {error}") from None
     seed = task.dataset_seed if args.seed is None else args.seed
+    at_least("--seed", seed, 0)
+    at_least("--workers", args.workers, 1)
+    episodes = task.dataset_episodes if args.episodes is None else args.episodes
+    at_least("--episodes", episodes, 1)
+    overrides = parse_settings(task, args.settings)
+    check_env_settings(task, [{**settings, **overrides} for settings in task.dataset_settings], "--settings")
     if args.teacher and task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher; collect without --teacher")
     if args.teacher_options and not args.teacher:
@@ -274,9 +284,9 @@ def main(args: Args) -> None:
             _policy_model(str(args.policy), task.name)
         except CheckpointError as error:
             raise SystemExit(f"error: --policy: {error}") from error
-    collect(task, out, args.episodes or task.dataset_episodes, seed, args.workers, args.teacher,
-            parse_settings(task, args.settings), parse_teacher_options(task, args.teacher_options), args.policy)
+    collect(task, out, episodes, seed, args.workers, args.teacher, overrides,
+            parse_teacher_options(task, args.teacher_options), args.policy)
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args), "interrupted: nothing written (a dataset is put in place only when complete)")

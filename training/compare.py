@@ -27,7 +27,7 @@ class Args:
     """Paired comparison of two evaluate --json files: mean difference A - B with its SEM, per setting."""
 
     first: tyro.conf.Positional[Path]
-    """evaluation A (an eval.json written by training.evaluate)"""
+    """evaluation A (an eval.json written by training.evaluate, or a checkpoint folder holding one)"""
     second: tyro.conf.Positional[Path]
     """evaluation B, of the same task"""
     plot: Annotated[Path | None, OWN_DEFAULT] = None
@@ -36,15 +36,24 @@ class Args:
 
 
 def load_evaluation(path: Path, per_episode: bool = True) -> dict:
-    """An eval.json written by training.evaluate (SystemExit saying what to do if it is not one, or if
-    per_episode and it lacks the per-episode seeds and returns that pairing needs). Options newer than the file
-    (memory_horizon, hide_actions) are filled in with what it played."""
+    """An eval.json written by training.evaluate, or the one in a checkpoint folder (SystemExit saying what to do
+    if it is not one, or if per_episode and it lacks the per-episode seeds and returns that pairing needs). Options
+    newer than the file (memory_horizon, hide_actions) are filled in with what it played."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "eval.json").is_file():
+            raise SystemExit(f"error: {path} holds no eval.json; write it with python -m training.evaluate "
+                             f"--checkpoint {path} --json {path / 'eval.json'}")
+        path = path / "eval.json"
     try:
-        report = json.loads(Path(path).read_text())
+        report = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: {path} does not exist; write it with python -m training.evaluate --json {path}")
-    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {path} does not exist; write it with python -m training.evaluate "
+                         f"--checkpoint CHECKPOINT --json {path}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SystemExit(f"error: {path} is not JSON ({error})")
+    except OSError as error:
+        raise SystemExit(f"error: {path} cannot be read ({error.strerror})")
     if not isinstance(report, dict) or "results" not in report or "protocol" not in report:
         raise SystemExit(f"error: {path} is not an evaluation written by python -m training.evaluate")
     for result in report["results"] if per_episode else ():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rate_core.checkpoint import check_replaceable, remove_orphans
 from rate_core.model import ACTION_PAD
 
 FORMAT_VERSION = 1
@@ -103,8 +104,10 @@ class DatasetWriter:
 
     def __init__(self, path: str | os.PathLike, task: str):
         self.path, self.task = Path(path), task
+        check_replaceable(self.path, "meta.json", "dataset")  # before any work: close() would replace it
         self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
         shutil.rmtree(self.staging, ignore_errors=True)
+        remove_orphans(self.path.parent, f".{self.path.name}.partial-")
         self.staging.mkdir(parents=True)
         self._files = {}  # array name -> open file
         self._layout = {}  # array name -> [dtype, shape of one row, rows written]
@@ -170,6 +173,7 @@ class DatasetWriter:
             "steps": declared["actions"]["shape"][0], "settings": settings, "arrays": declared,
         }
         (self.staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        check_replaceable(self.path, "meta.json", "dataset")  # what appeared there since __init__
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self.staging, self.path)

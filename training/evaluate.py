@@ -5,13 +5,13 @@
 """
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import torch
 import tyro
 from tqdm import tqdm
 
@@ -19,7 +19,7 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, make_policy, run_episodes
 from rate_core.tasks import Task, get_task
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, device_or_exit, run_main
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
 
@@ -65,7 +65,8 @@ class Args:
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Annotated[Path | None, OWN_DEFAULT] = None
-    """write the results here (default: eval.json next to the checkpoint's files)"""
+    """write the results here (default: eval.json next to the checkpoint's files; an evaluation other than
+    the protocol's does not replace one there)"""
     device: str = "auto"
     """cpu, cuda or auto"""
 
@@ -169,6 +170,18 @@ def values_and_overrides(task: Task, values, step_cap: int | None) -> tuple[tupl
     return tuple(values or protocol.values), {"step_cap": step_cap}
 
 
+def protocol_changed(args: Args, task: Task) -> list[str]:
+    """The options of `args` that make the evaluation another than `task`'s protocol (whose results the
+    checkpoint's own eval.json keeps); --max-envs and --device change no result."""
+    protocol, default = task.evaluation, Args(checkpoint=args.checkpoint)
+    same = {"values": lambda v: v is None or tuple(v) == tuple(protocol.values),
+            "episodes": lambda n: n is None or n == protocol.episodes}
+    return [f"--{name.replace('_', '-')}" for name in ("values", "step_cap", "settings", "target_return", "episodes",
+                                                      "actions", "temperature", "memory_horizon", "hide_actions",
+                                                      "seed")
+            if not same.get(name, lambda value: value == getattr(default, name))(getattr(args, name))]
+
+
 def standard_error(values: np.ndarray) -> float:
     """Standard error of the mean (0 for a single value)."""
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
@@ -195,14 +208,31 @@ def print_table(task: Task, results: list[dict]) -> None:
 
 
 def main(args: Args) -> None:
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
+    device = device_or_exit(args.device)
     try:
         model = load_reference(args.checkpoint, device=device)
         task = get_task(model.task)
-    except (CheckpointError, KeyError) as error:
+    except CheckpointError as error:
         raise SystemExit(f"error: {error}")
+    except KeyError as error:
+        raise SystemExit(f"error: {args.checkpoint}: {error.args[0]}")
     protocol = task.evaluation
+    if args.json is None and is_hub_reference(args.checkpoint):
+        raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
+    changed = protocol_changed(args, task)
+    if args.json is None and changed and (Path(args.checkpoint) / "eval.json").exists():
+        raise SystemExit(f"error: {Path(args.checkpoint) / 'eval.json'} exists and keeps the protocol's results "
+                         f"(the app, training.scores and push read it); this evaluation is not the protocol's "
+                         f"({', '.join(changed)}): write it elsewhere with --json OUT")
+    out = args.json or Path(args.checkpoint) / "eval.json"
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise SystemExit(f"error: --json {out}: cannot write a file there (a folder, or its folder "
+                         f"{out.parent} is missing or read-only)")
+    at_least("--seed", args.seed, 0)
+    if args.episodes is not None:
+        at_least("--episodes", args.episodes, 1)
+    if args.step_cap is not None:
+        at_least("--step-cap", args.step_cap, 1)
     try:
         values, overrides = values_and_overrides(task, args.values, args.step_cap)
     except ValueError as error:
@@ -212,6 +242,8 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: give {', '.join(sorted({protocol.setting, 'step_cap'} & extra.keys()))} with "
                          "--values or --step-cap, not --settings")
     overrides = {**overrides, **extra}
+    check_env_settings(task, [{**task.default_settings, **overrides, protocol.setting: v} for v in values],
+                       "the settings to evaluate")
     if args.target_return == "top-decile":
         data = args.data or Path("data") / task.name / "expert"
         try:
@@ -241,7 +273,7 @@ def main(args: Args) -> None:
         make_policy(model, 1, memory_horizon=args.memory_horizon)
     except ValueError as error:
         raise SystemExit(f"error: --memory-horizon: {error}")
-    episodes = args.episodes or protocol.episodes
+    episodes = protocol.episodes if args.episodes is None else args.episodes
     actions = "argmax" if not protocol.sample_actions else \
         "sampled" + (f" at temperature {protocol.temperature}" if protocol.temperature != 1 else "")
     print(f"evaluating {args.checkpoint} ({task.name}, {model.config.mode}) on {device}: {episodes} episodes per "
@@ -249,9 +281,6 @@ def main(args: Args) -> None:
           + (f", memory horizon {args.memory_horizon} segment{'s' * (args.memory_horizon > 1)}"
              if args.memory_horizon else "")
           + (f", action inputs hidden with probability {args.hide_actions}" if args.hide_actions else ""))
-    if args.json is None and is_hub_reference(args.checkpoint):
-        raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
-    out = args.json or Path(args.checkpoint) / "eval.json"
 
     def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
         out.write_text(json.dumps({
@@ -269,4 +298,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args), "interrupted: the JSON holds the settings evaluated before")

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, task_or_exit
 from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
@@ -64,7 +64,12 @@ def report(task_name: str, episodes: int, settings: dict, seed: int) -> dict:
 
 
 def main(args: Args) -> None:
-    result = report(args.task, args.episodes, parse_settings(get_task(args.task), args.settings), args.seed)
+    task = task_or_exit(args.task)
+    at_least("--episodes", args.episodes, 1)
+    at_least("--seed", args.seed, 0)
+    settings = parse_settings(task, args.settings)
+    check_env_settings(task, [{**task.default_settings, **settings}], "--settings")
+    result = report(args.task, args.episodes, settings, args.seed)
     print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: success "
           f"{result['success_rate']:.3f}, return {result['mean_return']:.3f} +- {result['return_sem']:.3f}, "
           f"mean length {result['mean_length']:.1f}")

@@ -14,6 +14,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
+from rate_core.checkpoint import check_replaceable
 from training.cli import OWN_DEFAULT, cli
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
@@ -25,7 +26,8 @@ class Args:
     sources: Annotated[tyro.conf.Positional[tuple[Path, ...]], OWN_DEFAULT]
     """dataset folders (at least two), in the order their episodes take"""
     out: Path
-    """the new dataset's folder (replaced if it exists; it may not be one of the sources)"""
+    """the new dataset's folder (an older dataset there is replaced; a folder holding anything else is
+    refused; it may not be one of the sources)"""
 
 
 def main(args: Args) -> Path:
@@ -33,6 +35,10 @@ def main(args: Args) -> Path:
         raise SystemExit("error: give at least two dataset folders to merge")
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the merge to a new folder")
+    try:
+        check_replaceable(args.out, "meta.json", "dataset")
+    except ValueError as error:
+        raise SystemExit(f"error: --out {error}") from None
     try:
         sources = [load_dataset(source) for source in args.sources]
         path = merge_datasets(args.out, sources)

@@ -9,16 +9,18 @@ the same table as model-index metadata) and an example episode video. `--dry-run
 that folder and uploads nothing. Log in first with `huggingface-cli login` (or set HF_TOKEN).
 """
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_replaceable, load_checkpoint
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
 from training.cli import OWN_DEFAULT, cli
+from training.compare import load_evaluation
 
 VIDEO_NAME = "episode.mp4"
 
@@ -60,7 +62,8 @@ def build_upload_folder(checkpoint: Path, repo_id: str, out: Path, video: bool =
     model = load_checkpoint(checkpoint)  # validates the folder
     evaluation = None
     if (checkpoint / "eval.json").exists():
-        evaluation = json.loads((checkpoint / "eval.json").read_text())
+        evaluation = load_evaluation(checkpoint / "eval.json", per_episode=False)  # SystemExit if not one
+    check_replaceable(out, CONFIG_NAME, "Hub upload folder")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -74,13 +77,22 @@ def build_upload_folder(checkpoint: Path, repo_id: str, out: Path, video: bool =
 
 
 def main(args: Args) -> None:
-    if args.repo_id.count("/") != 1:
-        raise SystemExit(f"error: --repo-id must be USER/NAME, got {args.repo_id!r}")
+    try:
+        validate_repo_id(args.repo_id)
+        if args.repo_id.count("/") != 1:
+            raise HFValidationError("expected one '/'")
+    except HFValidationError as error:
+        raise SystemExit(f"error: --repo-id must be USER/NAME (letters, digits, '-', '_', '.'), got "
+                         f"{args.repo_id!r}: {error}") from None
     out = args.out or Path("outputs") / "push" / args.repo_id.split("/")[1]
     try:
         folder = build_upload_folder(args.checkpoint, args.repo_id, out, args.video)
-    except (CheckpointError, KeyError) as error:
+    except CheckpointError as error:
         raise SystemExit(f"error: {error}")
+    except KeyError as error:
+        raise SystemExit(f"error: {args.checkpoint}: {error.args[0]}")
+    except ValueError as error:
+        raise SystemExit(f"error: --out {error}")
     files = sorted(p.name for p in folder.iterdir())
     print(f"upload folder {folder}: {', '.join(files)}")
     if args.dry_run:

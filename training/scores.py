@@ -112,8 +112,7 @@ def main(args: Args) -> None:
                              "e.g. 'paper RATE=7.64'") from None
         if not name.strip():
             raise SystemExit(f"error: --reference {pair!r}: the label before '=' is empty")
-    reports = [load_evaluation(path / "eval.json" if path.is_dir() else path, per_episode=False)
-               for path in args.evaluations]
+    reports = [load_evaluation(path, per_episode=False) for path in args.evaluations]
     labels = [label_of(report, path if path.is_dir() else None) for report, path in zip(reports, args.evaluations)]
     try:
         figure = plot_scores(reports, labels, references)
@@ -125,6 +124,8 @@ def main(args: Args) -> None:
         print(f"wrote {save_png(figure, args.out)}")
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
+    except KeyError as error:  # get_task: an evaluation of a task this code does not know
+        raise SystemExit(f"error: {error.args[0]}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -14,7 +15,7 @@ from training.cli import cli
 class Args:
     """Print parameter counts of the paper configs (model.md section 7) and the paper's Table 12."""
 
-    modes: tuple[str, ...] = ("rate", "rmt", "trxl", "dt")
+    modes: tuple[Literal["rate", "rmt", "trxl", "dt"], ...] = ("rate", "rmt", "trxl", "dt")
     """modes to list (the paper reports rate and dt)"""
 
 

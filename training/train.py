@@ -31,6 +31,7 @@ from typing import Annotated
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -39,7 +40,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task, result_key
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, TASK_DEFAULT, cli, device_or_exit, run_main
 from training.curves import read_log, write_curves
 from training.dataset import Dataset, DatasetError, load_dataset
 from training.evaluate import evaluate
@@ -168,6 +169,19 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--shift-augment must be 0 (off) or a number of pixels, got {resolved.shift_augment}")
     if resolved.val_windows < 1:
         raise ValueError(f"--val-windows must be at least 1, got {resolved.val_windows}")
+    for flag, value, lowest in (("--epochs", resolved.epochs, 1), ("--batch-size", resolved.batch_size, 1),
+                                ("--micro-batch", resolved.micro_batch, 0), ("--eval-every", resolved.eval_every, 0),
+                                ("--warmup-steps", resolved.warmup_steps, 0), ("--grad-clip", resolved.grad_clip, 0),
+                                ("--weight-decay", resolved.weight_decay, 0),
+                                ("--learning-rate", resolved.learning_rate, 0)):
+        if value < lowest:
+            raise ValueError(f"{flag} must be at least {lowest}, got {value}")
+    if resolved.eval_every and resolved.eval_episodes < 2:
+        raise ValueError(f"--eval-episodes must be at least 2, got "
+                         f"{resolved.eval_episodes}; or --eval-every 0 to evaluate never")
+    if resolved.max_minutes is not None and not resolved.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be positive (leave it out for no limit), got {resolved.max_minutes}")
+    device_or_exit(resolved.device)
     if resolved.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {ARCHS}, got {resolved.arch!r}")
     if resolved.aux_weight < 0:
@@ -479,8 +493,9 @@ def load_training_state(directory: Path, optimizer, scheduler,
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
         tensors = load_file(str(directory / STATE_TENSORS))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{directory}: training state unreadable ({error}); start without --resume") from error
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CheckpointError(f"{directory}: training state unreadable ({error}); the run cannot go on from it: "
+                              f"delete {directory.parent} to start over, or give another --out") from error
     state: dict = {"state": {}, "param_groups": meta["param_groups"]}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -601,12 +616,18 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
+        if Path(saved_config.get("data", "")).resolve() != Path(config.data).resolve():
+            raise SystemExit(f"error: --resume with --data {config.data}, but the run in {out} was trained on "
+                             f"{saved_config.get('data')}; use the same data or another --out")
         saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
         model.load_state_dict(saved.state_dict())
         start_epoch, step, trained = load_training_state(last, optimizer, scheduler, average)
         started_at -= trained  # --max-minutes and the time-decayed learning rate count every sitting
         if main_process:
             print(f"resuming {out} after epoch {start_epoch}")
+    elif config.resume and last.exists():
+        raise SystemExit(f"error: --resume: {last} holds no training state ({STATE_JSON} is missing), so the run "
+                         f"cannot go on from it; delete {out} to start over, or give another --out")
     elif config.resume and main_process:
         print(f"nothing to resume in {out}; starting fresh")
     elif (out / "log.jsonl").exists() or last.exists():
@@ -726,12 +747,15 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
 def main(config: TrainConfig) -> None:
     try:
         train(config)
-    except (DatasetError, CheckpointError, KeyError, ValueError) as error:
+    except (DatasetError, CheckpointError, ValueError) as error:
         raise SystemExit(f"error: {error}")
+    except KeyError as error:  # an unknown task; its message without KeyError's quotes
+        raise SystemExit(f"error: {error.args[0]}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(cli(TrainConfig))
+    run_main(main, cli(TrainConfig), "interrupted: the last complete epoch is in the run's last/ folder; "
+             "continue with the same command and --resume")
