@@ -29,6 +29,7 @@ SHIPPED = "shipped: "  # prefix of the checkpoint choices that name a shipped fo
 MODE_NAMES = {"rate": "RATE", "rmt": "RMT", "trxl": "TrXL", "dt": "DT"}
 OVERLAY_HEIGHT = 48
 MIN_VIDEO_WIDTH = 640
+TARGET_RETURN_LIMIT = 10_000  # far beyond every task's returns; a huge one overflows the model (NaN probabilities)
 
 
 class AppError(Exception):
@@ -170,8 +171,9 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
     if seed is None or not float(seed).is_integer() or not 0 <= seed < 2**31:
         raise AppError(f"seed must be a whole number from 0 to {2**31 - 1}, got {seed}")
     target = task.evaluation.target_return if target_return is None else float(target_return)
-    if not math.isfinite(target):
-        raise AppError(f"target return must be a number, got {target_return}")
+    if not abs(target) <= TARGET_RETURN_LIMIT:  # NaN too
+        raise AppError(f"target return must be a number from {-TARGET_RETURN_LIMIT} to {TARGET_RETURN_LIMIT} "
+                       f"(this task is evaluated at {task.evaluation.target_return:g}), got {target:g}")
     cap = None
     if step_cap not in (None, 0):
         if not float(step_cap).is_integer() or not 1 <= step_cap <= 100_000:

@@ -28,32 +28,50 @@ def _segment_lines(axis, trace: EpisodeTrace):
 
 
 def memory_heatmaps(trace: EpisodeTrace | None, name: str):
-    """Memory tokens (tokens x features) at the start and after each update (up to 8, evenly spread)."""
-    title = f"{name}: memory tokens at each segment boundary"
+    """The memory tokens (tokens x features) at the start and after each update, up to 8 of them spread
+    over the episode; the title and caption say which are shown and which one no segment reads."""
     if trace is None or trace.memory is None:
-        return _empty(title, "this model has no memory tokens"), ""
-    count = len(trace.memory)
+        return _empty(f"{name}: memory tokens", "this model has no memory tokens"), ""
+    count = len(trace.memory)  # the learned initial memory, then one per update
     shown = np.unique(np.linspace(0, count - 1, min(count, MAX_HEATMAPS)).round().astype(int))
+    updates = count - 1
+    if updates == 0:
+        title = f"{name}: memory tokens at the start (no update in this episode)"
+    elif updates == 1:
+        title = f"{name}: memory tokens at the start and after its one update"
+    elif len(shown) == count:
+        title = f"{name}: memory tokens at the start and after each of its {updates} updates"
+    else:
+        title = f"{name}: memory tokens at the start and after {len(shown) - 1} of its {updates} updates"
+    # an update at the end of a full last segment writes a memory that no segment reads
+    final_unread = updates > 0 and trace.memory_update_steps[-1] + 1 >= trace.length
     # the scale of the memories the episode wrote: the learned initial memory is often much larger and
     # would leave every later panel pale; it is clipped to this scale instead (the caption says so)
     written = trace.memory[1:] if count > 1 else trace.memory
     limit = float(np.abs(written).max()) or 1.0
     start = float(np.abs(trace.memory[0]).max())
     clipped = count > 1 and start > limit
-    figure, axes = plt.subplots(1, len(shown), figsize=(min(16, 2.2 * len(shown) + 1.5), 3.0), squeeze=False,
+    # wide enough for the title whatever the number of panels
+    figure, axes = plt.subplots(1, len(shown), figsize=(min(16, max(8, 2.2 * len(shown) + 1.5)), 3.0), squeeze=False,
                                 layout="constrained")
     for axis, index in zip(axes[0], shown):
         image = axis.imshow(trace.memory[index], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
                             interpolation="nearest")
         when = "start" if index == 0 else f"after step {trace.memory_update_steps[index - 1] + 1}"
-        axis.set_title(when, fontsize=9)
+        axis.set_title(when + (" (final)" if final_unread and index == count - 1 else ""), fontsize=9)
         axis.set_xlabel("feature", fontsize=8)
         axis.tick_params(labelsize=7)
     axes[0][0].set_ylabel("memory token", fontsize=8)
     figure.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, extend="both" if clipped else "neither")
     figure.suptitle(title, fontsize=11)
-    caption = (f"Each panel is the {trace.memory.shape[1]} x {trace.memory.shape[2]} memory the model reads at the "
-               f"start of a segment: rows are memory tokens, columns their features (red positive, blue negative).")
+    caption = (f"Each panel is the {trace.memory.shape[1]} x {trace.memory.shape[2]} memory: rows are memory tokens, "
+               f"columns their features (red positive, blue negative). \"start\" is the learned initial memory, "
+               f"which the first segment reads; the update at the end of each segment writes the memory the next "
+               f"segment reads.")
+    if final_unread:
+        caption += " The final one is written after the last step played: no segment reads it."
+    if len(shown) < count:
+        caption += f" {len(shown)} of the {count} memories are shown, spread over the episode."
     if clipped:
         caption += (f" The colours span the memories written during the episode (up to {limit:.2g}); the learned "
                     f"initial memory reaches {start:.2g} and is clipped to that.")
@@ -73,7 +91,7 @@ def memory_change(trace: EpisodeTrace | None, name: str):
     cosine = (flat_after * flat_before).sum(1) / np.maximum(
         np.linalg.norm(flat_after, axis=1) * np.linalg.norm(flat_before, axis=1), 1e-9)
     steps = np.array(trace.memory_update_steps) + 1
-    figure, axis = plt.subplots(figsize=(8, 2.8))
+    figure, axis = plt.subplots(figsize=(8, 3.2), layout="constrained")
     axis.plot(steps, change, "o-", color="tab:orange", label="relative change |M_new - M_old| / |M_old|")
     axis.set_xlabel("step of the update")
     axis.set_ylabel("relative change", color="tab:orange")
@@ -83,8 +101,8 @@ def memory_change(trace: EpisodeTrace | None, name: str):
     twin.set_ylim(min(-0.05, cosine.min() - 0.05), 1.05)
     axis.set_title(title, fontsize=11)
     lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    axis.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
-    figure.tight_layout()
+    # under the axes, where it hides no point
+    figure.legend(lines, [line.get_label() for line in lines], fontsize=8, ncol=2, loc="outside lower center")
     caption = ("At every segment boundary the Memory Retention Valve writes new memory; a large change with low "
                "similarity means the segment rewrote what was stored, a small one that it kept it.")
     return figure, caption
@@ -194,7 +212,7 @@ def what_if(results: list[dict], names: list[str], action_names: tuple[str, ...]
         axis.set_ylim(0, 1)
         axis.set_title(name, fontsize=10, loc="left")
     axes[0, 0].set_ylabel("probability of the action")
-    axes[0, -1].legend(fontsize=8, loc="upper right")
+    figure.legend(*axes[0, -1].get_legend_handles_labels(), fontsize=8, ncol=2, loc="outside lower center")
     figure.suptitle(title, fontsize=11)
     caption = (f"The same episode replayed with only the {label} changed (same steps and actions otherwise). An agent "
                f"that remembers the {label} changes its final choice; one that has forgotten it cannot.")

@@ -1,7 +1,6 @@
 """The demo page: a RATE agent and a Decision Transformer play the same seeded episode side by side,
 and a look inside RATE's memory. Tasks and checkpoints come from the registry and assets/."""
 
-import json
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ the task says what. Pick a task and press **Run**: both agents play the same epi
 and below the videos you see what RATE's memory held."""
 
 PANELS = 5  # figures in the memory panel
+PLAYING = "Playing "  # how the outcome line begins while a run plays
 RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
 _IN_FLIGHT: dict = {}  # request -> threading.Event set when the run playing it ends (cached or failed)
 _visits = 0  # visitors' runs playing now (not those served from the cache or waiting for a run of their request)
@@ -35,6 +35,52 @@ _cache_lock = threading.Lock()
 
 class WarmUpYields(Exception):
     """A visitor's run started while the warm-up played an example: the warm-up stops it, to play it later."""
+
+
+class RunSuperseded(Exception):
+    """The page that asked for this run pressed Run again or chose another task: the run stops, unshown."""
+
+
+class PageRuns:
+    """The runs of one open page: only its latest run, and only while the page shows that run's task,
+    plays on and is shown; an older one stops at its next progress report (or before it starts)."""
+
+    def __init__(self, task: str | None):
+        self.task = task  # the task the page shows
+        self.generation = 0  # counts the page's Run presses and the runs started for them
+        self.error = None  # the message of the page's last refused run, for its outcome line
+        self._lock = threading.Lock()
+
+    def press(self, task: str) -> None:
+        """Run pressed: the run playing, if any, stops now, even if the new one waits in the queue."""
+        with self._lock:
+            self.generation += 1
+            self.task = task
+
+    def start(self) -> int:
+        """A run starts (in the queue's order of the presses): the number that stays the latest until
+        another run of the page is pressed or starts."""
+        with self._lock:
+            self.generation += 1
+            return self.generation
+
+    def superseded(self, number: int, task: str) -> bool:
+        return number != self.generation or task != self.task
+
+
+_pages: dict[str, PageRuns] = {}  # session of an open page -> its runs (API clients have none)
+
+
+def _page(request, task: str | None = None) -> PageRuns | None:
+    """The runs of the page that sent `request`, registered with `task` if given; None for a call
+    without a page (the API, tests): nothing supersedes those runs."""
+    session = getattr(request, "session_hash", None)
+    if session is None:
+        return None
+    with _cache_lock:
+        if task is not None and session not in _pages:
+            _pages[session] = PageRuns(task)
+        return _pages.get(session)
 
 
 def _warm_up_progress(*args, **kwargs) -> None:
@@ -70,22 +116,44 @@ def describe(task: str, mode: str) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------------ callbacks
 def run_episodes(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
-                 step_cap: float, sample: bool, memory_horizon: float = 0, progress=gr.Progress()):
+                 step_cap: float, sample: bool, memory_horizon: float = 0, request: gr.Request = None,
+                 progress=gr.Progress()):
     """Play the same seeded episode with the left and the right checkpoint.
-    Returns the two videos, a JSON summary per agent, and the traces for the memory panel.
+    Returns the two videos, a JSON summary per agent, and the traces for the memory panel; for a
+    run of a page that has since pressed Run again or chosen another task, no update (gr.skip()).
     The background warm-up gives way to it (warm_cache)."""
-    return _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon, progress,
-                       visitor=True)
+    page = _page(request)
+    number = page.start() if page else None
+
+    def superseded() -> bool:
+        return page is not None and page.superseded(number, task)
+
+    def report(*args, **kwargs):
+        if superseded():
+            raise RunSuperseded
+        progress(*args, **kwargs)
+
+    try:
+        result = _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon,
+                             report, visitor=True)
+    except RunSuperseded:
+        result = None
+    except AppError as error:
+        print(f"run refused: {error}")  # one line in the server's log: the visitor's input, not a fault
+        if not superseded():
+            if page:
+                page.error = str(error)
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
+        result = None
+    return [gr.skip()] * 4 if result is None or superseded() else result
 
 
 def _cached_run(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
                 step_cap: float, sample: bool, memory_horizon: float, progress, visitor: bool = False):
     """run_episodes through RESULT_CACHE (shipped checkpoints) and _IN_FLIGHT; visitor: a visitor's run
-    (counted in _visits while it plays), not the warm-up's."""
-    try:
-        request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
-    except AppError as error:
-        raise gr.Error(str(error), duration=None) from None
+    (counted in _visits while it plays), not the warm-up's. Raises AppError for bad input, and what
+    progress raises (it is called at least every 0.25 s, also while waiting for the same run)."""
+    request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
     if not all(str(choice).startswith("shipped: ") for choice in (left, right)):  # files may change: no cache
         with _playing(visitor):
             return _play_and_render(request, left, right, progress)
@@ -99,8 +167,8 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
         if running is None:
             _IN_FLIGHT[key] = threading.Event()
     if running is not None:  # e.g. the background warm-up is playing this very example: wait, do not play it twice
-        progress(None, desc="this run is being played already (the app's examples warm up at start): waiting")
-        running.wait()
+        while not running.wait(0.25):
+            progress(None, desc="this run is being played already (the app's examples warm up at start): waiting")
         with _cache_lock:
             if key in RESULT_CACHE:
                 return RESULT_CACHE[key]
@@ -132,18 +200,15 @@ def _playing(visitor: bool):
 
 def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
     """run_episodes without its cache."""
-    try:
-        models = [load_model(choice, request.task.name) for choice in (left, right)]
-        names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
-        limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
+    models = [load_model(choice, request.task.name) for choice in (left, right)]
+    names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
+    limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
 
-        def report(steps):
-            progress((min(steps), limit) if limit else None,
-                     desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps)))
+    def report(steps):
+        progress((min(steps), limit) if limit else None,
+                 desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps)))
 
-        traces = play_pair(models, request, report)
-    except AppError as error:
-        raise gr.Error(str(error), duration=None) from None
+    traces = play_pair(models, request, report)
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task)
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
@@ -155,20 +220,49 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
     for trace in traces:  # the panel does not need the pictures again
         trace.frames = None
     panel_input = {"traces": traces, "names": names, "task": request.task.name, "summary": summary,
-                   "what_if": what_if(traces, models, request.task)}
+                   "title": run_title(request), "what_if": what_if(traces, models, request.task)}
     return str(videos[0]), str(videos[1]), summary, panel_input
 
 
-def _verdict(side: dict) -> str:
+def plural(number: int, word: str) -> str:
+    """'1 segment', '2 segments'."""
+    return f"{number} {word}{'s' * (number != 1)}"
+
+
+def _setting_name(spec) -> str:
+    """The setting's label without its unit or hint ("corridor length T (steps)": "corridor length T")."""
+    return spec.label.split(" (")[0]
+
+
+def run_title(request: EpisodeRequest) -> str:
+    """The run in words, for the outcome line: the task, seed, setting, how many steps, target return,
+    how actions are chosen and the memory horizon."""
+    task, spec = request.task, request.task.demo_setting
+    words = [f"seed {request.seed}"]
+    words += [f"{_setting_name(spec) if spec and name == spec.name else name} = {value}"
+              for name, value in request.settings.items() if name != "step_cap"]
+    limit = request.settings.get("step_cap")  # the task's own limit (Minigrid, ViZDoom, Memory Maze)
+    if request.step_cap and (limit is None or request.step_cap < limit):
+        words.append(f"the first {request.step_cap} steps" + (f" of at most {limit}" if limit else ""))
+    elif limit:
+        words.append(f"at most {limit} steps")
+    words.append(f"target return {request.target_return:g}")
+    words.append("sampled actions" if request.sample else "the most likely actions")
+    if request.memory_horizon:
+        words.append(f"memory horizon {plural(request.memory_horizon, 'segment')}")
+    return f"**{task.title}**: {', '.join(words)}"
+
+
+def _verdict(side: dict, step_cap: int | None) -> str:
     parts = []
     if "success" in side:
         parts.append("**success**" if side["success"] else "**failed**")
-    parts.append(f"return {side['return']:g} in {side['steps']} steps")
+    stopped = " (stopped there by the step cap)" if step_cap and side["steps"] >= step_cap else ""
+    parts.append(f"return {side['return']:g} in {side['steps']} steps{stopped}")
     if side.get("segments"):
-        parts.append(f"{side['segments']} segments, {side['memory_updates']} memory updates")
+        parts += [plural(side["segments"], "segment"), plural(side["memory_updates"], "memory update")]
     if side.get("memory_horizon"):
-        horizon = side["memory_horizon"]
-        parts.append(f"memory horizon {horizon} segment{'s' * (horizon > 1)}")
+        parts.append(f"memory horizon {plural(side['memory_horizon'], 'segment')}")
     return ", ".join(parts)
 
 
@@ -191,18 +285,17 @@ def aux_truth(task, trace) -> np.ndarray | None:
 
 
 def memory_panel(panel_input):
-    """Outcome text, four figures and their captions for the traces of a run."""
+    """Outcome text, the figures and their captions for the traces of a run; no update without one
+    (a run that was superseded: the page keeps what its latest run shows)."""
     if not panel_input:
-        return ["", *[None] * PANELS, *[""] * PANELS]
+        return [gr.skip()] * (1 + 2 * PANELS)
     traces, names = panel_input["traces"], panel_input["names"]
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
-    told = f" The episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
+    told = f"  \nThe episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
     cap = summary.get("app_step_cap")
-    capped = f", stopped by the app after {cap} steps" if cap and any(
-        summary[side]["steps"] >= cap for side in ("left", "right")) else ""
-    text = (f"**{names[0]}**: {_verdict(summary['left'])}.  \n**{names[1]}**: {_verdict(summary['right'])}."
-            f"  \nSeed {summary['seed']}, {json.dumps(summary['settings'])}{capped}.{told}")
+    text = (f"{panel_input['title']}.  \n**{names[0]}**: {_verdict(summary['left'], cap)}.  \n"
+            f"**{names[1]}**: {_verdict(summary['right'], cap)}.{told}")
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]
@@ -213,21 +306,52 @@ def memory_panel(panel_input):
                                       if task.explain and trace is not None else "", aux_truth(task, trace)),
                plots.action_probabilities(traces, names, task.action_names)]
     # the counterfactual panel only where the task has a replay (T-Maze), not an empty box
-    what_if_plot = gr.Plot(value=figures[0][0], visible=bool(replay))
-    return [text, what_if_plot, *[f for f, _ in figures[1:]], *[c for _, c in figures]]
+    shown = [gr.update(value=figure, visible=figure is not None) for figure, _ in figures]
+    return [text, *shown, *[caption for _, caption in figures]]
 
 
-def task_changed(task_name: str):
+def run_started(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
+                step_cap: float, sample: bool, memory_horizon: float = 0, request: gr.Request = None):
+    """What the page shows as soon as Run is pressed: which run plays, and nothing of the last run (its
+    videos, summary and panels), so that they never stand beside another run's. The run the page was
+    playing stops (PageRuns)."""
+    page = _page(request, task)
+    if page:
+        page.press(task)
+    try:
+        title = run_title(make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon))
+        text = f"{PLAYING}{title}."
+    except AppError:
+        text = ""  # the run itself says what is wrong
+    return [text, None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS]
+
+
+def run_failed(request: gr.Request = None) -> str:
+    """The outcome line after a run that was refused or failed (the message also pops up)."""
+    page = _page(request)
+    error = page.error if page else None
+    if page:
+        page.error = None
+    return f"**Not played**: {error}" if error else "**Not played**: the run stopped with an error."
+
+
+def task_changed(task_name: str, outcome: str = "", request: gr.Request = None):
     """What the page shows for the chosen task, however it was chosen (the dropdown or an example):
-    its description, its checkpoint choices and the setting box's label and range. The values in
-    the boxes are the example's or, when a visitor picks the task, task_defaults'."""
+    its description, its checkpoint choices and the setting box's label (with its range: the app
+    checks it, with its own message, in make_request). The values in the boxes are the example's or,
+    when a visitor picks the task, task_defaults'. A run of another task that the page is playing stops
+    (PageRuns), and the outcome line says so."""
     task = get_task(task_name)
+    page = _page(request, task_name)
+    if page:
+        page.task = task_name
     choices = shipped_choices(task_name)
     spec = task.demo_setting
     setting = gr.update(visible=False) if spec is None else gr.update(
-        visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", info=spec.info,
-        minimum=spec.minimum, maximum=spec.maximum)
-    return task_description(task_name), gr.update(choices=choices), gr.update(choices=choices), setting
+        visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", info=spec.info)
+    stopped = (f"**Stopped**, as another task was chosen: {outcome[len(PLAYING):]}"
+               if (outcome or "").startswith(PLAYING) else gr.skip())
+    return task_description(task_name), gr.update(choices=choices), gr.update(choices=choices), setting, stopped
 
 
 def task_defaults(task_name: str):
@@ -264,6 +388,29 @@ def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
 
 
 # ----------------------------------------------------------------------------------- page
+# Both players from the start, together, once both have loaded a run's videos: a player whose new file
+# is the same as its last one (gradio serves files by their content) would otherwise go on where it was.
+RESTART_VIDEOS = """(left, right) => {
+    if (!left || !right) return;
+    const asked = Date.now();
+    const restart = () => {
+        const players = ["left_video", "right_video"].map(id => document.querySelector(`#${id} video`));
+        if (players.every(player => player && player.readyState >= 2)) {
+            players.forEach(player => { player.currentTime = 0; player.play(); });
+        } else if (Date.now() - asked < 30000) {
+            setTimeout(restart, 100);
+        }
+    };
+    restart();
+}"""
+
+
+def forget_page(request: gr.Request):
+    """A page was closed: its runs need no more keeping."""
+    with _cache_lock:
+        _pages.pop(getattr(request, "session_hash", None), None)
+
+
 def demo_examples(tasks: list[str]) -> tuple[list[list], list[list]]:
     """The page's examples (per task: its default run, then another seed and setting where the task
     has one) and the order the warm-up plays them in: every task's default run first, since a visitor
@@ -286,7 +433,7 @@ def example_label(example: list) -> str:
     task = get_task(name)
     words = [f"seed {seed}"]
     if task.demo_setting is not None:
-        words.append(f"{task.demo_setting.label.split(' (')[0]} = {setting}")  # the label without its "(steps)"
+        words.append(f"{_setting_name(task.demo_setting)} = {setting}")
     if cap:
         words.append(f"first {cap} steps")
     return f"{task.title}: {', '.join(words)}"
@@ -320,14 +467,15 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                                 info="0: remember the whole episode; H: RATE, RMT and TrXL remember the last H "
                                      "segments only (DT keeps its window)")
         run = gr.Button("Run", variant="primary")
-        outcome_text = gr.Markdown()
+        outcome_text = gr.Markdown(elem_id="outcome")
         with gr.Row():
-            left_video = gr.Video(label="left agent", autoplay=True, loop=True, interactive=False)
-            right_video = gr.Video(label="right agent", autoplay=True, loop=True, interactive=False)
+            left_video = gr.Video(label="left agent", autoplay=True, loop=True, interactive=False, elem_id="left_video")
+            right_video = gr.Video(label="right agent", autoplay=True, loop=True, interactive=False,
+                                   elem_id="right_video")
         gr.Markdown("## Inside the memory")
         figures, captions = [], []
         for _ in range(PANELS):
-            figures.append(gr.Plot(show_label=False))
+            figures.append(gr.Plot(show_label=False, visible=False))
             captions.append(gr.Markdown())
         summary = gr.JSON(label="summary")
         panel_state = gr.State()
@@ -345,17 +493,31 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             config_view = gr.JSON(label="model config")
 
         panel_outputs = [outcome_text, *figures, *captions]
-        # the outcome and the panels are emptied first, so that while the new pair plays they never show the last
-        # run's (another task's, perhaps) beside the new videos
-        run.click(lambda: memory_panel(None), None, panel_outputs, api_name=False, queue=False).then(
-            run_episodes, inputs, [left_video, right_video, summary, panel_state], api_name="run_episodes",
-            concurrency_limit=2).success(memory_panel, panel_state, panel_outputs, api_name=False)
-        task.change(task_changed, task, [task_text, left, right, setting], api_name=False)
+        run_outputs = [left_video, right_video, summary, panel_state]
+
+        def shown(run_event):
+            """The panels, and both videos restarted together, once a run's videos are there."""
+            run_event.success(memory_panel, panel_state, panel_outputs, api_name=False, trigger_mode="multiple")
+            run_event.success(None, [left_video, right_video], None, js=RESTART_VIDEOS, trigger_mode="multiple")
+
+        # Run first empties the page of the last run (see run_started); a second press while a run plays is not
+        # dropped ("multiple"): the newer run supersedes the older one, which stops unshown (PageRuns)
+        run_event = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions], api_name=False,
+                              queue=False).then(run_episodes, inputs, run_outputs, api_name="run_episodes",
+                                                concurrency_limit=2, trigger_mode="multiple")
+        shown(run_event)
+        run_event.failure(run_failed, None, outcome_text, api_name=False)
+        task.change(task_changed, [task, outcome_text], [task_text, left, right, setting, outcome_text],
+                    api_name=False)
         task.input(task_defaults, task, [left, right, setting, target, cap, sample], api_name=False)
         if tasks:
-            demo.load(lambda: run_episodes(*first, progress=lambda *a, **k: None), None,
-                      [left_video, right_video, summary, panel_state], api_name=False).success(
-                memory_panel, panel_state, panel_outputs, api_name=False)
+            def first_run(request: gr.Request):
+                """The page's first run, the first task's default (from the cache once the warm-up played it)."""
+                _page(request, first[0]).press(first[0])
+                return run_episodes(*first, request=request, progress=lambda *a, **k: None)
+
+            shown(demo.load(first_run, None, run_outputs, api_name=False))
+        demo.unload(forget_page)
         for trigger in (demo.load, paper_task.change, paper_mode.change):
             trigger(describe, [paper_task, paper_mode], [paper_text, config_view], api_name=False)
     if warm and warm_order:

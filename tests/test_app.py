@@ -68,10 +68,12 @@ def test_task_description_shows_each_shipped_checkpoints_evaluation():
             assert row[column] == score, (row, score)
     # the page's task switch brings the description with it, and the checkpoint choices and the setting box's
     # range, but no values: an example that switches the task brings its own (task_defaults: the dropdown)
-    text, left, right, setting = task_changed("minigrid_memory")
+    text, left, right, setting, _ = task_changed("minigrid_memory")
     assert text == task_description("minigrid_memory")
     assert left["choices"] == right["choices"] and "shipped: rate" in left["choices"]
-    assert (setting["minimum"], setting["maximum"]) == (7, 201)
+    # the range is in the label, and the app checks it with its own message (make_request): a minimum or maximum
+    # on the box would have gradio refuse a value first, with its own words, after a task round trip only
+    assert setting["label"] == "grid size (odd) (7 to 201)" and "minimum" not in setting and "maximum" not in setting
     assert all("value" not in update for update in (left, right, setting))
     assert task_changed("memory_maze")[3]["visible"] is False
     assert task_defaults("minigrid_memory") == ["shipped: rate", "shipped: dt", 41, 0.96, 0, True]
@@ -120,6 +122,10 @@ def test_settings_out_of_range_are_refused_with_the_allowed_range():
         make_request("tmaze", 0, 150, 1.0, 0, False, 1.5)
     with pytest.raises(AppError, match="memory horizon"):
         make_request("tmaze", 0, 150, 1.0, 0, False, -2)
+    for target in (1e20, 1e308, -1e39, float("nan")):  # the model's probabilities would be NaN
+        with pytest.raises(AppError, match="target return must be a number from -10000 to 10000"):
+            make_request("tmaze", 0, 150, target, 0, False)
+    assert make_request("vizdoom_two_colors", 0, None, -10_000, 0, False).target_return == -10_000
     request = make_request("tmaze", 3, 200, None, 0, False)
     assert request.settings == {"episode_length": 200} and request.target_return == 1.0 and request.step_cap is None
     assert request.memory_horizon is None and make_request("tmaze", 3, 200, None, 0, False, 2).memory_horizon == 2
@@ -178,7 +184,8 @@ def test_api_plays_both_agents_and_keeps_serving_after_bad_input(served_app, tmp
     for inputs, message in [(("tmaze", str(tmp_path / "missing"), "shipped: dt", 0, 150, 1.0, 0, False),
                              "does not exist"),
                             (("tmaze", str(bad), "shipped: dt", 0, 150, 1.0, 0, False), "config.json"),
-                            (("tmaze", "shipped: rate", "shipped: dt", 0, 5000, 1.0, 0, False), "from 10 to 1200")]:
+                            (("tmaze", "shipped: rate", "shipped: dt", 0, 5000, 1.0, 0, False), "from 10 to 1200"),
+                            (("tmaze", "shipped: rate", "shipped: dt", 0, 150, 1e308, 0, False), "target return")]:
         with pytest.raises(Exception, match=message):
             client.predict(*inputs, api_name="/run_episodes")
     again = client.predict("tmaze", "shipped: rate", "shipped: dt", 1, 60, 1.0, 0, False, api_name="/run_episodes")
@@ -542,10 +549,11 @@ def test_memory_plot_shows_what_an_auxiliary_head_reads():
     plots.close([figure, figure_plain])
 
 
-def test_outcome_text_says_when_the_app_cut_the_episode_short():
-    from app import plots
+def test_outcome_text_names_the_run_and_says_when_the_app_cut_the_episode_short():
+    import matplotlib.pyplot as plt
+
     from app.episodes import outcome, play, what_if
-    from app.ui import memory_panel
+    from app.ui import memory_panel, run_title
     from rate_core.tasks import get_task
 
     task = get_task("tmaze")
@@ -557,11 +565,151 @@ def test_outcome_text_says_when_the_app_cut_the_episode_short():
                    **{side: outcome(trace, model, task)
                       for side, trace, model in zip(("left", "right"), traces, models)}}
         text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
-                                       "what_if": None})
-        assert ('{"episode_length": 300}, stopped by the app after 40 steps.' in text) == expected, text
-        assert figures[0].visible is False  # no replay: the counterfactual panel is hidden, not an empty box
-        plots.close([f for f in figures[1:len(figures) // 2] if f is not None])
+                                       "title": run_title(request), "what_if": None})
+        first = "the first 40 steps, " if cap else ""
+        assert text.startswith(f"**T-Maze (passive)**: seed 0, corridor length T = 300, {first}target return 1, "
+                               "the most likely actions.  \n**RATE**: "), text
+        assert ("return 0 in 40 steps (stopped there by the step cap)" in text) == expected, text
+        assert "1 segment," in text if cap else "6 segments, 5 memory updates" in text
+        assert figures[0]["visible"] is False  # no replay: the counterfactual panel is hidden, not an empty box
+        assert all(figure["visible"] for figure in figures[1:5])
+        plt.close("all")
     _, shown, *others = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
-                                      "what_if": what_if(traces, models, task)})
-    assert shown.visible is True and shown.value is not None
-    plots.close([f for f in others[:len(others) // 2] if f is not None])
+                                      "title": run_title(request), "what_if": what_if(traces, models, task)})
+    assert shown["visible"] is True and shown["value"] is not None
+    plt.close("all")
+    assert run_title(make_request("memory_maze", 41, None, 18.1, 300, True, 2)) == (
+        "**Memory Maze 9x9**: seed 41, the first 300 steps of at most 1000, target return 18.1, sampled actions, "
+        "memory horizon 2 segments")
+    assert run_title(make_request("minigrid_memory", 1, 91, 0.96, 0, True)) == (
+        "**Minigrid-Memory**: seed 1, grid size = 91, at most 500 steps, target return 0.96, sampled actions")
+    assert memory_panel(None) == [{"__type__": "update"}] * 11  # a superseded run changes nothing
+
+
+def test_memory_heatmaps_say_which_memories_they_show_and_fit_their_title():
+    import matplotlib.pyplot as plt
+
+    from app import plots
+    from app.episodes import play
+
+    model = load_model("shipped: rate", "tmaze")  # segments of K = 50 steps
+    cases = {10: ("at the start (no update in this episode)", None),  # 9 steps: one segment
+             51: ("at the start and after its one update", "after step 50 (final)"),  # a full last segment
+             120: ("at the start and after each of its 2 updates", "after step 100"),  # the last one is partial
+             1200: ("at the start and after 7 of its 23 updates", "after step 1150")}
+    for length, (title, last) in cases.items():
+        trace = play(model, make_request("tmaze", 0, length, 1.0, 0, False))
+        figure, caption = plots.memory_heatmaps(trace, "RATE (left)")
+        figure.canvas.draw()
+        assert figure._suptitle.get_text() == f"RATE (left): memory tokens {title}"
+        inside = figure._suptitle.get_window_extent()
+        assert 0 <= inside.x0 and inside.x1 <= figure.bbox.x1  # the title is not cut at either side
+        panels = [axis.get_title() for axis in figure.axes if axis.get_images()]
+        assert panels[0] == "start" and (last is None or panels[-1] == last)
+        assert ("no segment reads it" in caption) == (last is not None and "final" in last)
+        assert ("8 of the 24 memories are shown" in caption) == (length == 1200)
+        plt.close(figure)
+
+
+def test_the_legends_hide_no_data():
+    """The memory change's and the what-if's legends sit outside their axes (in a corner they covered points, bars)."""
+    import matplotlib.pyplot as plt
+
+    from app import plots
+    from app.episodes import play
+
+    trace = play(load_model("shipped: rate", "tmaze"), make_request("tmaze", 0, 300, 1.0, 0, False))
+    sure = {"played": np.array([0, 0, 0, 1.0]), "flipped": np.array([0, 0, 0, 1.0])}  # the highest bars, at the right
+    for figure, _ in (plots.memory_change(trace, "RATE"),
+                      plots.what_if([sure, sure], ["RATE", "DT"], ("right", "up", "left", "down"), "cue")):
+        figure.canvas.draw()
+        legend = figure.legends[0].get_window_extent()
+        for axis in figure.axes:
+            assert not legend.overlaps(axis.get_window_extent())
+        plt.close(figure)
+
+
+def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
+    """Run pressed again, or another task chosen, while a run plays: the older run stops at its next report and
+    changes nothing on the page (gr.skip()); only the latest run is shown. The API has no page: none stops."""
+    import threading
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app.ui as ui
+    from rate_core.tasks import get_task
+
+    reports = []
+
+    def slow_play(request, left, right, progress):
+        for step in range(200):  # 2 s unless stopped, reporting like play_pair
+            reports.append(request.seed)
+            progress((step, 300), desc=f"step {step}")
+            time.sleep(0.01)
+        return f"seed {request.seed}"
+
+    monkeypatch.setattr(ui, "_play_and_render", slow_play)
+    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    page = SimpleNamespace(session_hash="a page")
+
+    def press(task, seed, results):
+        inputs = [task, "shipped: rate", "shipped: dt", seed, 150 if task == "tmaze" else None, 1.0, 0, False, 0]
+        outcome, *cleared = ui.run_started(*inputs, request=page)
+        assert outcome.startswith(f"Playing **{get_task(task).title}**: seed {seed},")
+        assert cleared[:4] == [None] * 4 and all(not plot["visible"] for plot in cleared[4:4 + ui.PANELS])
+        thread = threading.Thread(target=lambda: results.append(ui.run_episodes(*inputs, request=page,
+                                                                                progress=quiet)))
+        thread.start()
+        return thread, outcome
+
+    results = []
+    first, _ = press("tmaze", 12, results)
+    while 12 not in reports:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    second, _ = press("tmaze", 13, results)  # within 0.3 s: the second press is not dropped, it supersedes
+    first.join(5)
+    assert time.perf_counter() - started < 1 and results == [[gr.skip()] * 4]  # stopped at once, nothing shown
+    second.join(5)
+    assert results[1] == "seed 13"
+    # another task chosen while Memory Maze plays: that run stops and the outcome line says so
+    results.clear()
+    third, playing = press("memory_maze", 41, results)
+    while 41 not in reports:
+        time.sleep(0.01)
+    *_, stopped = ui.task_changed("tmaze", playing, request=page)
+    third.join(5)
+    assert results == [[gr.skip()] * 4] and stopped.startswith("**Stopped**, as another task was chosen: **Memory Maze")
+    assert ui.task_changed("tmaze", "**T-Maze (passive)**: seed 1 ...", request=page)[-1] == gr.skip()
+    # without a page (the API), runs never stop each other
+    results.clear()
+    api_runs = [threading.Thread(target=lambda seed=seed: results.append(ui.run_episodes(
+        "tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, progress=quiet))) for seed in (1, 2)]
+    for run in api_runs:
+        run.start()
+    for run in api_runs:
+        run.join(10)
+    assert sorted(results) == ["seed 1", "seed 2"]
+    ui.forget_page(page)
+    assert "a page" not in ui._pages
+
+
+def test_a_refused_run_is_one_line_in_the_log_and_its_message_is_the_outcome(capsys):
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app.ui as ui
+
+    page = SimpleNamespace(session_hash="another page")
+    inputs = ["tmaze", "shipped: rate", "shipped: dt", 0, 3, 1.0, 0, False, 0]
+    assert ui.run_started(*inputs, request=page)[0] == ""  # the run says what is wrong
+    with pytest.raises(gr.Error) as refused:
+        ui.run_episodes(*inputs, request=page, progress=lambda *a, **k: None)
+    assert "corridor length T (steps) must be a whole number from 10 to 1200, got 3" in refused.value.message
+    assert refused.value.print_exception is False  # no traceback in the server's log: one line
+    assert capsys.readouterr().out.strip().count("\n") == 0
+    assert ui.run_failed(page) == f"**Not played**: {refused.value.message}"
+    ui.forget_page(page)

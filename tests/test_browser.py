@@ -1,6 +1,7 @@
 """The page in a real browser (Debian's chromium, driven by playwright): run an episode pair and see
-both videos play, then run another and see the first one's panels go at once; an example and the
-task dropdown fill the boxes. Saves outputs/screenshots/app.png."""
+both videos play, then run another and see the first one's panels go at once; a second Run press or
+another task supersedes the run that plays; both videos restart together; an input out of range gets
+the app's own message; an example and the task dropdown fill the boxes. Saves outputs/screenshots/app.png."""
 
 import os
 import shutil
@@ -17,6 +18,15 @@ from tests.test_app import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def both_videos_in_step(page) -> None:
+    """Both players play, on one timeline: each restarted with the run, even one whose file did not change."""
+    page.wait_for_function("Array.from(document.querySelectorAll('video')).length === 2 && Array.from("
+                           "document.querySelectorAll('video')).every(v => v.readyState >= 2 && v.currentTime > 0.5)",
+                           timeout=60_000)
+    times = page.evaluate("Array.from(document.querySelectorAll('video')).map(v => v.currentTime)")
+    assert abs(times[0] - times[1]) < 0.25, times
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
@@ -70,15 +80,53 @@ def test_browser_runs_an_episode_and_both_videos_play():
             out.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out / "app.png"), full_page=True)
             assert "success" in page.content()
-            # Run again: the last run's outcome and panels go at once, and the new ones come with the new pair
+            # Run again, and again within 0.3 s with another seed: the last run's outcome, videos and panels go at
+            # once, the second press is not dropped but supersedes the first, and the page shows the seed it plays
             caption = "replayed with only the cue changed"
-            page.locator("input[type=number]").first.fill("1")  # the seed
-            page.get_by_role("button", name="Run", exact=True).click()
+            seed, run = page.get_by_label("seed", exact=True), page.get_by_role("button", name="Run", exact=True)
+            seed.fill("12")
+            run.click()
             page.wait_for_function(f"!document.body.innerText.includes('{caption}')", timeout=5_000, polling=50)
+            assert page.locator("video").count() == 0
+            page.wait_for_timeout(200)
+            seed.fill("13")
+            run.click()
             page.get_by_text(caption).first.wait_for(timeout=90_000)
-            assert "Seed 1," in page.inner_text("body")
-            # an example of another task fills every box with its own values (the task's change does not
-            # reset them); picking a task in the dropdown brings that task's default run
+            outcome = page.locator("#outcome")
+            assert outcome.inner_text().startswith("T-Maze (passive): seed 13, corridor length T = 300,"), \
+                outcome.inner_text()
+            both_videos_in_step(page)
+            # another task chosen while a run plays stops it (the outcome says so); the new task's Run is played
+            page.get_by_label("task", exact=True).click()
+            page.get_by_role("option", name="memory_maze").click()
+            page.wait_for_timeout(1500)
+            seed.fill("41")
+            run.click()
+            page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Playing Memory Maze')",
+                                   timeout=5_000)
+            page.wait_for_timeout(2000)
+            page.get_by_label("task", exact=True).click()
+            page.get_by_role("option", name="tmaze").click()
+            page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Stopped')", timeout=10_000)
+            # picking a task in the dropdown brings that task's default run
+            assert page.get_by_label("corridor length T (steps) (10 to 1200)").input_value() == "300"
+            assert page.get_by_label("target return", exact=True).input_value() == "1"
+            seed.fill("42")
+            run.click()
+            page.get_by_text(caption).first.wait_for(timeout=90_000)
+            assert outcome.inner_text().startswith("T-Maze (passive): seed 42,"), outcome.inner_text()
+            page.wait_for_timeout(2000)  # the stopped Memory Maze run would have shown by now, had it not stopped
+            assert "Memory Maze" not in outcome.inner_text() and '"task"\n:\n"tmaze"' in page.inner_text("body")
+            both_videos_in_step(page)
+            # out of the setting's range, also after a round trip through another task: the app's own message
+            page.get_by_label("corridor length T (steps) (10 to 1200)").fill("3")
+            run.click()
+            page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Not played')",
+                                   timeout=10_000)
+            message = "corridor length T (steps) must be a whole number from 10 to 1200, got 3"
+            assert message in outcome.inner_text() and "minimum value" not in page.inner_text("body")
+            assert page.locator("video").count() == 0 and "replayed with" not in page.inner_text("body")
+            # an example of another task fills every box with its own values (the task's change does not reset them)
             page.get_by_text("Minigrid-Memory: seed 1, grid size = 91").click()
             grid_size = page.get_by_label("grid size (odd) (7 to 201)")
             page.wait_for_function("() => document.body.innerText.includes('Minigrid')", timeout=10_000)
@@ -86,11 +134,6 @@ def test_browser_runs_an_episode_and_both_videos_play():
             assert grid_size.input_value() == "91"
             assert page.get_by_label("seed", exact=True).input_value() == "1"
             assert page.get_by_label("target return", exact=True).input_value() == "0.96"
-            page.get_by_label("task", exact=True).click()
-            page.get_by_role("option", name="tmaze").click()
-            page.wait_for_timeout(1500)
-            assert page.get_by_label("corridor length T (steps) (10 to 1200)").input_value() == "300"
-            assert page.get_by_label("target return", exact=True).input_value() == "1"
             browser.close()
     finally:
         app.terminate()
