@@ -24,6 +24,8 @@ def main() -> None:
     import tyro
 
     args = tyro.cli(Args)
+    if not 1 <= args.port <= 65535:
+        raise SystemExit(f"error: --port must be from 1 to 65535, got {args.port}")
     from app.ui import build_demo
 
     build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,

@@ -212,3 +212,9 @@ def test_a_corrupt_hub_checkpoint_and_a_checkpoint_folder_to_compare_end_in_one_
                         r"corrupt", result.stderr.strip()), result.stderr
     out = run("-m", "training.compare", "assets/checkpoints/tmaze/rate/eval.json", "assets/checkpoints/tmaze/dt")
     assert "B: assets/checkpoints/tmaze/dt (dt)" in out
+
+
+def test_app_refuses_a_port_out_of_range_in_one_line():
+    result = subprocess.run([sys.executable, "app.py", "--port", "99999"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --port must be from 1 to 65535, got 99999"
