@@ -17,8 +17,7 @@ from typing import Annotated
 import torch
 import tyro
 
-from rate_core.checkpoint import (CONFIG_NAME, CheckpointError, check_replaceable, load_checkpoint,
-                                  read_checkpoint_config, save_checkpoint)
+from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from rate_core.model import MemoryTransformer
 from training.cli import OWN_DEFAULT, cli
 
@@ -84,14 +83,10 @@ def main(args: Args) -> Path:
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the average to a new folder")
     try:
-        check_replaceable(args.out, CONFIG_NAME, "checkpoint")
-    except ValueError as error:
-        raise SystemExit(f"error: --out {error}") from None
-    try:
         model = average_checkpoints(list(args.sources), None if args.weights is None else list(args.weights))
+        path = save_checkpoint(model, args.out)  # ValueError for a folder there that is not a checkpoint
     except (CheckpointError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    path = save_checkpoint(model, args.out)
     print(f"wrote the average of {len(args.sources)} checkpoints ({model.task}, {model.num_parameters():,} "
           f"parameters) to {path}")
     return path

@@ -173,13 +173,12 @@ def values_and_overrides(task: Task, values, step_cap: int | None) -> tuple[tupl
 def protocol_changed(args: Args, task: Task) -> list[str]:
     """The options of `args` that make the evaluation another than `task`'s protocol (whose results the
     checkpoint's own eval.json keeps); --max-envs and --device change no result."""
-    protocol, default = task.evaluation, Args(checkpoint=args.checkpoint)
-    same = {"values": lambda v: v is None or tuple(v) == tuple(protocol.values),
-            "episodes": lambda n: n is None or n == protocol.episodes}
+    default = Args(checkpoint=args.checkpoint)
+    protocols = {"values": tuple(task.evaluation.values), "episodes": task.evaluation.episodes}  # given, but the same
     return [f"--{name.replace('_', '-')}" for name in ("values", "step_cap", "settings", "target_return", "episodes",
                                                       "actions", "temperature", "memory_horizon", "hide_actions",
                                                       "seed")
-            if not same.get(name, lambda value: value == getattr(default, name))(getattr(args, name))]
+            if getattr(args, name) not in (getattr(default, name), protocols.get(name, getattr(default, name)))]
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -212,10 +211,8 @@ def main(args: Args) -> None:
     try:
         model = load_reference(args.checkpoint, device=device)
         task = get_task(model.task)
-    except CheckpointError as error:
+    except CheckpointError as error:  # also a config.json that names no registered task
         raise SystemExit(f"error: {error}")
-    except KeyError as error:
-        raise SystemExit(f"error: {args.checkpoint}: {error.args[0]}")
     protocol = task.evaluation
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")

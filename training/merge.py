@@ -14,7 +14,6 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from rate_core.checkpoint import check_replaceable
 from training.cli import OWN_DEFAULT, cli
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
@@ -36,12 +35,8 @@ def main(args: Args) -> Path:
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the merge to a new folder")
     try:
-        check_replaceable(args.out, "meta.json", "dataset")
-    except ValueError as error:
-        raise SystemExit(f"error: --out {error}") from None
-    try:
         sources = [load_dataset(source) for source in args.sources]
-        path = merge_datasets(args.out, sources)
+        path = merge_datasets(args.out, sources)  # ValueError for a folder there that is not a dataset
         merged = load_dataset(path)
     except (DatasetError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
