@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from rate_core.envs.minigrid_memory import MinigridMemoryEnv, MinigridMemoryExpert
+from rate_core.envs.minigrid_memory import (
+    CLOSE_UP_TILE, FRAME_PIXELS, MAP_ROWS, MinigridMemoryEnv, MinigridMemoryExpert,
+)
 from rate_core.tasks import get_task
 from training.collect import run_episode
 
@@ -89,14 +91,38 @@ def test_lockstep_vector_env_equals_single_envs_and_leaves_finished_ones_alone()
     assert set(info) >= {"cue", "success"} and info["cue"].shape == (3,)
 
 
+def _agent_columns(image: np.ndarray) -> np.ndarray:
+    """The x of the pixels of the agent's red triangle (lightened where minigrid highlights it)."""
+    red = (image[..., 0] > 200) & (image[..., 1] < 110) & (image[..., 2] < 110)
+    return np.nonzero(red)[1]
+
+
 @pytest.mark.parametrize("size", [7, 41, 201])
-def test_render_shows_the_map_and_the_agents_view_beside_it(size):
+def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
     env = MinigridMemoryEnv(size=size, render_mode="rgb_array")
     obs, _ = env.reset(seed=1)
     frame = env.render()
     view = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
     assert frame.dtype == np.uint8 and frame.shape[0] >= view.shape[0]
     assert np.array_equal(frame[:view.shape[0], -view.shape[1]:], view)
-    obs, *_ = env.step(0)  # the view follows the agent
+    tile = max(3, FRAME_PIXELS // size)
+    overview = frame[:MAP_ROWS * tile, :size * tile]  # the map holds only the rows around the hallway
+    assert frame.shape[0] <= max(view.shape[0], MAP_ROWS * tile)
+    if size <= 41:  # green in the cells of the cue (start room) and of the two objects (the hallway's end)
+        green = (overview[..., 1] > 200) & (overview[..., 0] < 60)
+        cells = {(y // tile, x // tile) for y, x in zip(*np.nonzero(green))}
+        assert cells == {(1, 1), (0, size - 2), (MAP_ROWS - 1, size - 2)}
+    start = _agent_columns(overview).mean()
+    assert start // tile == env.agent_pos[0]
+    for _ in range(2):
+        obs, *_ = env.step(2)  # forward, east along the hallway: the view and the agent follow
+    moved = env.render()
+    assert moved.shape == frame.shape
     shown = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
-    assert np.array_equal(env.render()[:view.shape[0], -view.shape[1]:], shown)
+    assert np.array_equal(moved[:view.shape[0], -view.shape[1]:], shown)
+    assert _agent_columns(moved[:MAP_ROWS * tile, :size * tile]).mean() // tile == env.agent_pos[0]
+    below = moved[MAP_ROWS * tile:, :size * tile]
+    if tile < CLOSE_UP_TILE:  # small cells: a close-up of the agent under the map, larger
+        assert _agent_columns(below).size > (CLOSE_UP_TILE / tile) ** 2 / 2 * _agent_columns(overview).size
+    else:
+        assert _agent_columns(below).size == 0

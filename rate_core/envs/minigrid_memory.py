@@ -28,7 +28,9 @@ from gymnasium import spaces
 VIEW_TILE = 28
 ACTIONS = ("left", "right", "forward")
 CUE_TYPES = ("key", "ball")
-FRAME_PIXELS = 480  # the full-grid render for videos is at most about this wide
+FRAME_PIXELS = 480  # the map in a video frame is at most about this wide
+MAP_ROWS = 5  # a frame's map: the hallway's row and two on each side (walls, the cue and the two objects)
+CLOSE_UP_TILE = 16  # a map with smaller cells gets a close-up of the agent's surroundings at this size
 VIEW_ZOOM, VIEW_GAP = 2, 8  # the agent's view beside the map in render(): 2x, after an 8-pixel gap
 
 
@@ -75,33 +77,58 @@ class MinigridMemoryEnv(gym.Env):
             "cue": self._cue, "success": bool(terminated and reward > 0)}
 
     def render(self) -> np.ndarray | None:
-        """The full grid (about FRAME_PIXELS wide), the agent's 3x3 view highlighted. Walls and
-        objects never move in this task, so they are drawn once per episode and each frame only
-        adds the view and the agent (drawing a 201 x 201 grid tile by tile takes a quarter second)."""
+        """A video frame: the map, cut to the MAP_ROWS rows around the hallway (every other row of
+        the grid is out of reach), the agent's 3x3 view highlighted, and what the agent sees beside
+        it, twice the observation's size. Where the map's cells are smaller than CLOSE_UP_TILE
+        pixels (a grid of 31 cells or more), a close-up that follows the agent sits under the map,
+        and two yellow lines on the map mark where it is. Walls and objects never move in this
+        task, so they are drawn once per episode and each frame only adds the view and the agent."""
         if self.render_mode != "rgb_array":
             return None
+        tile = max(3, FRAME_PIXELS // self.size)
+        top = self.size // 2 - MAP_ROWS // 2
+        if self._background is None:
+            strip = self.grid_env.grid.slice(0, top, self.size, MAP_ROWS)
+            self._background = [strip.render(tile, agent_pos=(-1, -1))]
+            if tile < CLOSE_UP_TILE:
+                self._background.append(strip.render(CLOSE_UP_TILE, agent_pos=(-1, -1)))
+        overview = self._painted(self._background[0], tile, top)
+        blocks = [overview]
+        if len(self._background) > 1:
+            cells = min(self.size, overview.shape[1] // CLOSE_UP_TILE)
+            left = min(max(int(self.grid_env.agent_pos[0]) - cells // 2, 0), self.size - cells)
+            close_up = self._painted(self._background[1], CLOSE_UP_TILE, top)
+            blocks.append(close_up[:, left * CLOSE_UP_TILE:(left + cells) * CLOSE_UP_TILE])
+            for x in (left * tile, (left + cells) * tile - 1):  # where the close-up is, on the map
+                overview[:, x] = (250, 210, 40)
+        view = self._observation().transpose(1, 2, 0).repeat(VIEW_ZOOM, 0).repeat(VIEW_ZOOM, 1)
+        width = max(block.shape[1] for block in blocks)
+        height = max(view.shape[0], sum(block.shape[0] for block in blocks) + VIEW_GAP * (len(blocks) - 1))
+        frame = np.full((height, width + VIEW_GAP + view.shape[1], 3), 30, dtype=np.uint8)
+        frame[:view.shape[0], -view.shape[1]:] = view
+        y = 0
+        for block in blocks:
+            frame[y:y + block.shape[0], :block.shape[1]] = block
+            y += block.shape[0] + VIEW_GAP
+        return frame
+
+    def _painted(self, background: np.ndarray, tile: int, top: int) -> np.ndarray:
+        """A copy of a map strip (grid rows from `top`, `tile` pixels per cell) with the cells the
+        agent sees lightened, as minigrid highlights them, and the agent drawn."""
         from minigrid.core.grid import Grid
 
-        tile = max(3, FRAME_PIXELS // self.size)
-        if self._background is None:
-            self._background = self.grid_env.grid.render(tile, agent_pos=(-1, -1))
-        frame = self._background.copy()
+        image = background.copy()
         env = self.grid_env
-        for i in range(3):  # the 3x3 cells in front of the agent, as minigrid highlights them
+        for i in range(3):
             for j in range(3):
                 x, y = env.agent_pos + env.dir_vec * j + env.right_vec * (i - 1)
-                if 0 <= x < self.size and 0 <= y < self.size:
-                    cell = frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile]
+                if 0 <= x < self.size and 0 <= y - top < MAP_ROWS:
+                    cell = image[(y - top) * tile:(y - top + 1) * tile, x * tile:(x + 1) * tile]
                     cell += ((255 - cell) * 0.3).astype(np.uint8)
         x, y = env.agent_pos
-        frame[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = Grid.render_tile(
+        image[(y - top) * tile:(y - top + 1) * tile, x * tile:(x + 1) * tile] = Grid.render_tile(
             None, agent_dir=env.agent_dir, highlight=True, tile_size=tile)
-        # On a big grid a cell is a few pixels wide: show what the agent sees next to the map, twice
-        # the observation's size (the agent at the bottom middle, facing up).
-        view = self._observation().transpose(1, 2, 0).repeat(VIEW_ZOOM, 0).repeat(VIEW_ZOOM, 1)
-        panel = np.full((frame.shape[0], view.shape[1] + VIEW_GAP, 3), 30, dtype=np.uint8)  # the map is taller
-        panel[:view.shape[0], VIEW_GAP:] = view
-        return np.concatenate([frame, panel], axis=1)
+        return image
 
     # Privileged state, for the expert.
     @property
