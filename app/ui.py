@@ -48,7 +48,6 @@ class PageRuns:
     def __init__(self, task: str | None):
         self.task = task  # the task the page shows
         self.generation = 0  # counts the page's Run presses and the runs started for them
-        self.error = None  # the message of the page's last refused run, for its outcome line
         self._lock = threading.Lock()
 
     def press(self, task: str) -> None:
@@ -121,7 +120,9 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     """Play the same seeded episode with the left and the right checkpoint.
     Returns the two videos, a JSON summary per agent, and the traces for the memory panel; for a
     run of a page that has since pressed Run again or chosen another task, no update (gr.skip()).
-    The background warm-up gives way to it (warm_cache)."""
+    Bad input: a page gets no videos and the message for its outcome line (memory_panel), with no
+    error toast or "Error" badges; an API call gets gr.Error. The background warm-up gives way to a
+    visitor's run (warm_cache)."""
     page = _page(request)
     number = page.start() if page else None
 
@@ -140,11 +141,9 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
         result = None
     except AppError as error:
         print(f"run refused: {error}")  # one line in the server's log: the visitor's input, not a fault
-        if not superseded():
-            if page:
-                page.error = str(error)
+        if page is None:
             raise gr.Error(str(error), duration=None, print_exception=False) from None
-        result = None
+        result = [None, None, None, {"refused": str(error)}]
     return [gr.skip()] * 4 if result is None or superseded() else result
 
 
@@ -286,9 +285,12 @@ def aux_truth(task, trace) -> np.ndarray | None:
 
 def memory_panel(panel_input):
     """Outcome text, the figures and their captions for the traces of a run; no update without one
-    (a run that was superseded: the page keeps what its latest run shows)."""
+    (a run that was superseded: the page keeps what its latest run shows); for a refused run, its
+    message as the outcome (run_started has emptied the panels)."""
     if not panel_input:
         return [gr.skip()] * (1 + 2 * PANELS)
+    if "refused" in panel_input:
+        return [f"**Not played**: {panel_input['refused']}", *[gr.skip()] * (2 * PANELS)]
     traces, names = panel_input["traces"], panel_input["names"]
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
@@ -326,13 +328,10 @@ def run_started(task: str, left: str, right: str, seed: float, setting: float, t
     return [text, None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS]
 
 
-def run_failed(request: gr.Request = None) -> str:
-    """The outcome line after a run that was refused or failed (the message also pops up)."""
-    page = _page(request)
-    error = page.error if page else None
-    if page:
-        page.error = None
-    return f"**Not played**: {error}" if error else "**Not played**: the run stopped with an error."
+def run_failed() -> str:
+    """The outcome line after a run that failed (a fault, not bad input: that is refused with its own
+    message; Gradio shows the error too, and the server's log has the traceback)."""
+    return "**Not played**: the run stopped with an error."
 
 
 def task_changed(task_name: str, outcome: str = "", request: gr.Request = None):

@@ -705,11 +705,19 @@ def test_a_refused_run_is_one_line_in_the_log_and_its_message_is_the_outcome(cap
 
     page = SimpleNamespace(session_hash="another page")
     inputs = ["tmaze", "shipped: rate", "shipped: dt", 0, 3, 1.0, 0, False, 0]
+    message = "corridor length T (steps) must be a whole number from 10 to 1200, got 3"
     assert ui.run_started(*inputs, request=page)[0] == ""  # the run says what is wrong
-    with pytest.raises(gr.Error) as refused:
-        ui.run_episodes(*inputs, request=page, progress=lambda *a, **k: None)
-    assert "corridor length T (steps) must be a whole number from 10 to 1200, got 3" in refused.value.message
+    # a page: no error (Gradio would badge the emptied boxes "Error" and stack a toast per press), no
+    # videos, and the message as the outcome line
+    left, right, summary, panel_input = ui.run_episodes(*inputs, request=page, progress=lambda *a, **k: None)
+    assert left is None and right is None and summary is None
+    outcome, *panels = ui.memory_panel(panel_input)
+    assert outcome == f"**Not played**: {message}" and len(panels) == 2 * ui.PANELS
+    assert capsys.readouterr().out.strip() == f"run refused: {message}"  # one line in the server's log
+    with pytest.raises(gr.Error) as refused:  # an API call: its client gets the error
+        ui.run_episodes(*inputs, request=None, progress=lambda *a, **k: None)
+    assert refused.value.message == message
     assert refused.value.print_exception is False  # no traceback in the server's log: one line
     assert capsys.readouterr().out.strip().count("\n") == 0
-    assert ui.run_failed(page) == f"**Not played**: {refused.value.message}"
+    assert ui.run_failed() == "**Not played**: the run stopped with an error."
     ui.forget_page(page)

@@ -126,6 +126,9 @@ def test_browser_runs_an_episode_and_both_videos_play():
             message = "corridor length T (steps) must be a whole number from 10 to 1200, got 3"
             assert message in outcome.inner_text() and "minimum value" not in page.inner_text("body")
             assert page.locator("video").count() == 0 and "replayed with" not in page.inner_text("body")
+            # no error toast, and the emptied boxes are not badged "Error": the outcome line says it all
+            assert "Error" not in page.inner_text("#left_video") + page.inner_text("#right_video")
+            assert page.locator(".toast-body").count() == 0
             # an example of another task fills every box with its own values (the task's change does not reset them)
             page.get_by_text("Minigrid-Memory: seed 1, grid size = 91").click()
             grid_size = page.get_by_label("grid size (odd) (7 to 201)")
