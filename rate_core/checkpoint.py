@@ -106,6 +106,13 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     that is not a checkpoint is left alone (ValueError, see check_replaceable).
     extra: optional callable(folder) that writes more files (e.g. training state) into the same folder."""
     directory = Path(directory)
+    if not isinstance(model.task, str):
+        raise ValueError(f"the model's task must be a task name (a string), got {model.task!r}")
+    try:  # before anything is written: metadata that JSON cannot hold (numpy numbers, paths) fails here
+        json.dumps(checkpoint_config(model))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the model's training metadata cannot be saved as JSON ({error}); use plain numbers, "
+                         f"strings, lists and dicts") from None
     check_replaceable(directory, CONFIG_NAME, "checkpoint")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
@@ -113,15 +120,19 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     for kind in ("staging", "retired"):
         remove_orphans(directory.parent, f".{directory.name}.{kind}-")
     staging.mkdir(parents=True)
-    (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
-    model.save_pretrained(staging, config=checkpoint_config(model))
-    if extra is not None:
-        extra(staging)
-    readable = 0o666 & ~_umask()  # safetensors writes its files 0600; give every file the usual mode
-    for path in staging.iterdir():
-        os.chmod(path, readable)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
+        model.save_pretrained(staging, config=checkpoint_config(model))
+        if extra is not None:
+            extra(staging)
+        readable = 0o666 & ~_umask()  # safetensors writes its files 0600; give every file the usual mode
+        for path in staging.iterdir():
+            os.chmod(path, readable)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # a full disk, a failing `extra`, Ctrl-C: no staging folder left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"
     if directory.exists():
         os.replace(directory, retired)
@@ -155,6 +166,8 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{config_path}: format_version must be a whole number, got {version!r}")
     if not isinstance(config.get("task", ""), str):
         raise CheckpointError(f"{config_path}: 'task' must be a task name, got {config['task']!r}")
+    if not isinstance(config.get("training") or {}, dict):
+        raise CheckpointError(f"{config_path}: 'training' must be an object of metadata, got {config['training']!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: format_version {version} is newer than this rate_core "
                               f"({FORMAT_VERSION}); upgrade rate_core")
@@ -173,6 +186,10 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
     Raises CheckpointError for a missing folder or file, a corrupt or truncated file, weights that
     do not match the config, or a different task or mode.
     """
+    if str(directory).startswith("hf://"):
+        raise CheckpointError(f"{directory}: a Hugging Face Hub reference, not a folder; load it with "
+                              f"rate_core.hub.load_reference({str(directory)!r}) or "
+                              f"MemoryTransformer.from_pretrained({str(directory)[5:]!r})")
     directory = Path(directory)
     config = read_checkpoint_config(directory)
     config_path = directory / CONFIG_NAME

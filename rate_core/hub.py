@@ -17,6 +17,7 @@ from rate_core.tasks import TASKS, result_key
 
 HF_PREFIX = "hf://"
 CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval.json", "*.mp4"]
+DOWNLOAD_ARGS = ("force_download", "token", "cache_dir", "local_files_only")  # from_pretrained's, as the mixin's
 
 
 def is_hub_reference(ref) -> bool:
@@ -62,8 +63,16 @@ def checkpoint_folder(ref: str | os.PathLike, **download) -> Path:
 
 def pretrained_folder(name: str | os.PathLike, revision: str | None = None, **download) -> Path:
     """The checkpoint folder of `MemoryTransformer.from_pretrained(name)`: `name` itself where it exists or
-    cannot be a repository id, else the Hub repository USER/NAME (see checkpoint_folder)."""
+    cannot be a repository id, else the Hub repository USER/NAME (see checkpoint_folder); `hf://USER/NAME`
+    works too. TypeError for a keyword that is not one of DOWNLOAD_ARGS (it would be dropped unseen)."""
+    unknown = sorted(set(download) - set(DOWNLOAD_ARGS))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}; it takes map_location, "
+                        f"revision and {', '.join(DOWNLOAD_ARGS)} (to check the task or mode: "
+                        f"rate_core.checkpoint.load_checkpoint(folder, task=..., mode=...))")
     name = str(name)
+    if is_hub_reference(name):
+        return checkpoint_folder(name + (f"@{revision}" if revision and "@" not in name else ""), **download)
     if os.path.exists(name) or not is_repo_id(name):
         return Path(name)
     ref = f"{HF_PREFIX}{name}" + (f"@{revision}" if revision else "")
@@ -106,8 +115,8 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
                 dataset_type=task_name, dataset_name=title or task_name, dataset_config=f"{setting}={r[setting]}",
                 metric_type=key, metric_name=f"{key.replace('_', ' ')} ({setting} = {r[setting]}, "
                                              f"{r['episodes']} episodes)", metric_value=r[key]))
-            rows.append(f"| {r[setting]} | {r['episodes']} | {r['success_rate']:.2f} | "
-                        f"{r['mean_return']:.3f} ± {r['return_sem']:.3f} |")
+            success = f" {r['success_rate']:.2f} |" if key == "success_rate" else ""  # else there is no success
+            rows.append(f"| {r[setting]} | {r['episodes']} |{success} {r['mean_return']:.3f} ± {r['return_sem']:.3f} |")
     data = ModelCardData(library_name="rate_core", tags=["offline-rl", "reinforcement-learning", c.mode, task_name],
                          model_name=repo_id.split("/")[-1], eval_results=results or None)
     training = "\n".join(f"- {key}: {value}" for key, value in sorted(model.training_info.items())) or "- not recorded"
@@ -120,7 +129,8 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
         table = (f"\n## Evaluation\n\n{protocol['episodes']} episodes per setting, "
                  f"{actions} actions, target return "
                  f"{protocol['target_return']} (`python -m training.evaluate`):\n\n"
-                 f"| {protocol['setting']} | episodes | success | return |\n| --- | --- | --- | --- |\n"
+                 f"| {protocol['setting']} | episodes |{' success |' * (key == 'success_rate')} return |\n"
+                 f"| --- | --- |{' --- |' * (key == 'success_rate')} --- |\n"
                  + "\n".join(rows) + "\n")
     video_md = f"\n## Example episode\n\n<video src=\"{video}\" controls></video>\n" if video else ""
     body = f"""

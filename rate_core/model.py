@@ -32,6 +32,14 @@ from rate_core.attention import relative_attention, relative_attention_inference
 MODES = ("rate", "rmt", "trxl", "dt")
 OBS_KINDS = ("vector", "image")
 MRV_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
+INT_FIELDS = ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head", "d_inner",
+              "num_mem_tokens", "mem_len", "n_head_ca", "aux_classes")
+MIN_IMAGE_SIDE = 36  # the image encoder's convolutions (8 stride 4, 4 stride 2, 3) need at least 36 pixels
+
+
+def _is_whole(value) -> bool:
+    """An int (not a bool, and not 4.0: a config says what it means)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 ACTION_PAD = -10  # action value that marks padding in datasets and the unknown current action
 
 
@@ -87,8 +95,12 @@ class ModelConfig:
 
     def __post_init__(self):
         # JSON gives lists; keep tuples so configs compare equal after a round trip.
-        self.obs_shape = tuple(int(s) for s in self.obs_shape)
-        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        for name in ("obs_shape", "conv_channels"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                    _is_whole(v) for v in value):
+                raise ValueError(f"invalid ModelConfig: {name} must be a sequence of whole numbers, got {value!r}")
+            setattr(self, name, tuple(int(v) for v in value))
         self.validate()
 
     def validate(self):
@@ -98,6 +110,14 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"invalid ModelConfig: {message}")
 
+        for name in INT_FIELDS:
+            check(_is_whole(getattr(self, name)), f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in ("use_ffn", "action_inputs"):
+            check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("dropout", "dropatt"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+                  f"{name} is a probability in [0, 1), got {value!r}")
         check(self.mode in MODES, f"mode={self.mode!r}, expected one of {MODES}")
         check(self.obs_kind in OBS_KINDS, f"obs_kind={self.obs_kind!r}, expected one of {OBS_KINDS}")
         check(self.mrv_act in MRV_ACTIVATIONS, f"mrv_act={self.mrv_act!r}, expected one of {MRV_ACTIVATIONS}")
@@ -106,6 +126,13 @@ class ModelConfig:
         else:
             check(len(self.obs_shape) == 3 and self.obs_shape[0] == 3,
                   f"image observations need obs_shape=(3, H, W), got {self.obs_shape}")
+            check(min(self.obs_shape[1:]) >= MIN_IMAGE_SIDE, f"image observations need H and W >= {MIN_IMAGE_SIDE} "
+                  f"(the encoder's three convolutions), got obs_shape={self.obs_shape}")
+            check(len(self.conv_channels) == 3 and min(self.conv_channels) >= 1,
+                  f"conv_channels: three channel counts >= 1 (one per convolution), got {self.conv_channels}")
+        check(min(self.obs_shape) >= 1, f"obs_shape sizes must be >= 1, got {self.obs_shape}")
+        if self.use_ffn:
+            check(self.d_inner >= 1, f"use_ffn needs d_inner >= 1, got {self.d_inner}")
         for name in ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_mem_tokens", "mem_len", "n_head_ca", "aux_classes"):
@@ -382,6 +409,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         """rtg (B, T) or (B, T, 1) float; obs (B, T, *obs_shape); actions (B, T) long, negative =
         padding (the current, not yet chosen action is padding too). Returns (B, 3T, d) tokens in
         the order R_1, o_1, a_1, R_2, ..."""
+        self.check_inputs(rtg, obs, actions)
         batch, steps = actions.shape
         rtg = rtg.reshape(batch, steps, 1).float()
         obs = obs.reshape(batch * steps, *self.config.obs_shape)
@@ -392,6 +420,26 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
             self.action_tokens(actions),
         ], dim=2)
         return tokens.view(batch, 3 * steps, self.config.d_model)
+
+    def check_inputs(self, rtg, obs, actions) -> None:
+        """Raise ValueError, saying what was expected, for inputs that the reshapes would otherwise
+        take silently or refuse obscurely: observations in another layout (e.g. frames (H, W, 3) as
+        envs render them, or time first), float images (already scaled: they would be divided by 255
+        again) and returns-to-go that do not match the actions' (B, T)."""
+        c = self.config
+        if actions.dim() != 2:
+            raise ValueError(f"actions must be (B, T), got shape {tuple(actions.shape)}")
+        batch, steps = actions.shape
+        expected = (batch, steps, *c.obs_shape)
+        if tuple(obs.shape) != expected:
+            layout = "uint8 frames channels first, (3, H, W)" if c.obs_kind == "image" else "vectors"
+            raise ValueError(f"obs must be (B, T, *obs_shape) = {expected} to go with actions of shape "
+                             f"{(batch, steps)} ({layout}), got shape {tuple(obs.shape)}")
+        if c.obs_kind == "image" and obs.dtype != torch.uint8:
+            raise ValueError(f"image observations must be uint8 (0-255; the model scales them), got {obs.dtype}")
+        if tuple(rtg.shape) not in ((batch, steps), (batch, steps, 1)):
+            raise ValueError(f"rtg must be (B, T) or (B, T, 1) = {(batch, steps)} to go with the actions, "
+                             f"got shape {tuple(rtg.shape)}")
 
     def action_tokens(self, actions):
         """actions (...) long, negative = padding -> (..., d) action tokens (all the padding token

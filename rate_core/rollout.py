@@ -12,6 +12,7 @@ ones. Sampled actions use one random stream per environment (seeded by the sampl
 environment's seed), so an episode does not depend on which other episodes share its batch.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,9 +305,45 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     unknown-action token (as train --action-dropout hides them in training; the env still takes it),
     drawn per env from a stream seeded by (sample_seed, env seed, 1).
     """
+    check_rollout(model, vector_env, target_return, max_steps, temperature, hide_actions)
+    training = model.training
+    model.eval()
+    try:
+        return _play(model, vector_env, seeds, target_return, sample, sample_seed, max_steps, progress, trace,
+                     temperature, frames, observations, memory_horizon, hide_actions)
+    finally:
+        model.train(training)  # as the caller had it (a model evaluated during training goes on training)
+
+
+def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps, temperature, hide_actions) -> None:
+    """Raise ValueError, saying what to pass, for arguments of run_episodes that would fail deep in
+    the model or the env, or give a silently wrong result (a temperature of 0 gives NaN probabilities)."""
+    if not hasattr(vector_env, "num_envs"):
+        raise ValueError(f"run_episodes needs a vector env (task.make_vector_env(n)), got {type(vector_env).__name__}")
+    if vector_env.num_envs < 1:
+        raise ValueError("run_episodes needs at least one env, got a vector env of 0")
+    c = model.config
+    space, actions = (getattr(vector_env, name, None) for name in ("single_observation_space", "single_action_space"))
+    if space is not None and actions is not None and (tuple(space.shape) != c.obs_shape
+                                                      or getattr(actions, "n", None) != c.act_dim):
+        raise ValueError(f"the model ({model.task or 'no task'}: observations {c.obs_shape}, {c.act_dim} actions) does "
+                         f"not fit the env (observations {tuple(space.shape)}, action space {actions}): use the "
+                         f"task's own checkpoint and env")
+    targets = np.asarray(target_return, dtype=np.float64)
+    if targets.ndim > 1 or targets.size not in (1, vector_env.num_envs) or not np.isfinite(targets).all():
+        raise ValueError(f"target_return: one finite number or one per env ({vector_env.num_envs}), "
+                         f"got {target_return!r}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1 (None: play to the end), got {max_steps}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number (1: the model's own probabilities), got {temperature}")
     if not 0.0 <= hide_actions <= 1.0:
         raise ValueError(f"hide_actions is a probability in [0, 1], got {hide_actions}")
-    model.eval()
+
+
+def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_steps, progress, trace, temperature,
+          frames, observations, memory_horizon, hide_actions) -> EpisodeBatch:
+    """run_episodes' loop, its arguments checked and the model in eval mode."""
     device = next(model.parameters()).device
     num = vector_env.num_envs
     seeds = list(seeds)

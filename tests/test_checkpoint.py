@@ -272,3 +272,35 @@ def test_from_pretrained_of_a_local_folder_validates_like_load_checkpoint(saved,
     with pytest.raises(CheckpointError, match=r"^runs/missing: no such checkpoint folder here, and not in the local "
                                               r"Hugging Face cache"):
         MemoryTransformer.from_pretrained("runs/missing")
+
+
+def test_config_values_of_the_wrong_type_are_checkpoint_errors(saved):
+    _, directory = saved
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "model_config": {**config["model_config"], "n_layer": 2.0}}))
+    with pytest.raises(CheckpointError, match=r"config\.json: bad model_config: .*n_layer must be a whole number"):
+        load_checkpoint(directory)
+    path.write_text(json.dumps({**config, "training": [1, 2]}))
+    with pytest.raises(CheckpointError, match=r"config\.json: 'training' must be an object of metadata"):
+        load_checkpoint(directory)
+
+
+def test_saving_metadata_json_cannot_hold_writes_nothing(tmp_path):
+    import numpy as np
+
+    model = tiny_model("rate")
+    model.training_info = {"learning_rate": np.float32(1e-3)}
+    with pytest.raises(ValueError, match="training metadata cannot be saved as JSON"):
+        save_checkpoint(model, tmp_path / "run")
+    model.training_info, model.task = {}, 5
+    with pytest.raises(ValueError, match="task must be a task name"):
+        save_checkpoint(model, tmp_path / "run")
+    model.task = "unit_test"
+
+    def failing_extra(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, tmp_path / "run", extra=failing_extra)
+    assert list(tmp_path.iterdir()) == []  # no staging folder left behind

@@ -123,3 +123,28 @@ def test_a_checkpoint_of_no_known_task_names_its_config(tmp_path):
                                                        | ({"task": task} if task else {})))
         with pytest.raises(CheckpointError, match=rf"^{folder / 'config.json'}: {problem}; known tasks: .*tmaze"):
             load_reference(folder)
+
+
+def test_card_of_a_return_scored_task_has_no_success_column():
+    from rate_core.hub import hub_model_card
+
+    folder = ROOT / "assets" / "checkpoints" / "memory_maze" / "rate"
+    evaluation = json.loads((folder / "eval.json").read_text())
+    card = hub_model_card(load_checkpoint(folder), "someone/rate-memory-maze", evaluation)
+    result = evaluation["results"][0]
+    assert (f"| step_cap | episodes | return |\n| --- | --- | --- |\n| 1000 | {result['episodes']} | "
+            f"{result['mean_return']:.3f} ± {result['return_sem']:.3f} |") in card
+
+
+def test_from_pretrained_takes_hf_references_and_refuses_unknown_keywords(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="hf://someone/rate-tmaze: not in the local Hugging Face cache"):
+        MemoryTransformer.from_pretrained("hf://someone/rate-tmaze")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['mode', 'task'\].*load_checkpoint"):
+        MemoryTransformer.from_pretrained(str(SHIPPED), task="memory_maze", mode="dt")
+    with pytest.raises(CheckpointError, match=r"a Hugging Face Hub reference, not a folder; load it with "
+                                              r"rate_core.hub.load_reference\('hf://someone/rate-tmaze'\)"):
+        load_checkpoint("hf://someone/rate-tmaze")

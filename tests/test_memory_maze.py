@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +231,19 @@ def test_a_killed_worker_is_reported_with_its_likely_cause():
     finally:
         envs.close()
 
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
+    script = tmp_path / "plain.py"  # makes envs at import: each spawned worker would import it again
+    script.write_text("import functools\n"
+                      "from rate_core.envs.subproc import SubprocLockstepVectorEnv\n"
+                      "from rate_core.envs.tmaze import TMazeEnv\n"
+                      "SubprocLockstepVectorEnv([functools.partial(TMazeEnv, episode_length=5)])\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "before it made its envs" in last and 'must be under `if __name__ == "__main__":`' in last
 
 def test_subproc_vector_env_matches_lockstep_on_memory_maze():
     ours = get_task("memory_maze").make_vector_env(2, step_cap=12, render_mode="rgb_array")  # a worker per env

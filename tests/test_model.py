@@ -26,6 +26,42 @@ def test_config_rejects_inconsistent_modes():
         tiny_config("rate", mrv_act="gelu")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("dropout", 1.5, "dropout is a probability"), ("dropatt", -0.1, "dropatt is a probability"),
+    ("d_inner", 0, "use_ffn needs d_inner >= 1"), ("n_head", 2.5, "n_head must be a whole number"),
+    ("d_model", "64", "d_model must be a whole number"), ("n_layer", 4.0, "n_layer must be a whole number"),
+    ("use_ffn", 1, "use_ffn must be true or false"), ("obs_shape", 5, "obs_shape must be a sequence"),
+])
+def test_config_names_the_field_of_a_value_of_the_wrong_type_or_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config("rate", **{field: value})
+
+
+def test_image_configs_need_three_convolutions_and_room_for_them():
+    with pytest.raises(ValueError, match="conv_channels: three channel counts"):
+        tiny_config("rate", obs_kind="image", obs_shape=(3, 64, 64), conv_channels=(8, 8))
+    with pytest.raises(ValueError, match="H and W >= 36"):
+        tiny_config("rate", obs_kind="image", obs_shape=(3, 35, 64))
+    tiny_config("rate", obs_kind="image", obs_shape=(3, 36, 36))  # the smallest that the encoder takes
+
+
+def test_inputs_in_another_layout_are_refused_saying_what_was_expected():
+    model = tiny_model("rate", obs_kind="image", obs_shape=(3, 36, 40))
+    rtg, obs, actions = random_batch(model.config, batch=2, steps=K)
+    assert obs.dtype == torch.uint8
+    model(rtg, obs, actions)
+    with pytest.raises(ValueError, match=r"obs must be \(B, T, \*obs_shape\) = \(2, 4, 3, 36, 40\).*channels first"):
+        model(rtg, obs.permute(0, 1, 3, 4, 2), actions)  # frames (H, W, 3), as envs render them
+    with pytest.raises(ValueError, match="image observations must be uint8"):
+        model(rtg, obs.float() / 255, actions)  # scaled already: the model would scale them again
+    with pytest.raises(ValueError, match=r"rtg must be \(B, T\) or \(B, T, 1\)"):
+        model(rtg.reshape(2, K // 2, 2), obs, actions)
+    vector = tiny_model("rate")
+    rtg, obs, actions = random_batch(vector.config, batch=2, steps=K)
+    with pytest.raises(ValueError, match=r"obs must be \(B, T, \*obs_shape\) = \(2, 4, 4\)"):
+        vector(rtg, obs.transpose(0, 1), actions)  # time first
+
+
 def test_attention_mask_follows_the_spec():
     model = tiny_model("rate_cached")
     m, seg, cache = 3, 6, 5

@@ -225,6 +225,28 @@ def test_hidden_actions_are_drawn_per_episode_and_checked():
         run_episodes(model, task.make_vector_env(1, **settings), [1], 1.0, hide_actions=1.5)
 
 
+
+def test_run_episodes_refuses_what_it_cannot_play_and_leaves_the_models_mode_alone():
+    model = tiny_model("rate").train()
+    tmaze = get_task("tmaze")
+    env = tmaze.make_vector_env(2, episode_length=K + 2)
+    for kwargs, message in [(dict(temperature=0.0, sample=True), "temperature must be a positive number"),
+                            (dict(temperature=-1.0), "temperature must be a positive number"),
+                            (dict(max_steps=0), "max_steps must be at least 1"),
+                            (dict(target_return=[1.0, 1.0, 1.0]), r"one finite number or one per env \(2\)")]:
+        with pytest.raises(ValueError, match=message):
+            run_episodes(model, env, [1, 2], **{"target_return": 1.0, **kwargs})
+    with pytest.raises(ValueError, match="needs a vector env .* got TMazeEnv"):
+        run_episodes(model, tmaze.make_env(episode_length=K + 2), [1], 1.0)
+    minigrid = get_task("minigrid_memory").make_vector_env(1, size=7)
+    with pytest.raises(ValueError, match=r"does not fit the env \(observations \(3, 84, 84\)"):
+        run_episodes(model, minigrid, [1], 1.0)
+    assert model.training  # refused before it changed anything
+    run_episodes(model, env, [1, 2], 1.0)
+    assert model.training  # played in eval mode, and given back in training mode
+    run_episodes(model.eval(), env, [1, 2], 1.0)
+    assert not model.training
+
 def test_trace_records_memory_updates_and_attention_on_memory():
     model = tiny_model("rate")
     steps = 3 * K + 2

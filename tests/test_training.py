@@ -932,11 +932,15 @@ def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(data
     from training.evaluate import Args, main
 
     checkpoint = train(_tiny_config(dataset_path, tmp_path / "ev", epochs=1))
-    main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2))  # no eval.json yet: written
-    (checkpoint / "eval.json").write_text('{"protocol": "the shipped one"}')
-    with pytest.raises(SystemExit, match=r"keeps the protocol's results.*\(--values, --episodes\).*--json OUT"):
-        main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2))
+    for existing in (False, True):  # whether or not the checkpoint holds an eval.json: only the protocol's goes there
+        with pytest.raises(SystemExit, match=r"not the protocol's \(--values, --episodes\): give --json OUT"):
+            main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2))
+        assert (checkpoint / "eval.json").exists() is existing
+        (checkpoint / "eval.json").write_text('{"protocol": "the shipped one"}')
     assert (checkpoint / "eval.json").read_text() == '{"protocol": "the shipped one"}'
+    main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=tmp_path / "short.json"))
+    written = json.loads((tmp_path / "short.json").read_text())  # the protocol block says what ran
+    assert written["protocol"]["episodes"] == 2 and written["protocol"]["values"] == [10]
     with pytest.raises(SystemExit, match="--json .*cannot write a file there"):
         main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=tmp_path / "missing" / "e.json"))
     for args, message in [(dict(episodes=-1), "--episodes must be at least 1"), (dict(episodes=0), "at least 1"),

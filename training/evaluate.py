@@ -65,8 +65,8 @@ class Args:
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Annotated[Path | None, OWN_DEFAULT] = None
-    """write the results here (default: eval.json next to the checkpoint's files; an evaluation other than
-    the protocol's does not replace one there)"""
+    """write the results here (default: eval.json next to the checkpoint's files, for the protocol's
+    evaluation only: any other needs --json)"""
     device: str = "auto"
     """cpu, cuda or auto"""
 
@@ -217,10 +217,10 @@ def main(args: Args) -> None:
     if args.json is None and is_hub_reference(args.checkpoint):
         raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     changed = protocol_changed(args, task)
-    if args.json is None and changed and (Path(args.checkpoint) / "eval.json").exists():
-        raise SystemExit(f"error: {Path(args.checkpoint) / 'eval.json'} exists and keeps the protocol's results "
-                         f"(the app, training.scores and push read it); this evaluation is not the protocol's "
-                         f"({', '.join(changed)}): write it elsewhere with --json OUT")
+    if args.json is None and changed:
+        raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
+                         f"a checkpoint's own eval.json holds only the protocol's results (the app, training.scores "
+                         f"and push read it as such)")
     out = args.json or Path(args.checkpoint) / "eval.json"
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise SystemExit(f"error: --json {out}: cannot write a file there (a folder, or its folder "
@@ -278,6 +278,8 @@ def main(args: Args) -> None:
           + (f", memory horizon {args.memory_horizon} segment{'s' * (args.memory_horizon > 1)}"
              if args.memory_horizon else "")
           + (f", action inputs hidden with probability {args.hide_actions}" if args.hide_actions else ""))
+
+    protocol = replace(protocol, episodes=episodes, values=tuple(values))  # as run, for what reads the JSON
 
     def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
         out.write_text(json.dumps({

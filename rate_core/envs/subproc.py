@@ -97,7 +97,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
             first += size
         self.closed = False
         try:
-            described = self._receive_all()
+            described = self._receive_all(starting=True)
         except BaseException:
             self.close()
             raise
@@ -107,32 +107,38 @@ class SubprocLockstepVectorEnv(VectorEnv):
         self.metadata = {**metadata, "autoreset_mode": AutoresetMode.DISABLED}
         self.done = np.ones(self.num_envs, dtype=bool)
 
-    def _receive_all(self) -> list:
+    def _receive_all(self, starting: bool = False) -> list:
         """Every worker's answer to the last request, in worker order. A worker's exception is
-        raised again here (the first one, with the worker's traceback as a note)."""
+        raised again here (the first one, with the worker's traceback as a note); starting: the
+        workers' first answer, after making their envs."""
         answers, failure = [], None
         for worker, connection in enumerate(self._connections):
             try:
                 status, result = connection.recv()
             except (EOFError, ConnectionError):
-                status, result = "error", (RuntimeError(self._ended(worker)), "")
+                status, result = "error", (RuntimeError(self._ended(worker, starting)), "")
             if status == "error":
                 error, text = result
                 if failure is None:
-                    error.add_note(f"raised in env worker {worker}:\n{text}".rstrip())
+                    if text:  # a worker that ended says so in the message itself
+                        error.add_note(f"raised in env worker {worker}:\n{text}".rstrip())
                     failure = error
             answers.append(result)
         if failure is not None:
             raise failure
         return answers
 
-    def _ended(self, worker: int) -> str:
+    def _ended(self, worker: int, starting: bool = False) -> str:
         """Why a worker's connection closed, for the error: its exit code (waited for briefly, as the
-        pipe closes before the process is gone) and what a kill by SIGKILL usually means."""
+        pipe closes before the process is gone) and what a kill by SIGKILL or a failed start usually means."""
         process = self._processes[worker]
         process.join(timeout=5)
         message = f"env worker {worker} ended (exit code {process.exitcode})"
-        if process.exitcode == -signal.SIGKILL:
+        if starting and process.exitcode == 1:
+            message += (" before it made its envs; its error is printed above. From a script, the most common "
+                        "cause: a worker process imports the script again (they are started by spawn), so the "
+                        "code that makes the envs must be under `if __name__ == \"__main__\":`")
+        elif process.exitcode == -signal.SIGKILL:
             message += ("; it was killed (SIGKILL), most often by the kernel's out-of-memory killer: run fewer envs "
                         "at once, or fewer jobs beside this one")
         return message
