@@ -1,23 +1,52 @@
 """Start the RATE demo: python app.py [--host 127.0.0.1] [--port 7860] [--share]."""
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(__file__).resolve().parent / "outputs" / "gradio"))
+
+
+def _environ_port() -> int:
+    """GRADIO_SERVER_PORT as the default port (7860 without it); a value that is no number ends the app in one line."""
+    value = os.environ.get("GRADIO_SERVER_PORT", "7860")
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"error: GRADIO_SERVER_PORT must be a port number, got {value!r}") from None
 
 
 @dataclass
 class Args:
-    """Serve the RATE demo (Gradio). Host and port also come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT."""
+    """Serve the RATE demo (Gradio). Host and port also come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT;
+    videos and Gradio's files go under outputs/ (RATE_APP_OUTPUTS: elsewhere; a temporary folder where
+    outputs/ cannot be written, e.g. a read-only checkout)."""
 
     host: str = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     """address to listen on (0.0.0.0 to serve other machines)"""
-    port: int = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    port: int = _environ_port()
     """port to listen on"""
     share: bool = False
     """also open a temporary public gradio.live link (needs network)"""
+
+
+def outputs_folder() -> Path:
+    """The folder for the app's videos and Gradio's files: RATE_APP_OUTPUTS, else outputs/ here, else (not
+    writable) a folder in the system's temporary folder, said in one line. Sets both for the app."""
+    wanted = Path(os.environ.get("RATE_APP_OUTPUTS") or Path(__file__).resolve().parent / "outputs")
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=wanted).close()
+        folder = wanted
+    except OSError as error:
+        folder = Path(tempfile.gettempdir()) / "rate_app_outputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"{wanted} cannot be written ({error.strerror}): the app's videos go to {folder} "
+              f"(set RATE_APP_OUTPUTS to choose)")
+    os.environ["RATE_APP_OUTPUTS"] = str(folder)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(folder / "gradio"))
+    return folder
 
 
 def main() -> None:
@@ -26,10 +55,25 @@ def main() -> None:
     args = tyro.cli(Args)
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"error: --port must be from 1 to 65535, got {args.port}")
+    check_address(args.host, args.port)  # before the demo starts its background work
+    outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.ui import build_demo
 
     build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
                                                            share=args.share)
+
+
+def check_address(host: str, port: int) -> None:
+    """SystemExit in one line when the app cannot listen on host:port (the port is taken, or the host
+    is not an address of this machine)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise SystemExit(f"error: cannot serve on {host}:{port} ({error.strerror or error}); choose another "
+                         f"--port, or stop what is listening there") from None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ a task with shipped checkpoints appears without app changes."""
 import functools
 import json
 import math
+import numbers
 import os
+import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -24,7 +26,9 @@ from rate_core.tasks import TASKS, Task, get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_ROOT = ROOT / "assets" / "checkpoints"
-VIDEO_ROOT = ROOT / "outputs" / "videos"
+OUTPUTS = Path(os.environ.get("RATE_APP_OUTPUTS") or ROOT / "outputs")  # app.py falls back to a temporary folder
+VIDEO_ROOT = OUTPUTS / "videos"
+MAX_VIDEO_FOLDERS = 48  # the newest runs' videos kept (and those of cached results): a long-lived server's disk
 SHIPPED = "shipped: "  # prefix of the checkpoint choices that name a shipped folder
 MODE_NAMES = {"rate": "RATE", "rmt": "RMT", "trxl": "TrXL", "dt": "DT"}
 OVERLAY_HEIGHT = 48
@@ -91,13 +95,27 @@ def task_description(task: str, root: Path = CHECKPOINT_ROOT) -> str:
 
 def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Path:
     """Folder of a checkpoint choice: a shipped name or a local folder path."""
-    choice = (choice or "").strip()
+    choice = _choice_text(choice)
     if not choice:
         raise AppError("choose a checkpoint: a shipped one from the list, the path of a local checkpoint folder, "
                        "or hf://USER/NAME")
-    if choice.startswith(SHIPPED):
+    if choice.startswith(SHIPPED):  # only the task's own shipped folders (no path reaches elsewhere this way)
+        if choice not in shipped_choices(task, root):
+            raise AppError(f"{choice!r} is not a shipped checkpoint of {task}; the shipped ones: "
+                           f"{', '.join(shipped_choices(task, root)) or 'none'} (or give a folder's path)")
         return root / task / choice[len(SHIPPED):]
+    if os.environ.get("RATE_APP_LOCAL_PATHS", "1") == "0":  # a public server: no looking around its files
+        raise AppError("this server plays its shipped checkpoints and hf://USER/NAME references only, not folders "
+                       "on its disk")
     return Path(os.path.expanduser(choice))
+
+
+def _choice_text(choice) -> str:
+    """A checkpoint choice as text; AppError for a value that is not text (the API takes anything)."""
+    if choice is not None and not isinstance(choice, str):
+        raise AppError(f"a checkpoint choice is text (shipped: NAME, a folder's path or hf://USER/NAME), "
+                       f"got {choice!r}")
+    return (choice or "").strip()
 
 
 _models: dict = {}
@@ -107,7 +125,7 @@ _models_lock = threading.Lock()
 def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
     """The model of a checkpoint choice for `task` (shipped, a folder, or hf://USER/NAME), cached
     while its files do not change."""
-    choice = (choice or "").strip()
+    choice = _choice_text(choice)
     if is_hub_reference(choice):  # through MemoryTransformer.from_pretrained (the Hub cache when offline)
         with _models_lock:
             if (choice, task) not in _models:
@@ -161,6 +179,12 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
         task = get_task(task_name)
     except KeyError:
         raise AppError(f"unknown task {task_name!r}; choose one of: {', '.join(demo_tasks())}") from None
+    for name, value in (("seed", seed), ("setting", setting_value), ("target return", target_return),
+                        ("step cap", step_cap), ("memory horizon", memory_horizon)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise AppError(f"{name} must be a number, got {value!r}")
+    if not isinstance(sample, (bool, np.bool_)):
+        raise AppError(f"sample actions must be true or false, got {sample!r}")
     settings = dict(task.default_settings)
     spec = task.demo_setting
     if spec is not None:
@@ -360,6 +384,21 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> Path:
             writer.append_data(frame)
     partial.replace(path)
     return path
+
+
+def prune_videos(keep=(), root: Path | None = None, limit: int = MAX_VIDEO_FOLDERS) -> int:
+    """Delete the oldest episode folders under root (default VIDEO_ROOT) beyond the newest `limit`,
+    except those in `keep` (the folders of results the app still serves). Returns how many went."""
+    root = VIDEO_ROOT if root is None else root
+    kept = {Path(folder).resolve() for folder in keep}
+    try:
+        folders = sorted(root.glob("episode_*"), key=lambda folder: folder.stat().st_mtime, reverse=True)
+    except OSError:  # a folder deleted meanwhile (another run pruning): next time
+        return 0
+    gone = [folder for folder in folders[limit:] if folder.resolve() not in kept]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(gone)
 
 
 def video_fps(steps: int) -> int:

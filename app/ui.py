@@ -3,6 +3,7 @@ and a look inside RATE's memory. Tasks and checkpoints come from the registry an
 
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from app import plots
 from app.episodes import (CHECKPOINT_ROOT, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
-                          episode_videos, load_model, make_request, outcome, play_pair, shipped_choices,
+                          episode_videos, load_model, make_request, outcome, play_pair, prune_videos, shipped_choices,
                           task_description, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
@@ -27,7 +28,8 @@ and below the videos you see what RATE's memory held."""
 
 PANELS = 5  # figures in the memory panel
 PLAYING = "Playing "  # how the outcome line begins while a run plays
-RESULT_CACHE: dict = {}  # request -> outputs, for the shipped checkpoints (examples, first visit)
+RESULT_CACHE: OrderedDict = OrderedDict()  # request -> outputs, for the shipped checkpoints (examples, first visit)
+RESULT_CACHE_SIZE = 32  # the oldest result goes beyond this (its videos then go with prune_videos)
 _IN_FLIGHT: dict = {}  # request -> threading.Event set when the run playing it ends (cached or failed)
 _visits = 0  # visitors' runs playing now (not those served from the cache or waiting for a run of their request)
 _cache_lock = threading.Lock()
@@ -147,6 +149,23 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     return [gr.skip()] * 4 if result is None or superseded() else result
 
 
+def run_api(task: str, left: str | None = None, right: str | None = None, seed: float | None = 0,
+            setting: float | None = None, target_return: float | None = None, step_cap: float | None = None,
+            sample: bool | None = None, memory_horizon: float | None = 0, progress=gr.Progress()):
+    """The API's run (/run_episodes): run_episodes for a caller with no page, where any argument left
+    out (None) is the chosen task's default, as the page fills in when a visitor picks the task (the
+    shipped RATE and DT, the task's setting, target return, step cap and action choice). Returns the
+    two videos and the summary."""
+    if task not in demo_tasks():
+        raise gr.Error(f"unknown task {task!r}; choose one of: {', '.join(demo_tasks())}", print_exception=False)
+    if sample is not None and not isinstance(sample, bool):
+        raise gr.Error(f"sample must be true or false (or left out: the task's choice), got {sample!r}",
+                       print_exception=False)
+    given = [task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon]
+    values = [default if value is None else value for value, default in zip(given, default_inputs(task))]
+    return run_episodes(*values, request=None, progress=progress)[:3]
+
+
 def _cached_run(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
                 step_cap: float, sample: bool, memory_horizon: float, progress, visitor: bool = False):
     """run_episodes through RESULT_CACHE (shipped checkpoints) and _IN_FLIGHT; visitor: a visitor's run
@@ -178,6 +197,8 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
             result = _play_and_render(request, left, right, progress)
         with _cache_lock:
             RESULT_CACHE[key] = result
+            while len(RESULT_CACHE) > RESULT_CACHE_SIZE:
+                RESULT_CACHE.popitem(last=False)
         return result
     finally:
         with _cache_lock:
@@ -210,6 +231,9 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
     traces = play_pair(models, request, report)
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task)
+    with _cache_lock:
+        served = [Path(result[0]).parent for result in RESULT_CACHE.values()]
+    prune_videos(keep=[*served, videos[0].parent])
     summary = {"task": request.task.name, "seed": request.seed, "settings": request.settings,
                "app_step_cap": request.step_cap, "target_return": request.target_return,
                "sampled_actions": request.sample, "memory_horizon": request.memory_horizon,
@@ -441,7 +465,8 @@ def example_label(example: list) -> str:
 def build_demo(warm: bool = True) -> gr.Blocks:
     tasks = demo_tasks()
     examples, warm_order = demo_examples(tasks)
-    with gr.Blocks(title="RATE: memory transformers for offline RL") as demo:
+    # delete_cache: Gradio's copies of the videos, an hour old, every half hour (prune_videos keeps our own in check)
+    with gr.Blocks(title="RATE: memory transformers for offline RL", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(INTRO)
         if not tasks:
             gr.Markdown("No trained checkpoints are shipped yet (they land under `assets/checkpoints/`).")
@@ -502,8 +527,15 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         # Run first empties the page of the last run (see run_started); a second press while a run plays is not
         # dropped ("multiple"): the newer run supersedes the older one, which stops unshown (PageRuns)
         run_event = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions], api_name=False,
-                              queue=False).then(run_episodes, inputs, run_outputs, api_name="run_episodes",
-                                                concurrency_limit=2, trigger_mode="multiple")
+                              queue=False).then(run_episodes, inputs, run_outputs, api_name=False,
+                                                concurrency_limit=2, concurrency_id="runs", trigger_mode="multiple")
+        with gr.Column(visible=False):  # the API's endpoint: its inputs default to None, i.e. the task's defaults
+            api_inputs = [gr.Textbox(value=tasks[0] if tasks else None), gr.Textbox(value=None), gr.Textbox(value=None),
+                          gr.Number(value=0, precision=0), *[gr.Number(value=None) for _ in range(3)],
+                          gr.JSON(value=None), gr.Number(value=0, precision=0)]  # a Checkbox has no None
+            api_outputs = [gr.Video(label="left video"), gr.Video(label="right video"), gr.JSON(label="summary")]
+            gr.Button().click(run_api, api_inputs, api_outputs, api_name="run_episodes", concurrency_limit=2,
+                              concurrency_id="runs")
         shown(run_event)
         run_event.failure(run_failed, None, outcome_text, api_name=False)
         task.change(task_changed, [task, outcome_text], [task_text, left, right, setting, outcome_text],

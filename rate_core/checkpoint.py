@@ -27,6 +27,27 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be used; the message names the file and the problem."""
 
 
+def resolve_device(choice: str | torch.device = "auto") -> torch.device:
+    """The torch device for `choice`: cpu, cuda, cuda:N, or auto (cuda when there is one). ValueError,
+    saying what to use, for an unknown device or a CUDA device this machine does not have."""
+    if str(choice) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {choice!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {choice!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {choice}: this machine has no CUDA device (torch sees none); use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {choice}: this machine has {count} CUDA device{'s' * (count > 1)} "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return device
+
+
 def checkpoint_config(model: MemoryTransformer) -> dict:
     """The JSON-able content of config.json for `model`."""
     return {
@@ -183,9 +204,11 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
     """Load a checkpoint folder into a MemoryTransformer in eval mode on `device`.
 
     task, mode: when given, the checkpoint must have been trained for that task / in that mode.
+    device: cpu, cuda, cuda:N or auto (resolve_device; ValueError for one this machine lacks).
     Raises CheckpointError for a missing folder or file, a corrupt or truncated file, weights that
     do not match the config, or a different task or mode.
     """
+    device = resolve_device(device)
     if str(directory).startswith("hf://"):
         raise CheckpointError(f"{directory}: a Hugging Face Hub reference, not a folder; load it with "
                               f"rate_core.hub.load_reference({str(directory)!r}) or "

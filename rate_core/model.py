@@ -1,4 +1,4 @@
-"""The memory transformer: one module for RATE, RMT, TrXL and DT (see shared spec model.md).
+"""The memory transformer: one module for RATE, RMT, TrXL and DT (README, "The model").
 
 A trajectory is a sequence of (return-to-go R_t, observation o_t, action a_t) steps. Each step
 becomes three tokens R, o, a. A segment of T steps is processed as
@@ -45,7 +45,7 @@ ACTION_PAD = -10  # action value that marks padding in datasets and the unknown 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a MemoryTransformer. Defaults: the paper's T-Maze RATE (model.md section 7)."""
+    """Architecture of a MemoryTransformer. Defaults: the paper's T-Maze RATE (its hyperparameter tables)."""
 
     mode: str = "rate"
     """how memory flows: rate | rmt | trxl | dt"""
@@ -452,7 +452,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
 
     # ----------------------------------------------------------------------------------- core
     def attention_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
-        """(m + S + m, L + m + S + m) bool mask of model.md section 2 for S segment tokens and a
+        """(m + S + m, L + m + S + m) bool mask (README, "The model") for S segment tokens and a
         cache of L positions: True where the query row may attend to the key column. Masks are
         built once per shape and shared (do not modify them)."""
         key = (num_tokens, cache_len, str(torch.device(device or "cpu")))

@@ -1,4 +1,4 @@
-"""The paper's model configurations and parameter counts (model.md section 7), as reference points.
+"""The paper's model configurations and parameter counts (the paper's hyperparameter tables), as reference points.
 
 `paper_config(task, mode)` gives the published architecture of a task in any of the four modes;
 `PAPER_PARAMETER_COUNTS` holds the counts the paper reports for RATE and DT (its Table 12).
@@ -45,7 +45,8 @@ def paper_config(task: str, mode: str = "rate") -> ModelConfig:
     if task not in _PAPER_RATE:
         raise KeyError(f"no paper config for task {task!r}; known: {', '.join(PAPER_TASKS)}")
     rate = _PAPER_RATE[task]
-    # Without memory tokens, TrXL's cache must cover the sample by itself: N segments of 3K tokens.
+    # TrXL keeps the paper's own cache length where it gives one (Minigrid, ViZDoom, Memory Maze: shorter than
+    # a sample); where it gives none (T-Maze), a cache that covers the sample: N segments of 3K tokens.
     variants = mode_variants(rate, cache_len=rate.mem_len or 3 * rate.context_length * rate.sections)
     if mode not in variants:
         raise ValueError(f"mode={mode!r}, expected rate | rmt | trxl | dt")

@@ -226,7 +226,7 @@ register(Task(
     make_env=_tmaze_env,
     make_vector_env=_tmaze_vector_env,
     make_expert=TMazeOracle,
-    # Oracle episodes whose length is a multiple of K up to K * N (model.md, environments.md).
+    # Oracle episodes whose length is a multiple of K up to K * N (as the paper's T-Maze data).
     dataset_settings=({"episode_length": 50}, {"episode_length": 100}, {"episode_length": 150}),
     dataset_episodes=600,
     model_configs=mode_variants(_TMAZE_RATE, cache_len=3 * 50 * 3),

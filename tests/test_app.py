@@ -126,14 +126,29 @@ def test_settings_out_of_range_are_refused_with_the_allowed_range():
         with pytest.raises(AppError, match="target return must be a number from -10000 to 10000"):
             make_request("tmaze", 0, 150, target, 0, False)
     assert make_request("vizdoom_two_colors", 0, None, -10_000, 0, False).target_return == -10_000
+    for arguments, message in [(("tmaze", 0, 150, "x", 0, False), "target return must be a number, got 'x'"),
+                               (("tmaze", "0", 150, 1.0, 0, False), "seed must be a number"),
+                               (("tmaze", 0, 150, 1.0, 0, "false"), "sample actions must be true or false")]:
+        with pytest.raises(AppError, match=message):  # what the API may send
+            make_request(*arguments)
     request = make_request("tmaze", 3, 200, None, 0, False)
     assert request.settings == {"episode_length": 200} and request.target_return == 1.0 and request.step_cap is None
     assert request.memory_horizon is None and make_request("tmaze", 3, 200, None, 0, False, 2).memory_horizon == 2
 
 
-def test_bad_checkpoints_are_refused_with_a_message(tmp_path):
+def test_bad_checkpoints_are_refused_with_a_message(tmp_path, monkeypatch):
     with pytest.raises(AppError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"), "tmaze")
+    for choice in ("shipped: ../minigrid_memory/rate", f"shipped: {tmp_path}"):  # shipped means the task's own
+        with pytest.raises(AppError, match=r"is not a shipped checkpoint of tmaze; the shipped ones: shipped: dt, "):
+            load_model(choice, "tmaze")
+    with pytest.raises(AppError, match="a checkpoint choice is text"):
+        load_model(5, "tmaze")
+    with monkeypatch.context() as public:  # a public server
+        public.setenv("RATE_APP_LOCAL_PATHS", "0")
+        with pytest.raises(AppError, match="shipped checkpoints and hf://USER/NAME references only"):
+            load_model("/etc", "tmaze")
+        assert load_model("shipped: rate", "tmaze").task == "tmaze"
     other = tmp_path / "other_task"
     save_checkpoint(tiny_model("rate"), other)  # a unit_test checkpoint, not a T-Maze one
     with pytest.raises(AppError, match="unit_test"):
@@ -212,6 +227,12 @@ def test_api_plays_minigrid_with_its_shipped_checkpoints(served_app):
     with pytest.raises(Exception, match="odd"):
         client.predict("minigrid_memory", "shipped: rate", "shipped: dt", 0, 20, 0.96, 0, True,
                        api_name="/run_episodes")
+    # what a caller leaves out is the chosen task's default (as the page fills in), not the first task's
+    _, _, summary = client.predict("minigrid_memory", api_name="/run_episodes")
+    assert summary["settings"] == {"size": 41, "step_cap": 500} and summary["target_return"] == 0.96
+    assert summary["sampled_actions"] is True and summary["left"]["checkpoint"] == "shipped: rate"
+    with pytest.raises(Exception, match="sample must be true or false"):
+        client.predict("minigrid_memory", sample="yes", api_name="/run_episodes")
 
 
 def test_api_plays_memory_maze_with_a_step_cap(served_app):
@@ -721,3 +742,19 @@ def test_a_refused_run_is_one_line_in_the_log_and_its_message_is_the_outcome(cap
     assert capsys.readouterr().out.strip().count("\n") == 0
     assert ui.run_failed() == "**Not played**: the run stopped with an error."
     ui.forget_page(page)
+
+
+def test_old_videos_are_pruned_but_those_still_served_are_kept(tmp_path):
+    import os
+
+    from app.episodes import prune_videos
+
+    folders = []
+    for age in range(6):  # episode_0 the newest
+        folder = tmp_path / f"episode_{age}"
+        folder.mkdir()
+        os.utime(folder, (1_000_000 - age, 1_000_000 - age))
+        folders.append(folder)
+    (tmp_path / "other").mkdir()  # not an episode folder: never touched
+    assert prune_videos(keep=[folders[5]], root=tmp_path, limit=2) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["episode_0", "episode_1", "episode_5", "other"]

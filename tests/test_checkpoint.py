@@ -304,3 +304,13 @@ def test_saving_metadata_json_cannot_hold_writes_nothing(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tmp_path / "run", extra=failing_extra)
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind
+
+
+def test_a_device_this_machine_lacks_is_named(saved, monkeypatch):
+    _, directory = saved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device cuda: this machine has no CUDA device"):
+        load_checkpoint(directory, device="cuda")
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+        load_checkpoint(directory, device="gpu")
+    assert next(load_checkpoint(directory, device="auto").parameters()).device.type == "cpu"

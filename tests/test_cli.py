@@ -157,10 +157,14 @@ def test_device_checks_say_what_to_use(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_or_exit("auto") == "cpu" and device_or_exit("cpu") == "cpu"
-    with pytest.raises(SystemExit, match="no CUDA device .*--device cpu or auto"):
+    with pytest.raises(SystemExit, match="error: --device cuda: this machine has no CUDA device .*use cpu or auto"):
         device_or_exit("cuda")
-    with pytest.raises(SystemExit, match="must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+    with pytest.raises(SystemExit, match="--device must be cpu, cuda, cuda:N or auto, got 'gpu'"):
         device_or_exit("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"--device cuda:2: this machine has 1 CUDA device \(cuda:0\)"):
+        device_or_exit("cuda:2")
 
 
 def test_ctrl_c_ends_a_tool_with_one_line():
@@ -218,3 +222,40 @@ def test_app_refuses_a_port_out_of_range_in_one_line():
     result = subprocess.run([sys.executable, "app.py", "--port", "99999"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1 and result.stderr.strip() == "error: --port must be from 1 to 65535, got 99999"
+
+
+def test_app_start_problems_end_in_one_line(tmp_path):
+    import os
+    import socket
+
+    env = {**os.environ, "GRADIO_SERVER_PORT": "abc"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: GRADIO_SERVER_PORT must be a port number, got 'abc'"
+    with socket.socket() as taken:  # something else listens on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "RATE_APP_OUTPUTS": str(tmp_path / "out")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: cannot serve on 127\.0\.0\.1:{port} \(.*\); choose another --port, or stop what is "
+                        r"listening there", result.stderr.strip()), result.stderr
+
+
+def test_app_outputs_go_to_a_temporary_folder_where_they_cannot_be_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import os
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("app_main", ROOT / "app.py")
+    app_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_main)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "a_file" / "outputs"))  # cannot be made: as read-only
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    folder = app_main.outputs_folder()
+    assert folder == Path(tempfile.gettempdir()) / "rate_app_outputs" and os.environ["RATE_APP_OUTPUTS"] == str(folder)
+    assert "cannot be written" in capsys.readouterr().out
+    monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "mine"))
+    assert app_main.outputs_folder() == tmp_path / "mine" and (tmp_path / "mine").is_dir()

@@ -302,6 +302,16 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(memory_grad):
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
+
+def test_train_step_refuses_a_micro_batch_below_one_and_targets_of_another_shape():
+    rtg, obs, actions = random_batch(tiny_config("rate"), batch=2)
+    model = tiny_model("rate").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="micro_batch must be at least 1"):
+        train_step(model, optimizer, rtg, obs, actions, micro_batch=-1)
+    with pytest.raises(ValueError, match=r"targets must have the actions' shape \(2, 12\).*got \(2, 4\)"):
+        train_step(model, optimizer, rtg, obs, actions, targets=actions[:, :K])
+
 @pytest.mark.parametrize("memory_grad", ["bptt", "detached"])
 def test_step_weights_give_a_weighted_mean_loss(memory_grad):
     rtg, obs, actions = random_batch(tiny_config("rate"), batch=4)

@@ -75,7 +75,7 @@ def test_compare_and_scores_read_checkpoint_folders_alike_and_say_how_to_evaluat
 
     compare_main(CompareArgs(first=ASSETS / "tmaze/rate/eval.json", second=ASSETS / "tmaze/dt"))
     out = capsys.readouterr().out
-    assert "B: assets/checkpoints/tmaze/dt (dt)" in out and "300      100     1.000     0.500   +0.500" in out
+    assert f"B: {ASSETS / 'tmaze/dt'} (dt)" in out and "300      100     1.000     0.500   +0.500" in out
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

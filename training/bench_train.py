@@ -1,4 +1,4 @@
-"""Training-step speed and peak memory for the T-Maze paper configs (model.md section 7).
+"""Training-step speed and peak memory for the T-Maze paper configs (the paper's hyperparameter tables).
 
     python -m training.bench_train                # RATE at batch 128 (3 x 50 steps), DT at batch 64 (150 steps)
     python -m training.bench_train --steps 1 --rate-batch 8 --dt-batch 8   # a quick look

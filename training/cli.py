@@ -75,20 +75,12 @@ def task_or_exit(name: str):
 def device_or_exit(choice: str) -> str:
     """cpu, cuda (or cuda:N) for `choice` (auto: cuda when there is one); SystemExit if that device is
     unknown or not on this machine."""
-    import torch
+    from rate_core.checkpoint import resolve_device
 
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(choice)
-    except RuntimeError:
-        raise SystemExit(f"error: --device must be cpu, cuda, cuda:N or auto, got {choice!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {choice}: this machine has no CUDA device (torch sees none); "
-                         f"use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device must be cpu, cuda, cuda:N or auto, got {choice!r}")
-    return choice
+        return str(resolve_device(choice))
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}") from None
 
 
 def at_least(flag: str, value, lowest) -> None:

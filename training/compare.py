@@ -148,9 +148,13 @@ def main(args: Args) -> None:
         rows = compare(first, second)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    for name, report in (("A", first), ("B", second)):
+    for name, report, given in (("A", first, args.first), ("B", second, args.second)):
         horizon, hidden = report["memory_horizon"], report["hide_actions"]
-        print(f"{name}: {report['checkpoint']} ({report['mode']}), target return {report['protocol']['target_return']}"
+        # the file given, and where it was evaluated if elsewhere (a shipped eval.json keeps its run's path)
+        folder = given if given.is_dir() else given.parent
+        same = Path(report["checkpoint"]).resolve() in (folder.resolve(), given.resolve())
+        where = "" if same else f"evaluated as {report['checkpoint']}, "
+        print(f"{name}: {given} ({where}{report['mode']}), target return {report['protocol']['target_return']}"
               + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else "")
               + (f", action inputs hidden with probability {hidden}" if hidden else ""))
     differing = [k for k in ("target_return", "sample_actions", "temperature")  # older files have no temperature

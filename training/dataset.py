@@ -10,6 +10,8 @@ Format (version 1), a folder such as data/tmaze/oracle/:
     labels.npy           (steps,) int64        optional: the expert's action at each step where the
                                                action taken was another policy's (the training target
                                                then; actions stay the model's input)
+    aux_labels.npy       (steps,) int64        optional: the task's auxiliary label at each step
+                                               (Task.aux_label, e.g. the cue), for train --aux-weight
 
 Arrays are plain .npy files (memory-mapped on load, never unpickled). The folder is written under
 a temporary name and renamed when complete, and meta.json is written last, so an interrupted

@@ -1,4 +1,4 @@
-"""The segment-recurrent training step (model.md section 5).
+"""The segment-recurrent training step (the paper's training scheme; README, "The model").
 
 A training sample is K*N steps. Recurrent modes (rate, rmt, trxl) cut it into N segments of K steps
 and run them in order, carrying memory tokens and the Transformer-XL cache:
@@ -106,6 +106,12 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
         raise ValueError(f"memory_grad={memory_grad!r}, expected one of {MEMORY_GRADS}")
     if aux_weight and (aux_targets is None or model.aux_head is None):
         raise ValueError("aux_weight needs aux_targets and a model with an auxiliary head (ModelConfig.aux_classes)")
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be at least 1 (None: the whole batch at once), got {micro_batch}")
+    for name, value in (("targets", targets), ("aux_targets", aux_targets), ("weights", weights)):
+        if value is not None and tuple(value.shape) != tuple(actions.shape):
+            raise ValueError(f"{name} must have the actions' shape {tuple(actions.shape)} (B, K*N), "
+                             f"got {tuple(value.shape)}")
     runner = runner or SegmentLosses(model)
     distributed = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     world = torch.distributed.get_world_size() if distributed else 1

@@ -13,7 +13,7 @@ from training.cli import cli
 
 @dataclass
 class Args:
-    """Print parameter counts of the paper configs (model.md section 7) and the paper's Table 12."""
+    """Print parameter counts of the paper configs (the paper's hyperparameter tables) and the paper's Table 12."""
 
     modes: tuple[Literal["rate", "rmt", "trxl", "dt"], ...] = ("rate", "rmt", "trxl", "dt")
     """modes to list (the paper reports rate and dt)"""
