@@ -5,7 +5,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from rate_core.envs.minigrid_memory import (
-    CLOSE_UP_TILE, FRAME_PIXELS, MAP_ROWS, MinigridMemoryEnv, MinigridMemoryExpert,
+    CLOSE_UP_TILE, FRAME_PIXELS, MAP_ROWS, VIEW_GAP, MinigridMemoryEnv, MinigridMemoryExpert,
 )
 from rate_core.tasks import get_task
 from training.collect import run_episode
@@ -103,26 +103,32 @@ def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
     obs, _ = env.reset(seed=1)
     frame = env.render()
     view = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
-    assert frame.dtype == np.uint8 and frame.shape[0] >= view.shape[0]
+    assert frame.dtype == np.uint8 and frame.shape[0] == max(view.shape[0], frame.shape[0])
     assert np.array_equal(frame[:view.shape[0], -view.shape[1]:], view)
     tile = max(3, FRAME_PIXELS // size)
-    overview = frame[:MAP_ROWS * tile, :size * tile]  # the map holds only the rows around the hallway
-    assert frame.shape[0] <= max(view.shape[0], MAP_ROWS * tile)
+    close_up = tile < CLOSE_UP_TILE  # small cells: a close-up of the agent above the map, larger
+    top = MAP_ROWS * CLOSE_UP_TILE + VIEW_GAP if close_up else 0
+
+    def parts(image):  # (the map: only the rows around the hallway, the close-up or None)
+        return (image[top:top + MAP_ROWS * tile, :size * tile],
+                image[:MAP_ROWS * CLOSE_UP_TILE, :size * tile] if close_up else None)
+
+    overview, near = parts(frame)
+    assert frame.shape[0] <= max(view.shape[0], top + MAP_ROWS * tile)
     if size <= 41:  # green in the cells of the cue (start room) and of the two objects (the hallway's end)
         green = (overview[..., 1] > 200) & (overview[..., 0] < 60)
         cells = {(y // tile, x // tile) for y, x in zip(*np.nonzero(green))}
         assert cells == {(1, 1), (0, size - 2), (MAP_ROWS - 1, size - 2)}
-    start = _agent_columns(overview).mean()
-    assert start // tile == env.agent_pos[0]
+    assert _agent_columns(overview).mean() // tile == env.agent_pos[0]
     for _ in range(2):
         obs, *_ = env.step(2)  # forward, east along the hallway: the view and the agent follow
     moved = env.render()
     assert moved.shape == frame.shape
     shown = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
     assert np.array_equal(moved[:view.shape[0], -view.shape[1]:], shown)
-    assert _agent_columns(moved[:MAP_ROWS * tile, :size * tile]).mean() // tile == env.agent_pos[0]
-    below = moved[MAP_ROWS * tile:, :size * tile]
-    if tile < CLOSE_UP_TILE:  # small cells: a close-up of the agent under the map, larger
-        assert _agent_columns(below).size > (CLOSE_UP_TILE / tile) ** 2 / 2 * _agent_columns(overview).size
-    else:
-        assert _agent_columns(below).size == 0
+    overview, near = parts(moved)
+    assert _agent_columns(overview).mean() // tile == env.agent_pos[0]
+    if close_up:
+        assert _agent_columns(near).size > (CLOSE_UP_TILE / tile) ** 2 / 2 * _agent_columns(overview).size
+    assert _agent_columns(moved[:, :size * tile]).size == _agent_columns(overview).size + (
+        _agent_columns(near).size if close_up else 0)  # the agent is drawn nowhere else

@@ -80,8 +80,9 @@ class MinigridMemoryEnv(gym.Env):
         """A video frame: the map, cut to the MAP_ROWS rows around the hallway (every other row of
         the grid is out of reach), the agent's 3x3 view highlighted, and what the agent sees beside
         it, twice the observation's size. Where the map's cells are smaller than CLOSE_UP_TILE
-        pixels (a grid of 31 cells or more), a close-up that follows the agent sits under the map,
-        and two yellow lines on the map mark where it is. Walls and objects never move in this
+        pixels (a grid of 31 cells or more), a close-up that follows the agent sits above the map
+        (a player's label over a video's top-left corner hides no part of the map then), and two
+        yellow lines on the map mark where it is. Walls and objects never move in this
         task, so they are drawn once per episode and each frame only adds the view and the agent."""
         if self.render_mode != "rgb_array":
             return None
@@ -98,7 +99,7 @@ class MinigridMemoryEnv(gym.Env):
             cells = min(self.size, overview.shape[1] // CLOSE_UP_TILE)
             left = min(max(int(self.grid_env.agent_pos[0]) - cells // 2, 0), self.size - cells)
             close_up = self._painted(self._background[1], CLOSE_UP_TILE, top)
-            blocks.append(close_up[:, left * CLOSE_UP_TILE:(left + cells) * CLOSE_UP_TILE])
+            blocks.insert(0, close_up[:, left * CLOSE_UP_TILE:(left + cells) * CLOSE_UP_TILE])
             for x in (left * tile, (left + cells) * tile - 1):  # where the close-up is, on the map
                 overview[:, x] = (250, 210, 40)
         view = self._observation().transpose(1, 2, 0).repeat(VIEW_ZOOM, 0).repeat(VIEW_ZOOM, 1)
