@@ -39,9 +39,8 @@ def outputs_folder() -> Path:
         wanted.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=wanted).close()
         folder = wanted
-    except OSError as error:
-        folder = Path(tempfile.gettempdir()) / "rate_app_outputs"
-        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a folder of its own (a shared fixed name could be another user's)
+        folder = Path(tempfile.mkdtemp(prefix="rate_app_outputs-"))
         print(f"{wanted} cannot be written ({error.strerror}): the app's videos go to {folder} "
               f"(set RATE_APP_OUTPUTS to choose)")
     os.environ["RATE_APP_OUTPUTS"] = str(folder)
@@ -56,24 +55,32 @@ def main() -> None:
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"error: --port must be from 1 to 65535, got {args.port}")
     check_address(args.host, args.port)  # before the demo starts its background work
-    outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
+    outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.ui import build_demo
 
+    # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
     build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
-                                                           share=args.share)
+                                                           share=args.share, allowed_paths=[str(outputs)])
 
 
 def check_address(host: str, port: int) -> None:
-    """SystemExit in one line when the app cannot listen on host:port (the port is taken, or the host
-    is not an address of this machine)."""
+    """SystemExit in one line when the app cannot listen on host:port: the port is taken, or the host
+    is not an address of this machine (IPv4 or IPv6, as Gradio takes it)."""
+    import errno
     import socket
 
+    address = host.strip("[]")
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((address, port), family=family):
             pass
     except OSError as error:
-        raise SystemExit(f"error: cannot serve on {host}:{port} ({error.strerror or error}); choose another "
-                         f"--port, or stop what is listening there") from None
+        if error.errno == errno.EADDRINUSE:
+            raise SystemExit(f"error: cannot serve on {host}:{port}: the port is in use; choose another --port, or "
+                             f"stop what is listening there") from None
+        reason = (error.strerror or str(error)).split(" (while")[0]
+        raise SystemExit(f"error: cannot serve on {host}:{port} ({reason}); is {host} an address "
+                         f"of this machine? (127.0.0.1: this machine only, 0.0.0.0: every network)") from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,15 +97,17 @@ def task_description(task: str, root: Path = CHECKPOINT_ROOT) -> str:
 def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Path:
     """Folder of a checkpoint choice: a shipped name or a local folder path."""
     choice = _choice_text(choice)
+    local = os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0"  # "0": a public server, no looking around its files
     if not choice:
-        raise AppError("choose a checkpoint: a shipped one from the list, the path of a local checkpoint folder, "
-                       "or hf://USER/NAME")
+        raise AppError("choose a checkpoint: a shipped one from the list, "
+                       + ("the path of a local checkpoint folder, " if local else "") + "or hf://USER/NAME")
     if choice.startswith(SHIPPED):  # only the task's own shipped folders (no path reaches elsewhere this way)
         if choice not in shipped_choices(task, root):
             raise AppError(f"{choice!r} is not a shipped checkpoint of {task}; the shipped ones: "
-                           f"{', '.join(shipped_choices(task, root)) or 'none'} (or give a folder's path)")
+                           f"{', '.join(shipped_choices(task, root)) or 'none'}"
+                           + (" (or give a folder's path)" if local else ""))
         return root / task / choice[len(SHIPPED):]
-    if os.environ.get("RATE_APP_LOCAL_PATHS", "1") == "0":  # a public server: no looking around its files
+    if not local:
         raise AppError("this server plays its shipped checkpoints and hf://USER/NAME references only, not folders "
                        "on its disk")
     return Path(os.path.expanduser(choice))
@@ -118,8 +121,20 @@ def _choice_text(choice) -> str:
     return (choice or "").strip()
 
 
-_models: dict = {}
+_models: OrderedDict = OrderedDict()  # loaded models, the least recently used dropped beyond MODELS_KEPT
 _models_lock = threading.Lock()
+MODELS_KEPT = 16
+
+
+def _remember(key, load) -> MemoryTransformer:
+    """_models[key], loaded by load() if missing (under _models_lock)."""
+    if key in _models:
+        _models.move_to_end(key)
+    else:
+        _models[key] = load()
+        while len(_models) > MODELS_KEPT:
+            _models.popitem(last=False)
+    return _models[key]
 
 
 def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
@@ -128,12 +143,10 @@ def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTr
     choice = _choice_text(choice)
     if is_hub_reference(choice):  # through MemoryTransformer.from_pretrained (the Hub cache when offline)
         with _models_lock:
-            if (choice, task) not in _models:
-                try:
-                    _models[(choice, task)] = load_reference(choice, task=task).eval()
-                except CheckpointError as error:
-                    raise AppError(str(error)) from None
-            return _models[(choice, task)]
+            try:
+                return _remember((choice, task), lambda: load_reference(choice, task=task).eval())
+            except CheckpointError as error:
+                raise AppError(str(error)) from None
     path = checkpoint_path(choice, task, root)
     if not path.exists():
         raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of a "
@@ -144,13 +157,10 @@ def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTr
         raise AppError(f"cannot read checkpoint folder {path}: {error}") from None
     key = (str(path.resolve()), task, stamp)
     with _models_lock:
-        if key not in _models:
-            try:
-                model = load_checkpoint(path, task=task)
-            except CheckpointError as error:
-                raise AppError(str(error)) from None
-            _models[key] = model.eval()
-        return _models[key]
+        try:
+            return _remember(key, lambda: load_checkpoint(path, task=task).eval())
+        except CheckpointError as error:
+            raise AppError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------- episodes

@@ -1,6 +1,7 @@
 """The demo page: a RATE agent and a Decision Transformer play the same seeded episode side by side,
 and a look inside RATE's memory. Tasks and checkpoints come from the registry and assets/."""
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -180,6 +181,7 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
            request.target_return, request.step_cap, request.sample, request.memory_horizon)
     with _cache_lock:
         if key in RESULT_CACHE:
+            RESULT_CACHE.move_to_end(key)  # the least recently asked for goes first (the first run's stays)
             return RESULT_CACHE[key]
         running = _IN_FLIGHT.get(key)
         if running is None:
@@ -472,12 +474,14 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             gr.Markdown("No trained checkpoints are shipped yet (they land under `assets/checkpoints/`).")
         first = default_inputs(tasks[0]) if tasks else [None] * 9
         spec = get_task(tasks[0]).demo_setting if tasks else None
+        agent_info = ("shipped, a checkpoint folder path, or hf://USER/NAME"
+                      if os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0" else "shipped, or hf://USER/NAME")
         with gr.Row():
             task = gr.Dropdown(tasks, value=first[0], label="task")
             left = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[1], allow_custom_value=True,
-                               label="left agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
+                               label="left agent", info=agent_info)
             right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
-                                label="right agent", info="shipped, a checkpoint folder path, or hf://USER/NAME")
+                                label="right agent", info=agent_info)
         task_text = gr.Markdown(task_description(first[0]) if tasks else "")
         with gr.Row():
             seed = gr.Number(value=0, precision=0, label="seed", info="the same episode for both agents")

@@ -28,16 +28,15 @@ class CheckpointError(ValueError):
 
 
 def resolve_device(choice: str | torch.device = "auto") -> torch.device:
-    """The torch device for `choice`: cpu, cuda, cuda:N, or auto (cuda when there is one). ValueError,
-    saying what to use, for an unknown device or a CUDA device this machine does not have."""
+    """The torch device for `choice`: auto (cuda when there is one), cpu, cuda, cuda:N, or any other
+    device torch knows (mps, ...). ValueError, saying what to use, for a name torch does not know or a
+    CUDA device this machine does not have."""
     if str(choice) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(choice)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {choice!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {choice!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:

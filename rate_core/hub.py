@@ -72,7 +72,9 @@ def pretrained_folder(name: str | os.PathLike, revision: str | None = None, **do
                         f"rate_core.checkpoint.load_checkpoint(folder, task=..., mode=...))")
     name = str(name)
     if is_hub_reference(name):
-        return checkpoint_folder(name + (f"@{revision}" if revision and "@" not in name else ""), **download)
+        if revision and "@" in name:
+            raise ValueError(f"{name} names a revision already; give it once (hf://USER/NAME@REVISION or revision=)")
+        return checkpoint_folder(name + (f"@{revision}" if revision else ""), **download)
     if os.path.exists(name) or not is_repo_id(name):
         return Path(name)
     ref = f"{HF_PREFIX}{name}" + (f"@{revision}" if revision else "")

@@ -18,9 +18,11 @@ The four modes are configurations of the same class:
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,8 +40,8 @@ MIN_IMAGE_SIDE = 36  # the image encoder's convolutions (8 stride 4, 4 stride 2,
 
 
 def _is_whole(value) -> bool:
-    """An int (not a bool, and not 4.0: a config says what it means)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, numpy's too (not a bool, and not 4.0: a config says what it means)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 ACTION_PAD = -10  # action value that marks padding in datasets and the unknown current action
 
 
@@ -94,13 +96,24 @@ class ModelConfig:
     --aux-weight`); acting does not use it"""
 
     def __post_init__(self):
-        # JSON gives lists; keep tuples so configs compare equal after a round trip.
+        # JSON gives lists; keep tuples so configs compare equal after a round trip. Numbers become plain
+        # ints and floats (numpy's, e.g. a gym space's Discrete.n, too), so the config saves as JSON.
         for name in ("obs_shape", "conv_channels"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
                     _is_whole(v) for v in value):
                 raise ValueError(f"invalid ModelConfig: {name} must be a sequence of whole numbers, got {value!r}")
             setattr(self, name, tuple(int(v) for v in value))
+        for name in INT_FIELDS:
+            if _is_whole(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
+        for name in ("dropout", "dropatt"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                setattr(self, name, float(value))
+        for name in ("use_ffn", "action_inputs"):
+            if isinstance(getattr(self, name), np.bool_):
+                setattr(self, name, bool(getattr(self, name)))
         self.validate()
 
     def validate(self):
@@ -116,7 +129,7 @@ class ModelConfig:
             check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dropout", "dropatt"):
             value = getattr(self, name)
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+            check(isinstance(value, float) and 0 <= value < 1,
                   f"{name} is a probability in [0, 1), got {value!r}")
         check(self.mode in MODES, f"mode={self.mode!r}, expected one of {MODES}")
         check(self.obs_kind in OBS_KINDS, f"obs_kind={self.obs_kind!r}, expected one of {OBS_KINDS}")

@@ -45,8 +45,8 @@ def paper_config(task: str, mode: str = "rate") -> ModelConfig:
     if task not in _PAPER_RATE:
         raise KeyError(f"no paper config for task {task!r}; known: {', '.join(PAPER_TASKS)}")
     rate = _PAPER_RATE[task]
-    # TrXL keeps the paper's own cache length where it gives one (Minigrid, ViZDoom, Memory Maze: shorter than
-    # a sample); where it gives none (T-Maze), a cache that covers the sample: N segments of 3K tokens.
+    # TrXL keeps the paper's own cache length where it gives one (Minigrid and ViZDoom: shorter than a sample,
+    # Memory Maze: longer); where it gives none (T-Maze), a cache that covers the sample: N segments of 3K tokens.
     variants = mode_variants(rate, cache_len=rate.mem_len or 3 * rate.context_length * rate.sections)
     if mode not in variants:
         raise ValueError(f"mode={mode!r}, expected rate | rmt | trxl | dt")

@@ -148,6 +148,10 @@ def test_bad_checkpoints_are_refused_with_a_message(tmp_path, monkeypatch):
         public.setenv("RATE_APP_LOCAL_PATHS", "0")
         with pytest.raises(AppError, match="shipped checkpoints and hf://USER/NAME references only"):
             load_model("/etc", "tmaze")
+        for choice in ("shipped: nope", ""):  # no advice to give a folder's path
+            with pytest.raises(AppError) as refused:
+                load_model(choice, "tmaze")
+            assert "path" not in str(refused.value)
         assert load_model("shipped: rate", "tmaze").task == "tmaze"
     other = tmp_path / "other_task"
     save_checkpoint(tiny_model("rate"), other)  # a unit_test checkpoint, not a T-Maze one
@@ -269,9 +273,14 @@ def test_api_plays_vizdoom_two_colors(served_app):
         assert frame_at(path, 1).std() > 10
 
 
-def test_app_py_starts_from_the_command_line():
+def test_app_py_starts_from_the_command_line_and_serves_videos_from_its_outputs_folder(tmp_path):
+    from gradio_client import Client
+
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    (tmp_path / "tmp").mkdir()  # outputs neither in the working folder nor in the temporary one: Gradio must be told
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp_path / "tmp"),
+               RATE_APP_OUTPUTS=str(tmp_path / "outputs"))
+    env.pop("GRADIO_TEMP_DIR", None)
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -286,6 +295,10 @@ def test_app_py_starts_from_the_command_line():
                 time.sleep(0.5)
         else:
             raise AssertionError("app.py did not serve within 15 s")
+        left, _, summary = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            "tmaze", "shipped: rate", "shipped: dt", 2, 20, 1.0, 0, False, api_name="/run_episodes")
+        assert frame_count(video_file(left)) == summary["left"]["steps"] + 1
+        assert list((tmp_path / "outputs" / "videos").glob("episode_*/left.mp4"))
     finally:
         process.terminate()
         process.wait(timeout=10)

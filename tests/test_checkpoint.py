@@ -313,4 +313,7 @@ def test_a_device_this_machine_lacks_is_named(saved, monkeypatch):
         load_checkpoint(directory, device="cuda")
     with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or auto, got 'gpu'"):
         load_checkpoint(directory, device="gpu")
+    from rate_core.checkpoint import resolve_device
+
+    assert resolve_device("mps").type == "mps"  # the library passes on the devices torch knows
     assert next(load_checkpoint(directory, device="auto").parameters()).device.type == "cpu"

@@ -239,8 +239,11 @@ def test_app_start_problems_end_in_one_line(tmp_path):
         result = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, capture_output=True,
                                 text=True, timeout=300, env={**os.environ, "RATE_APP_OUTPUTS": str(tmp_path / "out")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert re.fullmatch(rf"error: cannot serve on 127\.0\.0\.1:{port} \(.*\); choose another --port, or stop what is "
-                        r"listening there", result.stderr.strip()), result.stderr
+    assert result.stderr.strip() == (f"error: cannot serve on 127.0.0.1:{port}: the port is in use; choose another "
+                                     f"--port, or stop what is listening there")
+    result = subprocess.run([sys.executable, "app.py", "--host", "10.255.255.1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "is 10.255.255.1 an address of this machine?" in result.stderr
 
 
 def test_app_outputs_go_to_a_temporary_folder_where_they_cannot_be_written(tmp_path, monkeypatch, capsys):
@@ -255,7 +258,8 @@ def test_app_outputs_go_to_a_temporary_folder_where_they_cannot_be_written(tmp_p
     monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "a_file" / "outputs"))  # cannot be made: as read-only
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     folder = app_main.outputs_folder()
-    assert folder == Path(tempfile.gettempdir()) / "rate_app_outputs" and os.environ["RATE_APP_OUTPUTS"] == str(folder)
-    assert "cannot be written" in capsys.readouterr().out
+    assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("rate_app_outputs-")
+    assert os.environ["RATE_APP_OUTPUTS"] == str(folder) and "cannot be written" in capsys.readouterr().out
+    folder.rmdir()
     monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "mine"))
     assert app_main.outputs_folder() == tmp_path / "mine" and (tmp_path / "mine").is_dir()

@@ -103,7 +103,7 @@ def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
     obs, _ = env.reset(seed=1)
     frame = env.render()
     view = obs.transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
-    assert frame.dtype == np.uint8 and frame.shape[0] == max(view.shape[0], frame.shape[0])
+    assert frame.dtype == np.uint8
     assert np.array_equal(frame[:view.shape[0], -view.shape[1]:], view)
     tile = max(3, FRAME_PIXELS // size)
     close_up = tile < CLOSE_UP_TILE  # small cells: a close-up of the agent above the map, larger
@@ -114,7 +114,7 @@ def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
                 image[:MAP_ROWS * CLOSE_UP_TILE, :size * tile] if close_up else None)
 
     overview, near = parts(frame)
-    assert frame.shape[0] <= max(view.shape[0], top + MAP_ROWS * tile)
+    assert frame.shape == (max(view.shape[0], top + MAP_ROWS * tile), size * tile + VIEW_GAP + view.shape[1], 3)
     if size <= 41:  # green in the cells of the cue (start room) and of the two objects (the hallway's end)
         green = (overview[..., 1] > 200) & (overview[..., 0] < 60)
         cells = {(y // tile, x // tile) for y, x in zip(*np.nonzero(green))}

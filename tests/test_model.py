@@ -37,6 +37,18 @@ def test_config_names_the_field_of_a_value_of_the_wrong_type_or_range(field, val
         tiny_config("rate", **{field: value})
 
 
+
+def test_config_takes_numpy_numbers_as_plain_ones():
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    config = tiny_config("rate", act_dim=np.int64(4), obs_shape=np.array([4]), dropout=np.float32(0.25),
+                         use_ffn=np.bool_(True))  # e.g. from a gym env's spaces
+    assert type(config.act_dim) is int and config.obs_shape == (4,) and type(config.dropout) is float
+    assert config.use_ffn is True and json.loads(json.dumps(asdict(config)))["act_dim"] == 4
+
 def test_image_configs_need_three_convolutions_and_room_for_them():
     with pytest.raises(ValueError, match="conv_channels: three channel counts"):
         tiny_config("rate", obs_kind="image", obs_shape=(3, 64, 64), conv_channels=(8, 8))

@@ -242,8 +242,11 @@ def test_run_episodes_refuses_what_it_cannot_play_and_leaves_the_models_mode_alo
     with pytest.raises(ValueError, match=r"does not fit the env \(observations \(3, 84, 84\)"):
         run_episodes(model, minigrid, [1], 1.0)
     assert model.training  # refused before it changed anything
+    modes = []
+    hook = model.obs_encoder.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     run_episodes(model, env, [1, 2], 1.0)
-    assert model.training  # played in eval mode, and given back in training mode
+    hook.remove()
+    assert modes and not any(modes) and model.training  # played in eval mode, and given back in training mode
     run_episodes(model.eval(), env, [1, 2], 1.0)
     assert not model.training
 

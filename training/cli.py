@@ -78,9 +78,12 @@ def device_or_exit(choice: str) -> str:
     from rate_core.checkpoint import resolve_device
 
     try:
-        return str(resolve_device(choice))
+        device = resolve_device(choice)
     except ValueError as error:
         raise SystemExit(f"error: --{error}") from None
+    if device.type not in ("cpu", "cuda"):  # the tools are made and measured for these two
+        raise SystemExit(f"error: --device must be cpu, cuda, cuda:N or auto, got {choice!r}")
+    return str(device)
 
 
 def at_least(flag: str, value, lowest) -> None:
