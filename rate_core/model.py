@@ -653,7 +653,8 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         return self.mrv_proj(attended)
 
     def forward(self, rtg, obs, actions, state: MemoryState | None = None):
-        """Process one segment of T steps (T <= segment_steps).
+        """Process one segment of T steps (training and the rollout use T <= segment_steps; a longer T
+        is read as one longer segment, which the model was not trained on).
 
         rtg: (B, T) or (B, T, 1); obs: (B, T, *obs_shape) float or uint8; actions: (B, T) long with
         negative values for padding. state: from initial_state() or the previous segment.
