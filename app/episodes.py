@@ -97,7 +97,7 @@ def task_description(task: str, root: Path = CHECKPOINT_ROOT) -> str:
 def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Path:
     """Folder of a checkpoint choice: a shipped name or a local folder path."""
     choice = _choice_text(choice)
-    local = os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0"  # "0": a public server, no looking around its files
+    local = local_paths_allowed()
     if not choice:
         raise AppError("choose a checkpoint: a shipped one from the list, "
                        + ("the path of a local checkpoint folder, " if local else "") + "or hf://USER/NAME")
@@ -111,6 +111,12 @@ def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Pat
         raise AppError("this server plays its shipped checkpoints and hf://USER/NAME references only, not folders "
                        "on its disk")
     return Path(os.path.expanduser(choice))
+
+
+def local_paths_allowed() -> bool:
+    """Whether visitors may name checkpoint folders on the server's disk (RATE_APP_LOCAL_PATHS=0: a
+    public server, no looking around its files)."""
+    return os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0"
 
 
 def _choice_text(choice) -> str:

@@ -1,7 +1,6 @@
 """The demo page: a RATE agent and a Decision Transformer play the same seeded episode side by side,
 and a look inside RATE's memory. Tasks and checkpoints come from the registry and assets/."""
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -12,9 +11,9 @@ import gradio as gr
 import numpy as np
 
 from app import plots
-from app.episodes import (CHECKPOINT_ROOT, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
-                          episode_videos, load_model, make_request, outcome, play_pair, prune_videos, shipped_choices,
-                          task_description, what_if)
+from app.episodes import (CHECKPOINT_ROOT, SHIPPED, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
+                          episode_videos, load_model, local_paths_allowed, make_request, outcome, play_pair,
+                          prune_videos, shipped_choices, task_description, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -173,7 +172,7 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
     (counted in _visits while it plays), not the warm-up's. Raises AppError for bad input, and what
     progress raises (it is called at least every 0.25 s, also while waiting for the same run)."""
     request = make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon)
-    if not all(str(choice).startswith("shipped: ") for choice in (left, right)):  # files may change: no cache
+    if not all(str(choice).startswith(SHIPPED) for choice in (left, right)):  # files may change: no cache
         with _playing(visitor):
             return _play_and_render(request, left, right, progress)
     # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it
@@ -474,8 +473,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             gr.Markdown("No trained checkpoints are shipped yet (they land under `assets/checkpoints/`).")
         first = default_inputs(tasks[0]) if tasks else [None] * 9
         spec = get_task(tasks[0]).demo_setting if tasks else None
-        agent_info = ("shipped, a checkpoint folder path, or hf://USER/NAME"
-                      if os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0" else "shipped, or hf://USER/NAME")
+        agent_info = ("shipped, a checkpoint folder path, or hf://USER/NAME" if local_paths_allowed()
+                      else "shipped, or hf://USER/NAME")
         with gr.Row():
             task = gr.Dropdown(tasks, value=first[0], label="task")
             left = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[1], allow_custom_value=True,

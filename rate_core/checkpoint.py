@@ -128,8 +128,9 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     directory = Path(directory)
     if not isinstance(model.task, str):
         raise ValueError(f"the model's task must be a task name (a string), got {model.task!r}")
+    config = checkpoint_config(model)
     try:  # before anything is written: metadata that JSON cannot hold (numpy numbers, paths) fails here
-        json.dumps(checkpoint_config(model))
+        json.dumps(config)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the model's training metadata cannot be saved as JSON ({error}); use plain numbers, "
                          f"strings, lists and dicts") from None
@@ -142,7 +143,7 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     staging.mkdir(parents=True)
     try:
         (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
-        model.save_pretrained(staging, config=checkpoint_config(model))
+        model.save_pretrained(staging, config=config)
         if extra is not None:
             extra(staging)
         readable = 0o666 & ~_umask()  # safetensors writes its files 0600; give every file the usual mode
