@@ -482,15 +482,16 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
                                 label="right agent", info=agent_info)
         task_text = gr.Markdown(task_description(first[0]) if tasks else "")
-        with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="seed", info="the same episode for both agents")
-            setting = gr.Number(value=first[4], precision=0, visible=spec is not None,
+        with gr.Row():  # no precision=0 on the whole-number boxes: gradio would round 1.5 to 2 unsaid; the app
+            # checks them and says what is allowed
+            seed = gr.Number(value=0, label="seed", info="the same episode for both agents")
+            setting = gr.Number(value=first[4], visible=spec is not None,
                                 label=f"{spec.label} ({spec.minimum} to {spec.maximum})" if spec else "setting",
                                 info=spec.info if spec else None)
             target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step")
-            cap = gr.Number(value=first[6], precision=0, label="step cap", info="0: play each episode to its end")
+            cap = gr.Number(value=first[6], label="step cap", info="0: play each episode to its end")
             sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action")
-            horizon = gr.Number(value=0, precision=0, label="memory horizon (segments)",
+            horizon = gr.Number(value=0, label="memory horizon (segments)",
                                 info="0: remember the whole episode; H: RATE, RMT and TrXL remember the last H "
                                      "segments only (DT keeps its window)")
         run = gr.Button("Run", variant="primary")
@@ -534,8 +535,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                                                 concurrency_limit=2, concurrency_id="runs", trigger_mode="multiple")
         with gr.Column(visible=False):  # the API's endpoint: its inputs default to None, i.e. the task's defaults
             api_inputs = [gr.Textbox(value=tasks[0] if tasks else None), gr.Textbox(value=None), gr.Textbox(value=None),
-                          gr.Number(value=0, precision=0), *[gr.Number(value=None) for _ in range(3)],
-                          gr.JSON(value=None), gr.Number(value=0, precision=0)]  # a Checkbox has no None
+                          gr.Number(value=0), *[gr.Number(value=None) for _ in range(3)],
+                          gr.JSON(value=None), gr.Number(value=0)]  # a Checkbox has no None
             api_outputs = [gr.Video(label="left video"), gr.Video(label="right video"), gr.JSON(label="summary")]
             gr.Button().click(run_api, api_inputs, api_outputs, api_name="run_episodes", concurrency_limit=2,
                               concurrency_id="runs")

@@ -129,6 +129,13 @@ def test_browser_runs_an_episode_and_both_videos_play():
             # no error toast, and the emptied boxes are not badged "Error": the outcome line says it all
             assert "Error" not in page.inner_text("#left_video") + page.inner_text("#right_video")
             assert page.locator(".toast-body").count() == 0
+            # a whole-number box given a fraction: the app's message, not a silent rounding to another episode
+            page.get_by_label("corridor length T (steps) (10 to 1200)").fill("300")
+            seed.fill("1.5")
+            run.click()
+            page.wait_for_function("document.querySelector('#outcome').innerText.includes('seed must be')",
+                                   timeout=10_000)
+            assert "seed must be a whole number from 0 to 2147483647, got 1.5" in outcome.inner_text()
             # an example of another task fills every box with its own values (the task's change does not reset them)
             page.get_by_text("Minigrid-Memory: seed 1, grid size = 91").click()
             grid_size = page.get_by_label("grid size (odd) (7 to 201)")
