@@ -111,13 +111,14 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
     if evaluation:
         setting = evaluation["protocol"]["setting"]
         key = result_key(evaluation["protocol"]["metric"])
+        with_success = key == "success_rate"  # a return-scored task has no success column
         for r in evaluation["results"]:
             results.append(EvalResult(
                 task_type="reinforcement-learning", task_name="Offline reinforcement learning",
                 dataset_type=task_name, dataset_name=title or task_name, dataset_config=f"{setting}={r[setting]}",
                 metric_type=key, metric_name=f"{key.replace('_', ' ')} ({setting} = {r[setting]}, "
                                              f"{r['episodes']} episodes)", metric_value=r[key]))
-            success = f" {r['success_rate']:.2f} |" if key == "success_rate" else ""  # else there is no success
+            success = f" {r['success_rate']:.2f} |" if with_success else ""
             rows.append(f"| {r[setting]} | {r['episodes']} |{success} {r['mean_return']:.3f} ± {r['return_sem']:.3f} |")
     data = ModelCardData(library_name="rate_core", tags=["offline-rl", "reinforcement-learning", c.mode, task_name],
                          model_name=repo_id.split("/")[-1], eval_results=results or None)
@@ -131,8 +132,8 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
         table = (f"\n## Evaluation\n\n{protocol['episodes']} episodes per setting, "
                  f"{actions} actions, target return "
                  f"{protocol['target_return']} (`python -m training.evaluate`):\n\n"
-                 f"| {protocol['setting']} | episodes |{' success |' * (key == 'success_rate')} return |\n"
-                 f"| --- | --- |{' --- |' * (key == 'success_rate')} --- |\n"
+                 f"| {protocol['setting']} | episodes |{' success |' * with_success} return |\n"
+                 f"| --- | --- |{' --- |' * with_success} --- |\n"
                  + "\n".join(rows) + "\n")
     video_md = f"\n## Example episode\n\n<video src=\"{video}\" controls></video>\n" if video else ""
     body = f"""

@@ -36,13 +36,13 @@ OBS_KINDS = ("vector", "image")
 MRV_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
 INT_FIELDS = ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head", "d_inner",
               "num_mem_tokens", "mem_len", "n_head_ca", "aux_classes")
+ACTION_PAD = -10  # action value that marks padding in datasets and the unknown current action
 MIN_IMAGE_SIDE = 36  # the image encoder's convolutions (8 stride 4, 4 stride 2, 3) need at least 36 pixels
 
 
 def _is_whole(value) -> bool:
     """An integer, numpy's too (not a bool, and not 4.0: a config says what it means)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-ACTION_PAD = -10  # action value that marks padding in datasets and the unknown current action
 
 
 @dataclass
@@ -656,7 +656,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         """Process one segment of T steps (training and the rollout use T <= segment_steps; a longer T
         is read as one longer segment, which the model was not trained on).
 
-        rtg: (B, T) or (B, T, 1); obs: (B, T, *obs_shape) float or uint8; actions: (B, T) long with
+        rtg: (B, T) or (B, T, 1); obs: (B, T, *obs_shape), uint8 images or float vectors; actions: (B, T) long with
         negative values for padding. state: from initial_state() or the previous segment.
         Returns logits (B, T, act_dim) (row t predicts a_t from R_<=t, o_<=t, a_<t) and the state
         for the next segment.

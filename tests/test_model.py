@@ -37,7 +37,6 @@ def test_config_names_the_field_of_a_value_of_the_wrong_type_or_range(field, val
         tiny_config("rate", **{field: value})
 
 
-
 def test_config_takes_numpy_numbers_as_plain_ones():
     import json
     from dataclasses import asdict
@@ -48,6 +47,7 @@ def test_config_takes_numpy_numbers_as_plain_ones():
                          use_ffn=np.bool_(True))  # e.g. from a gym env's spaces
     assert type(config.act_dim) is int and config.obs_shape == (4,) and type(config.dropout) is float
     assert config.use_ffn is True and json.loads(json.dumps(asdict(config)))["act_dim"] == 4
+
 
 def test_image_configs_need_three_convolutions_and_room_for_them():
     with pytest.raises(ValueError, match="conv_channels: three channel counts"):
@@ -312,7 +312,6 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(memory_grad):
         results.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-
 
 
 def test_train_step_refuses_a_micro_batch_below_one_and_targets_of_another_shape():
