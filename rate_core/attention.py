@@ -184,7 +184,7 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     query for the content and the position term; position_key: (H, W, dh), row w for distance
     K - 1 - w (W >= K); allowed: (Q, K) bool, query i sits at key position K - Q + i; dropout on
     the attention probabilities; chunk: rows per pass (default: sized to the cache); skip_hidden:
-    on a CPU, compute each block of query rows over only the keys it may see (`attention_blocks`;
+    on a device type in BLOCK_DEVICES (CPUs), compute each block of query rows over only the keys it may see (`attention_blocks`;
     False: every row over every key, as a plain chunked kernel, for comparison). Returns (R, Q, dh).
     """
     q_len, key_len = allowed.shape
@@ -192,8 +192,7 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
         budget = CHUNK_ELEMENTS.get(query.device.type, CHUNK_ELEMENTS["cpu"])
         # sized by the whole Q x K: chunks sized by the blocks (more rows each) measured slower
         chunk = max(1, budget // (q_len * key_len))
-    # Blocks are measured on CPUs only: on CUDA the kernel runs as it was measured there, one block.
-    use_blocks = skip_hidden and query.device.type == "cpu"
+    use_blocks = skip_hidden and query.device.type in BLOCK_DEVICES
     blocks = attention_blocks(allowed) if use_blocks else one_block(allowed)
     seed = int(torch.randint(0, 2**62, (1,))) if dropout else 0
     # Keys and values may be views into preallocated buffers: only their rows must be contiguous.
@@ -208,6 +207,9 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
                                     blocks)
 
 
+# Device types whose training kernel runs in blocks: measured on CPUs (training.bench_attention);
+# elsewhere (CUDA) the kernel runs as one block, every row over every key.
+BLOCK_DEVICES = ("cpu",)
 INFERENCE_ELEMENTS = 1 << 23  # Q x K score elements per pass of the inference kernel (32 MB in float32)
 QUERY_BLOCK = 64  # long causal query runs are cut into blocks that skip the keys their mask hides
 # Blocks are used when they compute at most this share of the Q x K scores. Measured on 2 cores

@@ -126,6 +126,19 @@ def test_bench_attention_prints_the_speedup_of_blocks_last():
     assert float(last.split()[0].split("=")[1]) > 0
 
 
+def test_bench_attention_skip_below_puts_rate_segments_in_blocks_and_bad_values_are_refused():
+    out = run("-m", "training.bench_attention", "--checkpoints", "assets/checkpoints/memory_maze/rate",
+              "--batch-size", "2", "--repeats", "1", "--skip-below", "1")
+    rows = [line for line in out.splitlines() if line.startswith("assets/")]
+    assert [int(row.split()[4]) for row in rows] == [3, 3, 3]  # each segment in 3 blocks of query rows
+    assert "blocked_cases=3 one_block_cases=0" in out.strip().splitlines()[-1]
+    for value in ("0", "1.5"):
+        result = subprocess.run([sys.executable, "-m", "training.bench_attention", "--skip-below", value], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        assert result.stderr.strip() == f"error: --skip-below must be in (0, 1], got {float(value)}"
+
+
 def test_benchmarks_refuse_a_missing_checkpoint_in_one_line():
     for args in (["training.bench_attention", "--checkpoints"], ["training.bench_rollout", "--checkpoint"]):
         result = subprocess.run([sys.executable, "-m", *args, "no/such/folder"], cwd=ROOT, capture_output=True,
