@@ -184,8 +184,9 @@ def relative_attention(query, key, value, content_bias, position_bias, position_
     query for the content and the position term; position_key: (H, W, dh), row w for distance
     K - 1 - w (W >= K); allowed: (Q, K) bool, query i sits at key position K - Q + i; dropout on
     the attention probabilities; chunk: rows per pass (default: sized to the cache); skip_hidden:
-    on a device type in BLOCK_DEVICES (CPUs), compute each block of query rows over only the keys it may see (`attention_blocks`;
-    False: every row over every key, as a plain chunked kernel, for comparison). Returns (R, Q, dh).
+    on a device type in BLOCK_DEVICES (CPUs), compute each block of query rows over only the keys
+    it may see (`attention_blocks`; False: every row over every key, as a plain chunked kernel, for
+    comparison). Returns (R, Q, dh).
     """
     q_len, key_len = allowed.shape
     if chunk is None:

@@ -292,7 +292,8 @@ def sample_actions(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sample: bool = False,
                  sample_seed: int = 0, max_steps: int | None = None, progress=None, trace: bool = False,
                  temperature: float = 1.0, frames: bool = False, observations: bool = False,
-                 memory_horizon: int | None = None, hide_actions: float = 0.0) -> EpisodeBatch:
+                 memory_horizon: int | None = None, hide_actions: float = 0.0,
+                 pixel_noise: float = 0.0) -> EpisodeBatch:
     """Play one episode in each env of `vector_env` (autoreset disabled), seeded by `seeds`.
 
     target_return: return-to-go at the first step, one number or one per env (then
@@ -303,19 +304,31 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     frames need an env made with render_mode='rgb_array'); memory_horizon: see SegmentRecurrentPolicy;
     hide_actions: the probability with which each chosen action is fed back to the model as the
     unknown-action token (as train --action-dropout hides them in training; the env still takes it),
-    drawn per env from a stream seeded by (sample_seed, env seed, 1).
+    drawn per env from a stream seeded by (sample_seed, env seed, 1); pixel_noise: the probability with
+    which each value of an image observation is moved one level up or down before the model sees it
+    (clipped to 0-255; drawn per env from a stream seeded by (sample_seed, env seed, 2); traces keep
+    the env's own observations): how much a model's score rests on frames exactly as its data's, as
+    another renderer's (a GPU's) differ by a level here and there.
     """
-    check_rollout(model, vector_env, target_return, max_steps, temperature, hide_actions)
+    check_rollout(model, vector_env, target_return, max_steps, temperature, hide_actions, pixel_noise)
     training = model.training
     model.eval()
     try:
         return _play(model, vector_env, seeds, target_return, sample, sample_seed, max_steps, progress, trace,
-                     temperature, frames, observations, memory_horizon, hide_actions)
+                     temperature, frames, observations, memory_horizon, hide_actions, pixel_noise)
     finally:
         model.train(training)  # as the caller had it (a model evaluated during training goes on training)
 
 
-def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps, temperature, hide_actions) -> None:
+def nudge_pixels(frame: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
+    """`frame` (uint8) with each value moved one level up or down with `probability`, clipped to 0-255."""
+    hit = rng.random(frame.shape) < probability
+    step = rng.integers(0, 2, frame.shape, dtype=np.int16) * 2 - 1
+    return np.clip(frame.astype(np.int16) + hit * step, 0, 255).astype(np.uint8)
+
+
+def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps, temperature, hide_actions,
+                  pixel_noise: float = 0.0) -> None:
     """Raise ValueError, saying what to pass, for arguments of run_episodes that would fail deep in
     the model or the env, or give a silently wrong result (a temperature of 0 gives NaN probabilities)."""
     if not hasattr(vector_env, "num_envs"):
@@ -339,10 +352,14 @@ def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps
         raise ValueError(f"temperature must be a positive number (1: the model's own probabilities), got {temperature}")
     if not 0.0 <= hide_actions <= 1.0:
         raise ValueError(f"hide_actions is a probability in [0, 1], got {hide_actions}")
+    if not 0.0 <= pixel_noise <= 1.0:
+        raise ValueError(f"pixel_noise is a probability in [0, 1], got {pixel_noise}")
+    if pixel_noise and c.obs_kind != "image":
+        raise ValueError(f"pixel_noise needs image observations; {model.task or 'this model'}'s are {c.obs_kind}s")
 
 
 def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_steps, progress, trace, temperature,
-          frames, observations, memory_horizon, hide_actions) -> EpisodeBatch:
+          frames, observations, memory_horizon, hide_actions, pixel_noise) -> EpisodeBatch:
     """run_episodes' loop, its arguments checked and the model in eval mode."""
     device = next(model.parameters()).device
     num = vector_env.num_envs
@@ -353,6 +370,7 @@ def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_step
     rtg_all = np.broadcast_to(np.asarray(target_return, dtype=np.float64), (num,)).copy()
     rngs = [np.random.default_rng([sample_seed, int(s)]) for s in seeds] if sample else None
     hide_rngs = [np.random.default_rng([sample_seed, int(s), 1]) for s in seeds] if hide_actions else None
+    noise_rngs = [np.random.default_rng([sample_seed, int(s), 2]) for s in seeds] if pixel_noise else None
     recorder = _Recorder(model, seeds, reset_info, num, frames, observations, memory_horizon) if trace else None
     returns = np.zeros(num)
     lengths = np.zeros(num, dtype=np.int64)
@@ -364,7 +382,10 @@ def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_step
         if recorder is not None:
             recorder.observe(ids, obs, _render_all(vector_env, num) if frames else None)
         rtg = torch.as_tensor(rtg_all[ids], dtype=torch.float32, device=device)
-        logits = policy.logits(rtg, torch.as_tensor(np.asarray(obs)[ids], device=device).to(obs_dtype))
+        seen = np.asarray(obs)[ids]
+        if noise_rngs is not None:
+            seen = np.stack([nudge_pixels(frame, noise_rngs[i], pixel_noise) for frame, i in zip(seen, ids)])
+        logits = policy.logits(rtg, torch.as_tensor(seen, device=device).to(obs_dtype))
         model_steps += len(ids)
         probs = (logits.float() / temperature).softmax(-1)
         if sample:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from training.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,34 @@ def test_bench_attention_skip_below_puts_rate_segments_in_blocks_and_bad_values_
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode != 0
         assert result.stderr.strip() == f"error: --skip-below must be in (0, 1], got {float(value)}"
+
+
+def test_render_check_records_and_compares_observations_and_says_what_is_wrong(tmp_path):
+    saved = tmp_path / "here.npz"
+    out = run("-m", "training.render_check", "--task", "memory_maze", "--episodes", "1", "--steps", "6",
+              "--save", str(saved))
+    assert "7 observations (3, 64, 64) from 1 episode (seeds from 0)" in out and "renderer: MuJoCo, MUJOCO_GL=" in out
+    out = run("-m", "training.render_check", "--compare", str(saved))  # the task and episodes from the file
+    assert out.strip().splitlines()[-1] == "identical_observations=1.0000 differing_values=0.000000 rewards_equal=True"
+    # a recording whose frames differ: the comparison says by how much
+    with np.load(saved) as data:
+        fields = dict(data)
+    fields["observations"][0, 0, 0, 0] ^= 16
+    np.savez(tmp_path / "other.npz", **fields)
+    out = run("-m", "training.render_check", "--compare", str(tmp_path / "other.npz"))
+    assert "identical observations 85.7%" in out and "largest difference 16" in out
+    (tmp_path / "bad.npz").write_text("not a recording")
+    for args, message in [(["--compare", str(saved), "--task", "tmaze"],
+                           f"error: --compare {saved} holds memory_maze observations; give --task memory_maze"),
+                          (["--compare", str(tmp_path / "bad.npz")],
+                           f"error: --compare {tmp_path / 'bad.npz'} is not a recording of training.render_check "
+                           "--save (not a .npz file it wrote)"),
+                          ([], "error: give --save FILE (record here) or --compare FILE (compare with a recording)"),
+                          (["--save", str(tmp_path / "x.txt")], f"error: --save {tmp_path / 'x.txt'}: the file "
+                                                                "name must end in .npz")]:
+        result = subprocess.run([sys.executable, "-m", "training.render_check", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and result.stderr.strip() == message
 
 
 def test_benchmarks_refuse_a_missing_checkpoint_in_one_line():

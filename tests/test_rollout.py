@@ -226,6 +226,47 @@ def test_hidden_actions_are_drawn_per_episode_and_checked():
 
 
 
+def test_nudge_pixels_moves_values_by_one_level_at_the_given_rate_and_clips():
+    from rate_core.rollout import nudge_pixels
+
+    frame = np.random.default_rng(0).integers(0, 256, (3, 84, 84), dtype=np.uint8)
+    frame[0] = 0
+    frame[1] = 255
+    nudged = nudge_pixels(frame, np.random.default_rng(1), 0.2)
+    moved = nudged.astype(int) - frame.astype(int)
+    assert nudged.dtype == np.uint8 and set(np.unique(moved)) <= {-1, 0, 1}
+    assert 0.18 < (moved[2] != 0).mean() < 0.22  # each value drawn with probability 0.2 moves by one level
+    assert (moved[0] >= 0).all() and (moved[1] <= 0).all() and (moved[0] == 1).any() and (moved[1] == -1).any()
+    assert np.array_equal(nudge_pixels(frame, np.random.default_rng(1), 0.0), frame)
+
+
+def test_pixel_noise_is_drawn_per_episode_changes_only_what_the_model_sees_and_is_checked():
+    task = get_task("minigrid_memory")
+    model = tiny_model("rate", obs_kind="image", obs_shape=task.obs_shape, act_dim=task.act_dim)
+    settings = {"size": 11, "step_cap": 2 * K + 3}
+
+    def play(seeds, **options):
+        return run_episodes(model, task.make_vector_env(len(seeds), **settings), seeds, 1.0, sample=True,
+                            sample_seed=3, trace=True, observations=True, **options)
+
+    together, alone = play([10, 11, 12], pixel_noise=0.3), play([11], pixel_noise=0.3)
+    assert np.array_equal(together.traces[1].actions, alone.traces[0].actions)
+    assert np.allclose(together.traces[1].logits, alone.traces[0].logits, atol=1e-5)
+    clean = play([10, 11, 12])
+    assert np.allclose(play([10, 11, 12], pixel_noise=0.0).traces[0].logits, clean.traces[0].logits, atol=1e-6)
+    # the first step's frame is the same env frame in both; only what the model made of it differs
+    first = [(a.observations[0], b.observations[0], a.logits[0], b.logits[0])
+             for a, b in zip(together.traces, clean.traces)]
+    assert all(np.array_equal(obs_a, obs_b) for obs_a, obs_b, _, _ in first)
+    assert any(not np.allclose(la, lb, atol=1e-4) for _, _, la, lb in first)
+    with pytest.raises(ValueError, match="pixel_noise is a probability in \\[0, 1\\]"):
+        play([1], pixel_noise=-0.5)
+    tmaze = get_task("tmaze")
+    with pytest.raises(ValueError, match="pixel_noise needs image observations"):
+        run_episodes(tiny_model("rate"), tmaze.make_vector_env(1, episode_length=2 * K + 5), [1], 1.0,
+                     pixel_noise=0.1)
+
+
 def test_run_episodes_refuses_what_it_cannot_play_and_leaves_the_models_mode_alone():
     model = tiny_model("rate").train()
     tmaze = get_task("tmaze")

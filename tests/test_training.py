@@ -675,6 +675,21 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     with pytest.raises(SystemExit, match="--hide-actions is a probability"):
         main(Args(checkpoint=checkpoint, episodes=2, hide_actions=-0.1, json=tmp_path / "neg.json"))
 
+    # and pixel noise (evaluate --pixel-noise), on image tasks only
+    for noise, message in [(0.1, "--pixel-noise needs image observations; tmaze's are vectors"),
+                           (1.5, "--pixel-noise is a probability in \\[0, 1\\], got 1.5")]:
+        with pytest.raises(SystemExit, match=message):
+            main(Args(checkpoint=checkpoint, episodes=2, pixel_noise=noise, json=tmp_path / "noise.json"))
+    image = Path(__file__).resolve().parent.parent / "assets/checkpoints/minigrid_memory/rate"
+    for name, noise in (("clean", 0.0), ("noisy", 0.2)):
+        main(Args(checkpoint=image, values=(11,), step_cap=20, episodes=2, pixel_noise=noise,
+                  json=tmp_path / f"{name}.json"))
+    assert load_evaluation(tmp_path / "noisy.json")["pixel_noise"] == 0.2 and a["pixel_noise"] == 0.0
+    capsys.readouterr()
+    compare_main(CompareArgs(first=tmp_path / "noisy.json", second=tmp_path / "clean.json"))
+    out = capsys.readouterr().out
+    assert "pixels nudged with probability 0.2\n" in out and "differ in pixel noise" in out
+
     # pairing uses the seeds both played, whatever their order
     first = {"seeds": [1, 2, 3], "returns": [1.0, 0.0, 1.0]}
     second = {"seeds": [3, 2, 9], "returns": [0.0, 0.0, 5.0]}

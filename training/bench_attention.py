@@ -106,7 +106,8 @@ def main(args: Args) -> None:
         configs = {path: read_checkpoint_config(path)["model_config"] for path in args.checkpoints}
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"torch threads: {torch.get_num_threads()}"
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+             else f"torch threads: {torch.get_num_threads()}")
     print(f"{where}; batch {args.batch_size}; forward + backward of one layer")
     print(f"{'checkpoint':44} {'Q x K':>10} {'blocks':>6} {'computed':>8} {'skip ms':>8} {'full ms':>8} {'speedup':>7}")
     speedups = []

@@ -38,7 +38,7 @@ class Args:
 def load_evaluation(path: Path, per_episode: bool = True) -> dict:
     """An eval.json written by training.evaluate, or the one in a checkpoint folder (SystemExit saying what to do
     if it is not one, or if per_episode and it lacks the per-episode seeds and returns that pairing needs). Options
-    newer than the file (memory_horizon, hide_actions) are filled in with what it played."""
+    newer than the file (memory_horizon, hide_actions, pixel_noise) are filled in with what it played."""
     path = Path(path)
     if path.is_dir():
         if not (path / "eval.json").is_file():
@@ -62,6 +62,7 @@ def load_evaluation(path: Path, per_episode: bool = True) -> dict:
                              "evaluate the checkpoint again to compare it")
     report.setdefault("memory_horizon", None)  # older files have none: the whole episode
     report.setdefault("hide_actions", 0.0)  # nor this: every action shown
+    report.setdefault("pixel_noise", 0.0)  # nor this: the frames as the env rendered them
     return report
 
 
@@ -149,14 +150,15 @@ def main(args: Args) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     for name, report, given in (("A", first, args.first), ("B", second, args.second)):
-        horizon, hidden = report["memory_horizon"], report["hide_actions"]
+        horizon, hidden, noise = report["memory_horizon"], report["hide_actions"], report["pixel_noise"]
         # the file given, and where it was evaluated if elsewhere (a shipped eval.json keeps its run's path)
         folder = given if given.is_dir() else given.parent
         same = Path(report["checkpoint"]).resolve() in (folder.resolve(), given.resolve())
         where = "" if same else f"evaluated as {report['checkpoint']}, "
         print(f"{name}: {given} ({where}{report['mode']}), target return {report['protocol']['target_return']}"
               + (f", memory horizon {horizon} segment{'s' if horizon > 1 else ''}" if horizon else "")
-              + (f", action inputs hidden with probability {hidden}" if hidden else ""))
+              + (f", action inputs hidden with probability {hidden}" if hidden else "")
+              + (f", pixels nudged with probability {noise}" if noise else ""))
     differing = [k for k in ("target_return", "sample_actions", "temperature")  # older files have no temperature
                  if first["protocol"].get(k, 1.0) != second["protocol"].get(k, 1.0)]
     if first.get("overrides") != second.get("overrides"):
@@ -165,6 +167,8 @@ def main(args: Args) -> None:
         differing.append("memory horizon")
     if first["hide_actions"] != second["hide_actions"]:
         differing.append("hidden actions")
+    if first["pixel_noise"] != second["pixel_noise"]:
+        differing.append("pixel noise")
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
     setting = first["protocol"]["setting"]

@@ -58,6 +58,10 @@ class Args:
     """feed each chosen action back to the model as the unknown-action token with this probability (as train
     --action-dropout hides them in training; the env still takes the action). Default 0: every action shown,
     as the protocol"""
+    pixel_noise: float = 0.0
+    """image tasks: move each value of each frame the model sees one level up or down with this probability
+    (drawn per episode; the env plays on unchanged). Shows how much a score rests on frames exactly as the
+    data's, as another renderer's (a GPU's EGL) differ by a level here and there. Default 0, as the protocol"""
     max_envs: Annotated[int | None, OWN_DEFAULT] = None
     """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
     them, Memory Maze 10, which peaks near 10 GB of memory on a CPU host). Fewer take less memory, not other
@@ -101,12 +105,12 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
              target_return: float | None = None, temperature: float | None = None,
              memory_horizon: int | None = None, max_envs: int | None = None,
-             hide_actions: float = 0.0) -> list[dict]:
+             hide_actions: float = 0.0, pixel_noise: float = 0.0) -> list[dict]:
     """Run the protocol at each value of its setting; one dict of results per value.
     on_result: optional callable(results so far), called after each value (e.g. to save them);
     overrides: environment settings that replace the task's defaults (e.g. step_cap);
     memory_horizon: see rate_core.rollout.SegmentRecurrentPolicy; max_envs: envs at once (default: the
-    protocol's max_envs); hide_actions: see rate_core.rollout.run_episodes."""
+    protocol's max_envs); hide_actions, pixel_noise: see rate_core.rollout.run_episodes."""
     protocol = task.evaluation
     temperature = protocol.temperature if temperature is None else temperature
     sample = protocol.sample_actions if sample is None else sample
@@ -127,7 +131,8 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
             with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
                 parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
                                           progress=lambda _: bar.update(), temperature=temperature,
-                                          memory_horizon=memory_horizon, hide_actions=hide_actions))
+                                          memory_horizon=memory_horizon, hide_actions=hide_actions,
+                                          pixel_noise=pixel_noise))
             env.close()
         outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
@@ -177,7 +182,7 @@ def protocol_changed(args: Args, task: Task) -> list[str]:
     protocols = {"values": tuple(task.evaluation.values), "episodes": task.evaluation.episodes}  # given, but the same
     return [f"--{name.replace('_', '-')}" for name in ("values", "step_cap", "settings", "target_return", "episodes",
                                                       "actions", "temperature", "memory_horizon", "hide_actions",
-                                                      "seed")
+                                                      "pixel_noise", "seed")
             if getattr(args, name) not in (getattr(default, name), protocols.get(name, getattr(default, name)))]
 
 
@@ -262,6 +267,10 @@ def main(args: Args) -> None:
         protocol = replace(protocol, temperature=args.temperature)
     if not 0.0 <= args.hide_actions <= 1.0:
         raise SystemExit(f"error: --hide-actions is a probability in [0, 1], got {args.hide_actions}")
+    if not 0.0 <= args.pixel_noise <= 1.0:
+        raise SystemExit(f"error: --pixel-noise is a probability in [0, 1], got {args.pixel_noise}")
+    if args.pixel_noise and model.config.obs_kind != "image":
+        raise SystemExit(f"error: --pixel-noise needs image observations; {task.name}'s are {model.config.obs_kind}s")
     if args.max_envs is not None:
         if args.max_envs < 1:
             raise SystemExit(f"error: --max-envs must be at least 1, got {args.max_envs}")
@@ -277,7 +286,8 @@ def main(args: Args) -> None:
           f"{protocol.setting}, {actions} actions, target return {protocol.target_return}"
           + (f", memory horizon {args.memory_horizon} segment{'s' * (args.memory_horizon > 1)}"
              if args.memory_horizon else "")
-          + (f", action inputs hidden with probability {args.hide_actions}" if args.hide_actions else ""))
+          + (f", action inputs hidden with probability {args.hide_actions}" if args.hide_actions else "")
+          + (f", pixels nudged with probability {args.pixel_noise}" if args.pixel_noise else ""))
 
     protocol = replace(protocol, episodes=episodes, values=tuple(values))  # as run, for what reads the JSON
 
@@ -285,13 +295,13 @@ def main(args: Args) -> None:
         out.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
             "protocol": asdict(protocol), "overrides": overrides, "memory_horizon": args.memory_horizon,
-            "hide_actions": args.hide_actions, "results": results,
+            "hide_actions": args.hide_actions, "pixel_noise": args.pixel_noise, "results": results,
         }, indent=2))
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
                        overrides=overrides, target_return=protocol.target_return,
                        temperature=protocol.temperature, memory_horizon=args.memory_horizon,
-                       max_envs=protocol.max_envs, hide_actions=args.hide_actions)
+                       max_envs=protocol.max_envs, hide_actions=args.hide_actions, pixel_noise=args.pixel_noise)
     print_table(task, results)
     print(f"wrote {out}")
 
