@@ -49,7 +49,7 @@ class Args:
     """timed repeats of each way per case (after one warm-up); the ratio is their median"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
-    skip_below: float | None = None
+    skip_below: Annotated[float | None, OWN_DEFAULT] = None
     """use blocks where they compute at most this share of the scores (1: wherever a key can be skipped;
     default: rate_core.attention.SKIP_BELOW, what training uses)"""
     device: str = "cpu"
