@@ -1,12 +1,14 @@
 """Does this machine render a task's observations as another did? Record them on one, compare on the other.
 
-    python -m training.render_check --task memory_maze --save frames_cpu.npz       # on the machine of the data
-    python -m training.render_check --task memory_maze --compare frames_cpu.npz    # on another (a GPU's EGL)
+    python -m training.render_check --save frames_cpu.npz        # Memory Maze, on the machine of the data
+    python -m training.render_check --compare frames_cpu.npz     # on another (a GPU's EGL), the same episodes
+    python -m training.render_check --task minigrid_memory --save frames.npz
 
 Plays `episodes` episodes (seeds `seed`, `seed` + 1, ...) of `steps` uniformly random actions each,
 drawn from one stream seeded by `seed`, in the task's default settings, and keeps every observation
 (the first after reset, then one per step) and every reward. --save writes them with the task's name
-and the renderer (Memory Maze: MUJOCO_GL, as rate_core chose it) to a .npz file; --compare plays the
+and the renderer (Memory Maze: MUJOCO_GL as rate_core chose it, and the OpenGL renderer: a GPU's,
+or Mesa's llvmpipe on a CPU) to a .npz file; --compare plays the
 same episodes and prints how this machine's observations differ from the file's: whether the rewards
 are equal, the share of identical observations, the share of values that differ (by more than 8
 levels too), the largest and the mean absolute difference. A model trained on one machine's frames
