@@ -352,10 +352,17 @@ def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps
         raise ValueError(f"temperature must be a positive number (1: the model's own probabilities), got {temperature}")
     if not 0.0 <= hide_actions <= 1.0:
         raise ValueError(f"hide_actions is a probability in [0, 1], got {hide_actions}")
+    check_pixel_noise(model, pixel_noise)
+
+
+def check_pixel_noise(model: MemoryTransformer, pixel_noise: float, name: str = "pixel_noise") -> None:
+    """ValueError unless `pixel_noise` (called `name` in the message) is a probability the model can take:
+    any nonzero one needs image observations."""
     if not 0.0 <= pixel_noise <= 1.0:
-        raise ValueError(f"pixel_noise is a probability in [0, 1], got {pixel_noise}")
-    if pixel_noise and c.obs_kind != "image":
-        raise ValueError(f"pixel_noise needs image observations; {model.task or 'this model'}'s are {c.obs_kind}s")
+        raise ValueError(f"{name} is a probability in [0, 1], got {pixel_noise}")
+    kind = model.config.obs_kind
+    if pixel_noise and kind != "image":
+        raise ValueError(f"{name} needs image observations; {model.task or 'this model'}'s are {kind}s")
 
 
 def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_steps, progress, trace, temperature,

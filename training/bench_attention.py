@@ -68,14 +68,13 @@ def segment_masks(model: MemoryTransformer) -> list[torch.Tensor]:
     return masks
 
 
-def attention_inputs(config: ModelConfig, allowed: torch.Tensor, batch_size: int, generator,
-                     device: str = "cpu") -> list[torch.Tensor]:
-    """Random query, key, value rows, biases and position keys of one layer for a mask's shape."""
+def attention_inputs(config: ModelConfig, allowed: torch.Tensor, batch_size: int, generator) -> list[torch.Tensor]:
+    """Random query, key, value rows, biases and position keys of one layer for a mask's shape, on its device."""
     q_len, key_len = allowed.shape
     rows, heads, width = batch_size * config.n_head, config.n_head, key_len + max(config.num_mem_tokens - 1, 0)
 
     def make(*shape):
-        return torch.randn(*shape, generator=generator).to(device).requires_grad_()
+        return torch.randn(*shape, generator=generator).to(allowed.device).requires_grad_()
 
     return [make(rows, q_len, config.d_head), make(rows, key_len, config.d_head), make(rows, key_len, config.d_head),
             make(heads, config.d_head), make(heads, config.d_head), make(heads, width, config.d_head)]
@@ -116,7 +115,7 @@ def main(args: Args) -> None:
         scale = config.d_head ** -0.5
         for allowed in segment_masks(model):
             allowed = allowed.to(device)
-            inputs = attention_inputs(config, allowed, args.batch_size, generator, device)
+            inputs = attention_inputs(config, allowed, args.batch_size, generator)
             blocks = attention_blocks(allowed)
             computed = scores_computed(blocks)
             times = {True: [], False: []}

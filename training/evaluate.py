@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
-from rate_core.rollout import EpisodeBatch, make_policy, run_episodes
+from rate_core.rollout import EpisodeBatch, check_pixel_noise, make_policy, run_episodes
 from rate_core.tasks import Task, get_task
 from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, device_or_exit, run_main
 from training.collect import parse_settings
@@ -267,10 +267,10 @@ def main(args: Args) -> None:
         protocol = replace(protocol, temperature=args.temperature)
     if not 0.0 <= args.hide_actions <= 1.0:
         raise SystemExit(f"error: --hide-actions is a probability in [0, 1], got {args.hide_actions}")
-    if not 0.0 <= args.pixel_noise <= 1.0:
-        raise SystemExit(f"error: --pixel-noise is a probability in [0, 1], got {args.pixel_noise}")
-    if args.pixel_noise and model.config.obs_kind != "image":
-        raise SystemExit(f"error: --pixel-noise needs image observations; {task.name}'s are {model.config.obs_kind}s")
+    try:
+        check_pixel_noise(model, args.pixel_noise, "--pixel-noise")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     if args.max_envs is not None:
         if args.max_envs < 1:
             raise SystemExit(f"error: --max-envs must be at least 1, got {args.max_envs}")

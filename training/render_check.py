@@ -46,23 +46,6 @@ class Args:
     recording's)"""
 
 
-def renderer(task: Task, env) -> str:
-    """What draws the task's frames here: for Memory Maze the OpenGL backend (MUJOCO_GL, as rate_core
-    chose it) and the OpenGL renderer of its context (a GPU's, or Mesa's llvmpipe on a CPU)."""
-    if task.name != "memory_maze":
-        return "the environment's own"
-    backend = os.environ.get("MUJOCO_GL", "?")
-    try:
-        from OpenGL import GL
-
-        physics = env.unwrapped.maze_env.physics
-        with physics.contexts.gl.make_current() as context:
-            name = context.call(lambda: GL.glGetString(GL.GL_RENDERER)).decode()
-    except Exception as error:  # only a label: say why it is missing rather than stop the check
-        name = f"OpenGL renderer unknown ({type(error).__name__})"
-    return f"MuJoCo, MUJOCO_GL={backend}, {name}"
-
-
 def record(task: Task, episodes: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(observations (M, *obs_shape), rewards (R,), renderer) of the episodes, every episode's in turn."""
     env = task.make_env(**task.default_settings)
@@ -71,8 +54,9 @@ def record(task: Task, episodes: int, steps: int, seed: int) -> tuple[np.ndarray
     try:
         for episode in range(episodes):
             obs, _ = env.reset(seed=seed + episode)
-            if not episode:
-                drawn_by = renderer(task, env)
+            if not episode:  # an env that renders with a library it can name says which (Memory Maze)
+                name = getattr(env.unwrapped, "renderer_name", None)
+                drawn_by = name() if name else "the environment's own"
             observations.append(obs)
             for action in rng.integers(task.act_dim, size=steps):
                 obs, reward, terminated, truncated, _ = env.step(action)

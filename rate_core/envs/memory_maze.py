@@ -240,6 +240,18 @@ class MemoryMazeEnv(gym.Env):
         self._over = truncated
         return self._obs.copy(), reward, False, truncated, self._info()
 
+    def renderer_name(self) -> str:
+        """What draws the frames: the OpenGL backend (MUJOCO_GL, as `choose_gl_backend` set it) and the
+        OpenGL renderer of the physics' context (a GPU's, or Mesa's llvmpipe on a CPU)."""
+        try:
+            from OpenGL import GL
+
+            with self.maze_env.physics.contexts.gl.make_current() as context:
+                name = context.call(lambda: GL.glGetString(GL.GL_RENDERER)).decode()
+        except Exception as error:  # only a label: say why it is missing rather than fail
+            name = f"OpenGL renderer unknown ({type(error).__name__})"
+        return f"MuJoCo, MUJOCO_GL={os.environ.get('MUJOCO_GL', '?')}, {name}"
+
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
