@@ -139,6 +139,8 @@ def test_patched_env_matches_memory_maze_as_published():
     fast, slow = MemoryMazeEnv(step_cap=150), MemoryMazeEnv(step_cap=150, patched=False)
     try:
         assert fast._task._targets[0]._update_activation.__func__ is _update_activation_vectorised
+        # already before its first reset (a vector env's worker makes all its envs before resetting any)
+        assert fast.maze_env.physics.model.ntex < slow.maze_env.physics.model.ntex / 4
         assert slow._task._targets[0]._update_activation.__func__ is not _update_activation_vectorised
         rewards = 0.0
         for seed in (0, 1):

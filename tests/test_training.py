@@ -515,6 +515,32 @@ def test_evaluation_in_batches_gives_the_same_results(dataset_path, tmp_path):
         assert whole[key] == chunked[key], key
 
 
+def test_evaluation_runs_fewer_envs_at_once_where_memory_is_short(dataset_path, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    import training.evaluate as evaluate_module
+
+    hungry = replace(TASK, env_memory_gb=2.0)  # 0.8 * 6 GB holds 2 of them
+    assert hungry.envs_that_fit(6, available_gb=6.0) == 2 and hungry.envs_that_fit(6, available_gb=0.5) == 1
+    assert hungry.envs_that_fit(6, available_gb=100.0) == 6 and TASK.envs_that_fit(6, available_gb=0.1) == 6
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    workers = replace(TASK, env_memory_gb=0.5, worker_memory_gb=1.0)  # 1 env: 1.5 GB, 2: 3, 3: 3.5, 4: 4
+    assert [workers.env_memory_need_gb(n) for n in (1, 2, 3, 4)] == [1.5, 3.0, 3.5, 4.0]
+    assert workers.envs_that_fit(10, available_gb=4.4) == 3 and workers.envs_that_fit(10, available_gb=5.0) == 4
+    made = []
+    real_make = TASK.make_vector_env
+    hungry = replace(hungry, make_vector_env=lambda n, **settings: made.append(n) or real_make(n, **settings))
+    model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "short", epochs=1)))
+    whole = evaluate(model, TASK, values=(12,), episodes=6, seed=0, show_progress=False)[0]
+    monkeypatch.setattr(evaluate_module, "available_memory_gb", lambda: 6.0)
+    capsys.readouterr()
+    short = evaluate(model, hungry, values=(12,), episodes=6, seed=0, show_progress=False)[0]
+    assert made == [2, 2, 2]
+    assert short["returns"] == whole["returns"] and short["seeds"] == whole["seeds"]
+    assert "6 T-Maze (passive) envs at once would hold about 12 GB and 6 GB is available: running 2 at a time" in \
+        capsys.readouterr().err
+
+
 def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
     one = load_dataset(collect(TASK, tmp_path / "one", episodes_per_setting=2, seed=5), task="tmaze")
     assert "the expert succeeded in 6 of 6 episodes" in capsys.readouterr().out  # a success task says how often

@@ -6,6 +6,7 @@
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, check_pixel_noise, make_policy, run_episodes
-from rate_core.tasks import Task, get_task
+from rate_core.tasks import Task, available_memory_gb, get_task
 from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, device_or_exit, run_main
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
@@ -64,8 +65,9 @@ class Args:
     data's, as another renderer's (a GPU's EGL) differ by a level here and there. Default 0, as the protocol"""
     max_envs: Annotated[int | None, OWN_DEFAULT] = None
     """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
-    them, Memory Maze 10, which peaks near 10 GB of memory on a CPU host). Fewer take less memory, not other
-    results: each episode's action draws are seeded by its own seed"""
+    them, Memory Maze 10, which peaks near 6 GB of memory on a CPU host; fewer where the memory available
+    cannot hold them, with a warning). Fewer take less memory, not other results: each episode's action draws
+    are seeded by its own seed"""
     seed: int = 0
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Annotated[Path | None, OWN_DEFAULT] = None
@@ -101,6 +103,19 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
         env.close()
 
 
+def batch_that_fits(task: Task, wanted: int, available_gb: float | None = None) -> int:
+    """`wanted` envs at once, or fewer where the memory available now (available_gb: default, what the
+    system reports) cannot hold them (Task.envs_that_fit), saying so on stderr. The results do not
+    depend on the batch."""
+    available_gb = available_memory_gb() if available_gb is None else available_gb
+    fits = task.envs_that_fit(wanted, available_gb)
+    if fits < wanted:
+        print(f"warning: {wanted} {task.title} envs at once would hold about {task.env_memory_need_gb(wanted):.0f} GB "
+              f"and {available_gb:.0f} GB is available: running {fits} at a time (the results do not depend on "
+              f"it; --max-envs sets the number)", file=sys.stderr)
+    return fits
+
+
 def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool | None = None,
              show_progress: bool = True, on_result=None, overrides: dict | None = None,
              target_return: float | None = None, temperature: float | None = None,
@@ -120,7 +135,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         settings = {**task.default_settings, **(overrides or {}), protocol.setting: value}
         seeds = balanced_seeds(task, settings, episodes, seed)
         started = time.perf_counter()
-        batch = max_envs or protocol.max_envs or episodes
+        batch = batch_that_fits(task, min(max_envs or protocol.max_envs or episodes, episodes))
         parts = []
         for start in range(0, episodes, batch):
             chunk = seeds[start:start + batch]

@@ -111,7 +111,7 @@ def _share_wall_textures(arena) -> None:
     80 images of 1024 x 1024, held by MuJoCo's model and again by the OpenGL context, about
     0.55 GB per env, and uploaded at every reset. The variations now share the first copy; each
     episode still picks a variation's texture by its index in the (equal) list, so frames are
-    unchanged. Must run before the maze is next regenerated (the next reset)."""
+    unchanged. Takes effect when the maze's physics is next compiled (MemoryMazeEnv does so at once)."""
     from dm_control.locomotion.arenas.labmaze_textures import WallTextures
 
     kept = {}  # the images' file contents -> the provider that stays
@@ -189,6 +189,10 @@ class MemoryMazeEnv(gym.Env):
             for target in self._task._targets:
                 target._update_activation = MethodType(_update_activation_vectorised, target)
             _share_wall_textures(self._task.root_entity)
+            # The physics made above holds every copy of the textures until the first reset
+            # recompiles it; recompile now, so that envs made one after another (a vector env's
+            # worker makes all of its envs before resetting any) never hold them all at once.
+            self.maze_env._recompile_physics_and_update_observables()
         self._state: dict[str, Any] = {}
         self._obs = np.zeros(OBS_SHAPE, dtype=np.uint8)
         self._steps = 0
