@@ -508,8 +508,8 @@ register(Task(
     # memory of where it was seen and of the turns since tells (`train --aux-weight`).
     aux_label="target_bearing",
     aux_values=("ahead", "ahead-left", "left", "behind-left", "behind", "behind-right", "right", "ahead-right"),
-    # Measured with Mesa's EGL on a 2-core host (2 worker processes): 2 envs hold 2.4 GB, 6 hold 4.0 GB,
-    # 30 hold 10.0 GB (resident, shared libraries counted in each process).
-    env_memory_gb=0.35,
-    worker_memory_gb=0.9,
+    # Measured with Mesa's EGL on a 2-core host (2 worker processes): 2 envs hold 1.4 GB, 6 hold 2.7 GB,
+    # 12 hold 4.1 GB, 30 hold 8.8 GB (resident, shared libraries counted in each process).
+    env_memory_gb=0.3,
+    worker_memory_gb=0.6,
 ))

@@ -65,7 +65,7 @@ class Args:
     data's, as another renderer's (a GPU's EGL) differ by a level here and there. Default 0, as the protocol"""
     max_envs: Annotated[int | None, OWN_DEFAULT] = None
     """at most this many envs at once, more episodes in consecutive batches (default: the protocol's: all of
-    them, Memory Maze 10, which peaks near 6 GB of memory on a CPU host; fewer where the memory available
+    them, Memory Maze 10, which peaks near 5 GB of memory on a CPU host; fewer where the memory available
     cannot hold them, with a warning). Fewer take less memory, not other results: each episode's action draws
     are seeded by its own seed"""
     seed: int = 0
