@@ -310,7 +310,7 @@ def what_if(traces: list[EpisodeTrace], models: list[MemoryTransformer], task: T
         return None
     return [{"played": trace.probs[-1],
              "flipped": last_step_probs(model, trace, task.counterfactual(trace.observations))}
-            for trace, model in zip(traces, models)]
+            for trace, model in zip(traces, models, strict=True)]
 
 
 def agent_name(model: MemoryTransformer, side: str) -> str:
@@ -433,7 +433,7 @@ def episode_videos(traces: list[EpisodeTrace], models: list[MemoryTransformer], 
     fps = video_fps(count)
     jobs = []
     with ThreadPoolExecutor(max_workers=2) as pool:  # the encoders are ffmpeg processes: encode both at once
-        for side, trace, model, name in zip(("left", "right"), traces, models, names):
+        for side, trace, model, name in zip(("left", "right")[: len(traces)], traces, models, names, strict=True):
             memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
             frames = [annotate(frame, trace, t, task, name, memory) for t, frame in enumerate(trace.frames)]
             frames += [frames[-1]] * (count - len(frames))

@@ -54,7 +54,7 @@ def memory_heatmaps(trace: EpisodeTrace | None, name: str):
     # wide enough for the title whatever the number of panels
     figure, axes = plt.subplots(1, len(shown), figsize=(min(16, max(8, 2.2 * len(shown) + 1.5)), 3.0), squeeze=False,
                                 layout="constrained")
-    for axis, index in zip(axes[0], shown):
+    for axis, index in zip(axes[0], shown, strict=True):
         image = axis.imshow(trace.memory[index], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
                             interpolation="nearest")
         when = "start" if index == 0 else f"after step {trace.memory_update_steps[index - 1] + 1}"
@@ -170,7 +170,7 @@ def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_na
     figure, axes = plt.subplots(len(traces), 2, figsize=(9, 1.9 * len(traces) + 0.8), squeeze=False,
                                 gridspec_kw={"width_ratios": [3, 1]}, layout="constrained")
     longest = max(t.length for t in traces)
-    for row, (trace, name) in enumerate(zip(traces, names)):
+    for row, (trace, name) in enumerate(zip(traces, names, strict=True)):
         labels = [action_names[a] if a < len(action_names) else str(a) for a in range(trace.probs.shape[1])]
         colours = [f"C{a}" for a in range(len(labels))]
         axis = axes[row, 0]
@@ -183,7 +183,7 @@ def action_probabilities(traces: list[EpisodeTrace], names: list[str], action_na
         last = axes[row, 1]
         tail = np.arange(max(0, trace.length - 8), trace.length)
         bottom = np.zeros(len(tail))
-        for a, (label, colour) in enumerate(zip(labels, colours)):
+        for a, (label, colour) in enumerate(zip(labels, colours, strict=True)):
             last.bar(tail, trace.probs[tail, a], bottom=bottom, color=colour, alpha=0.85, width=0.8)
             bottom += trace.probs[tail, a]
         last.set_ylim(0, 1)
@@ -205,7 +205,7 @@ def what_if(results: list[dict], names: list[str], action_names: tuple[str, ...]
     figure, axes = plt.subplots(1, len(results), figsize=(9, 2.8), squeeze=False, sharey=True, layout="constrained")
     labels = [action_names[a] if a < len(action_names) else str(a) for a in range(len(results[0]["played"]))]
     positions = np.arange(len(labels))
-    for axis, result, name in zip(axes[0], results, names):
+    for axis, result, name in zip(axes[0], results, names, strict=True):
         axis.bar(positions - 0.2, result["played"], width=0.4, label="as played", color="tab:blue")
         axis.bar(positions + 0.2, result["flipped"], width=0.4, label=f"with the other {label}", color="tab:orange")
         axis.set_xticks(positions, labels)

@@ -162,7 +162,7 @@ def run_api(task: str, left: str | None = None, right: str | None = None, seed: 
         raise gr.Error(f"sample must be true or false (or left out: the task's choice), got {sample!r}",
                        print_exception=False)
     given = [task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon]
-    values = [default if value is None else value for value, default in zip(given, default_inputs(task))]
+    values = [default if value is None else value for value, default in zip(given, default_inputs(task), strict=True)]
     return run_episodes(*values, request=None, progress=progress)[:3]
 
 
@@ -227,7 +227,7 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
 
     def report(steps):
         progress((min(steps), limit) if limit else None,
-                 desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps)))
+                 desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps, strict=True)))
 
     traces = play_pair(models, request, report)
     progress(None, desc="writing videos")

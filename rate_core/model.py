@@ -576,7 +576,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         key_len = context.buffers[0].length + n
         allowed = context.mask[rows, :key_len]
         weights = []
-        for i, (layer, buffer) in enumerate(zip(self.layers, context.buffers)):
+        for i, (layer, buffer) in enumerate(zip(self.layers, context.buffers, strict=True)):
             if context.inputs is not None:
                 context.inputs[i].append(x)
             x, _, w = layer(x, buffer, None, self.content_bias, self.position_bias, allowed,

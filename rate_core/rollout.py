@@ -256,7 +256,7 @@ class _Recorder:
 
     def traces(self) -> list[EpisodeTrace]:
         out = []
-        for seed, reset_info, rec in zip(self.seeds, self.reset_info, self.steps):
+        for seed, reset_info, rec in zip(self.seeds, self.reset_info, self.steps, strict=True):
             out.append(EpisodeTrace(
                 seed=seed, actions=np.array(rec["actions"], dtype=np.int64),
                 logits=np.array(rec["logits"], dtype=np.float32).reshape(len(rec["actions"]), -1),
@@ -391,7 +391,8 @@ def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_step
         rtg = torch.as_tensor(rtg_all[ids], dtype=torch.float32, device=device)
         seen = np.asarray(obs)[ids]
         if noise_rngs is not None:
-            seen = np.stack([nudge_pixels(frame, noise_rngs[i], pixel_noise) for frame, i in zip(seen, ids)])
+            seen = np.stack([nudge_pixels(frame, noise_rngs[i], pixel_noise)
+                             for frame, i in zip(seen, ids, strict=True)])
         logits = policy.logits(rtg, torch.as_tensor(seen, device=device).to(obs_dtype))
         model_steps += len(ids)
         probs = (logits.float() / temperature).softmax(-1)

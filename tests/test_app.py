@@ -323,7 +323,7 @@ def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one()
     models = [load_model("shipped: rate", "minigrid_memory"), load_model("shipped: dt", "minigrid_memory")]
     reports = []
     pair = play_pair(models, request, progress=reports.append, poll_seconds=0.01)
-    for together, model in zip(pair, models):
+    for together, model in zip(pair, models, strict=True):
         alone = play(model, request)
         assert together.length == alone.length and np.array_equal(together.actions, alone.actions)
         assert np.allclose(together.probs, alone.probs, atol=1e-5)
@@ -597,7 +597,7 @@ def test_outcome_text_names_the_run_and_says_when_the_app_cut_the_episode_short(
         traces = [play(model, request) for model in models]
         summary = {"seed": 0, "settings": request.settings, "app_step_cap": request.step_cap,
                    **{side: outcome(trace, model, task)
-                      for side, trace, model in zip(("left", "right"), traces, models)}}
+                      for side, trace, model in zip(("left", "right"), traces, models, strict=True)}}
         text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
                                        "title": run_title(request), "what_if": None})
         first = "the first 40 steps, " if cap else ""

@@ -1,5 +1,7 @@
 """The chunked relative-attention kernel equals plain autograd attention, values and gradients."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def assert_matches_plain_attention(tensors, allowed, chunk) -> torch.Tensor:
     grads_ours = torch.autograd.grad((ours * weights).sum(), tensors)
     grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
     names = ("query", "key", "value", "content_bias", "position_bias", "position_key")
-    for name, a, b in zip(names, grads_ours, grads_ref):
+    for name, a, b in zip(names, grads_ours, grads_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-10), name
     return reference
 
@@ -82,7 +84,7 @@ def test_mixed_precision_inputs_as_autocast_gives_them():
     weights = torch.randn_like(reference)
     grads_ours = torch.autograd.grad((ours.double() * weights).sum(), low)
     grads_ref = torch.autograd.grad((reference * weights).sum(), tensors)
-    for t, a, b in zip(low, grads_ours, grads_ref):
+    for t, a, b in zip(low, grads_ours, grads_ref, strict=True):
         assert a.dtype == t.dtype
         assert torch.allclose(a.double(), b, atol=0.1, rtol=0.05)
 
@@ -195,7 +197,7 @@ def test_blocks_cover_every_allowed_key(q_len, key_len, seed, monkeypatch):
     allowed[: q_len // 4, offset + q_len // 4:] = seed % 2 == 1  # rows that see later keys (as memory tokens do)
     blocks = attention.attention_blocks(allowed)
     assert blocks[0][0] == 0 and blocks[-1][1] == q_len
-    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # consecutive, no row left out
+    assert all(a[1] == b[0] for a, b in pairwise(blocks))  # consecutive, no row left out
     for q_start, q_end, key_start, key_end, dense in blocks:
         assert key_end == offset + q_end  # the alignment of the shifted position scores
         outside = allowed[q_start:q_end].clone()

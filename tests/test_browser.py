@@ -31,7 +31,7 @@ def both_videos_in_step(page) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
 def test_browser_runs_an_episode_and_both_videos_play():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
@@ -109,8 +109,9 @@ def test_browser_runs_an_episode_and_both_videos_play():
             page.get_by_role("option", name="tmaze").click()
             page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Stopped')", timeout=10_000)
             # picking a task in the dropdown brings that task's default run
-            assert page.get_by_label("corridor length T (steps) (10 to 1200)").input_value() == "300"
-            assert page.get_by_label("target return", exact=True).input_value() == "1"
+            # (the boxes fill in as the page updates, after the outcome line: wait for them too)
+            expect(page.get_by_label("corridor length T (steps) (10 to 1200)")).to_have_value("300", timeout=10_000)
+            expect(page.get_by_label("target return", exact=True)).to_have_value("1", timeout=10_000)
             seed.fill("42")
             run.click()
             page.get_by_text(caption).first.wait_for(timeout=90_000)

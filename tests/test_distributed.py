@@ -33,7 +33,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert "2 processes" in result.stdout
     double = load_checkpoint(tmp_path / "two" / "model")
     assert double.training_info["processes"] == 2
-    for (name, a), b in zip(single.state_dict().items(), double.state_dict().values()):
+    for (name, a), b in zip(single.state_dict().items(), double.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (name, (a - b).abs().max())
     changed = load_checkpoint(tmp_path / "one" / "last")
     assert changed.training_info["epochs_done"] == 1

@@ -71,7 +71,7 @@ def test_lockstep_vector_env_equals_single_envs_and_leaves_finished_ones_alone()
     singles = [TASK.make_env(size=11, step_cap=4) for _ in range(3)]
     seeds = [3, 4, 5]
     obs, info = vector.reset(seed=seeds)
-    for env, seed, o in zip(singles, seeds, obs):
+    for env, seed, o in zip(singles, seeds, obs, strict=True):
         assert np.array_equal(env.reset(seed=seed)[0], o)
     rng = np.random.default_rng(0)
     done = [False] * 3
@@ -117,7 +117,7 @@ def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
     assert frame.shape == (max(view.shape[0], top + MAP_ROWS * tile), size * tile + VIEW_GAP + view.shape[1], 3)
     if size <= 41:  # green in the cells of the cue (start room) and of the two objects (the hallway's end)
         green = (overview[..., 1] > 200) & (overview[..., 0] < 60)
-        cells = {(y // tile, x // tile) for y, x in zip(*np.nonzero(green))}
+        cells = {(y // tile, x // tile) for y, x in zip(*np.nonzero(green), strict=True)}
         assert cells == {(1, 1), (0, size - 2), (MAP_ROWS - 1, size - 2)}
     assert _agent_columns(overview).mean() // tile == env.agent_pos[0]
     for _ in range(2):

@@ -362,7 +362,7 @@ def test_image_encoder_encodes_repeated_images_once_with_equal_outputs_and_gradi
     reference = encoder._encode(images)  # every image through the convolutions
     reference.square().sum().backward()
     assert torch.allclose(outputs, reference, atol=1e-6)
-    for grad, parameter in zip(grads, encoder.parameters()):
+    for grad, parameter in zip(grads, encoder.parameters(), strict=True):
         assert torch.allclose(grad, parameter.grad, atol=1e-5, rtol=1e-4)
     # all distinct (or a small batch): the plain path
     assert _distinct_images(torch.randint(0, 256, (64, 3, 84, 84), dtype=torch.uint8)) is None

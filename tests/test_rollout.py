@@ -181,10 +181,10 @@ def test_sampled_episode_does_not_depend_on_its_batch():
     assert np.array_equal(together.traces[2].actions, alone.traces[0].actions)
     again = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
                          sample_seed=3, trace=True)
-    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, again.traces))
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, again.traces, strict=True))
     other = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
                          sample_seed=4, trace=True)
-    assert any(not np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, other.traces))
+    assert any(not np.array_equal(a.actions, b.actions) for a, b in zip(together.traces, other.traces, strict=True))
 
 
 @pytest.mark.parametrize("variant", ["rate", "dt"])
@@ -203,9 +203,9 @@ def test_actions_hidden_at_probability_one_play_as_a_model_without_action_inputs
                            trace=True)
     shown = run_episodes(model, task.make_vector_env(3, **settings), [4, 5, 6], 1.0, sample=True, sample_seed=2,
                          trace=True)
-    for a, b in zip(hidden.traces, without.traces):
+    for a, b in zip(hidden.traces, without.traces, strict=True):
         assert np.array_equal(a.actions, b.actions) and np.allclose(a.logits, b.logits, atol=1e-5)
-    assert any(not np.allclose(a.logits, b.logits, atol=1e-3) for a, b in zip(hidden.traces, shown.traces))
+    assert any(not np.allclose(a.logits, b.logits, atol=1e-3) for a, b in zip(hidden.traces, shown.traces, strict=True))
 
 
 def test_hidden_actions_are_drawn_per_episode_and_checked():
@@ -220,7 +220,8 @@ def test_hidden_actions_are_drawn_per_episode_and_checked():
     assert np.allclose(together.traces[2].logits, alone.traces[0].logits, atol=1e-5)
     shown = run_episodes(model, task.make_vector_env(4, **settings), [10, 11, 12, 13], 1.0, sample=True,
                          sample_seed=3, trace=True, hide_actions=0.0)
-    assert any(not np.allclose(a.logits, b.logits, atol=1e-3) for a, b in zip(together.traces, shown.traces))
+    assert any(not np.allclose(a.logits, b.logits, atol=1e-3)
+               for a, b in zip(together.traces, shown.traces, strict=True))
     with pytest.raises(ValueError, match="probability in \\[0, 1\\]"):
         run_episodes(model, task.make_vector_env(1, **settings), [1], 1.0, hide_actions=1.5)
 
@@ -256,7 +257,7 @@ def test_pixel_noise_is_drawn_per_episode_changes_only_what_the_model_sees_and_i
     assert np.allclose(play([10, 11, 12], pixel_noise=0.0).traces[0].logits, clean.traces[0].logits, atol=1e-6)
     # the first step's frame is the same env frame in both; only what the model made of it differs
     first = [(a.observations[0], b.observations[0], a.logits[0], b.logits[0])
-             for a, b in zip(together.traces, clean.traces)]
+             for a, b in zip(together.traces, clean.traces, strict=True)]
     assert all(np.array_equal(obs_a, obs_b) for obs_a, obs_b, _, _ in first)
     assert any(not np.allclose(la, lb, atol=1e-4) for _, _, la, lb in first)
     with pytest.raises(ValueError, match="pixel_noise is a probability in \\[0, 1\\]"):
@@ -326,7 +327,7 @@ def test_engine_on_cuda_matches_cpu(variant):
     cpu = run_episodes(model, RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0, trace=True)
     gpu = run_episodes(model.to("cuda"), RaggedVectorEnv([2 * K + 1, K + 2]), seeds=[5, 5], target_return=1.0,
                        trace=True)
-    for a, b in zip(cpu.traces, gpu.traces):
+    for a, b in zip(cpu.traces, gpu.traces, strict=True):
         assert np.allclose(a.logits, b.logits, atol=1e-4)
         assert np.allclose(a.aux_probs, b.aux_probs, atol=1e-4)
 

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
+from tests.tiny import weights_differ
 from training.collect import collect, run_episode
 from training.curves import read_log
 from training.dataset import DatasetError, load_dataset, write_dataset
@@ -178,7 +180,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset_path, tm
         train(_tiny_config(dataset_path, tmp_path / "resumed"), on_epoch_end=kill_after_first_epoch)
     assert not (tmp_path / "resumed" / "model").exists()
     resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True)))
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
@@ -190,9 +192,9 @@ def test_weight_average_is_the_finished_model_and_survives_a_resume(dataset_path
     assert straight.training_info["ema"] == 0.9
     # `last` holds the trained weights, which are the plain run's; the finished model is their average
     trained = load_checkpoint(tmp_path / "straight" / "last")
-    for (name, a), b in zip(plain.state_dict().items(), trained.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), trained.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # averaging does not touch training
-    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), trained.state_dict().values()))
+    assert weights_differ(straight, trained)
 
     def kill_after_first_epoch(epoch):
         if epoch == 1:
@@ -205,7 +207,7 @@ def test_weight_average_is_the_finished_model_and_survives_a_resume(dataset_path
     with pytest.raises(SystemExit, match="ema"):  # and a run without an average is not resumed with one
         train(_tiny_config(dataset_path, tmp_path / "plain", ema=0.9, resume=True))
     resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", ema=0.9, resume=True)))
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="--ema must be 0"):
         train(_tiny_config(dataset_path, tmp_path / "bad", ema=1.0))
@@ -262,9 +264,9 @@ def test_a_resumed_run_with_random_offsets_matches_a_straight_one(dataset_path, 
         train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True))
     resumed = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "resumed", resume=True, random_offsets=True)))
     assert resumed.training_info["random_offsets"] is True
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), fixed.state_dict().values()))
+    assert weights_differ(straight, fixed)
 
 
 def test_held_out_loss_is_logged_every_epoch_and_leaves_training_unchanged(dataset_path, tmp_path):
@@ -272,7 +274,7 @@ def test_held_out_loss_is_logged_every_epoch_and_leaves_training_unchanged(datas
     plain = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "plain")))
     checked = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "checked", val_data=held_out,
                                                  curves=True)))
-    for (name, a), b in zip(plain.state_dict().items(), checked.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), checked.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # evaluation mode, no gradients, no draws from the random stream
     # the curves (train's default, off in these tests for speed) leave training alone too and show the held-out loss
     assert not (tmp_path / "plain" / "curves.png").exists()
@@ -370,12 +372,12 @@ def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(dataset_
     tuned = train(_tiny_config(dataset_path, tmp_path / "tuned", epochs=1, init=first, learning_rate=0.0,
                                weight_decay=0.0, dropout=0.2))
     start, end = load_checkpoint(first), load_checkpoint(tuned)
-    for (name, a), b in zip(start.state_dict().items(), end.state_dict().values()):
+    for (name, a), b in zip(start.state_dict().items(), end.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert end.training_info["init"] == str(first)
     fresh = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "fresh", epochs=1, learning_rate=0.0,
                                                weight_decay=0.0, seed=4)))
-    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), end.state_dict().values()))
+    assert weights_differ(fresh, end)
     with pytest.raises(CheckpointError, match="architecture differs.*n_layer"):
         train(_tiny_config(dataset_path, tmp_path / "wider", epochs=1, init=first, model_set=("n_layer=1",)))
     with pytest.raises(CheckpointError, match="expected 'dt'"):
@@ -396,9 +398,9 @@ def test_bf16_autocast_trains(dataset_path, tmp_path, device):
     log = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses and np.isfinite(losses).all()
-    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values()):
+    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values(), strict=True):
         assert a.dtype == b.dtype, name  # the weights stay float32
-    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))
+    assert weights_differ(after, before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -781,9 +783,9 @@ def test_shift_augment_changes_training_and_a_resumed_run_draws_the_same_shifts(
     resumed = load_checkpoint(train(config("resumed", resume=True)))
     plain = load_checkpoint(train(config("plain", shift_augment=0)))
     for (name, a), b, c in zip(straight.state_dict().items(), resumed.state_dict().values(),
-                               plain.state_dict().values()):
+                               plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert any(not torch.equal(a, c) for a, c in zip(straight.state_dict().values(), plain.state_dict().values()))
+    assert weights_differ(straight, plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -800,7 +802,7 @@ def test_fine_tuning_options_train_on_cuda_in_bf16(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "tuned" / "log.jsonl").read_text().splitlines()]
     assert np.isfinite([r["loss"] for r in log if "loss" in r]).all()
     start = load_checkpoint(first)
-    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+    assert weights_differ(start, tuned)
 
 
 def test_shift_augment_is_refused_for_vector_observations_and_negative_values(dataset_path, tmp_path):
@@ -847,7 +849,7 @@ def test_collector_stores_what_must_be_remembered_at_every_step(dataset_path):
     assert np.array_equal(episode["aux_labels"], np.full(len(episode["actions"]), cue_class))
     data = load_dataset(dataset_path)
     assert data.aux_labels is not None and len(data.aux_labels) == len(data.actions)
-    for first, end in zip(data.episode_starts[:-1], data.episode_starts[1:]):
+    for first, end in pairwise(data.episode_starts):
         assert len(set(data.aux_labels[first:end].tolist())) == 1  # the cue of the episode
 
 
@@ -883,7 +885,7 @@ def test_auxiliary_loss_is_added_to_the_action_loss(dataset_path):
         weighted, values, _ = SegmentLosses(model)(rtg, obs, actions, times, counts, targets=targets,
                                                    aux_targets=aux, aux_weight=0.5)
         by_hand, state = 0.0, None
-        for seg, count in zip(times, counts):
+        for seg, count in zip(times, counts, strict=True):
             _, aux_logits, state = model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             keep = aux[:, seg] != ACTION_PAD
             if count:

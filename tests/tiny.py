@@ -57,3 +57,9 @@ def sample_logits(model: MemoryTransformer, rtg, obs, actions) -> torch.Tensor:
 
 ALL_VARIANTS = list(MODE_FIELDS)
 
+
+
+def weights_differ(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Whether any parameter or buffer of two models of the same architecture differs."""
+    return any(not torch.equal(a, b)
+               for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))

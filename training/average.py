@@ -49,7 +49,7 @@ def average_checkpoints(sources: list[Path], weights: list[float] | None = None)
     weights = [w / total for w in weights]
 
     configs = [read_checkpoint_config(source) for source in sources]
-    for source, config in zip(sources[1:], configs[1:]):
+    for source, config in zip(sources[1:], configs[1:], strict=True):
         if config.get("task") != configs[0].get("task"):
             raise CheckpointError(f"{source}: task {config.get('task')!r} differs from {sources[0]}'s "
                                   f"{configs[0].get('task')!r}; average checkpoints of one task")
@@ -64,16 +64,17 @@ def average_checkpoints(sources: list[Path], weights: list[float] | None = None)
     averaged = {}
     for key, first in states[0].items():
         if first.is_floating_point():
-            averaged[key] = sum(w * state[key].double() for w, state in zip(weights, states)).to(first.dtype)
+            weighted = (w * state[key].double() for w, state in zip(weights, states, strict=True))
+            averaged[key] = sum(weighted).to(first.dtype)
         else:
-            for source, state in zip(sources[1:], states[1:]):
+            for source, state in zip(sources[1:], states[1:], strict=True):
                 if not torch.equal(state[key], first):
                     raise CheckpointError(f"{source}: tensor {key} ({first.dtype}) differs from {sources[0]}'s "
                                           f"and cannot be averaged")
             averaged[key] = first.clone()
     model = MemoryTransformer(configs[0]["model_config"], task=configs[0].get("task", ""), training={
         "average_of": [{"checkpoint": str(source), "weight": round(w, 6), **(config.get("training") or {})}
-                       for source, w, config in zip(sources, weights, configs)],
+                       for source, w, config in zip(sources, weights, configs, strict=True)],
     })
     model.load_state_dict(averaged)
     return model.eval()

@@ -124,7 +124,7 @@ def main(args: Args) -> None:
                     seconds = timed(inputs, allowed, scale, skip)
                     if repeat:  # the first is a warm-up
                         times[skip].append(seconds)
-            ratios = [full / skip for skip, full in zip(times[True], times[False])]
+            ratios = [full / skip for skip, full in zip(times[True], times[False], strict=True)]
             speedups.append((statistics.median(ratios), len(blocks)))
             q_len, key_len = allowed.shape
             print(f"{str(path):44} {f'{q_len} x {key_len}':>10} {len(blocks):>6} "

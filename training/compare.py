@@ -68,8 +68,8 @@ def load_evaluation(path: Path, per_episode: bool = True) -> dict:
 
 def paired_returns(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
     """The returns of two result rows (same setting value) on the seeds both played, in seed order: (E,), (E,)."""
-    returns_a = dict(zip(a["seeds"], a["returns"]))
-    returns_b = dict(zip(b["seeds"], b["returns"]))
+    returns_a = dict(zip(a["seeds"], a["returns"], strict=True))
+    returns_b = dict(zip(b["seeds"], b["returns"], strict=True))
     seeds = sorted(returns_a.keys() & returns_b.keys())
     if not seeds:
         raise ValueError("the two evaluations share no seeds")
@@ -118,7 +118,7 @@ def plot_pairs(first: dict, second: dict):
     rows = shared_rows(first, second)
     setting = first["protocol"]["setting"]
     figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows) + 0.6, 4.4), squeeze=False)
-    for axis, (value, a, b) in zip(axes[0], rows):
+    for axis, (value, a, b) in zip(axes[0], rows, strict=True):
         x, y = paired_returns(a, b)
         figures = paired(a, b)
         points, counts = np.unique(np.stack([y, x], axis=1), axis=0, return_counts=True)
@@ -127,7 +127,7 @@ def plot_pairs(first: dict, second: dict):
         axis.plot([low - pad, high + pad], [low - pad, high + pad], color="0.6", linestyle="--", linewidth=1)
         sizes = 24 + 600 * counts / len(x)  # area: a floor for single episodes, then the share of the episodes
         axis.scatter(points[:, 0], points[:, 1], s=sizes, alpha=0.6, color="tab:blue", edgecolors="none")
-        for (px, py), count in zip(points, counts):
+        for (px, py), count in zip(points, counts, strict=True):
             if count > 1:
                 axis.annotate(str(count), (px, py), ha="center", va="center", fontsize=7, color="white")
         axis.set_xlim(low - pad, high + pad)

@@ -121,7 +121,7 @@ def plot_runs(logs: list[RunLog], metric: str = "score"):
         panels.append("eval")
     panels.append("lr")
     figure, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
-    axes = dict(zip(panels, axes[:, 0]))
+    axes = dict(zip(panels, axes[:, 0], strict=True))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     values = in_setting_order({value for log in logs for value in log.evaluations})
     styles = {value: ["-", "--", ":", "-."][i % 4] for i, value in enumerate(values)}  # one per setting value

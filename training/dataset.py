@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def merge_datasets(path: str | os.PathLike, sources: list["Dataset"]) -> Path:
             if with_aux:
                 writer.append("aux_labels", source.aux_labels)
         starts = np.concatenate([[0]] + [source.episode_starts[1:] + offset
-                                         for source, offset in zip(sources, offsets)])
+                                         for source, offset in zip(sources, offsets, strict=True)])
         settings = {"merged_from": [{"path": str(source.path), "episodes": source.num_episodes,
                                      "settings": source.meta.get("settings")} for source in sources]}
         return writer.close(settings, episode_starts=starts)
@@ -306,7 +307,7 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
     rewards = np.asarray(arrays["rewards"], dtype=np.float32)
     # Return-to-go: the sum of this and all later rewards of the same episode (undiscounted).
     returns_to_go = np.empty_like(rewards)
-    for first, end in zip(starts[:-1], starts[1:]):
+    for first, end in pairwise(starts):
         returns_to_go[first:end] = np.cumsum(rewards[first:end][::-1])[::-1]
     for name in ("observations", "rewards") + OPTIONAL_ARRAYS:
         if name in arrays and len(arrays[name]) != steps:

@@ -151,7 +151,7 @@ def main(args: Args) -> None:
           f"(seeds {args.seed}-{args.seed + args.episodes - 1}, mean return {mean_return:.2f})")
     print(f"{'target last in view':>20} | {'teacher: share':>14} {'agrees':>7} {'p(label)':>8} | "
           f"{'own: share':>10} {'agrees':>7} {'p(label)':>8}")
-    for a, b in zip(forced, own):
+    for a, b in zip(forced, own, strict=True):
         print(f"{a['bucket']:>20} | {a['share']:14.3f} {a['agrees']:7.3f} {a['p_label']:8.3f} | "
               f"{b['share']:10.3f} {b['agrees']:7.3f} {b['p_label']:8.3f}")
 

@@ -86,13 +86,15 @@ def main(args: Args) -> None:
                          f"{args.repo_id!r}: {error}") from None
     out = args.out or Path("outputs") / "push" / args.repo_id.split("/")[1]
     try:
+        check_replaceable(out, CONFIG_NAME, "Hub upload folder")
+    except ValueError as error:
+        raise SystemExit(f"error: --out {error}")
+    try:
         folder = build_upload_folder(args.checkpoint, args.repo_id, out, args.video)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
     except KeyError as error:
         raise SystemExit(f"error: {args.checkpoint}: {error.args[0]}")
-    except ValueError as error:
-        raise SystemExit(f"error: --out {error}")
     files = sorted(p.name for p in folder.iterdir())
     print(f"upload folder {folder}: {', '.join(files)}")
     if args.dry_run:

@@ -113,11 +113,12 @@ def main(args: Args) -> None:
         if not name.strip():
             raise SystemExit(f"error: --reference {pair!r}: the label before '=' is empty")
     reports = [load_evaluation(path, per_episode=False) for path in args.evaluations]
-    labels = [label_of(report, path if path.is_dir() else None) for report, path in zip(reports, args.evaluations)]
+    labels = [label_of(report, path if path.is_dir() else None)
+              for report, path in zip(reports, args.evaluations, strict=True)]
     try:
         figure = plot_scores(reports, labels, references)
         protocol = get_task(reports[0]["task"]).evaluation
-        for report, label in zip(reports, labels):
+        for report, label in zip(reports, labels, strict=True):
             rows = sorted(report["results"], key=lambda r: r[protocol.setting])
             cells = [(r[protocol.setting], *metric_and_error(r, protocol.metric)) for r in rows]
             print(f"{label}  " + "  ".join(f"{value}: {score:.3f} +- {error:.3f}" for value, score, error in cells))

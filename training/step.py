@@ -59,7 +59,7 @@ class SegmentLosses(torch.nn.Module):
         summed weights; None: every target weighs 1)."""
         targets = actions if targets is None else targets
         total, values = None, []
-        for seg, count in zip(times, counts):
+        for seg, count in zip(times, counts, strict=True):
             logits, aux_logits, state = self.model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
                 loss = action_loss_sum(logits, targets[:, seg], None if weights is None else weights[:, seg]) / count
@@ -140,7 +140,7 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
                                           [counts[i] for i in which], state, targets[part],
                                           None if aux_targets is None else aux_targets[part], aux_weight,
                                           None if weights is None else weights[part])
-            for i, value in zip(which, values):
+            for i, value in zip(which, values, strict=True):
                 if value is not None:
                     losses[i] += value.to(torch.float64)
             if total is None and distributed and any(counts[i] for i in which):

@@ -297,7 +297,7 @@ def make_batch(dataset: Dataset, index: np.ndarray, length: int, device, aux: bo
     with aux, their auxiliary labels too."""
     parts = [dataset.training_window(int(e), int(s), length) + ((dataset.aux_window(int(e), int(s), length),)
                                                                  if aux else ()) for e, s in index]
-    return tuple(torch.from_numpy(np.stack(p)).to(device) for p in zip(*parts))
+    return tuple(torch.from_numpy(np.stack(p)).to(device) for p in zip(*parts, strict=True))
 
 
 def held_out_loss(model: MemoryTransformer, dataset: Dataset, index: np.ndarray, length: int, device,
@@ -336,7 +336,7 @@ def held_out_scores(model: MemoryTransformer, dataset: Dataset, index: np.ndarra
                         seen[i] += int(valid.sum())
     finally:
         model.train(was_training)
-    accuracy = [float(r / n) if n else float("nan") for r, n in zip(right, seen)] if aux else None
+    accuracy = [float(r / n) if n else float("nan") for r, n in zip(right, seen, strict=True)] if aux else None
     return total / max(count, 1), accuracy
 
 

@@ -60,7 +60,7 @@ class LockstepVectorEnv(VectorEnv):
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
         seeds = env_seeds(seed, self.num_envs)
-        for i, (env, s) in enumerate(zip(self.envs, seeds)):
+        for i, (env, s) in enumerate(zip(self.envs, seeds, strict=True)):
             self._obs[i], self._info[i] = env.reset(seed=s, options=options)
         self.done[:] = False
         return np.stack(self._obs), self._infos()

@@ -15,6 +15,7 @@ import os
 import signal
 import traceback
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import gymnasium as gym
@@ -146,7 +147,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
     def _request(self, command: str, arguments: list) -> list:
         if self.closed:
             raise RuntimeError("this vector env is closed; make a new one")
-        for worker, (connection, argument) in enumerate(zip(self._connections, arguments)):
+        for worker, (connection, argument) in enumerate(zip(self._connections, arguments, strict=True)):
             try:
                 connection.send((command, argument))
             except (BrokenPipeError, ConnectionError):  # it died since the last request
@@ -162,14 +163,14 @@ class SubprocLockstepVectorEnv(VectorEnv):
         for key in keys:
             like = next(info[key] for info in infos if key in info)
             merged[key] = np.concatenate([info.get(key, np.zeros(size, dtype=like.dtype))
-                                          for info, size in zip(infos, self._shares)])
+                                          for info, size in zip(infos, self._shares, strict=True)])
         return merged
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
         seeds = env_seeds(seed, self.num_envs)
         bounds = np.cumsum([0, *self._shares])
-        answers = self._request("reset", [(seeds[lo:hi], options) for lo, hi in zip(bounds[:-1], bounds[1:])])
+        answers = self._request("reset", [(seeds[lo:hi], options) for lo, hi in pairwise(bounds)])
         self.done[:] = False
         return np.concatenate([obs for obs, _ in answers]), self._merge_infos([info for _, info in answers])
 
@@ -178,7 +179,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
         if actions.shape[:1] != (self.num_envs,):
             raise ValueError(f"expected {self.num_envs} actions, got an array of shape {actions.shape}")
         answers = self._request("step", self._split(actions))
-        obs, reward, terminated, truncated = (np.concatenate(parts) for parts in list(zip(*answers))[:4])
+        obs, reward, terminated, truncated = (np.concatenate(parts) for parts in list(zip(*answers, strict=True))[:4])
         self.done |= terminated | truncated
         return obs, reward, terminated, truncated, self._merge_infos([answer[4] for answer in answers])
 

@@ -249,4 +249,4 @@ class TMazeVectorEnv(VectorEnv):
         if self.render_mode != "rgb_array":
             return None
         return tuple(render_frame(int(x), int(y), self.corridor_length, int(c), int(t))
-                     for (x, y), c, t in zip(self.position, self.cue, self.t))
+                     for (x, y), c, t in zip(self.position, self.cue, self.t, strict=True))

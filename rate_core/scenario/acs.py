@@ -145,7 +145,7 @@ class Assembler:
             offset = offsets[-1]
         directory_offset = 8 + len(code)
         directory = struct.pack("<i", len(self.scripts))
-        for script, start in zip(self.scripts, starts):
+        for script, start in zip(self.scripts, starts, strict=True):
             directory += struct.pack("<3i", script.number + 1000 * script.kind, start, script.arg_count)
         encoded = [s.encode("ascii") + b"\0" for s in self.strings]
         string_offset = directory_offset + len(directory) + 4 + 4 * len(encoded)
