@@ -317,12 +317,21 @@ def test_readme_is_a_space_card_matching_the_pins():
 def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one():
     from dataclasses import replace
 
+    import torch
+
     from app.episodes import play, play_pair
 
     request = make_request("minigrid_memory", 3, 11, 0.96, 60, True)  # sampled actions: per-episode streams
     models = [load_model("shipped: rate", "minigrid_memory"), load_model("shipped: dt", "minigrid_memory")]
-    reports = []
-    pair = play_pair(models, request, progress=reports.append, poll_seconds=0.01)
+    reports, threads, before = [], [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pair = play_pair(models, request, poll_seconds=0.01,
+                         progress=lambda steps: reports.append(steps) or threads.append(torch.get_num_threads()))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert threads and set(threads) == {1} and after == 2  # torch's 2 threads shared out while playing, then given back
     for together, model in zip(pair, models, strict=True):
         alone = play(model, request)
         assert together.length == alone.length and np.array_equal(together.actions, alone.actions)
