@@ -132,7 +132,7 @@ def _return_freed_memory() -> None:
     free but still counted to the process until then, and each reset's recompilation about 50 MB."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS: no malloc_trim; Windows: no CDLL(None))
         pass
 
 
