@@ -260,7 +260,7 @@ def shared_threads(ways: int):
     with _threads_lock:
         if _pairs_playing == 0:
             _threads_outside_pairs = torch.get_num_threads()
-            torch.set_num_threads(max(1, _threads_outside_pairs // max(1, ways)))
+            torch.set_num_threads(max(1, _threads_outside_pairs // ways))
         _pairs_playing += 1
     try:
         yield

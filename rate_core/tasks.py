@@ -153,17 +153,11 @@ class Task:
         """The host memory a vector env of `envs` envs holds, in GB (0 where the task counts none)."""
         return envs * self.env_memory_gb + min(envs, os.cpu_count() or 1) * self.worker_memory_gb
 
-    def envs_that_fit(self, wanted: int, available_gb: float | None = None) -> int:
-        """How many of `wanted` envs to make at once: all of them, or as many as 80% of the available
-        memory holds (env_memory_need_gb), at least 1. available_gb: default, what the system
-        reports now (all of them where it reports nothing)."""
-        if self.env_memory_gb <= 0 and self.worker_memory_gb <= 0:
-            return wanted
-        available_gb = available_memory_gb() if available_gb is None else available_gb
-        if available_gb is None:
-            return wanted
+    def envs_that_fit(self, wanted: int, available_gb: float | None) -> int:
+        """How many of `wanted` envs to make at once where `available_gb` of memory is available (None:
+        unknown): all of them, or as many as 80% of it holds (env_memory_need_gb), at least 1."""
         fits = wanted
-        while fits > 1 and self.env_memory_need_gb(fits) > 0.8 * available_gb:
+        while available_gb is not None and fits > 1 and self.env_memory_need_gb(fits) > 0.8 * available_gb:
             fits -= 1
         return fits
 

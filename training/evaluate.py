@@ -103,11 +103,12 @@ def balanced_seeds(task: Task, settings: dict, count: int, first: int) -> list[i
         env.close()
 
 
-def batch_that_fits(task: Task, wanted: int, available_gb: float | None = None) -> int:
-    """`wanted` envs at once, or fewer where the memory available now (available_gb: default, what the
-    system reports) cannot hold them (Task.envs_that_fit), saying so on stderr. The results do not
-    depend on the batch."""
-    available_gb = available_memory_gb() if available_gb is None else available_gb
+def batch_that_fits(task: Task, wanted: int) -> int:
+    """`wanted` envs at once, or fewer where the memory available now cannot hold them
+    (Task.envs_that_fit), saying so on stderr. The results do not depend on the batch."""
+    if not task.env_memory_need_gb(wanted):  # envs too light to count: no need to ask the system
+        return wanted
+    available_gb = available_memory_gb()
     fits = task.envs_that_fit(wanted, available_gb)
     if fits < wanted:
         print(f"warning: {wanted} {task.title} envs at once would hold about {task.env_memory_need_gb(wanted):.0f} GB "
