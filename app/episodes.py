@@ -2,6 +2,7 @@
 both, and turn the traces into videos, plots and a summary. Everything reads the task registry, so
 a task with shipped checkpoints appears without app changes."""
 
+import atexit
 import functools
 import json
 import math
@@ -10,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -229,19 +231,83 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
     return EpisodeRequest(task, settings, int(seed), target, cap, bool(sample), horizon)
 
 
+class EnvPool:
+    """One-env vector envs kept between runs, so that a run need not make its own: a Memory Maze
+    env takes about 2.5 s to make (a worker process that imports MuJoCo) and 0.4 s to close, as long
+    as a 300-step episode's stepping. Only envs that took at least `slow_seconds` to make are kept
+    (the other tasks' take 0.2 s or less), at most `limit` idle ones, the oldest closed first. An
+    env serves one run at a time; a reset with the run's seed fixes its whole episode, so a kept env
+    plays what a new one would. Thread-safe."""
+
+    def __init__(self, limit: int = 2, slow_seconds: float = 0.5):
+        self.limit, self.slow_seconds = limit, slow_seconds
+        self._idle: list[tuple[tuple, object]] = []  # (key, env), oldest first
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def env(self, task: Task, settings: dict):
+        """A vector env of one `task` env made with `settings` and rendering frames: a kept one if
+        there is one, else a new one (AppError if the env refuses the settings). Kept afterwards if
+        the run ended or was stopped between steps (EpisodeCancelled); closed after any other error."""
+        key = (task.name, tuple(sorted(settings.items())))
+        env = self._take(key)
+        keep = env is not None
+        if env is None:
+            start = time.perf_counter()
+            try:
+                env = task.make_vector_env(1, render_mode="rgb_array", **settings)
+            except ValueError as error:  # a setting the environment refuses (e.g. an even Minigrid size)
+                raise AppError(f"{task.title}: {error}") from None
+            keep = time.perf_counter() - start >= self.slow_seconds
+        try:
+            yield env
+        except EpisodeCancelled:  # stopped between steps: the env is fine
+            self._release(key, env, keep)
+            raise
+        except BaseException:
+            env.close()
+            raise
+        self._release(key, env, keep)
+
+    def _take(self, key: tuple):
+        with self._lock:
+            found = [i for i, (k, _) in enumerate(self._idle) if k == key]
+            env = self._idle.pop(found[-1])[1] if found else None
+        if env is not None and not getattr(env, "workers_alive", lambda: True)():  # e.g. killed while idle
+            env.close()
+            return None
+        return env
+
+    def _release(self, key: tuple, env, keep: bool) -> None:
+        if not keep:
+            env.close()
+            return
+        with self._lock:
+            self._idle.append((key, env))
+            surplus = self._idle[:max(0, len(self._idle) - self.limit)]
+            del self._idle[:len(surplus)]
+        for _, old in surplus:
+            old.close()
+
+    def close(self) -> None:
+        """Close every idle env (the app calls this at exit)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, env in idle:
+            env.close()
+
+
+ENV_POOL = EnvPool()
+atexit.register(ENV_POOL.close)
+
+
 def play(model: MemoryTransformer, request: EpisodeRequest, progress=None) -> EpisodeTrace:
-    """One traced episode with rendered frames."""
-    try:
-        env = request.task.make_vector_env(1, render_mode="rgb_array", **request.settings)
-    except ValueError as error:  # a setting the environment refuses (e.g. an even Minigrid size)
-        raise AppError(f"{request.task.title}: {error}") from None
-    try:
+    """One traced episode with rendered frames, in an env from ENV_POOL."""
+    with ENV_POOL.env(request.task, request.settings) as env:
         batch = run_episodes(model, env, [request.seed], request.target_return, sample=request.sample,
                              sample_seed=request.seed, max_steps=request.step_cap, progress=progress, trace=True,
                              frames=True, observations=request.task.counterfactual is not None,
                              memory_horizon=request.horizon_for(model))
-    finally:
-        env.close()
     return batch.traces[0]
 
 
@@ -279,11 +345,12 @@ def play_pair(models: list[MemoryTransformer], request: EpisodeRequest, progress
               poll_seconds: float = 0.25) -> list[EpisodeTrace]:
     """play() with each model at once, in two threads sharing torch's threads (shared_threads): each
     env steps in its own process (Memory Maze, ViZDoom) or loop, and the models' inference releases
-    the GIL, so a Memory Maze pair of 300 steps takes about 12 s on 2 cores instead of 23 s one after
-    the other, and the other tasks' pairs no longer than those. The episodes are those play() gives
-    (actions are drawn from per-episode streams). progress: optional callable([left step, right
-    step]), called from this thread (where a UI's progress tracker lives) every poll_seconds; an
-    exception it raises stops both episodes at their next step and is raised here."""
+    the GIL, so a Memory Maze pair of 300 steps takes about 5 s on 2 cores (envs kept by ENV_POOL)
+    instead of 9 s one after the other, and the other tasks' pairs no longer than those. The
+    episodes are those play() gives (actions are drawn from per-episode streams). progress: optional
+    callable([left step, right step]), called from this thread (where a UI's progress tracker lives)
+    every poll_seconds; an exception it raises stops both episodes at their next step and is raised
+    here."""
     steps = [0] * len(models)
     cancelled = threading.Event()
 

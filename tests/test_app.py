@@ -341,6 +341,74 @@ def test_both_agents_play_at_once_and_the_episodes_are_those_played_one_by_one()
         play_pair(models, replace(request, settings={**request.settings, "size": 12}))
 
 
+class FakeEnv:
+    def __init__(self, refuse: bool = False):
+        if refuse:
+            raise ValueError("size must be odd")
+        self.closed, self.alive = False, True
+
+    def workers_alive(self):
+        return self.alive
+
+    def close(self):
+        self.closed = True
+
+
+class FakeTask:
+    name, title = "fake", "Fake task"
+
+    def make_vector_env(self, num_envs, render_mode, refuse=False):
+        assert num_envs == 1 and render_mode == "rgb_array"
+        return FakeEnv(refuse)
+
+
+def test_the_env_pool_keeps_slow_envs_for_the_next_run_and_closes_broken_ones():
+    from app.episodes import EnvPool, EpisodeCancelled
+
+    task, pool = FakeTask(), EnvPool(limit=2, slow_seconds=0.0)
+    with pool.env(task, {}) as first:
+        pass
+    with pool.env(task, {}) as again:  # kept
+        assert again is first and not first.closed
+    with pytest.raises(EpisodeCancelled), pool.env(task, {}) as cancelled:  # stopped between steps: kept
+        raise EpisodeCancelled("stopped at step 3")
+    with pytest.raises(RuntimeError), pool.env(task, {}) as broken:  # any other error: closed, not kept
+        assert broken is cancelled is first
+        raise RuntimeError("worker died")
+    assert broken.closed
+    with pool.env(task, {}) as a, pool.env(task, {}) as b, pool.env(task, {}) as c:
+        assert len({id(a), id(b), id(c), id(first)}) == 4
+    assert c.closed and not a.closed and not b.closed  # at most 2 idle: the first given back (c) is closed
+    a.alive = False  # the newest idle one, its worker killed while idle: replaced by a new env
+    with pool.env(task, {}) as d:
+        assert a.closed and d not in (a, b, c)
+    with pool.env(task, {"refuse": False}) as other:  # other settings: another env
+        assert other not in (b, d)
+    assert b.closed and not d.closed  # b was the oldest of the three idle
+    with pytest.raises(AppError, match="Fake task: size must be odd"), pool.env(task, {"refuse": True}):
+        pass
+    pool.close()
+    assert other.closed and d.closed
+    fast = EnvPool(slow_seconds=60.0)  # envs quick to make are not kept
+    with fast.env(task, {}) as quick:
+        pass
+    assert quick.closed
+
+
+def test_a_memory_maze_env_kept_between_runs_plays_what_a_new_one_would():
+    from app.episodes import ENV_POOL, play
+
+    model = load_model("shipped: rate", "memory_maze")
+    ENV_POOL.close()
+    first = play(model, make_request("memory_maze", 7, None, 18.1, 12, True))
+    other = play(model, make_request("memory_maze", 8, None, 18.1, 12, True))  # the kept env, another maze
+    assert len(ENV_POOL._idle) == 1
+    again = play(model, make_request("memory_maze", 7, None, 18.1, 12, True))
+    assert not np.array_equal(first.frames[0], other.frames[0])
+    assert np.array_equal(first.actions, again.actions) and np.array_equal(first.rewards, again.rewards)
+    assert all(np.array_equal(f, g) for f, g in zip(first.frames, again.frames, strict=True))
+
+
 def test_an_exception_from_progress_stops_both_episodes(monkeypatch):
     import app.episodes as episodes
 

@@ -84,6 +84,27 @@ def test_observation_border_info_and_render(env):
     assert frame[:, FRAME_SIZE:].std() > 10  # the top-down view is a picture, not a blank
 
 
+def test_render_draws_the_agent_on_a_map_rendered_once_per_episode(env):
+    # render() renders the top-down camera once per episode with the agent hidden; each frame must
+    # still be what the camera shows now, but for the few pixels of the ball under the drawn disc,
+    # also after targets were touched (seed 1: at steps 8 and 45) and in the next episode
+    camera = env._task.root_entity.top_camera.full_identifier
+    for seed, steps in ((1, 50), (3, 5)):
+        expert = MemoryMazeExpert(noise=0.1)
+        obs, info = env.reset(seed=seed)
+        expert.reset(env, info)
+        physics = env.maze_env.physics  # a reset compiles a new one
+        for _ in range(steps):
+            obs, reward, _, _, info = env.step(expert.act(env, obs, info))
+            top = env.render()[:, FRAME_SIZE:]
+            camera_view = physics.render(FRAME_SIZE, FRAME_SIZE, camera_id=camera)
+            ys, xs = np.nonzero((top != camera_view).any(axis=-1))
+            assert xs.max() - xs.min() <= 20 and ys.max() - ys.min() <= 20  # the disc and its heading line
+            disc = top[ys.min():ys.max() + 1, xs.min():xs.max() + 1].reshape(-1, 3)
+            assert (disc == (255, 150, 30)).all(axis=1).sum() >= 30  # where the agent is, in orange
+        assert info["targets_collected"] == (2 if seed == 1 else 0)
+
+
 def test_step_cap_truncates_and_bad_actions_raise(env):
     env.reset(seed=1)
     with pytest.raises(ValueError, match="invalid Memory Maze action"):
@@ -218,8 +239,10 @@ def test_a_killed_worker_is_reported_with_its_likely_cause():
     envs = SubprocLockstepVectorEnv(env_fns, num_workers=2)
     try:
         envs.reset(seed=[1, 2])
+        assert envs.workers_alive()
         os.kill(envs._processes[1].pid, signal.SIGKILL)  # as the out-of-memory killer does
         envs._processes[1].join(timeout=5)  # gone before the request: the send itself fails
+        assert not envs.workers_alive()  # what the app's env pool asks before it uses a kept env
         with pytest.raises(RuntimeError, match=r"env worker 1 ended \(exit code -9\); .*out-of-memory"):
             envs.step([0, 0])
         envs.close()
@@ -232,7 +255,7 @@ def test_a_killed_worker_is_reported_with_its_likely_cause():
             envs._receive_all()
     finally:
         envs.close()
-
+    assert not envs.workers_alive()
 
 
 def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):

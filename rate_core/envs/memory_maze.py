@@ -60,6 +60,7 @@ TARGET_NAMES = ("red", "green", "blue")
 BEARINGS = ("ahead", "ahead-left", "left", "behind-left", "behind", "behind-right", "right", "ahead-right")
 MAZE_STEPS = 1000  # memory-maze's time limit for 9x9 (250 s at 4 actions per second)
 FRAME_SIZE = 256  # render(): the agent's view and the top-down view, each FRAME_SIZE pixels square
+_HIDDEN_GEOM_GROUP = 5  # MuJoCo draws geom groups 0-2 by default: render() hides the agent in group 5
 
 # Whether EGL can render here: a failed OpenGL backend cannot be swapped once dm_control has picked
 # it (at import), so the probe runs in a child process.
@@ -176,7 +177,8 @@ class MemoryMazeEnv(gym.Env):
     for comparison.
     render_mode "rgb_array": render() gives a (256, 512, 3) frame: on the left the observation
     (with its border) scaled up 4 times, on the right memory-maze's top-down camera over the whole
-    maze, the agent marked by an orange disc with a white line towards its heading.
+    maze (rendered once per episode with the agent hidden), the agent drawn on it as an orange disc
+    with a white line towards its heading.
     Privileged state for experts: maze_layout, agent_pos, agent_dir, targets_pos, target_index.
     """
 
@@ -209,6 +211,7 @@ class MemoryMazeEnv(gym.Env):
         self._steps = 0
         self._collected = 0
         self._over = True
+        self._map: tuple[np.ndarray, np.ndarray, float] | None = None  # render()'s top-down picture of this episode
 
     def _read(self, timestep) -> None:
         self._state = timestep.observation
@@ -234,6 +237,7 @@ class MemoryMazeEnv(gym.Env):
         arena._maze = _new_maze_generator(arena.maze, maze_seed)
         self.maze_env.random_state.seed(episode_seed)  # spawn, target places, textures, target order
         self._read(self.maze_env.reset())
+        self._map = None
         _return_freed_memory()  # the reset recompiled the physics for the new maze
         self._steps = 0
         self._collected = 0
@@ -273,13 +277,13 @@ class MemoryMazeEnv(gym.Env):
             return None
         from PIL import Image, ImageDraw
 
-        view = np.kron(self._obs.transpose(1, 2, 0), np.ones((4, 4, 1), dtype=np.uint8))
-        physics, camera = self.maze_env.physics, self._task.root_entity.top_camera.full_identifier
-        top = Image.fromarray(physics.render(FRAME_SIZE, FRAME_SIZE, camera_id=camera))
-        # The ball is a dot from above: mark it and its heading. The camera looks straight down
-        # from `eye`; cells are xy_scale metres, with the maze's centre at the origin.
-        eye = physics.named.data.cam_xpos[camera]
-        pixels_per_metre = FRAME_SIZE / 2 / np.tan(np.radians(physics.named.model.cam_fovy[camera]) / 2) / eye[2]
+        view = self._obs.transpose(1, 2, 0).repeat(4, axis=0).repeat(4, axis=1)
+        if self._map is None:
+            self._map = self._render_map()
+        top_map, eye, pixels_per_metre = self._map
+        top = Image.fromarray(top_map)
+        # The agent, a ball seen from above: a disc and a line towards its heading. The camera looks
+        # straight down from `eye`; cells are xy_scale metres, with the maze's centre at the origin.
         world = (self.agent_pos - np.array(self.maze_layout.shape[::-1]) / 2) * self._task.root_entity.xy_scale
         u, v = FRAME_SIZE / 2 + (world - eye[:2]) * pixels_per_metre * np.array([1, -1])
         dx, dy = self.agent_dir
@@ -287,6 +291,24 @@ class MemoryMazeEnv(gym.Env):
         draw.line((u, v, u + 14 * dx, v - 14 * dy), fill=(255, 255, 255), width=3)
         draw.ellipse((u - 5, v - 5, u + 5, v + 5), fill=(255, 150, 30), outline=(255, 255, 255))
         return np.concatenate([view, np.asarray(top)], axis=1)
+
+    def _render_map(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """memory-maze's top-down camera over the maze with the agent hidden, once per episode: nothing
+        else in it moves (a touched target is drawn again before the step ends, and the targets stay
+        put), so each frame draws the agent on this picture instead of rendering the maze again (about
+        7 ms a step on a CPU). Also where the camera looks from and its pixels per metre."""
+        physics, camera = self.maze_env.physics, self._task.root_entity.top_camera.full_identifier
+        model = physics.model
+        agent = [i for i in range(model.ngeom) if (model.id2name(i, "geom") or "").startswith("walker/")]
+        groups = model.geom_group[agent].copy()
+        model.geom_group[agent] = _HIDDEN_GEOM_GROUP
+        try:
+            top = physics.render(FRAME_SIZE, FRAME_SIZE, camera_id=camera)
+        finally:
+            model.geom_group[agent] = groups
+        eye = physics.named.data.cam_xpos[camera].copy()
+        pixels_per_metre = FRAME_SIZE / 2 / np.tan(np.radians(physics.named.model.cam_fovy[camera]) / 2) / eye[2]
+        return top, eye, float(pixels_per_metre)
 
     def close(self) -> None:
         """Free MuJoCo's model and rendering contexts (again is harmless)."""

@@ -188,6 +188,10 @@ class SubprocLockstepVectorEnv(VectorEnv):
             return None
         return tuple(frame for frames in self._request("render", [None] * len(self._connections)) for frame in frames)
 
+    def workers_alive(self) -> bool:
+        """Whether every worker process is still running (one killed, e.g. for memory, is not)."""
+        return not self.closed and all(process.is_alive() for process in self._processes)
+
     def close_extras(self, **kwargs) -> None:
         for connection in self._connections:
             try:
