@@ -484,13 +484,16 @@ def _text_strip(text: str, colour: tuple, width: int):
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: int) -> Path:
-    """H.264 MP4 (yuv420p) that browsers play; written to a temporary name, then renamed."""
+    """H.264 MP4 (yuv420p) that browsers play; written to a temporary name, then renamed. x264's
+    veryfast preset encodes a 300-step Memory Maze video in half the time of its default (0.49 s
+    against 0.99 s here) at the same size and nearly the same error (1.91 levels against 1.80)."""
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.mp4")
     with imageio.get_writer(partial, fps=fps, codec="libx264", quality=7, macro_block_size=16,
-                            pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
+                            pixelformat="yuv420p", ffmpeg_log_level="error",
+                            output_params=["-preset", "veryfast"]) as writer:
         for frame in frames:
             writer.append_data(frame)
     partial.replace(path)
