@@ -13,8 +13,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rate_core.model import ACTION_PAD, MemoryState, ModelConfig, MemoryTransformer
+from rate_core.model import ACTION_PAD, MemoryState, MemoryTransformer, ModelConfig
 from rate_core.paper import PAPER_TASKS, paper_config
 from tests.tiny import ALL_VARIANTS, K, N, random_batch, sample_logits, tiny_config, tiny_model
 from training.step import train_step

@@ -18,11 +18,11 @@ from tests.tiny import weights_differ
 from training.collect import collect, run_episode
 from training.curves import read_log
 from training.dataset import DatasetError, load_dataset, write_dataset
-from training.step import SegmentLosses, segment_slices, train_step
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
-from training.train import (TrainConfig, bf16_warning, cpu_has_bf16, drop_actions, epoch_windows, held_out_loss,
-                            keyframe_weights, lr_multiplier, make_batch, model_overrides, shift_frames, shift_offsets,
-                            train, windows, WeightAverage)
+from training.step import SegmentLosses, segment_slices, train_step
+from training.train import (TrainConfig, WeightAverage, bf16_warning, cpu_has_bf16, drop_actions, epoch_windows,
+                            held_out_loss, keyframe_weights, lr_multiplier, make_batch, model_overrides, shift_frames,
+                            shift_offsets, train, windows)
 
 TASK = get_task("tmaze")
 
