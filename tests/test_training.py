@@ -551,6 +551,24 @@ def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
 
 
+@pytest.mark.parametrize("task_name, settings, teacher", [
+    ("tmaze", {"episode_length": 20}, False), ("minigrid_memory", {"size": 11}, False),
+    ("vizdoom_two_colors", {"step_cap": 60}, True), ("memory_maze", {"step_cap": 30}, True)])
+def test_episodes_played_one_after_another_in_one_env_are_those_of_fresh_envs(task_name, settings, teacher):
+    # the collector keeps a process's env for its next episode: the reset's seed must fix everything
+    task = get_task(task_name)
+    env = task.make_env(**settings)
+    try:
+        kept = [run_episode(task, settings, seed, teacher, env=env) for seed in (3, 4, 3)]
+    finally:
+        env.close()
+    fresh = {seed: run_episode(task, settings, seed, teacher) for seed in (3, 4)}
+    for seed, episode in zip((3, 4, 3), kept, strict=True):
+        for name in ("observations", "actions", "rewards", *(("labels",) if teacher else ())):
+            assert np.array_equal(episode[name], fresh[seed][name]), (seed, name)
+    assert not np.array_equal(kept[0]["observations"][:5], kept[1]["observations"][:5])  # two episodes, not one
+
+
 def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_path):
     from training.evaluate import Args, main
 

@@ -125,15 +125,18 @@ def _policy_model(path: str, task_name: str) -> MemoryTransformer:
 
 
 def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
-                teacher_options: dict | None = None, policy: str | None = None) -> dict:
+                teacher_options: dict | None = None, policy: str | None = None, env=None) -> dict:
     """One episode of the collector's policy: observations (T, ...), actions (T,), rewards (T,), its
     return, the reset info, and with teacher=True (for a task that has a teacher, built with
     `teacher_options`) labels (T,), and where the task has an aux_label its value at every step,
     aux_labels (T,). policy: a checkpoint folder that takes the actions instead (the
-    teacher, which needs teacher=True, still labels every step)."""
+    teacher, which needs teacher=True, still labels every step). env: a `task` env made with
+    `settings` to play in, left open (the reset's seed fixes the episode); without one, one is made
+    and closed."""
     if policy and not teacher:
         raise ValueError("a policy acts and the teacher labels its steps: give teacher=True too")
-    env = task.make_env(**settings)
+    own_env = env is None
+    env = task.make_env(**settings) if own_env else env
     expert = task.make_teacher(**(teacher_options or {})) if teacher else task.make_expert()
     agent = CheckpointAgent(_policy_model(policy, task.name), task.evaluation.target_return, seed) if policy else None
     obs, info = env.reset(seed=seed)
@@ -158,7 +161,8 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
             agent.observe(reward)
         if terminated or truncated:
             break
-    env.close()
+    if own_env:
+        env.close()
     episode = {"observations": np.stack(observations), "actions": np.array(actions), "rewards": np.array(rewards),
                "return": float(np.sum(rewards)), "success": bool(info.get("success", np.sum(rewards) > 0)),
                "reset_info": reset_info}
@@ -169,21 +173,37 @@ def run_episode(task: Task, settings: dict, seed: int, teacher: bool = False,
     return episode
 
 
+_worker_env: tuple | None = None  # a worker process's (task name, settings, env), kept for its next episode
+
+
 def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teacher_options: dict | None,
                  policy: str | None) -> dict:
+    """run_episode in a worker process, in the env of its previous episode where the settings are the
+    same (making a Memory Maze env takes 1.3-2 s, a quarter of its 1,000-step episode)."""
+    global _worker_env
     torch.set_num_threads(1)  # one process per core: the model's threads would only contend
-    return run_episode(get_task(task_name), settings, seed, teacher, teacher_options, policy)
+    task = get_task(task_name)
+    if _worker_env is None or _worker_env[:2] != (task_name, settings):
+        if _worker_env is not None:
+            _worker_env[2].close()
+        _worker_env = None  # until the new one is made
+        _worker_env = (task_name, settings, task.make_env(**settings))
+    return run_episode(task, settings, seed, teacher, teacher_options, policy, env=_worker_env[2])
 
 
 def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool,
               teacher_options: dict | None, policy: str | None):
     """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
-    the pool's processes when there is a pool)."""
+    the pool's processes when there is a pool), all of a process's in one env."""
     seed = first_seed
     if pool is None:
-        while True:
-            yield run_episode(task, settings, seed, teacher, teacher_options, policy)
-            seed += 1
+        env = task.make_env(**settings)
+        try:
+            while True:
+                yield run_episode(task, settings, seed, teacher, teacher_options, policy, env=env)
+                seed += 1
+        finally:
+            env.close()
     pending = collections.deque()
     try:
         while True:
