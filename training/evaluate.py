@@ -137,19 +137,26 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
         seeds = balanced_seeds(task, settings, episodes, seed)
         started = time.perf_counter()
         batch = batch_that_fits(task, min(max_envs or protocol.max_envs or episodes, episodes))
-        parts = []
-        for start in range(0, episodes, batch):
-            chunk = seeds[start:start + batch]
-            env = task.make_vector_env(len(chunk), **settings)
-            desc = f"{protocol.setting}={value}"
-            if batch < episodes:
-                desc += f" episodes {start + 1}-{start + len(chunk)}"
-            with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
-                parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
-                                          progress=lambda _: bar.update(), temperature=temperature,
-                                          memory_horizon=memory_horizon, hide_actions=hide_actions,
-                                          pixel_noise=pixel_noise))
-            env.close()
+        parts, env = [], None
+        try:
+            for start in range(0, episodes, batch):
+                chunk = seeds[start:start + batch]
+                if env is None or env.num_envs != len(chunk):  # the same envs play the next chunk's seeds
+                    if env is not None:
+                        env.close()
+                    env = None
+                    env = task.make_vector_env(len(chunk), **settings)
+                desc = f"{protocol.setting}={value}"
+                if batch < episodes:
+                    desc += f" episodes {start + 1}-{start + len(chunk)}"
+                with tqdm(desc=desc, unit="step", disable=not show_progress, leave=False) as bar:
+                    parts.append(run_episodes(model, env, chunk, target, sample=sample, sample_seed=seed,
+                                              progress=lambda _: bar.update(), temperature=temperature,
+                                              memory_horizon=memory_horizon, hide_actions=hide_actions,
+                                              pixel_noise=pixel_noise))
+        finally:
+            if env is not None:
+                env.close()
         outcome = parts[0] if len(parts) == 1 else EpisodeBatch(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("returns", "lengths", "successes")),
             reset_info={k: np.concatenate([p.reset_info[k] for p in parts]) for k in parts[0].reset_info})
