@@ -188,7 +188,12 @@ def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teach
             _worker_env[2].close()
         _worker_env = None  # until the new one is made
         _worker_env = (task_name, settings, task.make_env(**settings))
-    return run_episode(task, settings, seed, teacher, teacher_options, policy, env=_worker_env[2])
+    try:
+        return run_episode(task, settings, seed, teacher, teacher_options, policy, env=_worker_env[2])
+    except BaseException:  # an env that failed is not played in again
+        _worker_env[2].close()
+        _worker_env = None
+        raise
 
 
 def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool,

@@ -113,7 +113,8 @@ def _update_activation_vectorised(target, physics) -> None:
 
 def _contact_geoms(physics) -> tuple[np.ndarray, frozenset]:
     """(the (ncon, 2) geoms of the current contacts, the set of geoms among them), kept on `physics`
-    until its time moves on: each of the 3 targets asks at each of the 50 physics steps of an action."""
+    until its time moves on: each of the 3 targets asks at each of the 50 physics steps of an action.
+    (Each reset compiles a new physics, whose time starts again: nothing kept carries over.)"""
     now = physics.data.time
     kept = getattr(physics, "_rate_contact_geoms", None)
     if kept is None or kept[0] != now:
