@@ -143,8 +143,7 @@ def evaluate(model, task: Task, values, episodes: int, seed: int, sample: bool |
                 chunk = seeds[start:start + batch]
                 if env is None or env.num_envs != len(chunk):  # the same envs play the next chunk's seeds
                     if env is not None:
-                        env.close()
-                    env = None
+                        env.close()  # closing again (finally, if the next make fails) does nothing
                     env = task.make_vector_env(len(chunk), **settings)
                 desc = f"{protocol.setting}={value}"
                 if batch < episodes:
