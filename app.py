@@ -1,4 +1,4 @@
-"""Start the RATE demo: python app.py [--host 127.0.0.1] [--port 7860] [--share]."""
+"""Start the RATE demo: python app.py [--host 127.0.0.1] [--port 7860] [--keep-envs 2] [--share]."""
 
 import os
 import tempfile
@@ -8,25 +8,28 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def _environ_port() -> int:
-    """GRADIO_SERVER_PORT as the default port (7860 without it); a value that is no number ends the app in one line."""
-    value = os.environ.get("GRADIO_SERVER_PORT", "7860")
+def _environ_int(name: str, default: int, what: str) -> int:
+    """The environment variable `name` as a default (`default` without it); a value that is no whole number
+    ends the app in one line that says it must be `what`."""
+    value = os.environ.get(name, str(default))
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"error: GRADIO_SERVER_PORT must be a port number, got {value!r}") from None
+        raise SystemExit(f"error: {name} must be {what}, got {value!r}") from None
 
 
 @dataclass
 class Args:
-    """Serve the RATE demo (Gradio). Host and port also come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT;
-    videos and Gradio's files go under outputs/ (RATE_APP_OUTPUTS: elsewhere; a temporary folder where
-    outputs/ cannot be written, e.g. a read-only checkout)."""
+    """Serve the RATE demo (Gradio). Host and port also come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT,
+    --keep-envs from RATE_APP_KEEP_ENVS; videos and Gradio's files go under outputs/ (RATE_APP_OUTPUTS:
+    elsewhere; a temporary folder where outputs/ cannot be written, e.g. a read-only checkout)."""
 
     host: str = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     """address to listen on (0.0.0.0 to serve other machines)"""
-    port: int = _environ_port()
+    port: int = _environ_int("GRADIO_SERVER_PORT", 7860, "a port number")
     """port to listen on"""
+    keep_envs: int = _environ_int("RATE_APP_KEEP_ENVS", 2, "a whole number of envs")
+    """envs slow to make (Memory Maze's: 2.5 s and about 0.55 GB each) kept idle for the next runs; 0: none"""
     share: bool = False
     """also open a temporary public gradio.live link (needs network)"""
 
@@ -54,9 +57,15 @@ def main() -> None:
     args = tyro.cli(Args)
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"error: --port must be from 1 to 65535, got {args.port}")
+    if not 0 <= args.keep_envs <= 16:
+        raise SystemExit(f"error: --keep-envs must be from 0 to 16 (each kept env holds about 0.55 GB), got "
+                         f"{args.keep_envs}")
     check_address(args.host, args.port)  # before the demo starts its background work
     outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
+    from app.episodes import ENV_POOL
     from app.ui import build_demo
+
+    ENV_POOL.limit = args.keep_envs  # before the warm-up plays
 
     # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
     build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,

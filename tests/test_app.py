@@ -393,6 +393,10 @@ def test_the_env_pool_keeps_slow_envs_for_the_next_run_and_closes_broken_ones():
     with fast.env(task, {}) as quick:
         pass
     assert quick.closed
+    none = EnvPool(limit=0, slow_seconds=0.0)  # app.py --keep-envs 0
+    with none.env(task, {}) as slow:
+        pass
+    assert slow.closed and none._idle == []
 
 
 def test_a_memory_maze_env_kept_between_runs_plays_what_a_new_one_would():

@@ -265,6 +265,10 @@ def test_app_refuses_a_port_out_of_range_in_one_line():
     result = subprocess.run([sys.executable, "app.py", "--port", "99999"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1 and result.stderr.strip() == "error: --port must be from 1 to 65535, got 99999"
+    result = subprocess.run([sys.executable, "app.py", "--keep-envs", "-1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip() == ("error: --keep-envs must be from 0 to 16 (each kept "
+                                                                "env holds about 0.55 GB), got -1")
 
 
 def test_app_start_problems_end_in_one_line(tmp_path):
@@ -275,6 +279,10 @@ def test_app_start_problems_end_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: GRADIO_SERVER_PORT must be a port number, got 'abc'"
+    env = {**os.environ, "RATE_APP_KEEP_ENVS": "two"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: RATE_APP_KEEP_ENVS must be a whole number of envs, got 'two'"
     with socket.socket() as taken:  # something else listens on the port
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -306,3 +314,36 @@ def test_app_outputs_go_to_a_temporary_folder_where_they_cannot_be_written(tmp_p
     folder.rmdir()
     monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "mine"))
     assert app_main.outputs_folder() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+
+
+def test_app_keep_envs_sets_the_env_pool_before_the_demo_is_built(tmp_path, monkeypatch):
+    import importlib.util
+    import socket
+
+    import pytest
+
+    import app.ui
+    from app.episodes import ENV_POOL
+
+    monkeypatch.setenv("RATE_APP_KEEP_ENVS", "1")  # read when app.py is loaded, as the default of --keep-envs
+    spec = importlib.util.spec_from_file_location("app_main", ROOT / "app.py")
+    app_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_main)
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen = []
+
+    def build_demo():
+        seen.append(ENV_POOL.limit)
+        raise SystemExit("built")
+
+    monkeypatch.setattr(app.ui, "build_demo", build_demo)
+    monkeypatch.setattr(ENV_POOL, "limit", ENV_POOL.limit)  # restored after the test
+    monkeypatch.setenv("RATE_APP_OUTPUTS", str(tmp_path / "out"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # main sets it where unset: undone after
+    for argv, limit in ((["--port", str(port), "--keep-envs", "0"], 0), (["--port", str(port)], 1)):
+        monkeypatch.setattr(sys, "argv", ["app.py", *argv])
+        with pytest.raises(SystemExit, match="built"):
+            app_main.main()
+        assert seen.pop() == limit
