@@ -7,6 +7,7 @@ context for each new maze), so the tests share one env where they can."""
 
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from rate_core.envs.lockstep import LockstepVectorEnv
 from rate_core.envs.memory_maze import (ACTIONS, BEARINGS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert,
                                         MemoryMazeEnv, MemoryMazeExpert, _update_activation_vectorised, bearing,
                                         grid_distances)
-from rate_core.envs.subproc import SubprocLockstepVectorEnv
+from rate_core.envs.subproc import SubprocLockstepVectorEnv, _worker
 from rate_core.envs.tmaze import TMazeEnv
 from rate_core.tasks import get_task
 
@@ -232,6 +233,33 @@ def test_subproc_vector_env_matches_lockstep_on_tmaze():
         ours.close()
         reference.close()
     assert not any(process.is_alive() for process in ours._processes)
+
+
+def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd):
+    closed = []
+
+    class Watched(TMazeEnv):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    # the parent gone while the worker made its envs (e.g. the app stopped by SIGTERM at start-up)
+    parent, child = multiprocessing.Pipe()
+    parent.close()
+    _worker(child, [functools.partial(Watched, episode_length=5)])  # returns: nothing to answer
+    assert closed == [True] and child.closed
+
+    # gone while a reset was under way: its answer cannot go
+    class ParentGoesDuringReset(Watched):
+        def reset(self, **kwargs):
+            parent.close()
+            return super().reset(**kwargs)
+
+    parent, child = multiprocessing.Pipe()
+    parent.send(("reset", ([1], None)))
+    _worker(child, [functools.partial(ParentGoesDuringReset, episode_length=5)])
+    assert closed == [True, True] and child.closed
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_killed_worker_is_reported_with_its_likely_cause():

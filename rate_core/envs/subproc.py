@@ -37,20 +37,20 @@ def _send_error(connection, error: BaseException) -> None:
 
 def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
     """Serve (command, argument) requests for a LockstepVectorEnv over `env_fns` until "close" or
-    until the parent goes; answers ("ok", result) or ("error", (exception, traceback text))."""
+    until the parent goes; answers ("ok", result) or ("error", (exception, traceback text)). A parent
+    that has gone (killed, or stopped by SIGTERM while the envs were being made or stepped) ends the
+    worker quietly once its work in hand is done: there is no one to answer, and no traceback."""
+    envs = None
     try:
-        envs = LockstepVectorEnv(env_fns)
-    except Exception as error:
-        _send_error(connection, error)
-        return
-    connection.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.render_mode,
-                            envs.metadata)))
-    try:
+        try:
+            envs = LockstepVectorEnv(env_fns)
+        except Exception as error:
+            _send_error(connection, error)
+            return
+        connection.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.render_mode,
+                                envs.metadata)))
         while True:
-            try:
-                command, argument = connection.recv()
-            except (EOFError, ConnectionError):
-                break  # the parent has gone
+            command, argument = connection.recv()
             if command == "close":
                 break
             try:
@@ -66,10 +66,13 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
                 _send_error(connection, error)
                 continue
             connection.send(("ok", result))
+    except (EOFError, ConnectionError):
+        pass  # the parent has gone: its end of the pipe closed before a request came or an answer went
     except KeyboardInterrupt:
         pass  # Ctrl-C reaches the workers too; the parent reports it
     finally:
-        envs.close()
+        if envs is not None:
+            envs.close()
         connection.close()
 
 
