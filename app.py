@@ -63,13 +63,16 @@ def main() -> None:
     check_address(args.host, args.port)  # before the demo starts its background work
     outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.episodes import ENV_POOL
-    from app.ui import build_demo
+    from app.ui import CLOSING, build_demo
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
 
     # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
-    build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
-                                                           share=args.share, allowed_paths=[str(outputs)])
+    try:  # launch() returns when the server stops (Ctrl-C)
+        build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
+                                                               share=args.share, allowed_paths=[str(outputs)])
+    finally:
+        CLOSING.set()  # the warm-up stops: the exit would otherwise wait for its example to play out
 
 
 def check_address(host: str, port: int) -> None:

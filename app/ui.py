@@ -39,6 +39,14 @@ class WarmUpYields(Exception):
     """A visitor's run started while the warm-up played an example: the warm-up stops it, to play it later."""
 
 
+class AppClosing(Exception):
+    """The app is shutting down (CLOSING is set): the warm-up stops where it is, rather than the exit
+    waiting for its example to play to the end."""
+
+
+CLOSING = threading.Event()  # set by app.py once the server has stopped (e.g. on Ctrl-C)
+
+
 class RunSuperseded(Exception):
     """The page that asked for this run pressed Run again or chose another task: the run stops, unshown."""
 
@@ -85,7 +93,10 @@ def _page(request, task: str | None = None) -> PageRuns | None:
 
 
 def _warm_up_progress(*args, **kwargs) -> None:
-    """The warm-up's progress callback: it stops the example as soon as a visitor's run needs the cores."""
+    """The warm-up's progress callback: it stops the example as soon as a visitor's run needs the cores,
+    or the app is shutting down."""
+    if CLOSING.is_set():
+        raise AppClosing
     if _visits:
         raise WarmUpYields
 
@@ -406,6 +417,8 @@ def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
             _cached_run(*pending[0], progress=_warm_up_progress)
         except WarmUpYields:
             continue
+        except AppClosing:
+            return
         except Exception as error:  # a broken shipped checkpoint must not stop the app
             print(f"could not precompute example {pending[0]}: {error}")
         pending.pop(0)

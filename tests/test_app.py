@@ -553,6 +553,25 @@ def test_the_warm_up_gives_way_to_a_visitor_and_plays_its_example_again_later(mo
         ui._warm_up_progress(None, desc="writing videos")
 
 
+def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
+    import threading
+
+    import app.ui as ui
+
+    played = []
+    monkeypatch.setattr(ui, "CLOSING", threading.Event())
+
+    def play_example(*example, progress):
+        played.append(example[3])
+        ui.CLOSING.set()  # as app.py does once the server has stopped (Ctrl-C)
+        progress((1, 300), desc="step 1")
+
+    monkeypatch.setattr(ui, "_cached_run", play_example)
+    examples = [["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (0, 1)]
+    ui.warm_cache(examples, 0.01)  # returns: the exit need not wait for the examples
+    assert played == [0]
+
+
 def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(monkeypatch):
     import threading
 

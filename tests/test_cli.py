@@ -220,6 +220,21 @@ def test_ctrl_c_ends_a_tool_with_one_line():
 
     with pytest.raises(SystemExit, match="^interrupted: resume with --resume$"):
         run_main(interrupted, None, "interrupted: resume with --resume")
+    sys.unraisablehook = sys.__unraisablehook__  # run_main silenced it for the way out
+
+
+def test_ctrl_c_leaves_no_complaints_from_what_it_left_half_made():
+    # as dm_control's MjrContext, stopped inside MuJoCo's rendering setup, complains when collected
+    code = ("from training.cli import run_main\n"
+            "class HalfMade:\n"
+            "    def __del__(self):\n"
+            "        raise AttributeError('no _ptr')\n"
+            "def main(args):\n"
+            "    held = HalfMade()\n"
+            "    raise KeyboardInterrupt\n"
+            "run_main(main, None)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr == "interrupted\n"
 
 
 def test_push_refuses_bad_repo_ids_and_folders_it_did_not_write(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from rate_core.envs.lockstep import LockstepVectorEnv
 from rate_core.envs.memory_maze import (ACTIONS, BEARINGS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert,
                                         MemoryMazeEnv, MemoryMazeExpert, _update_activation_vectorised, bearing,
                                         grid_distances)
-from rate_core.envs.subproc import SubprocLockstepVectorEnv, _worker
+from rate_core.envs.subproc import SubprocLockstepVectorEnv, _worker, children_ignore_ctrl_c
 from rate_core.envs.tmaze import TMazeEnv
 from rate_core.tasks import get_task
 
@@ -235,7 +235,8 @@ def test_subproc_vector_env_matches_lockstep_on_tmaze():
     assert not any(process.is_alive() for process in ours._processes)
 
 
-def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd):
+def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd, monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the worker, run here, would ignore Ctrl-C in pytest
     closed = []
 
     class Watched(TMazeEnv):
@@ -260,6 +261,29 @@ def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd):
     _worker(child, [functools.partial(ParentGoesDuringReset, episode_length=5)])
     assert closed == [True, True] and child.closed
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_ctrl_c_is_the_parents_alone():
+    # a Ctrl-C reaches a terminal's whole process group: children started in the block ignore it from
+    # their first instruction (Python keeps an inherited SIG_IGN), and the parent's handler is back after
+    spawn = multiprocessing.get_context("spawn")
+    handler = signal.getsignal(signal.SIGINT)
+    with children_ignore_ctrl_c():
+        inside = spawn.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+        inside.start()
+    assert signal.getsignal(signal.SIGINT) is handler
+    outside = spawn.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+    outside.start()
+    inside.join(timeout=60)
+    outside.join(timeout=60)
+    assert inside.exitcode == 0 and outside.exitcode == 1  # 1: a KeyboardInterrupt
+
+    envs = SubprocLockstepVectorEnv([functools.partial(TMazeEnv, episode_length=5)] * 2, num_workers=2)
+    for process in envs._processes:
+        os.kill(process.pid, signal.SIGINT)
+    assert envs.reset(seed=[1, 2])[0].shape == (2, 4)  # the workers go on; the parent decides
+    envs.close(terminate=True)  # e.g. after a Ctrl-C: the workers end at once
+    assert not any(process.is_alive() for process in envs._processes)
 
 
 def test_a_killed_worker_is_reported_with_its_likely_cause():

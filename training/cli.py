@@ -109,4 +109,7 @@ def run_main(main, args, interrupted: str = "interrupted") -> None:
     try:
         main(args)
     except KeyboardInterrupt:
+        # What the Ctrl-C left half-made may complain when collected on the way out (dm_control's
+        # MjrContext, stopped inside MuJoCo's rendering setup, prints an AttributeError): not news here.
+        sys.unraisablehook = lambda unraisable: None
         raise SystemExit(interrupted) from None

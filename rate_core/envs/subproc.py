@@ -13,8 +13,10 @@ picklable: module-level functions or functools.partial of them, not lambdas.
 import multiprocessing as mp
 import os
 import signal
+import threading
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from itertools import pairwise
 from typing import Any
 
@@ -24,6 +26,25 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rate_core.envs.lockstep import LockstepVectorEnv, env_seeds
+
+
+@contextmanager
+def children_ignore_ctrl_c():
+    """Processes started inside this block start with SIGINT ignored (Python keeps an inherited
+    SIG_IGN), so that a Ctrl-C, which a terminal sends to its whole process group, is the parent's
+    alone to handle, even while a child is still importing: a KeyboardInterrupt there prints a
+    traceback, and one inside a worker can leave a pool's queue locked. Meanwhile this process
+    ignores SIGINT too (process starts take milliseconds). Only the main thread can change signal
+    handlers: elsewhere (e.g. the app's threads) the block does nothing, and workers ignore SIGINT
+    from their first line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _send_error(connection, error: BaseException) -> None:
@@ -37,9 +58,13 @@ def _send_error(connection, error: BaseException) -> None:
 
 def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
     """Serve (command, argument) requests for a LockstepVectorEnv over `env_fns` until "close" or
-    until the parent goes; answers ("ok", result) or ("error", (exception, traceback text)). A parent
-    that has gone (killed, or stopped by SIGTERM while the envs were being made or stepped) ends the
-    worker quietly once its work in hand is done: there is no one to answer, and no traceback."""
+    until the parent goes; answers ("ok", result) or ("error", (exception, traceback text)). Ctrl-C
+    is the parent's to handle (it closes the workers; SIGINT reaches a terminal's whole process group,
+    and a KeyboardInterrupt inside MuJoCo's context making leaves a half-made object that complains
+    when collected). A parent that has gone (killed, or stopped by SIGTERM while the envs were being
+    made or stepped) ends the worker quietly once its work in hand is done: there is no one to
+    answer, and no traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
     try:
         try:
@@ -68,8 +93,6 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
             connection.send(("ok", result))
     except (EOFError, ConnectionError):
         pass  # the parent has gone: its end of the pipe closed before a request came or an answer went
-    except KeyboardInterrupt:
-        pass  # Ctrl-C reaches the workers too; the parent reports it
     finally:
         if envs is not None:
             envs.close()
@@ -94,7 +117,8 @@ class SubprocLockstepVectorEnv(VectorEnv):
         for size in self._shares:
             parent, child = context.Pipe()
             process = context.Process(target=_worker, args=(child, env_fns[first:first + size]), daemon=True)
-            process.start()
+            with children_ignore_ctrl_c():
+                process.start()
             child.close()
             self._connections.append(parent)
             self._processes.append(process)
@@ -103,7 +127,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
         try:
             described = self._receive_all(starting=True)
         except BaseException:
-            self.close()
+            self.close(terminate=True)  # e.g. Ctrl-C: the other workers' envs, still being made, are not needed
             raise
         self.single_observation_space, self.single_action_space, self.render_mode, metadata = described[0]
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
@@ -195,13 +219,16 @@ class SubprocLockstepVectorEnv(VectorEnv):
         """Whether every worker process is still running (one killed, e.g. for memory, is not)."""
         return not self.closed and all(process.is_alive() for process in self._processes)
 
-    def close_extras(self, **kwargs) -> None:
+    def close_extras(self, terminate: bool = False, **kwargs) -> None:
+        """End the workers: each closes its envs and exits (at most 30 s each) or, with terminate, at once."""
         for connection in self._connections:
             try:
                 connection.send(("close", None))
             except (BrokenPipeError, ConnectionError, OSError):
                 pass  # the worker has already gone
         for process in self._processes:
+            if terminate:
+                process.terminate()
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
