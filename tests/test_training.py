@@ -3,7 +3,6 @@
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -18,7 +17,8 @@ from rate_core.model import ACTION_PAD, MemoryTransformer
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task
 from tests.tiny import weights_differ
-from training.collect import _stop_pool, collect, run_episode
+from training.cli import stop_pool, worker_pool
+from training.collect import collect, run_episode
 from training.curves import read_log
 from training.dataset import DatasetError, load_dataset, write_dataset
 from training.evaluate import balanced_seeds, evaluate, values_and_overrides
@@ -556,12 +556,12 @@ def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
 
 
 def test_the_collectors_pool_ends_without_waiting_for_the_episodes_in_hand():
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool = worker_pool(1)
     in_hand = pool.submit(time.sleep, 120)  # as an episode run ahead, or one a Ctrl-C stopped collection in
     while not in_hand.running():
         time.sleep(0.05)
     start = time.perf_counter()
-    _stop_pool(pool)
+    stop_pool(pool)
     assert time.perf_counter() - start < 60 and not multiprocessing.active_children()
 
 

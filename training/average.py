@@ -19,7 +19,7 @@ import tyro
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from rate_core.model import MemoryTransformer
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, cli, run_main
 
 
 @dataclass
@@ -94,4 +94,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args), "interrupted: nothing written (a checkpoint is put in place only when complete)")

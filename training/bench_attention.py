@@ -32,7 +32,7 @@ from rate_core import attention
 from rate_core.attention import attention_blocks, relative_attention, scores_computed
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer, ModelConfig
-from training.cli import OWN_DEFAULT, cli, device_or_exit
+from training.cli import OWN_DEFAULT, cli, device_or_exit, run_main
 
 
 @dataclass
@@ -138,4 +138,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rate_core.tasks import Task
-from training.cli import at_least, cli, task_or_exit
+from training.cli import at_least, cli, run_main, task_or_exit
 
 
 @dataclass
@@ -62,4 +62,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -26,7 +26,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
-from training.cli import cli
+from training.cli import cli, run_main
 
 
 @dataclass
@@ -175,4 +175,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -4,10 +4,14 @@ way (a task by name, a device, a count): each ends the program with one line tha
 
 import ast
 import dataclasses
+import functools
 import inspect
+import multiprocessing
+import signal
 import sys
 import textwrap
 import typing
+from concurrent.futures import ProcessPoolExecutor
 from itertools import pairwise
 from typing import Annotated, TypeVar
 
@@ -101,6 +105,28 @@ def check_env_settings(task, settings_list: list[dict], flags: str) -> None:
             task.make_env(**settings).close()
         except (ValueError, TypeError) as error:
             raise SystemExit(f"error: {flags}: {error}") from None
+
+
+def worker_pool(workers: int, start_method: str = "spawn") -> ProcessPoolExecutor:
+    """A process pool for a tool's parallel work whose workers ignore Ctrl-C (a terminal sends SIGINT
+    to its whole process group; a KeyboardInterrupt inside a worker can leave the pool's queue
+    locked): the tool stops them with stop_pool. Submit inside rate_core.envs.subproc's
+    children_ignore_ctrl_c as well, which covers a worker's start-up, before the initializer runs."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method),
+                               initializer=functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN))
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now, work in hand included: call it once the results needed are in, or
+    on the way out after an error or Ctrl-C. Waiting for them took up to a job's time (a collector
+    runs ahead), and a Ctrl-C during that wait hung the process at exit: the pool's queue had lost
+    its feeder thread, so the workers never heard they should stop."""
+    workers = list((pool._processes or {}).values())  # no public way to them before Python 3.14's terminate_workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join()
 
 
 def run_main(main, args, interrupted: str = "interrupted") -> None:

@@ -8,9 +8,6 @@
 import collections
 import functools
 import inspect
-import multiprocessing
-import signal
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +21,8 @@ from rate_core.envs.subproc import children_ignore_ctrl_c
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, run_main, task_or_exit
+from training.cli import (NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, run_main, stop_pool,
+                          task_or_exit, worker_pool)
 from training.dataset import DatasetWriter
 
 
@@ -215,7 +213,7 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
     try:
         while True:
             while len(pending) < ahead:
-                with children_ignore_ctrl_c():  # a submit may start a worker
+                with children_ignore_ctrl_c():  # a submit may start a worker (worker_pool)
                     pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options,
                                                policy))
                 seed += 1
@@ -223,19 +221,6 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
     finally:
         for future in pending:
             future.cancel()
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """End the pool's workers now, episodes in hand included: they are not needed (the dataset is
-    complete, or collection stopped). Waiting for them took up to an episode's time (the pool runs
-    ahead), and a Ctrl-C during that wait hung the process at exit: the pool's queue had lost its
-    feeder thread, so the workers never heard they should stop."""
-    workers = multiprocessing.active_children()  # the pool's processes: the only ones this process starts
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        process.terminate()
-    for process in workers:
-        process.join()
 
 
 def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers: int = 1,
@@ -252,12 +237,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     returns, lengths, differing, tried, successes = [], [], 0, 0, 0
     actor = "policy" if policy else "expert"  # who acted, so whose successes are counted
     total = episodes_per_setting * len(task.dataset_settings)
-    # The workers ignore Ctrl-C (SIGINT reaches a terminal's whole process group; children_ignore_ctrl_c
-    # around each submit covers their start-up, the initializer a caller outside the main thread): this
-    # process stops them (_stop_pool).
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)) \
-        if workers > 1 else None
+    pool = worker_pool(workers) if workers > 1 else None
     # Episodes go to disk as they come (the writer's staging folder), so memory holds only those in flight.
     with DatasetWriter(out, task.name) as writer:
         try:
@@ -284,7 +264,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
                     stream.close()
         finally:
             if pool is not None:
-                _stop_pool(pool)
+                stop_pool(pool)
         returns, lengths = np.array(returns), np.array(lengths)
         taught = task.make_teacher(**(teacher_options or {})) if teacher else None
         path = writer.close({

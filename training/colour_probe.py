@@ -25,7 +25,7 @@ from rate_core.checkpoint import load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy
 from rate_core.tasks import get_task
-from training.cli import cli
+from training.cli import cli, run_main
 from training.step import segment_slices
 
 TASK = get_task("vizdoom_two_colors")
@@ -217,4 +217,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

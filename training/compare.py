@@ -18,7 +18,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, cli, run_main
 from training.figures import plt, save_png
 
 
@@ -185,4 +185,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

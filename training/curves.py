@@ -21,7 +21,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, cli, run_main
 from training.figures import metric_label, plt, save_png
 
 
@@ -221,4 +221,4 @@ def _task_of(run: Path) -> str | None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, task_or_exit
+from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, run_main, task_or_exit
 from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
@@ -81,4 +81,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -30,7 +30,6 @@ all steps, while the pillar stands (steps 0-44) and after it has gone. Then the 
 
 import collections
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,9 +38,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rate_core.envs.subproc import children_ignore_ctrl_c
 from rate_core.envs.vizdoom_two_colors import CUES, TwoColorsEnv, TwoColorsTeacher
 from rate_core.model import ImageEncoder
-from training.cli import cli
+from training.cli import cli, run_main, stop_pool, worker_pool
 from training.evaluate import standard_error
 
 PILLAR_STEPS = 45
@@ -122,9 +122,13 @@ def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: i
     chunks = [list(chunk) for chunk in np.array_split(np.arange(first_seed, first_seed + episodes), max(1, workers * 4))
               if len(chunk)]
     jobs = [(chunk, kind, block, cue) for chunk in chunks]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes",
-                          unit="chunk"))
+    pool = worker_pool(max(1, workers))
+    try:
+        with children_ignore_ctrl_c():  # map submits every job now, starting the workers
+            results = pool.map(_collect, jobs)
+        parts = list(tqdm(results, total=len(jobs), desc=f"collecting {episodes} episodes", unit="chunk"))
+    finally:
+        stop_pool(pool)
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -272,4 +276,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main
 from training.collect import parse_settings, parse_teacher_options
 
 
@@ -85,4 +85,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -14,7 +14,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, cli, run_main
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
 
@@ -47,4 +47,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args), "interrupted: nothing written (a dataset is put in place only when complete)")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
-from training.cli import cli
+from training.cli import cli, run_main
 from training.dataset import DatasetError, load_dataset
 
 TASK = get_task("memory_maze")
@@ -157,4 +157,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -19,7 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_replaceable, load_checkpoint
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT, cli
+from training.cli import OWN_DEFAULT, cli, run_main
 from training.compare import load_evaluation
 
 VIDEO_NAME = "episode.mp4"
@@ -114,4 +114,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -18,7 +18,7 @@ from typing import Annotated
 import tyro
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main
 from training.compare import label_of, load_evaluation
 from training.figures import metric_label, plt, save_png
 
@@ -130,4 +130,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))

@@ -8,7 +8,7 @@ from typing import Literal
 
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
-from training.cli import cli
+from training.cli import cli, run_main
 
 
 @dataclass
@@ -39,4 +39,4 @@ def main(args: Args) -> None:
     print("(here d_head = 64, d_inner = 128), so part of the gap is sizes we cannot reconstruct.")
 
 if __name__ == "__main__":
-    main(cli(Args))
+    run_main(main, cli(Args))
