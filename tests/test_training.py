@@ -549,20 +549,22 @@ def test_evaluation_runs_fewer_envs_at_once_where_memory_is_short(dataset_path, 
 def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
     one = load_dataset(collect(TASK, tmp_path / "one", episodes_per_setting=2, seed=5), task="tmaze")
     assert "the expert succeeded in 6 of 6 episodes" in capsys.readouterr().out  # a success task says how often
+    others = set(multiprocessing.active_children())  # e.g. envs an earlier test keeps
     two = load_dataset(collect(TASK, tmp_path / "two", episodes_per_setting=2, seed=5, workers=2), task="tmaze")
     for name in ("observations", "actions", "rewards"):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
-    assert not multiprocessing.active_children()  # the pool's workers ended, episodes run ahead included
+    assert set(multiprocessing.active_children()) <= others  # the pool's workers ended, episodes run ahead included
 
 
 def test_the_collectors_pool_ends_without_waiting_for_the_episodes_in_hand():
+    others = set(multiprocessing.active_children())
     pool = worker_pool(1)
     in_hand = pool.submit(time.sleep, 120)  # as an episode run ahead, or one a Ctrl-C stopped collection in
     while not in_hand.running():
         time.sleep(0.05)
     start = time.perf_counter()
     stop_pool(pool)
-    assert time.perf_counter() - start < 60 and not multiprocessing.active_children()
+    assert time.perf_counter() - start < 60 and set(multiprocessing.active_children()) <= others
 
 
 @pytest.mark.parametrize("task_name, settings, teacher", [
