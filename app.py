@@ -96,4 +96,7 @@ def check_address(host: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while the app starts (once it serves, Gradio handles it)
+        raise SystemExit("interrupted") from None

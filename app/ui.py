@@ -45,6 +45,7 @@ class AppClosing(Exception):
 
 
 CLOSING = threading.Event()  # set by app.py once the server has stopped (e.g. on Ctrl-C)
+ERROR_GRACE_SECONDS = 2.0  # how long a failed warm-up example waits for CLOSING before it says it failed
 
 
 class RunSuperseded(Exception):
@@ -420,6 +421,8 @@ def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
         except AppClosing:
             return
         except Exception as error:  # a broken shipped checkpoint must not stop the app
+            if CLOSING.wait(ERROR_GRACE_SECONDS):  # not news if Ctrl-C (it reaches ViZDoom too) stops the app
+                return
             print(f"could not precompute example {pending[0]}: {error}")
         pending.pop(0)
 

@@ -572,6 +572,26 @@ def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
     assert played == [0]
 
 
+def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypatch, capsys):
+    import threading
+
+    import app.ui as ui
+
+    def failing(*example, progress):
+        if example[3] == 1:
+            threading.Timer(0.05, ui.CLOSING.set).start()  # Ctrl-C: the server stops a little after ViZDoom's engine
+        raise RuntimeError("the ViZDoom game of this Two-Colors env stopped")
+
+    monkeypatch.setattr(ui, "CLOSING", threading.Event())
+    monkeypatch.setattr(ui, "ERROR_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(ui, "_cached_run", failing)
+    examples = [["vizdoom_two_colors", "shipped: rate", "shipped: dt", seed, None, 56.5, 500, True, 0]
+                for seed in (0, 1, 2)]
+    ui.warm_cache(examples, 0.01)
+    assert capsys.readouterr().out.splitlines() == [  # seed 0's failure is reported, seed 1's is the app closing
+        f"could not precompute example {examples[0]}: the ViZDoom game of this Two-Colors env stopped"]
+
+
 def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(monkeypatch):
     import threading
 

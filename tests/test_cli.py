@@ -362,3 +362,17 @@ def test_app_keep_envs_sets_the_env_pool_before_the_demo_is_built(tmp_path, monk
         with pytest.raises(SystemExit, match="built"):
             app_main.main()
         assert seen.pop() == limit
+
+
+def test_ctrl_c_while_the_app_starts_ends_it_in_one_line():
+    import signal
+    import time
+
+    from tests.test_app import free_port
+
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # importing torch and gradio: seconds
+    app.send_signal(signal.SIGINT)
+    _, err = app.communicate(timeout=60)
+    assert app.returncode == 1 and err == "interrupted\n", err
