@@ -1,5 +1,6 @@
 """Collector, dataset format, trainer (resume) and evaluator on tiny T-Maze settings."""
 
+import functools
 import json
 import multiprocessing
 import time
@@ -556,15 +557,18 @@ def test_parallel_collection_writes_the_same_dataset(tmp_path, capsys):
     assert set(multiprocessing.active_children()) <= others  # the pool's workers ended, episodes run ahead included
 
 
-def test_the_collectors_pool_ends_without_waiting_for_the_episodes_in_hand():
+def test_the_collectors_pool_ends_without_waiting_for_the_episodes_in_hand(tmp_path):
     others = set(multiprocessing.active_children())
-    pool = worker_pool(1)
+    closed = tmp_path / "closed"
+    pool = worker_pool(1, on_stop=functools.partial(Path.touch, closed))  # as the collector closes a worker's env
+    pool.submit(Path.touch, tmp_path / "started").result()  # the worker is up
     in_hand = pool.submit(time.sleep, 120)  # as an episode run ahead, or one a Ctrl-C stopped collection in
     while not in_hand.running():
         time.sleep(0.05)
     start = time.perf_counter()
     stop_pool(pool)
     assert time.perf_counter() - start < 60 and set(multiprocessing.active_children()) <= others
+    assert closed.exists()  # a ViZDoom game left open would keep its engine process running
 
 
 @pytest.mark.parametrize("task_name, settings, teacher", [

@@ -4,9 +4,9 @@ way (a task by name, a device, a count): each ends the program with one line tha
 
 import ast
 import dataclasses
-import functools
 import inspect
 import multiprocessing
+import os
 import signal
 import sys
 import textwrap
@@ -107,20 +107,36 @@ def check_env_settings(task, settings_list: list[dict], flags: str) -> None:
             raise SystemExit(f"error: {flags}: {error}") from None
 
 
-def worker_pool(workers: int, start_method: str = "spawn") -> ProcessPoolExecutor:
-    """A process pool for a tool's parallel work whose workers ignore Ctrl-C (a terminal sends SIGINT
-    to its whole process group; a KeyboardInterrupt inside a worker can leave the pool's queue
-    locked): the tool stops them with stop_pool. Submit inside rate_core.envs.subproc's
-    children_ignore_ctrl_c as well, which covers a worker's start-up, before the initializer runs."""
+def worker_pool(workers: int, on_stop=None, start_method: str = "spawn") -> ProcessPoolExecutor:
+    """A process pool for a tool's parallel work, whose workers leave Ctrl-C to the tool (a terminal
+    sends SIGINT to its whole process group, and a KeyboardInterrupt inside a worker can leave the
+    pool's queue locked) and end at once on stop_pool's SIGTERM, after on_stop() (a picklable function
+    of no arguments) closes what they hold: a ViZDoom game a killed worker left open keeps its engine
+    process running. Submit inside rate_core.envs.subproc's children_ignore_ctrl_c as well, which
+    covers a worker's start-up, before the initializer runs."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method),
-                               initializer=functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN))
+                               initializer=_start_worker, initargs=(on_stop,))
+
+
+def _start_worker(on_stop) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def stop(signum, frame):
+        try:
+            if on_stop is not None:
+                on_stop()
+        finally:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """End the pool's workers now, work in hand included: call it once the results needed are in, or
-    on the way out after an error or Ctrl-C. Waiting for them took up to a job's time (a collector
-    runs ahead), and a Ctrl-C during that wait hung the process at exit: the pool's queue had lost
-    its feeder thread, so the workers never heard they should stop."""
+    """End the pool's workers now (SIGTERM: worker_pool's workers close what they hold first), work in
+    hand included: call it once the results needed are in, or on the way out after an error or
+    Ctrl-C. Waiting for them took up to a job's time (a collector runs ahead), and a Ctrl-C during
+    that wait hung the process at exit: the pool's queue had lost its feeder thread, so the workers
+    never heard they should stop."""
     workers = list((pool._processes or {}).values())  # no public way to them before Python 3.14's terminate_workers
     pool.shutdown(wait=False, cancel_futures=True)
     for process in workers:

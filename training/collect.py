@@ -196,6 +196,14 @@ def _episode_job(task_name: str, settings: dict, seed: int, teacher: bool, teach
         raise
 
 
+def _close_worker_env() -> None:
+    """Close a worker process's env (stop_pool ends the workers with their envs open)."""
+    global _worker_env
+    if _worker_env is not None:
+        _worker_env[2].close()
+        _worker_env = None
+
+
 def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, teacher: bool,
               teacher_options: dict | None, policy: str | None):
     """Expert episodes with seeds first_seed, first_seed + 1, ... in order (run `ahead` at a time in
@@ -237,7 +245,7 @@ def collect(task: Task, out: Path, episodes_per_setting: int, seed: int, workers
     returns, lengths, differing, tried, successes = [], [], 0, 0, 0
     actor = "policy" if policy else "expert"  # who acted, so whose successes are counted
     total = episodes_per_setting * len(task.dataset_settings)
-    pool = worker_pool(workers) if workers > 1 else None
+    pool = worker_pool(workers, on_stop=_close_worker_env) if workers > 1 else None
     # Episodes go to disk as they come (the writer's staging folder), so memory holds only those in flight.
     with DatasetWriter(out, task.name) as writer:
         try:
