@@ -1,6 +1,7 @@
 """Start the RATE demo: python app.py [--host 127.0.0.1] [--port 7860] [--keep-envs 2] [--share]."""
 
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,12 @@ def main() -> None:
     from app.ui import CLOSING, build_demo
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
+    # SIGTERM (how hosts stop a server) takes Ctrl-C's way out: the runs stop and their envs close. Killed
+    # outright, the app would leave the ViZDoom engine of a run under way running, orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
-    try:  # launch() returns when the server stops (Ctrl-C)
+    try:  # launch() returns when the server stops (Ctrl-C, SIGTERM)
         build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
                                                                share=args.share, allowed_paths=[str(outputs)])
     finally:
@@ -98,5 +102,5 @@ def check_address(host: str, port: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C while the app starts (once it serves, Gradio handles it)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the app starts (once it serves, Gradio handles them)
         raise SystemExit("interrupted") from None

@@ -40,11 +40,11 @@ class WarmUpYields(Exception):
 
 
 class AppClosing(Exception):
-    """The app is shutting down (CLOSING is set): the warm-up stops where it is, rather than the exit
-    waiting for its example to play to the end."""
+    """The app is shutting down (CLOSING is set): the warm-up and visitors' runs stop where they are,
+    rather than the exit waiting for them to play to the end."""
 
 
-CLOSING = threading.Event()  # set by app.py once the server has stopped (e.g. on Ctrl-C)
+CLOSING = threading.Event()  # set by app.py once the server has stopped (Ctrl-C, SIGTERM)
 ERROR_GRACE_SECONDS = 2.0  # how long a failed warm-up example waits for CLOSING before it says it failed
 
 
@@ -146,12 +146,14 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     def report(*args, **kwargs):
         if superseded():
             raise RunSuperseded
+        if CLOSING.is_set():
+            raise AppClosing
         progress(*args, **kwargs)
 
     try:
         result = _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon,
                              report, visitor=True)
-    except RunSuperseded:
+    except (RunSuperseded, AppClosing):
         result = None
     except AppError as error:
         print(f"run refused: {error}")  # one line in the server's log: the visitor's input, not a fault

@@ -304,6 +304,40 @@ def test_app_py_starts_from_the_command_line_and_serves_videos_from_its_outputs_
         process.wait(timeout=10)
 
 
+def _vizdoom_engines(parent: int) -> set[int]:
+    """The ViZDoom engine processes whose parent is `parent` (ViZDoom runs its game in a process of its own)."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue  # it ended meanwhile
+        if fields.get("Name", "").strip() == "vizdoom" and fields.get("PPid", "").strip() == str(parent):
+            found.add(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc")
+def test_sigterm_stops_the_app_with_its_runs_envs_closed():
+    # as a host stops a server: the warm-up's ViZDoom engine must not outlive the app
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(free_port())], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, engines = time.time() + 120, set()
+        while not engines and time.time() < deadline and process.poll() is None:
+            time.sleep(0.1)
+            engines = _vizdoom_engines(process.pid)  # the warm-up plays ViZDoom-Two-Colors' default run
+        assert engines, "the warm-up did not start a ViZDoom game within 120 s"
+        process.terminate()
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in out, out
+    alive = {pid for pid in engines if Path(f"/proc/{pid}").exists()}
+    assert not alive, f"ViZDoom engines left running: {alive}"
+
+
 def test_readme_is_a_space_card_matching_the_pins():
     text = (ROOT / "README.md").read_text()
     assert text.startswith("---\n")
@@ -570,6 +604,22 @@ def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
     examples = [["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (0, 1)]
     ui.warm_cache(examples, 0.01)  # returns: the exit need not wait for the examples
     assert played == [0]
+
+
+def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
+    import threading
+
+    import gradio as gr
+
+    import app.ui as ui
+
+    closing = threading.Event()
+    closing.set()  # the server has stopped (Ctrl-C, SIGTERM)
+    monkeypatch.setattr(ui, "CLOSING", closing)
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
+    result = ui.run_episodes("tmaze", "shipped: rate", "shipped: dt", 77, 150, 1.0, 0, False,
+                             progress=lambda *args, **kwargs: None)
+    assert all(isinstance(output, type(gr.skip())) for output in result) and not ui._visits
 
 
 def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypatch, capsys):
