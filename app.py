@@ -67,16 +67,15 @@ def main() -> None:
     from app.ui import CLOSING, build_demo
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
+    demo = build_demo().queue(default_concurrency_limit=2)
     # SIGTERM (how hosts stop a server) takes Ctrl-C's way out: the runs stop and their envs close. Killed
     # outright, the app would leave the ViZDoom engine of a run under way running, orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
     try:  # launch() returns when the server stops (Ctrl-C, SIGTERM)
-        build_demo().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
-                                                               share=args.share, allowed_paths=[str(outputs)])
+        # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(outputs)])
     finally:
-        CLOSING.set()  # the warm-up stops: the exit would otherwise wait for its example to play out
+        CLOSING.set()  # the warm-up and runs stop: the exit would otherwise wait for them to play out
 
 
 def check_address(host: str, port: int) -> None:

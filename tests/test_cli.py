@@ -218,9 +218,13 @@ def test_ctrl_c_ends_a_tool_with_one_line():
     def interrupted(args):
         raise KeyboardInterrupt
 
+    import signal
+
+    terminate = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="^interrupted: resume with --resume$"):
         run_main(interrupted, None, "interrupted: resume with --resume")
     sys.unraisablehook = sys.__unraisablehook__  # run_main silenced it for the way out
+    signal.signal(signal.SIGTERM, terminate)  # and made SIGTERM a Ctrl-C
 
 
 def test_ctrl_c_leaves_no_complaints_from_what_it_left_half_made():
@@ -362,6 +366,23 @@ def test_app_keep_envs_sets_the_env_pool_before_the_demo_is_built(tmp_path, monk
         with pytest.raises(SystemExit, match="built"):
             app_main.main()
         assert seen.pop() == limit
+
+
+def test_sigterm_ends_a_tool_as_ctrl_c_does():
+    # a scheduler's or kill's SIGTERM: the same way out, so that envs close (a ViZDoom game's engine
+    # process would otherwise outlive the tool)
+    code = ("import os, signal, time\n"
+            "from training.cli import run_main\n"
+            "def main(args):\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(30)\n"
+            "    finally:\n"
+            "        print('envs closed')\n"
+            "run_main(main, None, 'interrupted: nothing written')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == "envs closed\n"
+    assert result.stderr == "interrupted: nothing written\n"
 
 
 def test_ctrl_c_while_the_app_starts_ends_it_in_one_line():

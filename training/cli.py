@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from itertools import pairwise
@@ -147,7 +148,11 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def run_main(main, args, interrupted: str = "interrupted") -> None:
     """main(args), a Ctrl-C ending it with the line `interrupted` instead of a traceback (checkpoints and
-    datasets are put in place only when complete, so what was written whole stays)."""
+    datasets are put in place only when complete, so what was written whole stays). SIGTERM (a job
+    scheduler's, `kill`) takes the same way out, so that envs close: killed outright, a tool would
+    leave the engine process of each ViZDoom game it had open running."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main(args)
     except KeyboardInterrupt:
