@@ -229,16 +229,21 @@ def test_ctrl_c_ends_a_tool_with_one_line():
 
 def test_ctrl_c_leaves_no_complaints_from_what_it_left_half_made():
     # as dm_control's MjrContext, stopped inside MuJoCo's rendering setup, complains when collected
-    code = ("from training.cli import run_main\n"
-            "class HalfMade:\n"
-            "    def __del__(self):\n"
-            "        raise AttributeError('no _ptr')\n"
-            "def main(args):\n"
-            "    held = HalfMade()\n"
-            "    raise KeyboardInterrupt\n"
-            "run_main(main, None)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_python("from training.cli import run_main",
+                        "class HalfMade:",
+                        "    def __del__(self):",
+                        "        raise AttributeError('no _ptr')",
+                        "def main(args):",
+                        "    held = HalfMade()",
+                        "    raise KeyboardInterrupt",
+                        "run_main(main, None)")
     assert result.returncode == 1 and result.stderr == "interrupted\n"
+
+
+def run_python(*lines: str) -> subprocess.CompletedProcess:
+    """These lines run by a new Python process in the repository root."""
+    return subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_push_refuses_bad_repo_ids_and_folders_it_did_not_write(tmp_path, monkeypatch):
@@ -371,16 +376,15 @@ def test_app_keep_envs_sets_the_env_pool_before_the_demo_is_built(tmp_path, monk
 def test_sigterm_ends_a_tool_as_ctrl_c_does():
     # a scheduler's or kill's SIGTERM: the same way out, so that envs close (a ViZDoom game's engine
     # process would otherwise outlive the tool)
-    code = ("import os, signal, time\n"
-            "from training.cli import run_main\n"
-            "def main(args):\n"
-            "    try:\n"
-            "        os.kill(os.getpid(), signal.SIGTERM)\n"
-            "        time.sleep(30)\n"
-            "    finally:\n"
-            "        print('envs closed')\n"
-            "run_main(main, None, 'interrupted: nothing written')\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_python("import os, signal, time",
+                        "from training.cli import run_main",
+                        "def main(args):",
+                        "    try:",
+                        "        os.kill(os.getpid(), signal.SIGTERM)",
+                        "        time.sleep(30)",
+                        "    finally:",
+                        "        print('envs closed')",
+                        "run_main(main, None, 'interrupted: nothing written')")
     assert result.returncode == 1 and result.stdout == "envs closed\n"
     assert result.stderr == "interrupted: nothing written\n"
 
