@@ -263,7 +263,19 @@ def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd, 
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_ctrl_c_is_the_parents_alone():
+class MarksItsClose(TMazeEnv):
+    """A T-Maze env that leaves a file at `mark` when closed (module level: workers are spawned)."""
+
+    def __init__(self, mark: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.mark = mark
+
+    def close(self):
+        self.mark.touch()
+        super().close()
+
+
+def test_ctrl_c_is_the_parents_alone(tmp_path):
     # a Ctrl-C reaches a terminal's whole process group: children started in the block ignore it from
     # their first instruction (Python keeps an inherited SIG_IGN), and the parent's handler is back after
     spawn = multiprocessing.get_context("spawn")
@@ -278,10 +290,15 @@ def test_ctrl_c_is_the_parents_alone():
     outside.join(timeout=60)
     assert inside.exitcode == 0 and outside.exitcode == 1  # 1: a KeyboardInterrupt
 
-    envs = SubprocLockstepVectorEnv([functools.partial(TMazeEnv, episode_length=5)] * 2, num_workers=2)
+    marks = [tmp_path / "closed0", tmp_path / "closed1"]
+    envs = SubprocLockstepVectorEnv([functools.partial(MarksItsClose, mark, episode_length=5) for mark in marks],
+                                    num_workers=2)
     for process in envs._processes:
         os.kill(process.pid, signal.SIGINT)
     assert envs.reset(seed=[1, 2])[0].shape == (2, 4)  # the workers go on; the parent decides
+    envs._processes[0].terminate()  # SIGTERM alone, no "close" request first
+    envs._processes[0].join(timeout=30)
+    assert marks[0].exists()  # it closed its env: a ViZDoom game left open would keep its engine running
     envs.close(terminate=True)  # e.g. after a Ctrl-C: the workers end at once
     assert not any(process.is_alive() for process in envs._processes)
 

@@ -56,6 +56,10 @@ def _send_error(connection, error: BaseException) -> None:
         connection.send(("error", (RuntimeError(text), text)))
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # through the worker's finally, which closes its envs
+
+
 def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
     """Serve (command, argument) requests for a LockstepVectorEnv over `env_fns` until "close" or
     until the parent goes; answers ("ok", result) or ("error", (exception, traceback text)). Ctrl-C
@@ -63,8 +67,10 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
     and a KeyboardInterrupt inside MuJoCo's context making leaves a half-made object that complains
     when collected). A parent that has gone (killed, or stopped by SIGTERM while the envs were being
     made or stepped) ends the worker quietly once its work in hand is done: there is no one to
-    answer, and no traceback."""
+    answer, and no traceback. SIGTERM (close with terminate) closes the envs on the way out: a ViZDoom
+    game left open would keep its engine process running."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     envs = None
     try:
         try:
