@@ -18,6 +18,8 @@ from typing import Annotated, TypeVar
 
 import tyro
 
+from rate_core.envs.subproc import children_ignore_ctrl_c
+
 T = TypeVar("T")
 
 OWN_DEFAULT = tyro.conf.arg(help_behavior_hint="")
@@ -113,10 +115,18 @@ def worker_pool(workers: int, on_stop=None, start_method: str = "spawn") -> Proc
     sends SIGINT to its whole process group, and a KeyboardInterrupt inside a worker can leave the
     pool's queue locked) and end at once on stop_pool's SIGTERM, after on_stop() (a picklable function
     of no arguments) closes what they hold: a ViZDoom game a killed worker left open keeps its engine
-    process running. Submit inside rate_core.envs.subproc's children_ignore_ctrl_c as well, which
-    covers a worker's start-up, before the initializer runs."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method),
-                               initializer=_start_worker, initargs=(on_stop,))
+    process running."""
+    return _WorkerPool(workers, mp_context=multiprocessing.get_context(start_method), initializer=_start_worker,
+                       initargs=(on_stop,))
+
+
+class _WorkerPool(ProcessPoolExecutor):
+    """A submit (map submits too) may start a worker: it starts with SIGINT ignored already, while
+    it imports, before the initializer runs (children_ignore_ctrl_c)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        with children_ignore_ctrl_c():
+            return super().submit(fn, *args, **kwargs)
 
 
 def _start_worker(on_stop) -> None:

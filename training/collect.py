@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from rate_core.checkpoint import CheckpointError, check_replaceable, load_checkpoint
-from rate_core.envs.subproc import children_ignore_ctrl_c
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
@@ -221,9 +220,7 @@ def _episodes(task: Task, settings: dict, first_seed: int, pool, ahead: int, tea
     try:
         while True:
             while len(pending) < ahead:
-                with children_ignore_ctrl_c():  # a submit may start a worker (worker_pool)
-                    pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options,
-                                               policy))
+                pending.append(pool.submit(_episode_job, task.name, settings, seed, teacher, teacher_options, policy))
                 seed += 1
             yield pending.popleft().result()
     finally:

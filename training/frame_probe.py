@@ -38,7 +38,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rate_core.envs.subproc import children_ignore_ctrl_c
 from rate_core.envs.vizdoom_two_colors import CUES, TwoColorsEnv, TwoColorsTeacher
 from rate_core.model import ImageEncoder
 from training.cli import cli, run_main, stop_pool, worker_pool
@@ -134,9 +133,8 @@ def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: i
     jobs = [(chunk, kind, block, cue) for chunk in chunks]
     pool = worker_pool(max(1, workers), on_stop=_close_env_in_hand)
     try:
-        with children_ignore_ctrl_c():  # map submits every job now, starting the workers
-            results = pool.map(_collect, jobs)
-        parts = list(tqdm(results, total=len(jobs), desc=f"collecting {episodes} episodes", unit="chunk"))
+        parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes",
+                          unit="chunk"))
     finally:
         stop_pool(pool)
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
