@@ -4,6 +4,7 @@ another task supersedes the run that plays; both videos restart together; an inp
 the app's own message; an example and the task dropdown fill the boxes. Saves outputs/screenshots/app.png."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,10 +92,11 @@ def test_browser_runs_an_episode_and_both_videos_play():
             page.wait_for_timeout(200)
             seed.fill("13")
             run.click()
-            page.get_by_text(caption).first.wait_for(timeout=90_000)
             outcome = page.locator("#outcome")
-            assert outcome.inner_text().startswith("T-Maze (passive): seed 13, corridor length T = 300,"), \
-                outcome.inner_text()
+            # the outcome line, once the page's status text ("processing | ...") has left it
+            expect(outcome).to_have_text(re.compile(r"^\s*T-Maze \(passive\): seed 13, corridor length T = 300,"),
+                                         timeout=90_000)
+            page.get_by_text(caption).first.wait_for(timeout=90_000)
             both_videos_in_step(page)
             # another task chosen while a run plays stops it (the outcome says so); the new task's Run is played
             page.get_by_label("task", exact=True).click()
@@ -114,8 +116,9 @@ def test_browser_runs_an_episode_and_both_videos_play():
             expect(page.get_by_label("target return", exact=True)).to_have_value("1", timeout=10_000)
             seed.fill("42")
             run.click()
+            # (the task's default run left its caption on the page: wait for this run's outcome line first)
+            expect(outcome).to_have_text(re.compile(r"^\s*T-Maze \(passive\): seed 42,"), timeout=90_000)
             page.get_by_text(caption).first.wait_for(timeout=90_000)
-            assert outcome.inner_text().startswith("T-Maze (passive): seed 42,"), outcome.inner_text()
             page.wait_for_timeout(2000)  # the stopped Memory Maze run would have shown by now, had it not stopped
             assert "Memory Maze" not in outcome.inner_text() and '"task"\n:\n"tmaze"' in page.inner_text("body")
             both_videos_in_step(page)
