@@ -104,8 +104,9 @@ def test_browser_runs_an_episode_and_both_videos_play():
             page.wait_for_timeout(1500)
             seed.fill("41")
             run.click()
-            page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Playing Memory Maze')",
-                                   timeout=5_000)
+            # (the page's status text may precede the line while the run plays)
+            page.wait_for_function("(t => t.includes('Playing Memory Maze') && t.includes('seed 41,'))"
+                                   "(document.querySelector('#outcome').innerText)", timeout=15_000)
             page.wait_for_timeout(2000)
             page.get_by_label("task", exact=True).click()
             page.get_by_role("option", name="tmaze").click()
