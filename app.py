@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def main() -> None:
     check_address(args.host, args.port)  # before the demo starts its background work
     outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.episodes import ENV_POOL
-    from app.ui import CLOSING, build_demo
+    from app.ui import CLOSING, build_demo, wait_for_runs
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
     demo = build_demo().queue(default_concurrency_limit=2)
@@ -76,6 +77,16 @@ def main() -> None:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(outputs)])
     finally:
         CLOSING.set()  # the warm-up and runs stop: the exit would otherwise wait for them to play out
+    # Then exit at once, once the runs CLOSING stops have closed their envs and the kept ones are closed:
+    # the interpreter's own teardown, after a ViZDoom game had played in another thread, sometimes aborted
+    # in native code ("terminate called without an active exception", exit status -6: 5 of 20 SIGTERMs
+    # during the warm-up), with nothing of ours left to tear down by then.
+    if not wait_for_runs(timeout=30):
+        print("runs still under way 30 s after the server stopped; leaving them", flush=True)
+    ENV_POOL.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check_address(host: str, port: int) -> None:

@@ -32,7 +32,9 @@ RESULT_CACHE: OrderedDict = OrderedDict()  # request -> outputs, for the shipped
 RESULT_CACHE_SIZE = 32  # the oldest result goes beyond this (its videos then go with prune_videos)
 _IN_FLIGHT: dict = {}  # request -> threading.Event set when the run playing it ends (cached or failed)
 _visits = 0  # visitors' runs playing now (not those served from the cache or waiting for a run of their request)
+_runs = 0  # runs playing now, the warm-up's included
 _cache_lock = threading.Lock()
+_runs_done = threading.Condition(_cache_lock)  # notified as each run ends
 
 
 class WarmUpYields(Exception):
@@ -222,15 +224,27 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
 
 @contextmanager
 def _playing(visitor: bool):
-    """Counts a visitor's run in _visits while it plays."""
-    global _visits
+    """Counts a run in _runs while it plays (its envs made, played and given back, its videos written),
+    a visitor's in _visits too."""
+    global _visits, _runs
     with _cache_lock:
         _visits += visitor
+        _runs += 1
     try:
         yield
     finally:
         with _cache_lock:
             _visits -= visitor
+            _runs -= 1
+            _runs_done.notify_all()
+
+
+def wait_for_runs(timeout: float) -> bool:
+    """Wait until no run plays (the warm-up's or a visitor's), at most `timeout` seconds: True if none
+    does. app.py waits for the runs CLOSING stops before it exits, so that their envs (a ViZDoom engine,
+    a Memory Maze worker) and video encoders end with them."""
+    with _cache_lock:
+        return _runs_done.wait_for(lambda: _runs == 0, timeout)
 
 
 def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):

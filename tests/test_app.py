@@ -1,11 +1,13 @@
 """The demo app: starts, plays episode pairs through its API and in a browser, and answers bad input
 with a message while it keeps serving."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -431,6 +433,32 @@ def test_the_env_pool_keeps_slow_envs_for_the_next_run_and_closes_broken_ones():
     with none.env(task, {}) as slow:
         pass
     assert slow.closed and none._idle == []
+
+
+def test_the_app_says_when_no_run_plays():
+    # app.py waits for this before it exits, so that no run's env (a ViZDoom engine) or encoder outlives the app
+    from app.ui import _playing, wait_for_runs
+
+    assert wait_for_runs(0.0)
+    playing, stop = threading.Event(), threading.Event()
+
+    def run(visitor: bool, fail: bool = False):
+        with contextlib.suppress(RuntimeError), _playing(visitor):
+            playing.set()
+            stop.wait(10)
+            if fail:
+                raise RuntimeError("the run failed")
+
+    for visitor, fail in ((False, False), (True, True)):  # the warm-up's run; a visitor's, failing
+        playing.clear()
+        stop.clear()
+        thread = threading.Thread(target=run, args=(visitor, fail))
+        thread.start()
+        assert playing.wait(10)
+        assert not wait_for_runs(0.2)
+        stop.set()
+        assert wait_for_runs(10)
+        thread.join()
 
 
 def test_a_memory_maze_env_kept_between_runs_plays_what_a_new_one_would():
