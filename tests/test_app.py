@@ -501,8 +501,6 @@ def test_an_exception_from_progress_stops_both_episodes(monkeypatch):
 
 
 def test_a_run_already_playing_is_waited_for_not_played_twice(monkeypatch):
-    import threading
-
     import app.ui as ui
 
     calls, release = [], threading.Event()
@@ -547,8 +545,6 @@ def test_a_run_already_playing_is_waited_for_not_played_twice(monkeypatch):
 
 
 def test_the_warm_up_waits_while_a_visitor_plays(monkeypatch):
-    import threading
-
     import app.ui as ui
 
     played = []
@@ -587,8 +583,6 @@ def test_example_labels_name_each_tasks_own_setting():
 
 
 def test_the_warm_up_gives_way_to_a_visitor_and_plays_its_example_again_later(monkeypatch):
-    import threading
-
     import app.ui as ui
 
     played, visitor_done = [], threading.Event()
@@ -616,8 +610,6 @@ def test_the_warm_up_gives_way_to_a_visitor_and_plays_its_example_again_later(mo
 
 
 def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
-    import threading
-
     import app.ui as ui
 
     played = []
@@ -635,8 +627,6 @@ def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
 
 
 def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
-    import threading
-
     import gradio as gr
 
     import app.ui as ui
@@ -651,8 +641,6 @@ def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
 
 
 def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypatch, capsys):
-    import threading
-
     import app.ui as ui
 
     def failing(*example, progress):
@@ -671,8 +659,6 @@ def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypa
 
 
 def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(monkeypatch):
-    import threading
-
     import app.ui as ui
 
     started, release, outcomes = threading.Event(), threading.Event(), []
@@ -864,7 +850,6 @@ def test_the_legends_hide_no_data():
 def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
     """Run pressed again, or another task chosen, while a run plays: the older run stops at its next report and
     changes nothing on the page (gr.skip()); only the latest run is shown. The API has no page: none stops."""
-    import threading
     from types import SimpleNamespace
 
     import gradio as gr
