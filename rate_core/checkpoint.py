@@ -101,13 +101,65 @@ def check_replaceable(directory: str | os.PathLike, marker: str, what: str) -> N
 def remove_orphans(parent: str | os.PathLike, prefix: str) -> None:
     """Remove the folders `parent`/`prefix`PID that a process killed mid-write left (PID no longer
     running): staging folders are named by the writer's process id."""
+    for path in _orphans(parent, prefix):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _orphans(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """The folders `parent`/`prefix`PID of writers no longer running, newest first."""
     parent = Path(parent)
     if not parent.is_dir():
-        return
-    for path in parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):]
+        return []
+    found = []
+    for path in parent.iterdir():
+        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+            found.append(path)
+    return sorted(found, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+
+
+def replace_folder(complete: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Put the finished folder `complete` (a staging folder beside `directory`) in place of `directory`.
+    Two renames cannot be one, so the swap goes through names a kill can leave behind: `complete` is
+    renamed .NAME.ready-PID, the old folder .NAME.retired-PID, then ready -> NAME. recover_folder puts
+    whichever is whole back at NAME (the new one if it was ready), so a kill at any moment leaves the
+    old or the new folder, found at NAME by the next reader or writer."""
+    directory = Path(directory)
+    ready = directory.parent / f".{directory.name}.ready-{os.getpid()}"
+    shutil.rmtree(ready, ignore_errors=True)
+    os.replace(complete, ready)
+    _swap_in(ready, directory)
+    return directory
+
+
+def _swap_in(ready: Path, directory: Path) -> None:
+    retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"
+    shutil.rmtree(retired, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, retired)
+    os.replace(ready, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> None:
+    """Finish or undo a replace_folder that a killed process left half done beside `directory`: its
+    ready folder (complete, the newer) goes in place, else its retired one (the older) goes back if
+    `directory` is missing; the rest, and unfinished `.NAME.<staging>-PID` folders, are removed.
+    Only folders of processes no longer running are touched. Nothing happens where the folder cannot
+    be written (a read-only checkout)."""
+    directory = Path(directory)
+    try:
+        for ready in _orphans(directory.parent, f".{directory.name}.ready-")[:1]:
+            _swap_in(ready, directory)
+        for retired in _orphans(directory.parent, f".{directory.name}.retired-"):
+            if not directory.exists():
+                os.replace(retired, directory)
+            else:
+                shutil.rmtree(retired, ignore_errors=True)
+        for kind in ("ready", staging):
+            remove_orphans(directory.parent, f".{directory.name}.{kind}-")
+    except OSError:  # a folder we may not write, or another process recovering it at the same moment
+        pass
 
 
 def _running(pid: int) -> bool:
@@ -134,12 +186,11 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     except (TypeError, ValueError) as error:
         raise ValueError(f"the model's training metadata cannot be saved as JSON ({error}); use plain numbers, "
                          f"strings, lists and dicts") from None
+    recover_folder(directory)  # what a writer killed mid-swap left, so that the check sees the folder it left
     check_replaceable(directory, CONFIG_NAME, "checkpoint")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for kind in ("staging", "retired"):
-        remove_orphans(directory.parent, f".{directory.name}.{kind}-")
     staging.mkdir(parents=True)
     try:
         (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
@@ -154,12 +205,7 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     except BaseException:  # a full disk, a failing `extra`, Ctrl-C: no staging folder left behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"
-    if directory.exists():
-        os.replace(directory, retired)
-    os.replace(staging, directory)
-    shutil.rmtree(retired, ignore_errors=True)
-    return directory
+    return replace_folder(staging, directory)
 
 
 def read_checkpoint_config(directory: str | os.PathLike) -> dict:
@@ -170,6 +216,7 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         hint = f"; give its folder {directory.parent}" if directory.name in (CONFIG_NAME, WEIGHTS_NAME) else ""
         raise CheckpointError(f"{directory}: a file, not a checkpoint folder (expected a folder with "
                               f"{CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
+    recover_folder(directory)  # a writer killed while it swapped a new folder in: the newest whole one goes there
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint folder does not exist (expected a folder with "
                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")

@@ -148,6 +148,8 @@ class ModelConfig:
             check(self.d_inner >= 1, f"use_ffn needs d_inner >= 1, got {self.d_inner}")
         for name in ("act_dim", "context_length", "sections", "d_model", "n_layer", "n_head", "d_head"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.d_model % 2 == 0, f"d_model must be even (the relative position embedding pairs a sine and a "
+              f"cosine per frequency), got {self.d_model}")
         for name in ("num_mem_tokens", "mem_len", "n_head_ca", "aux_classes"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         m, mem_len, ca = self.num_mem_tokens, self.mem_len, self.n_head_ca

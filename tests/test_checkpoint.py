@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +55,42 @@ def test_saving_over_a_checkpoint_replaces_it_and_leaves_no_debris(saved):
     save_checkpoint(other, directory)
     loaded = load_checkpoint(directory)
     assert torch.equal(loaded.head.weight, other.head.weight)
+    assert [p.name for p in directory.parent.iterdir()] == ["ckpt"]
+
+
+KILLED_MID_SWAP = """
+import os, sys
+from pathlib import Path
+from rate_core.checkpoint import save_checkpoint
+from tests.tiny import tiny_model
+
+directory, at = Path(sys.argv[1]), sys.argv[2]
+real_replace = os.replace
+
+def replace(source, target):  # the kill: before the rename named `at`
+    if (at == "retire" and Path(source) == directory) or (at == "swap-in" and Path(target) == directory):
+        os._exit(9)
+    real_replace(source, target)
+
+os.replace = replace
+save_checkpoint(tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64)), directory)
+"""
+
+
+@pytest.mark.parametrize("at", ["retire", "swap-in"])
+def test_a_save_killed_between_its_renames_leaves_the_new_checkpoint_for_the_next_reader(saved, at):
+    _, directory = saved
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SWAP, str(directory), at], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    left = sorted(p.name for p in directory.parent.iterdir())
+    assert any(".ready-" in name for name in left), left  # the new checkpoint, whole, beside the folder
+    assert ("ckpt" in left) is (at == "retire")  # killed after the old one was retired: no ckpt folder at all
+    assert any(".retired-" in name for name in left) is (at == "swap-in")
+    loaded = load_checkpoint(directory)  # the reader finishes the swap
+    assert torch.equal(loaded.head.weight, tiny_model("rate_cached", seed=5, obs_kind="image",
+                                                      obs_shape=(3, 64, 64)).head.weight)
     assert [p.name for p in directory.parent.iterdir()] == ["ckpt"]
 
 

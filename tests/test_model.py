@@ -31,6 +31,7 @@ def test_config_rejects_inconsistent_modes():
     ("d_inner", 0, "use_ffn needs d_inner >= 1"), ("n_head", 2.5, "n_head must be a whole number"),
     ("d_model", "64", "d_model must be a whole number"), ("n_layer", 4.0, "n_layer must be a whole number"),
     ("use_ffn", 1, "use_ffn must be true or false"), ("obs_shape", 5, "obs_shape must be a sequence"),
+    ("d_model", 15, "d_model must be even"),
 ])
 def test_config_names_the_field_of_a_value_of_the_wrong_type_or_range(field, value, message):
     with pytest.raises(ValueError, match=message):

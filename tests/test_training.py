@@ -3,6 +3,7 @@
 import functools
 import json
 import multiprocessing
+import shutil
 import time
 from dataclasses import replace
 from itertools import pairwise
@@ -188,6 +189,28 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(dataset_path, tm
         assert torch.equal(a, b), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
+
+
+def test_resume_finds_the_last_epoch_a_kill_left_half_swapped_in(dataset_path, tmp_path):
+    """A kill between the renames that put a new `last` in place leaves it beside the run's folder
+    (see test_checkpoint); --resume finishes the swap instead of starting over."""
+    straight = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "straight")))
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    run = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, run), on_epoch_end=kill_after_first_epoch)
+    shutil.copytree(run / "last", run / ".last.retired-999999999")  # no process has this id
+    (run / "last").rename(run / ".last.ready-999999999")
+    resumed = load_checkpoint(train(_tiny_config(dataset_path, run, resume=True)))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "epoch_seconds" in r] == [1, 2, 3]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
 
 def test_weight_average_is_the_finished_model_and_survives_a_resume(dataset_path, tmp_path):
@@ -1016,6 +1039,12 @@ def test_a_killed_writer_leaves_nothing_the_next_one_keeps(tmp_path):
     dead.mkdir()
     (dead / "observations.npy").write_bytes(b"\0" * 100)
     write_dataset(tmp_path / "data", "tmaze", [run_episode(TASK, {"episode_length": 20}, seed=1)], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # killed between the renames that swap a new dataset in: the next reader puts the new one in place
+    write_dataset(tmp_path / "new", "tmaze", [run_episode(TASK, {"episode_length": 20}, seed=2)] * 2, {})
+    (tmp_path / "data").rename(tmp_path / ".data.retired-999999999")
+    (tmp_path / "new").rename(tmp_path / ".data.ready-999999999")
+    assert load_dataset(tmp_path / "data").num_episodes == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 

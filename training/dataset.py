@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rate_core.checkpoint import check_replaceable, remove_orphans
+from rate_core.checkpoint import check_replaceable, recover_folder, replace_folder
 from rate_core.model import ACTION_PAD
 
 FORMAT_VERSION = 1
@@ -107,10 +107,10 @@ class DatasetWriter:
 
     def __init__(self, path: str | os.PathLike, task: str):
         self.path, self.task = Path(path), task
+        recover_folder(self.path, "partial")  # what a writer killed mid-write or mid-swap left
         check_replaceable(self.path, "meta.json", "dataset")  # before any work: close() would replace it
         self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
         shutil.rmtree(self.staging, ignore_errors=True)
-        remove_orphans(self.path.parent, f".{self.path.name}.partial-")
         self.staging.mkdir(parents=True)
         self._files = {}  # array name -> open file
         self._layout = {}  # array name -> [dtype, shape of one row, rows written]
@@ -177,10 +177,7 @@ class DatasetWriter:
         }
         (self.staging / "meta.json").write_text(json.dumps(meta, indent=2))
         check_replaceable(self.path, "meta.json", "dataset")  # what appeared there since __init__
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.staging, self.path)
-        return self.path
+        return replace_folder(self.staging, self.path)  # the old dataset is deleted once the new is in place
 
     def abort(self) -> None:
         """Drop everything written so far."""
@@ -272,6 +269,7 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
     """Open a dataset folder written by write_dataset. task: when given, the dataset must be for it."""
     path = Path(path)
     collect_hint = "run the collector again (python -m training.collect --help)"
+    recover_folder(path, "partial")  # a writer killed while it swapped a new folder in: the newest whole one goes there
     if not path.is_dir():
         raise DatasetError(f"{path}: no dataset folder here; {collect_hint}")
     meta_path = path / "meta.json"

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from rate_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rate_core.checkpoint import CheckpointError, load_checkpoint, recover_folder, save_checkpoint
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task, result_key
@@ -594,6 +594,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     out = Path(config.out)
     last = out / "last"
     start_epoch, step = 0, 0
+    recover_folder(last)  # a run killed while it swapped in a new `last` left the old or the new beside it
     if config.resume and (last / STATE_JSON).exists():
         try:
             saved_config = json.loads((last / STATE_JSON).read_text())["config"]
