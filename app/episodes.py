@@ -148,28 +148,38 @@ def _remember(key, load) -> MemoryTransformer:
 
 def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
     """The model of a checkpoint choice for `task` (shipped, a folder, or hf://USER/NAME), cached
-    while its files do not change."""
+    while its files do not change. AppError for anything that keeps it from playing `task`."""
     choice = _choice_text(choice)
     if is_hub_reference(choice):  # through MemoryTransformer.from_pretrained (the Hub cache when offline)
         with _models_lock:
             try:
-                return _remember((choice, task), lambda: load_reference(choice, task=task).eval())
+                return _fitting(_remember((choice, task), lambda: load_reference(choice, task=task).eval()), task)
             except CheckpointError as error:
                 raise AppError(str(error)) from None
     path = checkpoint_path(choice, task, root)
-    if not path.exists():
-        raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of a "
-                       f"folder with config.json and model.safetensors")
     try:
+        if not path.exists():
+            raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of "
+                           f"a folder with config.json and model.safetensors")
         stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.glob("*")) if p.is_file())
-    except OSError as error:
-        raise AppError(f"cannot read checkpoint folder {path}: {error}") from None
-    key = (str(path.resolve()), task, stamp)
-    with _models_lock:
-        try:
-            return _remember(key, lambda: load_checkpoint(path, task=task).eval())
-        except CheckpointError as error:
-            raise AppError(str(error)) from None
+        key = (str(path.resolve()), task, stamp)
+        with _models_lock:
+            return _fitting(_remember(key, lambda: load_checkpoint(path, task=task).eval()), task)
+    except CheckpointError as error:
+        raise AppError(str(error)) from None
+    except (OSError, ValueError) as error:  # e.g. a path too long for the file system
+        raise AppError(f"cannot read checkpoint folder {str(path)[:200]}: {error}") from None
+
+
+def _fitting(model: MemoryTransformer, task: str) -> MemoryTransformer:
+    """model, if its observations and actions are those of task's env (a checkpoint's config can say
+    any task); AppError otherwise."""
+    spec, config = get_task(task), model.config
+    if tuple(config.obs_shape) != tuple(spec.obs_shape) or config.act_dim != spec.act_dim:
+        raise AppError(f"this checkpoint says it is for {task}, but its model takes observations "
+                       f"{tuple(config.obs_shape)} and {config.act_dim} actions where {spec.title} has "
+                       f"{tuple(spec.obs_shape)} and {spec.act_dim}: use a checkpoint trained on {spec.title}")
+    return model
 
 
 # ------------------------------------------------------------------------------- episodes

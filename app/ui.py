@@ -55,25 +55,21 @@ class RunSuperseded(Exception):
 
 
 class PageRuns:
-    """The runs of one open page: only its latest run, and only while the page shows that run's task,
-    plays on and is shown; an older one stops at its next progress report (or before it starts)."""
+    """The runs of one open page: only the run of its latest Run press, and only while the page shows
+    that run's task, plays on and is shown; an older one stops at its next progress report, or as it
+    starts if it waited in the queue behind other visitors' runs."""
 
     def __init__(self, task: str | None):
         self.task = task  # the task the page shows
-        self.generation = 0  # counts the page's Run presses and the runs started for them
+        self.generation = 0  # the number of the page's latest Run press
         self._lock = threading.Lock()
 
-    def press(self, task: str) -> None:
-        """Run pressed: the run playing, if any, stops now, even if the new one waits in the queue."""
+    def press(self, task: str) -> int:
+        """Run pressed: the run playing, if any, stops now, even if the new one waits in the queue.
+        Returns the press's number, which its run carries (run_started hands it on to run_episodes)."""
         with self._lock:
             self.generation += 1
             self.task = task
-
-    def start(self) -> int:
-        """A run starts (in the queue's order of the presses): the number that stays the latest until
-        another run of the page is pressed or starts."""
-        with self._lock:
-            self.generation += 1
             return self.generation
 
     def superseded(self, number: int, task: str) -> bool:
@@ -131,19 +127,23 @@ def describe(task: str, mode: str) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------------ callbacks
 def run_episodes(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
-                 step_cap: float, sample: bool, memory_horizon: float = 0, request: gr.Request = None,
-                 progress=gr.Progress()):
+                 step_cap: float, sample: bool, memory_horizon: float = 0, press: int | None = None,
+                 request: gr.Request = None, progress=gr.Progress()):
     """Play the same seeded episode with the left and the right checkpoint.
     Returns the two videos, a JSON summary per agent, and the traces for the memory panel; for a
     run of a page that has since pressed Run again or chosen another task, no update (gr.skip()).
+    press: the number of the page's Run press this run answers (PageRuns.press; None: the latest).
     Bad input: a page gets no videos and the message for its outcome line (memory_panel), with no
-    error toast or "Error" badges; an API call gets gr.Error. The background warm-up gives way to a
-    visitor's run (warm_cache)."""
+    error toast or "Error" badges; an API call gets gr.Error, as it does when the app shuts down
+    under its run. The background warm-up gives way to a visitor's run (warm_cache)."""
     page = _page(request)
-    number = page.start() if page else None
+    number = (page.generation if press is None else press) if page else None
 
     def superseded() -> bool:
         return page is not None and page.superseded(number, task)
+
+    if superseded():  # pressed again while this run waited in the queue: it does not start
+        return [gr.skip()] * 4
 
     def report(*args, **kwargs):
         if superseded():
@@ -156,6 +156,9 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
         result = _cached_run(task, left, right, seed, setting, target_return, step_cap, sample, memory_horizon,
                              report, visitor=True)
     except (RunSuperseded, AppClosing):
+        if page is None:  # an API caller would otherwise get no videos and no reason
+            raise gr.Error("the app is shutting down and stopped this run; call again once it is back",
+                           print_exception=False) from None
         result = None
     except AppError as error:
         print(f"run refused: {error}")  # one line in the server's log: the visitor's input, not a fault
@@ -368,17 +371,16 @@ def memory_panel(panel_input):
 def run_started(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
                 step_cap: float, sample: bool, memory_horizon: float = 0, request: gr.Request = None):
     """What the page shows as soon as Run is pressed: which run plays, and nothing of the last run (its
-    videos, summary and panels), so that they never stand beside another run's. The run the page was
-    playing stops (PageRuns)."""
+    videos, summary and panels), so that they never stand beside another run's, and the press's number,
+    which the run carries. The run the page was playing stops (PageRuns)."""
     page = _page(request, task)
-    if page:
-        page.press(task)
+    number = page.press(task) if page else None
     try:
         title = run_title(make_request(task, seed, setting, target_return, step_cap, sample, memory_horizon))
         text = f"{PLAYING}{title}."
     except AppError:
         text = ""  # the run itself says what is wrong
-    return [text, None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS]
+    return [text, None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS, number]
 
 
 def run_failed() -> str:
@@ -562,9 +564,11 @@ def build_demo(warm: bool = True) -> gr.Blocks:
 
         # Run first empties the page of the last run (see run_started); a second press while a run plays is not
         # dropped ("multiple"): the newer run supersedes the older one, which stops unshown (PageRuns)
-        run_event = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions], api_name=False,
-                              queue=False).then(run_episodes, inputs, run_outputs, api_name=False,
-                                                concurrency_limit=2, concurrency_id="runs", trigger_mode="multiple")
+        press = gr.State()  # the number of the press that a run answers (PageRuns)
+        started = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions, press],
+                            api_name=False, queue=False)
+        run_event = started.then(run_episodes, [*inputs, press], run_outputs, api_name=False, concurrency_limit=2,
+                                 concurrency_id="runs", trigger_mode="multiple")
         with gr.Column(visible=False):  # the API's endpoint: its inputs default to None, i.e. the task's defaults
             api_inputs = [gr.Textbox(value=tasks[0] if tasks else None), gr.Textbox(value=None), gr.Textbox(value=None),
                           gr.Number(value=0), *[gr.Number(value=None) for _ in range(3)],
@@ -580,8 +584,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         if tasks:
             def first_run(request: gr.Request):
                 """The page's first run, the first task's default (from the cache once the warm-up played it)."""
-                _page(request, first[0]).press(first[0])
-                return run_episodes(*first, request=request, progress=lambda *a, **k: None)
+                number = _page(request, first[0]).press(first[0])
+                return run_episodes(*first, number, request=request, progress=lambda *a, **k: None)
 
             shown(demo.load(first_run, None, run_outputs, api_name=False))
         demo.unload(forget_page)

@@ -21,6 +21,8 @@ from rate_core.model import MemoryTransformer, ModelConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+TRAINING_STATE_NAMES = ("train_state.json", "train_state.safetensors")
+"""what training.train writes beside a checkpoint in a run's `last` folder (its resume point)"""
 
 
 class CheckpointError(ValueError):
@@ -76,9 +78,10 @@ def _umask() -> int:
     return mask
 
 
-def check_replaceable(directory: str | os.PathLike, marker: str, what: str) -> None:
+def check_replaceable(directory: str | os.PathLike, marker: str, what: str, training_state: bool = False) -> None:
     """Raise ValueError unless writing a new `what` (e.g. "checkpoint") to `directory` loses nothing but an
-    older `what`: the folder does not exist, is empty, or holds a `what` (its `marker` file, no subfolders).
+    older `what`: the folder does not exist, is empty, or holds a `what` (its `marker` file, no subfolders)
+    and, unless the new one brings its own (training_state), no training run's resume point.
     Never the working folder or a folder above it."""
     directory = Path(directory)
     resolved, here = directory.resolve(), Path.cwd().resolve()
@@ -96,6 +99,9 @@ def check_replaceable(directory: str | os.PathLike, marker: str, what: str) -> N
     if problem:
         raise ValueError(f"{directory} exists and is not a {what} (it has {problem}); writing the {what} there "
                          f"would delete what it holds: give a new folder, or remove this one yourself")
+    if not training_state and any((directory / name).exists() for name in TRAINING_STATE_NAMES):
+        raise ValueError(f"{directory} is a training run's resume point ({TRAINING_STATE_NAMES[0]}: what train "
+                         f"--resume continues from); writing a {what} there would lose it: give another folder")
 
 
 def remove_orphans(parent: str | os.PathLike, prefix: str) -> None:
@@ -187,7 +193,7 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
         raise ValueError(f"the model's training metadata cannot be saved as JSON ({error}); use plain numbers, "
                          f"strings, lists and dicts") from None
     recover_folder(directory)  # what a writer killed mid-swap left, so that the check sees the folder it left
-    check_replaceable(directory, CONFIG_NAME, "checkpoint")
+    check_replaceable(directory, CONFIG_NAME, "checkpoint", training_state=extra is not None)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -283,8 +289,8 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
         raise CheckpointError(f"{weights_path}: tensor {bad[0]!r} holds NaN or infinite values{more}; the file is "
                               f"corrupt or the training diverged")
 
-    model = MemoryTransformer(model_config, task=config.get("task", ""), training=config.get("training"))
-    expected = model.state_dict()
+    with torch.device("meta"):  # shapes without memory: a config edited to a huge width must not take the RAM
+        expected = MemoryTransformer(model_config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
@@ -296,5 +302,6 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
             f"wrong shapes {wrong_shape[:5]}" if wrong_shape else "",
         ]))
         raise CheckpointError(f"{weights_path}: does not match {CONFIG_NAME} ({details})")
+    model = MemoryTransformer(model_config, task=config.get("task", ""), training=config.get("training"))
     model.load_state_dict(state)
     return model.to(device).eval()

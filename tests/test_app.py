@@ -165,6 +165,14 @@ def test_bad_checkpoints_are_refused_with_a_message(tmp_path, monkeypatch):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(AppError, match="model.safetensors"):
         load_model(str(corrupt), "unit_test")
+    with pytest.raises(AppError, match="cannot read checkpoint folder .*too long"):
+        load_model("/tmp/" + "a" * 5000, "tmaze")
+    misfit = tmp_path / "misfit"  # its config says T-Maze; its model has 3 actions where T-Maze has 4
+    save_checkpoint(tiny_model("rate", act_dim=3), misfit)
+    config = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**config, "task": "tmaze"}))
+    with pytest.raises(AppError, match=r"says it is for tmaze, but its model takes observations \(4,\) and 3 actions"):
+        load_model(str(misfit), "tmaze")
 
 
 def video_file(video) -> str:
@@ -627,6 +635,8 @@ def test_the_warm_up_stops_when_the_app_shuts_down(monkeypatch):
 
 
 def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
+    from types import SimpleNamespace
+
     import gradio as gr
 
     import app.ui as ui
@@ -635,9 +645,16 @@ def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
     closing.set()  # the server has stopped (Ctrl-C, SIGTERM)
     monkeypatch.setattr(ui, "CLOSING", closing)
     monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
-    result = ui.run_episodes("tmaze", "shipped: rate", "shipped: dt", 77, 150, 1.0, 0, False,
-                             progress=lambda *args, **kwargs: None)
+    inputs = ["tmaze", "shipped: rate", "shipped: dt", 77, 150, 1.0, 0, False, 0]
+    page = SimpleNamespace(session_hash="a closing page")
+    press = ui.run_started(*inputs, request=page)[-1]
+    result = ui.run_episodes(*inputs, press, request=page, progress=lambda *args, **kwargs: None)
     assert all(isinstance(output, type(gr.skip())) for output in result) and not ui._visits
+    ui.forget_page(page)
+    # an API call has no page to leave as it is: it gets an error, not an answer without videos or summary
+    with pytest.raises(gr.Error, match="the app is shutting down and stopped this run"):
+        ui.run_episodes(*inputs, progress=lambda *args, **kwargs: None)
+    assert not ui._visits
 
 
 def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypatch, capsys):
@@ -873,10 +890,10 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
 
     def press(task, seed, results):
         inputs = [task, "shipped: rate", "shipped: dt", seed, 150 if task == "tmaze" else None, 1.0, 0, False, 0]
-        outcome, *cleared = ui.run_started(*inputs, request=page)
+        outcome, *cleared, number = ui.run_started(*inputs, request=page)
         assert outcome.startswith(f"Playing **{get_task(task).title}**: seed {seed},")
         assert cleared[:4] == [None] * 4 and all(not plot["visible"] for plot in cleared[4:4 + ui.PANELS])
-        thread = threading.Thread(target=lambda: results.append(ui.run_episodes(*inputs, request=page,
+        thread = threading.Thread(target=lambda: results.append(ui.run_episodes(*inputs, number, request=page,
                                                                                 progress=quiet)))
         thread.start()
         return thread, outcome
@@ -911,6 +928,28 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
     assert sorted(results) == ["seed 1", "seed 2"]
     ui.forget_page(page)
     assert "a page" not in ui._pages
+
+
+def test_a_run_queued_behind_a_newer_press_of_its_page_does_not_start(monkeypatch):
+    """Both run slots busy with other visitors' runs, a page presses Run twice: the queue starts the older
+    run first, which must give way to the newer press at once, not play and show itself first."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app.ui as ui
+
+    played = []
+    monkeypatch.setattr(ui, "_play_and_render", lambda request, *rest: played.append(request.seed) or request.seed)
+    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    page = SimpleNamespace(session_hash="a page in the queue")
+    inputs = {seed: ["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (15, 16)}
+    presses = {seed: ui.run_started(*inputs[seed], request=page)[-1] for seed in (15, 16)}
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    assert ui.run_episodes(*inputs[15], presses[15], request=page, progress=quiet) == [gr.skip()] * 4
+    assert ui.run_episodes(*inputs[16], presses[16], request=page, progress=quiet) == 16
+    assert played == [16]
+    ui.forget_page(page)
 
 
 def test_a_refused_run_is_one_line_in_the_log_and_its_message_is_the_outcome(capsys):

@@ -168,6 +168,11 @@ def test_weights_that_do_not_match_the_config(saved):
     path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"does not match config\.json.*missing tensors"):
         load_checkpoint(directory)
+    config["model_config"]["n_layer"] = 2
+    config["model_config"]["d_model"] = 10**8  # the model of this config would take terabytes: never built
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"wrong shapes.*vs config \(100000000,"):
+        load_checkpoint(directory)
 
 
 def test_wrong_task_or_mode(saved):
@@ -234,6 +239,14 @@ def test_averaging_refuses_different_models_and_bad_arguments(tmp_path):
         main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "x", weights=(1.0,)))
     with pytest.raises(SystemExit, match="non-negative"):
         main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "x", weights=(1.0, -1.0)))
+    with pytest.raises(SystemExit, match="must be finite"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=tmp_path / "x", weights=(float("nan"), 1.0)))
+    run_last = tmp_path / "run" / "last"  # a run's resume point: a checkpoint and its training state
+    save_checkpoint(tiny_model("rate", seed=0), run_last,
+                    extra=lambda folder: (folder / "train_state.json").write_text("{}"))
+    with pytest.raises(SystemExit, match="resume point .* would lose it"):
+        main(Args(sources=(tmp_path / "a", tmp_path / "a"), out=run_last))
+    assert (run_last / "train_state.json").exists()
     with pytest.raises(SystemExit, match="does not exist"):
         main(Args(sources=(tmp_path / "a", tmp_path / "missing"), out=tmp_path / "x"))
     with pytest.raises(SystemExit, match="one of the sources"):

@@ -249,6 +249,16 @@ def test_detached_mode_leaves_the_mrv_untrained():
     assert grads["head.weight"] > 0
 
 
+def test_the_schedule_keeps_pace_where_a_segment_has_nothing_to_learn():
+    """Detached: one update per segment with targets, but the learning-rate schedule steps for every
+    segment, as the trainer counts them, so that it ends where planned."""
+    model = tiny_model("rate").train()
+    optimizer = RecordingOptimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_step(model, optimizer, *_last_segment_only_batch(model.config), memory_grad="detached", scheduler=scheduler)
+    assert len(optimizer.seen) == 1 and scheduler.last_epoch == N
+
+
 def test_detached_mode_steps_once_per_segment():
     model = tiny_model("rate").train()
     optimizer = RecordingOptimizer(model)

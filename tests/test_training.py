@@ -163,7 +163,7 @@ def test_learning_rate_schedule():
     assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.55)
 
 
-def _tiny_config(dataset_path, out, **overrides):
+def _tiny_config(dataset_path, out=None, **overrides):
     fields = dict(task="tmaze", model="rate", data=dataset_path, out=out, epochs=3, batch_size=4, warmup_steps=2,
                   eval_every=0, seed=3, curves=False)  # the curves test turns them on
     fields.update(overrides)
@@ -665,7 +665,7 @@ def test_evaluate_cli_temperature_is_recorded_and_checked(dataset_path, tmp_path
     assert written["results"][0]["returns"] == expected
     with pytest.raises(SystemExit, match="add --actions sampled"):  # T-Maze's protocol takes the argmax
         main(Args(checkpoint=str(checkpoint), values=(30,), episodes=2, temperature=0.5, json=out))
-    with pytest.raises(SystemExit, match="--temperature must be above 0"):
+    with pytest.raises(SystemExit, match="--temperature must be a finite number above 0"):
         main(Args(checkpoint=str(checkpoint), values=(30,), episodes=2, actions="sampled", temperature=0.0, json=out))
 
 
@@ -1048,7 +1048,8 @@ def test_a_killed_writer_leaves_nothing_the_next_one_keeps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
-def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(dataset_path, tmp_path):
+def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(dataset_path, tmp_path, monkeypatch):
+    import training.evaluate
     from training.evaluate import Args, main
 
     checkpoint = train(_tiny_config(dataset_path, tmp_path / "ev", epochs=1))
@@ -1065,17 +1066,35 @@ def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(data
         main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=tmp_path / "missing" / "e.json"))
     for args, message in [(dict(episodes=-1), "--episodes must be at least 1"), (dict(episodes=0), "at least 1"),
                           (dict(seed=-1), "--seed must be at least 0"), (dict(values=(1,)), "at least 3, got 1"),
-                          (dict(device="gpu"), "--device must be cpu, cuda")]:
+                          (dict(device="gpu"), "--device must be cpu, cuda"),
+                          (dict(target_return=float("inf")), "--target-return must be a finite number"),
+                          (dict(target_return=float("nan")), "--target-return must be a finite number"),
+                          (dict(actions="sampled", temperature=float("inf")), "--temperature must be a finite")]:
         with pytest.raises(SystemExit, match=message):
             main(Args(checkpoint=str(checkpoint), json=tmp_path / "e.json", **args))
 
+    def interrupted(*args, on_result, **kwargs):  # Ctrl-C after the first setting
+        on_result([{"episode_length": 150, "success_rate": 1.0}])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.evaluate, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(Args(checkpoint=str(checkpoint)))
+    assert (checkpoint / "eval.json").read_text() == '{"protocol": "the shipped one"}'  # the complete one stays
+    partial = json.loads((checkpoint / "eval.partial.json").read_text())
+    assert partial["results"] == [{"episode_length": 150, "success_rate": 1.0}]
+
 
 def test_training_refuses_bad_values_and_other_data_on_resume(dataset_path, tmp_path):
+    (tmp_path / "a_file").write_text("")
     for change, message in [({"epochs": -1}, "--epochs must be at least 1"), ({"epochs": 0}, "--epochs"),
                             ({"eval_every": 1, "eval_episodes": 0}, "--eval-episodes must be at least 2"),
-                            ({"micro_batch": -1}, "--micro-batch"), ({"max_minutes": -1.0}, "--max-minutes")]:
+                            ({"micro_batch": -1}, "--micro-batch"), ({"max_minutes": -1.0}, "--max-minutes"),
+                            ({"seed": -1}, "--seed must be a whole number from 0"), ({"seed": 2**64}, "--seed"),
+                            ({"out": tmp_path / "a_file"}, "--out .*a_file: a file; give a folder"),
+                            ({"out": tmp_path / "a_file" / "run"}, "--out .*: cannot be made")]:
         with pytest.raises(ValueError, match=message):
-            train(_tiny_config(dataset_path, tmp_path / "bad", **change))
+            train(_tiny_config(dataset_path, **{"out": tmp_path / "bad", **change}))
     assert not (tmp_path / "bad").exists()
     other = collect(TASK, tmp_path / "other", episodes_per_setting=2, seed=50)
     train(_tiny_config(dataset_path, tmp_path / "run", epochs=1))

@@ -10,6 +10,7 @@ that share a start (fine-tunings of one checkpoint): two runs trained from diffe
 initialisations do not line up unit by unit, and their average is a broken model.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -43,8 +44,8 @@ def average_checkpoints(sources: list[Path], weights: list[float] | None = None)
     weights = [1.0] * len(sources) if weights is None else list(weights)
     if len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} checkpoints; give one weight per checkpoint")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights}: they must be non-negative and not all zero")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights {weights}: they must be finite, non-negative and not all zero")
     total = sum(weights)
     weights = [w / total for w in weights]
 

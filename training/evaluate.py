@@ -5,6 +5,7 @@
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -72,7 +73,8 @@ class Args:
     """first seed; seeds are balanced between the two values of the protocol's balance key"""
     json: Annotated[Path | None, OWN_DEFAULT] = None
     """write the results here (default: eval.json next to the checkpoint's files, for the protocol's
-    evaluation only: any other needs --json)"""
+    evaluation only: any other needs --json), once every setting is done; until then the results so far
+    are in NAME.partial.json beside it, which an interrupted evaluation leaves"""
     device: str = "auto"
     """cpu, cuda or auto"""
 
@@ -235,14 +237,14 @@ def print_table(task: Task, results: list[dict]) -> None:
 
 def main(args: Args) -> None:
     device = device_or_exit(args.device)
+    if args.json is None and is_hub_reference(args.checkpoint):  # before the download
+        raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     try:
         model = load_reference(args.checkpoint, device=device)
         task = get_task(model.task)
     except CheckpointError as error:  # also a config.json that names no registered task
         raise SystemExit(f"error: {error}")
     protocol = task.evaluation
-    if args.json is None and is_hub_reference(args.checkpoint):
-        raise SystemExit("error: give --json OUT for a hf:// checkpoint (its folder is the read-only Hub cache)")
     changed = protocol_changed(args, task)
     if args.json is None and changed:
         raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
@@ -277,11 +279,14 @@ def main(args: Args) -> None:
         protocol = replace(protocol, target_return=round(float(np.percentile(returns, 90)), 3))
         print(f"top-decile return of {data} ({len(returns)} episodes): {protocol.target_return}")
     elif args.target_return is not None:
+        if not math.isfinite(args.target_return):
+            raise SystemExit(f"error: --target-return must be a finite number or top-decile, "
+                             f"got {args.target_return}")
         protocol = replace(protocol, target_return=args.target_return)
     if args.actions != "protocol":
         protocol = replace(protocol, sample_actions=args.actions == "sampled")
-    if not args.temperature > 0:
-        raise SystemExit(f"error: --temperature must be above 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise SystemExit(f"error: --temperature must be a finite number above 0, got {args.temperature}")
     if args.temperature != 1.0:
         if not protocol.sample_actions:
             raise SystemExit("error: --temperature changes sampled actions; this evaluation takes the argmax "
@@ -313,20 +318,32 @@ def main(args: Args) -> None:
 
     protocol = replace(protocol, episodes=episodes, values=tuple(values))  # as run, for what reads the JSON
 
-    def save(results):  # after every setting, so that an interrupted evaluation keeps what it measured
-        out.write_text(json.dumps({
+    partial = partial_path(out)
+
+    def save(results, path=partial):  # after every setting, so that an interrupted evaluation keeps what it measured
+        staged = path.with_name(f".{path.name}.{os.getpid()}")
+        staged.write_text(json.dumps({
             "checkpoint": str(args.checkpoint), "task": task.name, "mode": model.config.mode, "seed": args.seed,
             "protocol": asdict(protocol), "overrides": overrides, "memory_horizon": args.memory_horizon,
             "hide_actions": args.hide_actions, "pixel_noise": args.pixel_noise, "results": results,
         }, indent=2))
+        os.replace(staged, path)
 
     results = evaluate(model, task, values, episodes, args.seed, sample=protocol.sample_actions, on_result=save,
                        overrides=overrides, target_return=protocol.target_return,
                        temperature=protocol.temperature, memory_horizon=args.memory_horizon,
                        max_envs=protocol.max_envs, hide_actions=args.hide_actions, pixel_noise=args.pixel_noise)
+    save(results, out)  # complete: only now does it replace an earlier JSON (e.g. a checkpoint's eval.json)
+    partial.unlink(missing_ok=True)
     print_table(task, results)
     print(f"wrote {out}")
 
 
+def partial_path(out: Path) -> Path:
+    """Where an evaluation keeps its results until every setting is done (out itself is written once, complete)."""
+    return out.with_name(f"{out.stem}.partial{out.suffix or '.json'}")
+
+
 if __name__ == "__main__":
-    run_main(main, cli(Args), "interrupted: the JSON holds the settings evaluated before")
+    run_main(main, cli(Args), "interrupted: the settings evaluated before are in the .partial.json beside the "
+             "JSON, which is unchanged")

@@ -12,6 +12,7 @@ DT processes the whole K*N window as one segment.
 """
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,15 @@ def _optimizer_step(model, optimizer, grad_clip, scheduler):
         scheduler.step()
 
 
+def _schedule_step(scheduler) -> None:
+    """Step the schedule without an update (torch warns of a schedule stepped before the optimiser, which
+    here is meant: the step it would have made is skipped, not late)."""
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
+
+
 def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions, targets=None,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
                micro_batch: int | None = None, runner: torch.nn.Module | None = None,
@@ -99,6 +109,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     auxiliary head; its targets are the steps' auxiliary labels, padded where the actions are.
     weights (B, K*N) float: each step's weight in the action loss, which is then a weighted mean
     (e.g. train --keyframe-weight); None: the plain mean.
+    scheduler: stepped once per update (per segment when detached), also where a segment (detached)
+    or the batch has no targets and no update is made, so that the schedule ends where planned.
     Returns the mean loss of each segment that has targets (a list of floats, in segment order;
     over the global batch when distributed).
     """
@@ -155,6 +167,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
                 (total * (scale / len(active))).backward()
         if active:
             _optimizer_step(model, optimizer, grad_clip, scheduler)
+        else:  # nothing to learn from: no update, but the schedule keeps pace with the steps
+            _schedule_step(scheduler)
     else:
         states = [None] * len(parts)
         for i in range(len(times)):
@@ -165,6 +179,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
                 states[p] = detach_state(state)
             if counts[i]:
                 _optimizer_step(model, optimizer, grad_clip, scheduler)
+            else:  # a segment of padding only: no update, the schedule keeps pace
+                _schedule_step(scheduler)
     if distributed:
         torch.distributed.all_reduce(losses)
     return [float(losses[i]) for i in active]

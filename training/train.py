@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from rate_core.checkpoint import CheckpointError, load_checkpoint, recover_folder, save_checkpoint
+from rate_core.checkpoint import (TRAINING_STATE_NAMES, CheckpointError, load_checkpoint, recover_folder,
+                                  save_checkpoint)
 from rate_core.model import ACTION_PAD, MemoryTransformer, ModelConfig
 from rate_core.paper import paper_config
 from rate_core.tasks import get_task, result_key
@@ -47,7 +48,7 @@ from training.evaluate import evaluate
 from training.figures import metric_label
 from training.step import MEMORY_GRADS, SegmentLosses, action_loss_sum, segment_slices, train_step
 
-STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
+STATE_JSON, STATE_TENSORS = TRAINING_STATE_NAMES
 ARCHS = ("task", "paper")
 
 
@@ -179,6 +180,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if resolved.eval_every and resolved.eval_episodes < 2:
         raise ValueError(f"--eval-episodes must be at least 2, got "
                          f"{resolved.eval_episodes}; or --eval-every 0 to evaluate never")
+    if not 0 <= resolved.seed < 2**32:
+        raise ValueError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {resolved.seed}")
+    out = Path(resolved.out)
+    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK):
+        raise ValueError(f"--out {out}: " + ("a file; give a folder for the run" if nearest == out else
+                                             f"cannot be made ({nearest} is a file or read-only)"))
     if resolved.max_minutes is not None and not resolved.max_minutes > 0:
         raise ValueError(f"--max-minutes must be positive (leave it out for no limit), got {resolved.max_minutes}")
     device_or_exit(resolved.device)
@@ -644,7 +652,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if warning:
         print(warning, file=sys.stderr)
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"error: --out {out}: cannot make the folder ({error})") from None
     log = open(out / "log.jsonl", "a", buffering=1) if main_process else None  # whole lines even after a kill
     say = print if main_process else (lambda *a, **k: None)
     say(f"training {task.name}/{config.model} on {device}: {len(samples)} samples of {sample_len} steps"
