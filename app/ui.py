@@ -564,7 +564,9 @@ def build_demo(warm: bool = True) -> gr.Blocks:
 
         # Run first empties the page of the last run (see run_started); a second press while a run plays is not
         # dropped ("multiple"): the newer run supersedes the older one, which stops unshown (PageRuns)
-        press = gr.State()  # the number of the press that a run answers (PageRuns)
+        # the number of the press that a run answers (PageRuns): held by the page, so that a run queued behind
+        # other visitors' runs carries its own press (a gr.State is read when the run starts, not when it is queued)
+        press = gr.Number(visible=False, precision=0)
         started = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions, press],
                             api_name=False, queue=False)
         run_event = started.then(run_episodes, [*inputs, press], run_outputs, api_name=False, concurrency_limit=2,
