@@ -197,21 +197,19 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
     # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it
     key = (request.task.name, left, right, request.seed, tuple(sorted(request.settings.items())),
            request.target_return, request.step_cap, request.sample, request.memory_horizon)
-    with _cache_lock:
-        if key in RESULT_CACHE:
-            RESULT_CACHE.move_to_end(key)  # the least recently asked for goes first (the first run's stays)
-            return RESULT_CACHE[key]
-        running = _IN_FLIGHT.get(key)
-        if running is None:
-            _IN_FLIGHT[key] = threading.Event()
-    if running is not None:  # e.g. the background warm-up is playing this very example: wait, do not play it twice
-        while not running.wait(0.25):
-            progress(None, desc="this run is being played already (the app's examples warm up at start): waiting")
+    while True:
         with _cache_lock:
             if key in RESULT_CACHE:
+                RESULT_CACHE.move_to_end(key)  # the least recently asked for goes first (the first run's stays)
                 return RESULT_CACHE[key]
-        with _playing(visitor):  # that run failed (or the warm-up gave it up): this visitor plays it
-            return _play_and_render(request, left, right, progress)
+            running = _IN_FLIGHT.get(key)
+            if running is None:  # this call plays it (and caches it) while others wait for it
+                _IN_FLIGHT[key] = threading.Event()
+                break
+        # e.g. the background warm-up is playing this very example: wait, do not play it twice; if that run
+        # fails (or the warm-up gives it up), one of those waiting plays it, the others wait for that one
+        while not running.wait(0.25):
+            progress(None, desc="this run is being played already (the app's examples warm up at start): waiting")
     try:
         with _playing(visitor):
             result = _play_and_render(request, left, right, progress)

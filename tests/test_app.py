@@ -521,7 +521,7 @@ def test_a_run_already_playing_is_waited_for_not_played_twice(monkeypatch):
         return f"result {len(calls)}"
 
     monkeypatch.setattr(ui, "_play_and_render", slow_play)
-    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
     quiet = lambda *args, **kwargs: None  # noqa: E731
     for seed, expected in ((0, ["result 1", "result 1"]), (1, ["the first run broke", "result 2"])):
         calls.clear()
@@ -687,7 +687,7 @@ def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(mo
         return "played"
 
     monkeypatch.setattr(ui, "_play_and_render", slow_play)
-    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
     example = ["tmaze", "shipped: rate", "shipped: dt", 0, 150, 1.0, 0, False, 0]
     warm = threading.Thread(target=lambda: outcomes.append(ui._cached_run(*example, progress=ui._warm_up_progress)))
     warm.start()
@@ -700,6 +700,42 @@ def test_a_visitor_waiting_for_the_example_the_warm_up_plays_does_not_stop_it(mo
     warm.join(5)
     visitor.join(5)
     assert outcomes == ["played", "played"]
+
+
+def test_when_the_run_others_wait_for_fails_one_of_them_plays_it_for_all(monkeypatch):
+    import app.ui as ui
+
+    plays, release, outcomes = [], threading.Event(), []
+
+    def play(request, left, right, progress):
+        plays.append(request.seed)
+        if len(plays) == 1:
+            release.wait(10)
+            raise RuntimeError("the first player's env stopped")
+        time.sleep(0.2)
+        return "played"
+
+    def call():
+        try:
+            outcomes.append(ui._cached_run(*example, progress=lambda *args, **kwargs: None))
+        except RuntimeError as error:
+            outcomes.append(str(error))
+
+    monkeypatch.setattr(ui, "_play_and_render", play)
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
+    example = ["tmaze", "shipped: rate", "shipped: dt", 5, 150, 1.0, 0, False, 0]
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    callers[0].start()
+    while not plays:
+        time.sleep(0.01)
+    for caller in callers[1:]:
+        caller.start()
+    time.sleep(0.3)
+    release.set()
+    for caller in callers:
+        caller.join(10)
+    assert sorted(outcomes) == ["played", "played", "the first player's env stopped"]
+    assert len(plays) == 2 and len(ui.RESULT_CACHE) == 1 and not ui._IN_FLIGHT  # played again once, and cached
 
 
 def test_memory_heatmaps_take_the_scale_of_the_written_memories():
@@ -884,7 +920,7 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
         return f"seed {request.seed}"
 
     monkeypatch.setattr(ui, "_play_and_render", slow_play)
-    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
     quiet = lambda *args, **kwargs: None  # noqa: E731
     page = SimpleNamespace(session_hash="a page")
 
@@ -941,7 +977,7 @@ def test_a_run_queued_behind_a_newer_press_of_its_page_does_not_start(monkeypatc
 
     played = []
     monkeypatch.setattr(ui, "_play_and_render", lambda request, *rest: played.append(request.seed) or request.seed)
-    monkeypatch.setattr(ui, "RESULT_CACHE", {})
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
     page = SimpleNamespace(session_hash="a page in the queue")
     inputs = {seed: ["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (15, 16)}
     presses = {seed: ui.run_started(*inputs[seed], request=page)[-1] for seed in (15, 16)}
