@@ -117,6 +117,23 @@ def test_step_cap_truncates_and_bad_actions_raise(env):
         env.step(0)
     with pytest.raises(ValueError, match="step_cap"):
         MemoryMazeEnv(step_cap=1001)
+    closed = MemoryMazeEnv(step_cap=5)
+    closed.reset(seed=1)
+    closed.close()
+    with pytest.raises(RuntimeError, match="this Memory Maze env is closed"):  # mid-episode too
+        closed.step(0)
+
+
+def test_an_egl_probe_that_dies_without_a_word_falls_back_to_osmesa(monkeypatch):
+    import rate_core.envs.memory_maze as memory_maze
+
+    monkeypatch.delitem(sys.modules, "dm_control._render", raising=False)  # as before dm_control is imported
+    environ = {name: value for name, value in os.environ.items() if name != "MUJOCO_GL"}
+    monkeypatch.setattr(os, "environ", environ)  # what the choice writes stays in this copy
+    monkeypatch.setattr(memory_maze.subprocess, "run",  # e.g. a driver that crashes the probe (SIGSEGV)
+                        lambda *args, **kwargs: subprocess.CompletedProcess(args, -11, "", ""))
+    monkeypatch.setattr(memory_maze.ctypes.util, "find_library", lambda name: "libOSMesa.so.8")
+    assert memory_maze.choose_gl_backend() == "osmesa" and environ["MUJOCO_GL"] == "osmesa"
 
 
 def test_reset_does_not_flood_the_log_but_other_absl_warnings_pass(env, caplog):
@@ -222,17 +239,56 @@ def test_subproc_vector_env_matches_lockstep_on_tmaze():
             assert ours.done.all()
         for frame, reference_frame in zip(ours.render(), reference.render(), strict=True):
             np.testing.assert_array_equal(frame, reference_frame)
-        ours.reset(seed=0)
-        with pytest.raises(ValueError, match="invalid T-Maze action") as error:  # the env's error, from its worker
-            ours.step([9, 0, 0, 0, 0])
-        assert "env worker 0" in "".join(error.value.__notes__)
+        for bad in (ours, reference):
+            bad.reset(seed=0)  # refused before any env steps: none is left a step ahead of the others
+            with pytest.raises(ValueError, match=r"env 0: invalid action 9 for the action space Discrete\(4\)"):
+                bad.step([9, 0, 0, 0, 0])
         with pytest.raises(ValueError, match="expected 5 actions"):
             ours.step([0, 0])
-        assert ours.step([0] * 5)[0].shape == (5, 4)  # the workers go on after an env's error
+        assert ours.step([0] * 5)[0].shape == (5, 4)
+        pids = [process.pid for process in ours._processes]
     finally:
         ours.close()
         reference.close()
-    assert not any(process.is_alive() for process in ours._processes)
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class FailsOnItsThirdStep(TMazeEnv):
+    def step(self, action):
+        if self._t == 2:
+            raise ValueError("this env fails on its third step")
+        return super().step(action)
+
+
+def test_an_envs_error_in_a_worker_reaches_the_parent_and_the_workers_go_on():
+    fds = len(os.listdir("/proc/self/fd"))
+    envs = SubprocLockstepVectorEnv([functools.partial(TMazeEnv, episode_length=8),
+                                     functools.partial(FailsOnItsThirdStep, episode_length=8)], num_workers=2)
+    try:
+        envs.reset(seed=0)
+        envs.step([0, 0])
+        envs.step([0, 0])
+        with pytest.raises(ValueError, match="this env fails on its third step") as error:
+            envs.step([0, 0])
+        assert "env worker 1" in "".join(error.value.__notes__)  # with the worker's traceback
+        assert envs.reset(seed=1)[0].shape == (2, 4)  # the workers go on
+    finally:
+        envs.close()
+    assert len(os.listdir("/proc/self/fd")) == fds  # closed, its processes leave no file descriptor open
+    with pytest.raises(ValueError, match="need at least one env"):
+        SubprocLockstepVectorEnv([])
+    with pytest.raises(ValueError, match="num_workers must be at least 1"):
+        SubprocLockstepVectorEnv([TMazeEnv], num_workers=-1)
+    with pytest.raises(ValueError, match="reset_mask is not supported"):
+        LockstepVectorEnv([TMazeEnv]).reset(options={"reset_mask": np.array([True])})
 
 
 def test_a_worker_whose_parent_has_gone_closes_its_envs_and_ends_quietly(capfd, monkeypatch):
@@ -299,8 +355,9 @@ def test_ctrl_c_is_the_parents_alone(tmp_path):
     envs._processes[0].terminate()  # SIGTERM alone, no "close" request first
     envs._processes[0].join(timeout=30)
     assert marks[0].exists()  # it closed its env: a ViZDoom game left open would keep its engine running
+    pids = [process.pid for process in envs._processes]
     envs.close(terminate=True)  # e.g. after a Ctrl-C: the workers end at once
-    assert not any(process.is_alive() for process in envs._processes)
+    assert not any(_running(pid) for pid in pids)
 
 
 def test_a_killed_worker_is_reported_with_its_likely_cause():

@@ -29,6 +29,12 @@ def test_step_cap_truncates_and_rewards_follow_minigrid():
     env.reset(seed=1)
     results = [env.step(0) for _ in range(5)]  # turning in place never ends an episode
     assert [r[3] for r in results] == [False] * 4 + [True] and all(r[1] == 0 for r in results)
+    # minigrid's own limit, 5 * size**2 = 245 steps on a grid of 7, ends an episode before a larger step cap:
+    # past it, minigrid's reward for the right object would be below 0
+    env = MinigridMemoryEnv(size=7, step_cap=500)
+    env.reset(seed=1)
+    results = [env.step(0) for _ in range(245)]
+    assert [r[3] for r in results] == [False] * 244 + [True] and not any(r[2] for r in results)
 
 
 def test_expert_sees_the_cue_then_reaches_the_matching_object():

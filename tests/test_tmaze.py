@@ -68,8 +68,16 @@ def test_rejects_bad_settings():
         TMazeEnv(episode_length=2)
     env = TMazeEnv()
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="invalid T-Maze action"):
-        env.step(7)
+    for bad in (7, 1.7, -0.5, True, np.float64(2.0)):  # whole numbers in 0..3 only: 1.7 is not action 1
+        with pytest.raises(ValueError, match="invalid T-Maze action"):
+            env.step(bad)
+    assert env.step(np.int64(0))[0].shape == (4,) and env.step(np.array(0))[0].shape == (4,)
+    with pytest.raises(ValueError, match="whole-number actions in 0..3"):
+        TMazeVectorEnv(2).step(np.array([1.7, 0.0]))
+    with pytest.raises(ValueError, match="num_envs must be at least 1"):
+        TMazeVectorEnv(0)
+    with pytest.raises(ValueError, match="reset_mask is not supported"):
+        TMazeVectorEnv(2).reset(options={"reset_mask": np.array([True, False])})
 
 
 def test_vector_env_equals_single_envs():
@@ -95,3 +103,8 @@ def test_vector_env_equals_single_envs():
             assert (reward[i], terminated[i], truncated[i]) == (s_reward, s_term, s_trunc), i
             done[i] = s_term or s_trunc
     assert done.all()
+    for _ in range(3):  # resets without a seed go on from each env's generator, as the single envs' do
+        obs, info = vec.reset()
+        for i, env in enumerate(singles):
+            single_obs, single_info = env.reset()
+            assert np.array_equal(obs[i], single_obs) and info["cue"][i] == single_info["cue"]

@@ -15,6 +15,20 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 
+def check_reset_options(options: dict | None) -> None:
+    """ValueError for gymnasium's partial reset (options["reset_mask"]): these vector envs reset every env."""
+    if options and "reset_mask" in options:
+        raise ValueError("reset_mask is not supported: reset() resets every env (a finished env waits for it)")
+
+
+def check_actions(space, actions: np.ndarray, active: np.ndarray) -> None:
+    """ValueError before any env steps if an active env's action is not in its action space (`space`),
+    so that a bad action does not leave some envs stepped and others not."""
+    for i in np.flatnonzero(active):
+        if not space.contains(actions[i]):
+            raise ValueError(f"env {i}: invalid action {actions[i].tolist()!r} for the action space {space}")
+
+
 def env_seeds(seed: int | list[int] | None, num_envs: int) -> list[int | None]:
     """One seed per env from a vector env's reset(seed=...): an int (env i gets seed + i, as
     gymnasium's vector envs do), one seed per env, or None."""
@@ -32,6 +46,8 @@ class LockstepVectorEnv(VectorEnv):
     """`len(env_fns)` envs made by the given callables, stepped in lockstep (see the module docstring)."""
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]):
+        if not env_fns:
+            raise ValueError("need at least one env")
         self.envs = [make() for make in env_fns]
         first = self.envs[0]
         self.num_envs = len(self.envs)
@@ -59,6 +75,7 @@ class LockstepVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
+        check_reset_options(options)
         seeds = env_seeds(seed, self.num_envs)
         for i, (env, s) in enumerate(zip(self.envs, seeds, strict=True)):
             self._obs[i], self._info[i] = env.reset(seed=s, options=options)
@@ -72,9 +89,10 @@ class LockstepVectorEnv(VectorEnv):
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
-        for i in np.flatnonzero(~self.done):
+        check_actions(self.single_action_space, actions, ~self.done)
+        for i in np.flatnonzero(~self.done):  # an env failing here leaves those before it stepped, and marked done
             self._obs[i], reward[i], terminated[i], truncated[i], self._info[i] = self.envs[i].step(actions[i])
-        self.done |= terminated | truncated
+            self.done[i] = terminated[i] or truncated[i]
         return np.stack(self._obs), reward, terminated, truncated, self._infos()
 
     def render(self) -> tuple[np.ndarray, ...] | None:

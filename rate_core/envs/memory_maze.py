@@ -55,6 +55,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from rate_core.envs import action_index
+
 OBS_SHAPE = (3, 64, 64)
 ACTIONS = ("noop", "forward", "left", "right", "fwd+left", "fwd+right")
 TARGET_NAMES = ("red", "green", "blue")
@@ -84,7 +86,9 @@ def choose_gl_backend() -> str:
         try:
             probe = subprocess.run([sys.executable, "-c", _EGL_PROBE], env={**os.environ, "MUJOCO_GL": "egl"},
                                    capture_output=True, text=True, timeout=120)
-            egl_error = probe.stderr.strip().splitlines()[-1] if probe.returncode else None
+            lines = probe.stderr.strip().splitlines()
+            egl_error = (lines[-1] if lines else f"the probe ended with exit code {probe.returncode}") \
+                if probe.returncode else None
         except subprocess.TimeoutExpired:
             egl_error = "the EGL probe did not finish in 120 s"
         if egl_error and ctypes.util.find_library("OSMesa") is None:
@@ -283,10 +287,9 @@ class MemoryMazeEnv(gym.Env):
         return self._obs.copy(), self._info()
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        action = int(action)
-        if not 0 <= action < len(ACTIONS):
-            raise ValueError(f"invalid Memory Maze action {action!r}: expected 0..{len(ACTIONS) - 1} "
-                             f"({', '.join(ACTIONS)})")
+        action = action_index(action, len(ACTIONS), "Memory Maze", f"0..{len(ACTIONS) - 1} ({', '.join(ACTIONS)})")
+        if self.maze_env is None:
+            raise RuntimeError("this Memory Maze env is closed; make a new one")
         if self._over:
             raise RuntimeError("this Memory Maze episode is over; call reset() first")
         timestep = self.maze_env.step(action)

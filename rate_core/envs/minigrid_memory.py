@@ -25,6 +25,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from rate_core.envs import action_index
+
 VIEW_TILE = 28
 ACTIONS = ("left", "right", "forward")
 CUE_TYPES = ("key", "ball")
@@ -67,12 +69,12 @@ class MinigridMemoryEnv(gym.Env):
         return self._observation(), {"cue": self._cue}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        action = int(action)
-        if not self.action_space.contains(action):
-            raise ValueError(f"invalid Minigrid-Memory action {action!r}: expected 0 (left), 1 (right) or 2 (forward)")
-        _, reward, terminated, _, _ = self.grid_env.step(action)
+        action = action_index(action, len(ACTIONS), "Minigrid-Memory", "0 (left), 1 (right) or 2 (forward)")
+        _, reward, terminated, out_of_time, _ = self.grid_env.step(action)
         self._steps += 1
-        truncated = not terminated and self._steps >= self.step_cap
+        # minigrid's own limit (max_steps = 5 * size**2) ends the episode too: past it, its reward for the
+        # right object would go below 0 (on grids of 7 and 9, whose limits of 245 and 405 are below step_cap)
+        truncated = not terminated and (out_of_time or self._steps >= self.step_cap)
         return self._observation(), float(reward), bool(terminated), truncated, {
             "cue": self._cue, "success": bool(terminated and reward > 0)}
 

@@ -25,7 +25,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rate_core.envs.lockstep import LockstepVectorEnv, env_seeds
+from rate_core.envs.lockstep import LockstepVectorEnv, check_actions, check_reset_options, env_seeds
 
 
 @contextmanager
@@ -93,7 +93,7 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
                     result = envs.render()
                 else:
                     raise ValueError(f"unknown command {command!r}")
-            except Exception as error:  # the env's own error: report it, the env stays as it is
+            except Exception as error:  # the env's own error: report it (the envs stepped before it stay stepped)
                 _send_error(connection, error)
                 continue
             connection.send(("ok", result))
@@ -112,13 +112,15 @@ class SubprocLockstepVectorEnv(VectorEnv):
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int | None = None,
                  start_method: str = "spawn"):
+        self._connections, self._processes = [], []  # before any check: __del__ looks at them
         if not env_fns:
             raise ValueError("need at least one env")
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1 (None: one per CPU core), got {num_workers}")
         self.num_envs = len(env_fns)
         num_workers = min(num_workers or os.cpu_count() or 1, self.num_envs)
         self._shares = [len(share) for share in np.array_split(np.arange(self.num_envs), num_workers)]
         context = mp.get_context(start_method)
-        self._connections, self._processes = [], []
         first = 0
         for size in self._shares:
             parent, child = context.Pipe()
@@ -201,6 +203,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """seed: an int (env i gets seed + i), one seed per env, or None."""
+        check_reset_options(options)
         seeds = env_seeds(seed, self.num_envs)
         bounds = np.cumsum([0, *self._shares])
         answers = self._request("reset", [(seeds[lo:hi], options) for lo, hi in pairwise(bounds)])
@@ -211,6 +214,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
         actions = np.asarray(actions)
         if actions.shape[:1] != (self.num_envs,):
             raise ValueError(f"expected {self.num_envs} actions, got an array of shape {actions.shape}")
+        check_actions(self.single_action_space, actions, ~self.done)  # before any worker steps its envs
         answers = self._request("step", self._split(actions))
         obs, reward, terminated, truncated = (np.concatenate(parts) for parts in list(zip(*answers, strict=True))[:4])
         self.done |= terminated | truncated
@@ -239,9 +243,10 @@ class SubprocLockstepVectorEnv(VectorEnv):
             if process.is_alive():
                 process.terminate()
                 process.join()
+            process.close()  # its pipes' file descriptors, now rather than when this object is collected
         for connection in self._connections:
             connection.close()
 
     def __del__(self):
-        if not getattr(self, "closed", True):
+        if getattr(self, "_processes", None) and not self.closed:  # not for one whose constructor failed early
             self.close()

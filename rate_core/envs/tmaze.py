@@ -28,6 +28,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from rate_core.envs import action_index
+
 FORWARD, UP, BACK, DOWN = 0, 1, 2, 3
 _MOVES = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.int64)  # (dx, dy) per action
 OBSERVATION_SPACE = spaces.Box(low=-1.0, high=1.0, shape=(4,), dtype=np.float32)
@@ -152,9 +154,7 @@ class TMazeEnv(gym.Env):
         return self._observation(), {"cue": self._cue}
 
     def step(self, action):
-        action = int(action)
-        if not self.action_space.contains(action):
-            raise ValueError(f"invalid T-Maze action {action!r}: expected 0 (+x), 1 (+y), 2 (-x) or 3 (-y)")
+        action = action_index(action, 4, "T-Maze", "0 (+x), 1 (+y), 2 (-x) or 3 (-y)")
         if self._over:
             raise RuntimeError("this T-Maze episode is over; call reset() first")
         x, y = self._position
@@ -188,6 +188,8 @@ class TMazeVectorEnv(VectorEnv):
 
     def __init__(self, num_envs: int, episode_length: int = 150, render_mode: str | None = None):
         self.render_mode = render_mode
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         if episode_length < MIN_EPISODE_LENGTH:
             raise ValueError(f"episode_length must be at least {MIN_EPISODE_LENGTH}, got {episode_length}")
         self.num_envs = num_envs
@@ -202,6 +204,7 @@ class TMazeVectorEnv(VectorEnv):
         self.noise = np.zeros((num_envs, episode_length + 1), dtype=np.float32)
         self.t = np.zeros(num_envs, dtype=np.int64)
         self.done = np.zeros(num_envs, dtype=bool)
+        self._rngs = [gym.utils.seeding.np_random()[0] for _ in range(num_envs)]  # as TMazeEnv's np_random
 
     def _observations(self) -> np.ndarray:
         rows = np.arange(self.num_envs)
@@ -213,21 +216,26 @@ class TMazeVectorEnv(VectorEnv):
         return obs
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        """seed: an int (env i gets seed + i, as gymnasium's vector envs do) or one seed per env."""
-        from rate_core.envs.lockstep import env_seeds
+        """seed: an int (env i gets seed + i, as gymnasium's vector envs do) or one seed per env; an env
+        given no seed draws its episode from its generator, as TMazeEnv does (the same episodes)."""
+        from rate_core.envs.lockstep import check_reset_options, env_seeds
 
+        check_reset_options(options)
         for i, s in enumerate(env_seeds(seed, self.num_envs)):
-            rng, _ = gym.utils.seeding.np_random(s)
-            self.cue[i], self.noise[i] = _draw_episode(rng, self.episode_length)
+            if s is not None:
+                self._rngs[i], _ = gym.utils.seeding.np_random(s)
+            self.cue[i], self.noise[i] = _draw_episode(self._rngs[i], self.episode_length)
         self.position[:] = 0
         self.t[:] = 0
         self.done[:] = False
         return self._observations(), {"cue": self.cue.copy()}
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        actions = np.asarray(actions, dtype=np.int64)
-        if actions.shape != (self.num_envs,) or ((actions < 0) | (actions > 3)).any():
-            raise ValueError(f"expected {self.num_envs} actions in 0..3, got {actions!r}")
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer) \
+                or ((actions < 0) | (actions > 3)).any():
+            raise ValueError(f"expected {self.num_envs} whole-number actions in 0..3, got {actions!r}")
+        actions = actions.astype(np.int64)
         active = ~self.done
         move = _MOVES[actions]
         along = active & (move[:, 1] == 0)

@@ -34,6 +34,7 @@ import numpy as np
 import vizdoom as vzd
 from gymnasium import spaces
 
+from rate_core.envs import action_index
 from rate_core.envs.lockstep import LockstepVectorEnv
 from rate_core.scenario import two_colors
 
@@ -147,10 +148,7 @@ class TwoColorsEnv(gym.Env):
         return self._obs.copy(), self._info()
 
     def step(self, action):
-        action = int(action)
-        if not 0 <= action < len(ACTIONS):
-            raise ValueError(f"invalid Two-Colors action {action!r}: expected 0..{len(ACTIONS) - 1} "
-                             f"({', '.join(ACTIONS)})")
+        action = action_index(action, len(ACTIONS), "Two-Colors", f"0..{len(ACTIONS) - 1} ({', '.join(ACTIONS)})")
         if self._over:
             raise RuntimeError("this Two-Colors episode is over; call reset() first")
         previous_health = self._health
