@@ -31,10 +31,33 @@ def dry_run_folder(tmp_path_factory):
 
 
 def test_dry_run_folder_holds_what_would_be_uploaded(dry_run_folder):
-    names = sorted(p.name for p in dry_run_folder.iterdir())
-    assert names == ["README.md", "config.json", "episode.mp4", "eval.json", "model.safetensors"]
+    names = sorted(p.name for p in dry_run_folder.iterdir())  # the marker of push's folders is not uploaded
+    assert names == [".rate_core_upload", "README.md", "config.json", "episode.mp4", "eval.json", "model.safetensors"]
     assert (dry_run_folder / "model.safetensors").read_bytes() == (SHIPPED / "model.safetensors").read_bytes()
     assert (dry_run_folder / "episode.mp4").stat().st_size > 1000
+
+
+def test_push_replaces_only_its_own_folders_and_publishes_only_the_protocols_evaluation(tmp_path):
+    import shutil
+
+    from training.push import Args, main
+
+    checkpoint, other = tmp_path / "ck", tmp_path / "other"
+    shutil.copytree(SHIPPED, checkpoint)
+    shutil.copytree(SHIPPED, other)
+    for out in (checkpoint, other, checkpoint / "inside", tmp_path):  # never a checkpoint, nor where it lies
+        with pytest.raises(SystemExit, match="is the checkpoint's folder|is not a Hub upload folder|working folder"):
+            main(Args(checkpoint=checkpoint, repo_id="someone/x", dry_run=True, out=out, video=False))
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in SHIPPED.iterdir())
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in SHIPPED.iterdir())
+    for _ in range(2):  # its own folder it replaces
+        main(Args(checkpoint=checkpoint, repo_id="someone/x", dry_run=True, out=tmp_path / "up", video=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "other", "up"]
+    evaluation = json.loads((checkpoint / "eval.json").read_text())
+    (checkpoint / "eval.json").write_text(json.dumps({**evaluation, "memory_horizon": 1}))
+    with pytest.raises(SystemExit, match=r"not the protocol's evaluation of this model \(memory_horizon differ"):
+        main(Args(checkpoint=checkpoint, repo_id="someone/x", dry_run=True, out=tmp_path / "up", video=False))
+    assert (tmp_path / "up" / "README.md").exists()  # the earlier folder stays
 
 
 def test_dry_run_folder_round_trips_through_from_pretrained_offline(dry_run_folder, monkeypatch):

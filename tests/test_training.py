@@ -1059,6 +1059,8 @@ def test_evaluate_keeps_the_protocols_eval_json_and_checks_its_output_first(data
         assert (checkpoint / "eval.json").exists() is existing
         (checkpoint / "eval.json").write_text('{"protocol": "the shipped one"}')
     assert (checkpoint / "eval.json").read_text() == '{"protocol": "the shipped one"}'
+    with pytest.raises(SystemExit, match=r"not the protocol's \(--values, --episodes\)"):  # named as --json too
+        main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=checkpoint / "eval.json"))
     main(Args(checkpoint=str(checkpoint), values=(10,), episodes=2, json=tmp_path / "short.json"))
     written = json.loads((tmp_path / "short.json").read_text())  # the protocol block says what ran
     assert written["protocol"]["episodes"] == 2 and written["protocol"]["values"] == [10]

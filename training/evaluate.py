@@ -210,6 +210,18 @@ def protocol_changed(args: Args, task: Task) -> list[str]:
             if getattr(args, name) not in (getattr(default, name), protocols.get(name, getattr(default, name)))]
 
 
+def not_the_protocol(evaluation: dict, task: Task) -> list[str]:
+    """What makes an evaluation JSON's run another than `task`'s protocol (empty: the protocol's);
+    max_envs changes no result."""
+    expected = json.loads(json.dumps(asdict(task.evaluation)))  # tuples as the JSON's lists
+    ran = evaluation.get("protocol") or {}
+    # a key the JSON lacks is a setting added since it was written, at its default then
+    differ = [name for name in expected if name != "max_envs" and ran.get(name, expected[name]) != expected[name]]
+    differ += [name for name in ("memory_horizon", "hide_actions", "pixel_noise") if evaluation.get(name)]
+    differ += ["overrides"] * bool(evaluation.get("overrides")) + ["seed"] * (evaluation.get("seed", 0) != 0)
+    return differ
+
+
 def standard_error(values: np.ndarray) -> float:
     """Standard error of the mean (0 for a single value)."""
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
@@ -246,7 +258,8 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {error}")
     protocol = task.evaluation
     changed = protocol_changed(args, task)
-    if args.json is None and changed:
+    own = Path(args.checkpoint) / "eval.json"
+    if changed and (args.json is None or args.json.resolve() == own.resolve()):
         raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
                          f"a checkpoint's own eval.json holds only the protocol's results (the app, training.scores "
                          f"and push read it as such)")

@@ -9,6 +9,7 @@ the same table as model-index metadata) and an example episode video. `--dry-run
 that folder and uploads nothing. Log in first with `huggingface-cli login` (or set HF_TOKEN).
 """
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Annotated
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from rate_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_replaceable, load_checkpoint
+from rate_core.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_replaceable, load_checkpoint,
+                                  recover_folder, replace_folder)
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
 from training.cli import OWN_DEFAULT, cli, run_main
 from training.compare import load_evaluation
+from training.evaluate import not_the_protocol
 
 VIDEO_NAME = "episode.mp4"
+UPLOAD_MARKER = ".rate_core_upload"
+"""marks a folder that push built (not uploaded): the only kind of folder push replaces"""
 
 
 @dataclass
@@ -58,22 +63,43 @@ def example_video(model, folder: Path) -> str | None:
 
 
 def build_upload_folder(checkpoint: Path, repo_id: str, out: Path, video: bool = True) -> Path:
-    """The exact folder to upload; returns it."""
+    """The exact folder to upload, built beside `out` and put in place whole; returns it. ValueError for an
+    `out` that is the checkpoint's folder, holds it or lies in it, or holds anything but an earlier upload
+    folder, and for an eval.json whose run is not the task's protocol (the card presents it as that)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents) or \
+            checkpoint.resolve() in out.resolve().parents:
+        raise ValueError(f"--out {out} is the checkpoint's folder, holds it or lies inside it; give another folder "
+                         f"for the upload (default: outputs/push/NAME)")
     model = load_checkpoint(checkpoint)  # validates the folder
     evaluation = None
     if (checkpoint / "eval.json").exists():
         evaluation = load_evaluation(checkpoint / "eval.json", per_episode=False)  # SystemExit if not one
-    check_replaceable(out, CONFIG_NAME, "Hub upload folder")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME, "eval.json"):
-        if (checkpoint / name).exists():
-            shutil.copy2(checkpoint / name, out / name)
-    video_name = example_video(model, out) if video and model.task else None
-    title = get_task(model.task).title if model.task else None
-    (out / "README.md").write_text(hub_model_card(model, repo_id, evaluation, video_name, title))
-    return out
+        differ = not_the_protocol(evaluation, get_task(model.task)) if model.task else []
+        differ += [name for name in ("task", "mode") if evaluation.get(name) != {
+            "task": model.task, "mode": model.config.mode}[name]]
+        if differ:
+            raise ValueError(f"{checkpoint / 'eval.json'} is not the protocol's evaluation of this model "
+                             f"({', '.join(differ)} differ), which the card would present it as; evaluate it "
+                             f"again with python -m training.evaluate --checkpoint {checkpoint}")
+    recover_folder(out)
+    check_replaceable(out, UPLOAD_MARKER, "Hub upload folder")
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:  # a failure or Ctrl-C here leaves the earlier upload folder as it was
+        (staging / UPLOAD_MARKER).write_text("built by python -m training.push (not uploaded); push replaces "
+                                             "only folders with this file\n")
+        for name in (CONFIG_NAME, WEIGHTS_NAME, "eval.json"):
+            if (checkpoint / name).exists():
+                shutil.copy2(checkpoint / name, staging / name)
+        video_name = example_video(model, staging) if video and model.task else None
+        title = get_task(model.task).title if model.task else None
+        (staging / "README.md").write_text(hub_model_card(model, repo_id, evaluation, video_name, title))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace_folder(staging, out)
 
 
 def main(args: Args) -> None:
@@ -86,16 +112,17 @@ def main(args: Args) -> None:
                          f"{args.repo_id!r}: {error}") from None
     out = args.out or Path("outputs") / "push" / args.repo_id.split("/")[1]
     try:
-        check_replaceable(out, CONFIG_NAME, "Hub upload folder")
+        check_replaceable(out, UPLOAD_MARKER, "Hub upload folder")
     except ValueError as error:
         raise SystemExit(f"error: --out {error}")
     try:
         folder = build_upload_folder(args.checkpoint, args.repo_id, out, args.video)
-    except CheckpointError as error:
+    except (CheckpointError, ValueError) as error:
         raise SystemExit(f"error: {error}")
     except KeyError as error:
-        raise SystemExit(f"error: {args.checkpoint}: {error.args[0]}")
-    files = sorted(p.name for p in folder.iterdir())
+        raise SystemExit(f"error: {args.checkpoint / 'eval.json'} has no {error.args[0]!r} entry (not as "
+                         f"training.evaluate writes it); evaluate the checkpoint again")
+    files = sorted(p.name for p in folder.iterdir() if p.name != UPLOAD_MARKER)
     print(f"upload folder {folder}: {', '.join(files)}")
     if args.dry_run:
         print("dry run: nothing uploaded")
@@ -106,7 +133,7 @@ def main(args: Args) -> None:
     try:
         api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
         info = api.upload_folder(repo_id=args.repo_id, folder_path=folder, repo_type="model",
-                                 commit_message=f"Upload {folder.name} from rate_core")
+                                 commit_message=f"Upload {folder.name} from rate_core", ignore_patterns=[UPLOAD_MARKER])
     except Exception as error:  # network, authentication, permissions: say what to do
         raise SystemExit(f"error: upload to {args.repo_id} failed ({error}); check the network and "
                          f"`huggingface-cli login`, or use --dry-run to only build the folder")
