@@ -1,6 +1,7 @@
 """The trainer under torchrun: 2 CPU processes (gloo) end with the weights of one process on the
 same global batches."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,39 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (name, (a - b).abs().max())
     changed = load_checkpoint(tmp_path / "one" / "last")
     assert changed.training_info["epochs_done"] == 1
+
+
+SAME_WEIGHTS = """
+import json, os, sys
+import torch
+import training.train as trainer
+
+data, out = sys.argv[1:3]
+real_step, sums = trainer.train_step, []
+
+def step(model, *args, **kwargs):  # every update's weights, summed, in this process
+    losses = real_step(model, *args, **kwargs)
+    sums.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
+    return losses
+
+trainer.train_step = step
+trainer.train(trainer.TrainConfig(task="tmaze", model="rate", data=data, out=out, epochs=400, batch_size=4,
+                                  warmup_steps=2, eval_every=0, seed=3, curves=False, max_minutes=0.05))
+with open(os.path.join(out, f"sums_{os.environ['RANK']}.json"), "w") as f:
+    json.dump(sums, f)
+"""
+
+
+def test_two_processes_keep_the_same_weights_under_a_time_limit(tmp_path):
+    """--max-minutes decays the learning rate by time: by process 0's clock in every process, or the
+    processes would take different steps and their weights drift apart (DDP averages gradients only)."""
+    data = collect(get_task("tmaze"), tmp_path / "data", episodes_per_setting=4, seed=0)
+    script = tmp_path / "same_weights.py"
+    script.write_text(SAME_WEIGHTS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(data), str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = [json.loads((tmp_path / "run" / f"sums_{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(sums[0]) > 10 and sums[0] == sums[1]

@@ -208,14 +208,16 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return resolved
 
 
-def past(deadline: float, device: torch.device, world: int) -> bool:
-    """Whether the time is up; with several processes, process 0's clock decides for all."""
-    up = time.monotonic() > deadline
+def shared_elapsed(started_at: float, device: torch.device, world: int) -> float:
+    """Seconds since `started_at` by process 0's clock: with several processes every one gets the same,
+    so that --max-minutes stops them at the same batch and the time-decayed learning rate, the same in
+    each, keeps their weights the same."""
+    elapsed = time.monotonic() - started_at
     if world > 1:
-        flag = torch.tensor([float(up)], device=device)
-        dist.broadcast(flag, src=0)
-        up = bool(flag.item())
-    return up
+        value = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        dist.broadcast(value, src=0)
+        elapsed = float(value.item())
+    return elapsed
 
 
 # Fields --model-set may change: the size and regularisation of the network, and the segments per
@@ -589,10 +591,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                                   betas=(0.9, 0.95))
     started_at = time.monotonic()
     time_limit = 60 * config.max_minutes if config.max_minutes else None
+    clock = {"elapsed": 0.0}  # training seconds at the start of the batch (all sittings, process 0's clock)
 
     def multiplier(step: int) -> float:
         if time_limit:  # a time-limited run decays by steps or by time, whichever is further along
-            step = max(step, int(total_steps * (time.monotonic() - started_at) / time_limit))
+            step = max(step, int(total_steps * clock["elapsed"] / time_limit))
         return lr_multiplier(step, config.warmup_steps, total_steps, config.decay)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
@@ -663,7 +666,6 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
           f"{model.num_parameters():,} parameters, {config.epochs} epochs, memory_grad={config.memory_grad}"
         + (f", {world} processes" if world > 1 else ""))
 
-    deadline = started_at + time_limit if time_limit else None
     curves_label = metric_label(task.name)
     stopped = False
     loss = float("nan")
@@ -678,7 +680,9 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             index = samples[order[b * config.batch_size:(b + 1) * config.batch_size]]
             if len(index) < world:  # a last global batch too small to give every process a sample
                 continue
-            if deadline is not None and past(deadline, device, world):
+            if time_limit is not None:
+                clock["elapsed"] = shared_elapsed(started_at, device, world)
+            if time_limit is not None and clock["elapsed"] > time_limit:
                 stopped = True
                 say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
                     f"after {step} optimiser steps")
