@@ -54,6 +54,14 @@ def test_a_run_stopped_at_its_time_limit_says_so(tmp_path):
     assert log.stopped and "stopped at --max-minutes" in summary(log)
 
 
+def test_a_resumed_sitting_stopped_at_once_drops_the_killed_sittings_later_steps(tmp_path):
+    # killed in epoch 2 after step 5; resumed from the end of epoch 1 (step 3) with its time already spent
+    records = [_batch(1, 1, 1.0), _batch(1, 2, 0.9), _batch(1, 3, 0.8), {"epoch": 1, "step": 3, "epoch_seconds": 1.0},
+               _batch(2, 4, 0.7), _batch(2, 5, 0.6), {"epoch": 2, "step": 3, "stopped": "max_minutes"}]
+    log = read_log(_write_log(tmp_path / "run", records))
+    assert log.steps.tolist() == [1, 2, 3] and log.epoch_steps.tolist() == [3] and log.stopped
+
+
 def test_moving_average_skips_missing_values():
     values = np.array([1.0, 3.0, np.nan, 5.0])
     assert moving_average(values, 2).tolist() == [1.0, 2.0, 3.0, 5.0]

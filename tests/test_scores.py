@@ -101,3 +101,15 @@ def test_an_evaluation_of_an_unknown_task_is_one_line_without_quotes(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(Args(evaluations=(tmp_path / "eval.json",), out=tmp_path / "s.png"))
     assert str(exit_.value).startswith("error: unknown task 'nope'; known tasks: ")
+
+
+def test_two_evaluations_of_one_checkpoint_get_labels_that_say_how_they_differ():
+    from training.scores import distinct_labels
+
+    base = {"memory_horizon": None, "hide_actions": 0.0, "pixel_noise": 0.0, "seed": 0,
+            "protocol": {"target_return": 1.0, "temperature": 1.0}}
+    reports = [base, {**base, "memory_horizon": 1}, {**base, "seed": 0}]
+    labels = distinct_labels(["tmaze/rate (rate)"] * 3 + ["tmaze/dt (dt)"], [*reports, base],
+                             [Path("a.json"), Path("h1.json"), Path("again.json"), Path("dt.json")])
+    assert labels == ["tmaze/rate (rate), memory horizon all [a.json]", "tmaze/rate (rate), memory horizon 1",
+                      "tmaze/rate (rate), memory horizon all [again.json]", "tmaze/dt (dt)"]

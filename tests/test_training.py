@@ -788,6 +788,9 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     compare_main(CompareArgs(first=tmp_path / "noisy.json", second=tmp_path / "clean.json"))
     out = capsys.readouterr().out
     assert "pixels nudged with probability 0.2\n" in out and "differ in pixel noise" in out
+    main(Args(checkpoint=image, values=(11,), step_cap=20, episodes=2, seed=1, json=tmp_path / "seeded.json"))
+    compare_main(CompareArgs(first=tmp_path / "seeded.json", second=tmp_path / "clean.json"))
+    assert "differ in --seed (the sampled actions" in capsys.readouterr().out  # sampled: other action draws
 
     # pairing uses the seeds both played, whatever their order
     first = {"seeds": [1, 2, 3], "returns": [1.0, 0.0, 1.0]}

@@ -169,10 +169,14 @@ def main(args: Args) -> None:
         differing.append("hidden actions")
     if first["pixel_noise"] != second["pixel_noise"]:
         differing.append("pixel noise")
+    sampled = first["protocol"].get("sample_actions") or second["protocol"].get("sample_actions")
+    if sampled and first.get("seed", 0) != second.get("seed", 0):  # evaluate --seed also seeds the action draws
+        differing.append("--seed (the sampled actions of a shared episode come from different random streams)")
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
     setting = first["protocol"]["setting"]
-    print(f"{setting:>12} {'episodes':>8} {'A':>9} {'B':>9} {'A - B':>17}  A wins / ties / B wins")
+    print(f"{setting:>12} {'episodes':>8} {'A':>9} {'B':>9} {'A - B':>17}  A wins / ties / B wins"
+          "   (mean returns over the episodes both played)")
     for value, row in rows:
         print(f"{value:>12} {row['episodes']:>8} {row['mean_first']:>9.3f} {row['mean_second']:>9.3f} "
               f"{row['difference']:>+8.3f} +- {row['difference_sem']:.3f}  "

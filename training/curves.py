@@ -61,7 +61,10 @@ def read_log(run: Path) -> RunLog:
         if not isinstance(record, dict) or "step" not in record or "epoch" not in record:
             raise ValueError(f"{path}:{number} is not a training log line (it has no step and epoch)")
         if "stopped" in record:
-            stopped = True
+            stopped = True  # at its step: later lines are a killed sitting's, which a resumed one did not redo
+            batches = {s: r for s, r in batches.items() if s <= record["step"]}
+            epochs = {e: r for e, r in epochs.items() if r["step"] <= record["step"]}
+            last_step = min(last_step, record["step"])
         elif "loss" in record:
             step = record["step"]
             if step <= last_step:  # a resumed sitting redoes these steps (and their epochs)

@@ -98,6 +98,27 @@ class Args:
     """levels to draw as dashed lines, as LABEL=VALUE pairs, e.g. --reference 'paper RATE=7.64' 'paper DT=6.83'"""
 
 
+def distinct_labels(labels: list[str], reports: list[dict], paths: list[Path]) -> list[str]:
+    """The labels, where two or more are the same (e.g. one checkpoint evaluated twice), each of those
+    extended by what sets its evaluation apart (memory horizon, hidden actions, pixel noise, target
+    return, temperature, seed), and by its file if that does not tell them apart."""
+    options = [("memory_horizon", "memory horizon"), ("hide_actions", "actions hidden"), ("pixel_noise", "pixel noise")]
+    protocol = [("target_return", "target return"), ("temperature", "temperature")]
+    out = list(labels)
+    for i, label in enumerate(labels):
+        same = [j for j, other in enumerate(labels) if other == label]
+        if len(same) < 2:
+            continue
+        value = {name: [reports[j].get(key) for j in same] for key, name in options + [("seed", "seed")]}
+        value |= {name: [reports[j]["protocol"].get(key) for j in same] for key, name in protocol}
+        mine = same.index(i)
+        extras = [f"{name} {'all' if values[mine] is None else values[mine]}"  # None: the whole episode
+                  for name, values in value.items() if len(set(map(str, values))) > 1]
+        out[i] = f"{label}, {', '.join(extras)}" if extras else label
+    return [f"{label} [{Path(path).name}]" if out.count(label) > 1 else label
+            for label, path in zip(out, paths, strict=True)]
+
+
 def main(args: Args) -> None:
     if not args.evaluations:
         raise SystemExit("error: give at least one evaluation, e.g. python -m training.scores "
@@ -113,8 +134,9 @@ def main(args: Args) -> None:
         if not name.strip():
             raise SystemExit(f"error: --reference {pair!r}: the label before '=' is empty")
     reports = [load_evaluation(path, per_episode=False) for path in args.evaluations]
-    labels = [label_of(report, path if path.is_dir() else None)
-              for report, path in zip(reports, args.evaluations, strict=True)]
+    labels = distinct_labels([label_of(report, path if path.is_dir() else None)
+                              for report, path in zip(reports, args.evaluations, strict=True)],
+                             reports, args.evaluations)
     try:
         figure = plot_scores(reports, labels, references)
         protocol = get_task(reports[0]["task"]).evaluation
