@@ -927,8 +927,9 @@ def test_collector_stores_what_must_be_remembered_at_every_step(dataset_path):
         assert len(set(data.aux_labels[first:end].tolist())) == 1  # the cue of the episode
 
 
-def test_auxiliary_labels_are_padded_merged_where_all_have_them_and_required(tmp_path):
+def test_auxiliary_labels_are_padded_merged_where_all_have_them_and_required(tmp_path, capsys):
     from training.dataset import merge_datasets
+    from training.merge import Args as MergeArgs, main as merge_main
 
     rng = np.random.default_rng(0)
     episodes = [{"observations": rng.normal(size=(n, 4)).astype(np.float32), "actions": rng.integers(0, 4, n),
@@ -946,6 +947,8 @@ def test_auxiliary_labels_are_padded_merged_where_all_have_them_and_required(tmp
     both = load_dataset(merge_datasets(tmp_path / "both", [data, data]))
     assert np.array_equal(both.aux_labels, np.concatenate([data.aux_labels] * 2))
     assert load_dataset(merge_datasets(tmp_path / "mixed", [data, plain])).aux_labels is None
+    merge_main(MergeArgs(sources=(tmp_path / "d", tmp_path / "p"), out=tmp_path / "said"))  # the tool says so
+    assert f"note: auxiliary labels (aux_labels.npy) left out: {tmp_path / 'p'} has none" in capsys.readouterr().out
 
 
 def test_auxiliary_loss_is_added_to_the_action_loss(dataset_path):

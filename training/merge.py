@@ -40,6 +40,9 @@ def main(args: Args) -> Path:
         merged = load_dataset(path)
     except (DatasetError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
+    without = [str(source) for source, data in zip(args.sources, sources, strict=True) if data.aux_labels is None]
+    if merged.aux_labels is None and len(without) < len(sources):  # train --aux-weight needs them on every step
+        print(f"note: auxiliary labels (aux_labels.npy) left out: {', '.join(without)} has none")
     returns = merged.episode_returns()
     print(f"wrote {merged.num_episodes} episodes ({len(merged.actions):,} steps, mean return {np.mean(returns):.3f}) "
           f"from {len(sources)} datasets to {path}")
