@@ -168,7 +168,9 @@ def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTr
     except CheckpointError as error:
         raise AppError(str(error)) from None
     except (OSError, ValueError) as error:  # e.g. a path too long for the file system
-        raise AppError(f"cannot read checkpoint folder {str(path)[:200]}: {error}") from None
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:200]}... ({len(str(path))} characters)"
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise AppError(f"cannot read checkpoint folder {shown}: {reason}") from None
 
 
 def _fitting(model: MemoryTransformer, task: str) -> MemoryTransformer:

@@ -399,5 +399,8 @@ def test_ctrl_c_while_the_app_starts_ends_it_in_one_line():
                            stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # importing torch and gradio: seconds
     app.send_signal(signal.SIGINT)
-    _, err = app.communicate(timeout=60)
+    try:
+        _, err = app.communicate(timeout=60)
+    finally:
+        app.kill()  # an app that ignored Ctrl-C is not left serving after the test
     assert app.returncode == 1 and err == "interrupted\n", err
