@@ -259,11 +259,11 @@ def main(args: Args) -> None:
     protocol = task.evaluation
     changed = protocol_changed(args, task)
     own = Path(args.checkpoint) / "eval.json"
-    if changed and (args.json is None or args.json.resolve() == own.resolve()):
+    out = args.json or own
+    if changed and out.resolve() == own.resolve():  # left out, or named as the checkpoint's own
         raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
                          f"a checkpoint's own eval.json holds only the protocol's results (the app, training.scores "
                          f"and push read it as such)")
-    out = args.json or Path(args.checkpoint) / "eval.json"
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise SystemExit(f"error: --json {out}: cannot write a file there (a folder, or its folder "
                          f"{out.parent} is missing or read-only)")

@@ -76,8 +76,8 @@ def build_upload_folder(checkpoint: Path, repo_id: str, out: Path, video: bool =
     if (checkpoint / "eval.json").exists():
         evaluation = load_evaluation(checkpoint / "eval.json", per_episode=False)  # SystemExit if not one
         differ = not_the_protocol(evaluation, get_task(model.task)) if model.task else []
-        differ += [name for name in ("task", "mode") if evaluation.get(name) != {
-            "task": model.task, "mode": model.config.mode}[name]]
+        differ += [name for name, value in (("task", model.task), ("mode", model.config.mode))
+                   if evaluation.get(name) != value]
         if differ:
             raise ValueError(f"{checkpoint / 'eval.json'} is not the protocol's evaluation of this model "
                              f"({', '.join(differ)} differ), which the card would present it as; evaluate it "

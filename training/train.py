@@ -682,11 +682,11 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
                 continue
             if time_limit is not None:
                 clock["elapsed"] = shared_elapsed(started_at, device, world)
-            if time_limit is not None and clock["elapsed"] > time_limit:
-                stopped = True
-                say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
-                    f"after {step} optimiser steps")
-                break
+                if clock["elapsed"] > time_limit:
+                    stopped = True
+                    say(f"stopped at the --max-minutes limit ({config.max_minutes} min) in epoch {epoch + 1}, "
+                        f"after {step} optimiser steps")
+                    break
             rtg, obs, actions, targets, *aux = make_batch(dataset, index[rank::world], sample_len, device,
                                                           aux=bool(config.aux_weight))
             if config.shift_augment:
