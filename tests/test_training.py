@@ -430,6 +430,16 @@ def test_bf16_autocast_trains(dataset_path, tmp_path, device):
     assert weights_differ(after, before)
 
 
+def test_compiled_training_ends_with_the_weights_of_plain_training(dataset_path, tmp_path, monkeypatch):
+    # --compile wraps the losses in torch.compile; dynamo's eager backend keeps this test quick (no code generation)
+    # while running the same wrapper, whose module train_step once asked for a truth value and crashed.
+    plain = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "plain", epochs=1)))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    compiled = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "compiled", epochs=1, compile=True)))
+    for (name, a), b in zip(compiled.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_auxiliary_loss_trains_on_cuda_in_bf16(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "aux", epochs=1, bf16=True, aux_weight=1.0,

@@ -2,6 +2,7 @@
 
     python -m training.bench_train                # RATE at batch 128 (3 x 50 steps), DT at batch 64 (150 steps)
     python -m training.bench_train --steps 1 --rate-batch 8 --dt-batch 8   # a quick look
+    python -m training.bench_train --compile      # as train --compile; the warm-up column shows its cost
 
 Each case runs in a fresh process so that its peak memory is its own. Tokens are trajectory tokens
 (3 per step: return-to-go, observation, action); memory tokens are not counted.
@@ -11,7 +12,6 @@ import multiprocessing as mp
 import resource
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +39,10 @@ class Args:
     """recompute each layer in backward instead of keeping its activations (less memory, slower)"""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)"""
+    compile: bool = False
+    """torch.compile the losses, as train --compile (the warm-up step then includes the compilation)"""
+    bf16: bool = False
+    """bfloat16 autocast of the forward pass, as train --bf16"""
 
 
 def inplace_baddbmm_flop(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -51,7 +55,7 @@ def inplace_baddbmm_flop(self_shape, batch1_shape, batch2_shape, *args, out_shap
 def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     from rate_core.model import MemoryTransformer
     from rate_core.paper import paper_config
-    from training.step import train_step
+    from training.step import SegmentLosses, train_step
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -65,9 +69,19 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     obs = torch.randn(batch, steps, *config.obs_shape, device=device)
     actions = torch.randint(0, config.act_dim, (batch, steps), device=device)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB)
-    step = partial(train_step, model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad,
-                   micro_batch=args.micro_batch or None)
-    step()  # warm-up
+    runner = torch.compile(SegmentLosses(model)) if args.compile else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step():
+        with autocast:
+            train_step(model, optimizer, rtg, obs, actions, memory_grad=args.memory_grad,
+                       micro_batch=args.micro_batch or None, runner=runner)
+
+    start = time.perf_counter()
+    step()  # warm-up (and compilation)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -85,7 +99,7 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: inplace_baddbmm_flop}) as counter:
         train_step(model, optimizer, rtg[:2], obs[:2], actions[:2], memory_grad=args.memory_grad)
     flops = counter.get_total_flops() * batch / 2
-    queue.put(dict(mode=mode, batch=batch, device=str(device), seconds=seconds,
+    queue.put(dict(mode=mode, batch=batch, device=str(device), seconds=seconds, warmup=warmup,
                    tokens_per_s=3 * steps * batch / seconds, peak_gib=peak, baseline_gib=baseline_rss,
                    gflop=flops / 1e9, parameters=model.num_parameters()))
 
@@ -118,17 +132,19 @@ def measure(mode: str, batch: int, args: Args) -> dict:
 
 def main(args: Args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory_grad={args.memory_grad}, "
-          f"micro_batch={args.micro_batch or 'whole batch'}, activation_checkpointing={args.activation_checkpointing}")
+          f"micro_batch={args.micro_batch or 'whole batch'}, activation_checkpointing={args.activation_checkpointing}, "
+          f"compile={args.compile}, bf16={args.bf16}")
     results = []
     for mode, batch in (("rate", args.rate_batch), ("dt", args.dt_batch)):
         print(f"measuring {mode} at batch {batch} ...", flush=True)
         results.append(measure(mode, batch, args))
     peak = matmul_peak_gflops(results[0]["device"])
-    print(f"\n{'mode':<5} {'batch':>5} {'device':<6} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9} {'GFLOP/step':>10} "
-          f"{'GFLOP/s':>8}")
+    print(f"\n{'mode':<5} {'batch':>5} {'device':<6} {'warm-up s':>9} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9} "
+          f"{'GFLOP/step':>10} {'GFLOP/s':>8}")
     for r in results:
-        print(f"{r['mode']:<5} {r['batch']:>5} {r['device']:<6} {r['seconds']:>7.2f} {r['tokens_per_s']:>9,.0f} "
-              f"{r['peak_gib']:>9.2f} {r['gflop']:>10,.0f} {r['gflop'] / r['seconds']:>8.1f}")
+        print(f"{r['mode']:<5} {r['batch']:>5} {r['device']:<6} {r['warmup']:>9.2f} {r['seconds']:>7.2f} "
+              f"{r['tokens_per_s']:>9,.0f} {r['peak_gib']:>9.2f} {r['gflop']:>10,.0f} "
+              f"{r['gflop'] / r['seconds']:>8.1f}")
     rate = results[0]
     ceiling = rate["tokens_per_s"] * peak / (rate["gflop"] / rate["seconds"])
     print(f"\nmatrix-multiply peak of this device: {peak:.0f} GFLOP/s (float32, 1024 x 1024); at that rate the "

@@ -124,7 +124,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
         if value is not None and tuple(value.shape) != tuple(actions.shape):
             raise ValueError(f"{name} must have the actions' shape {tuple(actions.shape)} (B, K*N), "
                              f"got {tuple(value.shape)}")
-    runner = runner or SegmentLosses(model)
+    if runner is None:  # not `runner or ...`: a torch.compile'd module has no truth value (it raises)
+        runner = SegmentLosses(model)
     distributed = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     world = torch.distributed.get_world_size() if distributed else 1
     runner.train()
