@@ -119,7 +119,8 @@ class TrainConfig:
     sittings too) and write the model as it is then; the learning rate decays by steps or by time,
     whichever is further along (for a fixed time budget)"""
     compile: bool = False
-    """torch.compile the model (slow to start; pays off on long GPU runs)"""
+    """torch.compile the model (a minute or more to compile; on one H100 the T-Maze models then ran no faster
+    overall: measure yours with python -m training.bench_train --compile first)"""
     curves: bool = True
     """draw the run's training curves into curves.png in the run folder after every epoch (training.curves;
     --no-curves: don't)"""
