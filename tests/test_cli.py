@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from training.cli import cli
 
@@ -190,6 +191,37 @@ def test_usage_names_the_module_to_run_and_errors_are_one_line():
         result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and result.stderr.startswith(message) and "Traceback" not in result.stderr, \
             result.stderr
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("training.bench_rollout", ["--envs", "0"], "--envs must be at least 1, got 0"),
+    ("training.bench_rollout", ["--seed", "-1"], "--seed must be at least 0, got -1"),
+    ("training.bench_attention", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ("training.label_probe", ["--early", "0"], "--early must be at least 1, got 0"),
+    ("training.colour_probe", ["--checkpoint", "x", "--cue", "7"], "--cue must be at most 1, got 7"),
+    ("training.pursuit_probe", ["--checkpoint", "x", "--steps", "2000"], "--steps must be at most 1000, got 2000"),
+    ("training.pursuit_probe", ["--checkpoint", "x", "--recall", "nan"], "--recall must be at least 0, got nan"),
+    ("training.frame_probe", ["--seed", "-1"], "--seed must be at least 0, got -1")])
+def test_options_out_of_their_bounds_end_in_one_line_before_any_work(module, argv, message):
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
+        cli(importlib.import_module(module).Args, argv)
+
+
+def test_tools_refuse_what_they_cannot_do_before_any_work(tmp_path):
+    from training import bench_rollout, colour_probe, expert_report
+
+    for argv, message in [(["--envs", "2", "--reference-envs", "5"], "give at most 2"),
+                          (["--checkpoint", "assets/checkpoints/minigrid_memory/rate"], "the benchmark plays T-Maze"),
+                          (["--length", "1"], "--length: episode_length must be at least")]:
+        with pytest.raises(SystemExit, match=message):
+            bench_rollout.main(cli(bench_rollout.Args, argv))
+    with pytest.raises(SystemExit, match="give at least 4 .or 0 to skip the memory probe"):
+        colour_probe.main(cli(colour_probe.Args, ["--checkpoint", "x", "--memory-episodes", "1"]))
+    with pytest.raises(SystemExit, match="checkpoint is for task 'tmaze', expected 'vizdoom_two_colors'"):
+        colour_probe.main(cli(colour_probe.Args, ["--checkpoint", "assets/checkpoints/tmaze/rate",
+                                                  "--forced-episodes", "0", "--memory-episodes", "0"]))
+    with pytest.raises(SystemExit, match="cannot write a file there"):
+        expert_report.main(cli(expert_report.Args, ["--episodes", "2", "--json", str(tmp_path / "no" / "x.json")]))
 
 
 def test_device_checks_say_what_to_use(monkeypatch):

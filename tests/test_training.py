@@ -149,6 +149,17 @@ def test_labels_are_the_training_targets_where_the_dataset_has_them(tmp_path):
     assert losses == pytest.approx([float(on_labels)], rel=1e-5)
 
 
+@pytest.mark.parametrize("task_name", ["vizdoom_two_colors", "memory_maze"])
+def test_teacher_probabilities_outside_0_to_1_are_refused(task_name):
+    from training.collect import parse_teacher_options
+
+    task = get_task(task_name)
+    for item in ("noise=2", "noise=-0.1") + (("detour=5",) if task_name == "vizdoom_two_colors" else ()):
+        with pytest.raises(SystemExit, match=r"is a probability from 0 to 1, got"):
+            parse_teacher_options(task, (item,))
+    assert parse_teacher_options(task, ("noise=0.3",)) == {"noise": 0.3}
+
+
 def test_collect_teacher_option_on_a_task_without_one_says_so(tmp_path):
     from training.collect import Args, main
 
@@ -391,6 +402,23 @@ def test_action_dropout_trains_and_is_recorded(dataset_path, tmp_path):
         train(_tiny_config(dataset_path, tmp_path / "bad", action_dropout=1.0))
     with pytest.raises(ValueError, match="--no-action-inputs has none"):
         train(_tiny_config(dataset_path, tmp_path / "bad", action_dropout=0.2, action_inputs=False))
+
+
+def test_resume_takes_the_same_init_checkpoint_however_its_path_is_written(dataset_path, tmp_path, monkeypatch):
+    base = train(_tiny_config(dataset_path, tmp_path / "base", epochs=1))
+    monkeypatch.chdir(tmp_path)
+
+    def kill_after_first_epoch(epoch):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(_tiny_config(dataset_path, tmp_path / "tuned", epochs=2, init=Path("base") / "model"),
+              on_epoch_end=kill_after_first_epoch)
+    train(_tiny_config(dataset_path, tmp_path / "tuned", epochs=2, init=base.resolve(), resume=True))
+    assert load_checkpoint(tmp_path / "tuned" / "last").training_info["epochs_done"] == 2
+    for init in (None, tmp_path / "tuned" / "model"):
+        with pytest.raises(SystemExit, match="--resume with --init"):
+            train(_tiny_config(dataset_path, tmp_path / "tuned", epochs=2, init=init, resume=True))
 
 
 def test_init_starts_from_a_checkpoint_and_refuses_another_architecture(dataset_path, tmp_path):
@@ -649,10 +677,13 @@ def test_evaluate_cli_target_return_top_decile_of_the_dataset(dataset_path, tmp_
 
 
 def test_evaluate_cli_actions_option_overrides_the_protocols_choice(dataset_path, tmp_path):
-    from training.evaluate import Args, main
+    from training.evaluate import Args, main, protocol_changed
 
     checkpoint = train(_tiny_config(dataset_path, tmp_path / "actions", epochs=1))
     model = load_checkpoint(checkpoint)
+    task = get_task("tmaze")
+    assert protocol_changed(Args(checkpoint=str(checkpoint), actions="argmax"), task) == []  # the protocol's own
+    assert protocol_changed(Args(checkpoint=str(checkpoint), actions="sampled"), task) == ["--actions"]
     for choice, sample in (("protocol", False), ("argmax", False), ("sampled", True)):  # T-Maze's protocol: argmax
         out = tmp_path / f"{choice}.json"
         main(Args(checkpoint=str(checkpoint), values=(30,), episodes=6, actions=choice, json=out))
@@ -660,6 +691,17 @@ def test_evaluate_cli_actions_option_overrides_the_protocols_choice(dataset_path
         assert written["protocol"]["sample_actions"] is sample
         expected = evaluate(model, TASK, [30], 6, seed=0, sample=sample)[0]["returns"]
         assert written["results"][0]["returns"] == expected
+
+
+def test_evaluate_cli_refuses_options_that_would_change_nothing(dataset_path, tmp_path):
+    from training.evaluate import Args, main
+
+    blind = train(_tiny_config(dataset_path, tmp_path / "blind", epochs=1, action_inputs=False))
+    with pytest.raises(SystemExit, match="takes no action inputs .* nothing to hide"):
+        main(Args(checkpoint=str(blind), values=(30,), episodes=2, hide_actions=0.5, json=tmp_path / "x.json"))
+    with pytest.raises(SystemExit, match="--data is read for --target-return top-decile only"):
+        main(Args(checkpoint=str(blind), values=(30,), episodes=2, data=dataset_path, json=tmp_path / "x.json"))
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_evaluate_cli_temperature_is_recorded_and_checked(dataset_path, tmp_path):
@@ -771,6 +813,7 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "h.json"))
     out = capsys.readouterr().out
     assert "memory horizon 1 segment\n" in out and "differ in memory horizon" in out
+    assert "note: only A evaluated episode_length 20 (left out below)" in out  # h.json has only 10
     with pytest.raises(SystemExit, match="--memory-horizon: .*at least 1"):
         main(Args(checkpoint=checkpoint, episodes=2, memory_horizon=0, json=tmp_path / "zero.json"))
 
@@ -870,6 +913,8 @@ def test_shift_augment_changes_training_and_a_resumed_run_draws_the_same_shifts(
                                plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert weights_differ(straight, plain)
+    with pytest.raises(ValueError, match="by up to their whole size"):  # every frame would be its edges smeared
+        train(config("whole", shift_augment=min(load_dataset(data).observations.shape[-2:])))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

@@ -482,6 +482,28 @@ def test_close_and_garbage_collection_end_the_game():
     assert _engine_pids(instance) == []
 
 
+_UNSEEN_ENV = None  # a pool worker's env that no on_stop closes (as one the SIGTERM finds still being made)
+
+
+def _make_an_env_no_tool_holds() -> str:
+    global _UNSEEN_ENV
+    _UNSEEN_ENV = TwoColorsEnv(step_cap=10)
+    return _UNSEEN_ENV.game.get_instance_id()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the processes through /proc")
+def test_a_stopped_tool_worker_leaves_no_engine_running():
+    # A worker stopped while it made an env (collect's, frame_probe's) had no hold on it yet: its engine ran on,
+    # and it kept the pipe by which the pool sees the worker end, so that the tool hung at exit (1 in 3 tries).
+    from training.cli import stop_pool, worker_pool
+
+    pool = worker_pool(1)
+    instance = pool.submit(_make_an_env_no_tool_holds).result()
+    assert len(_engine_pids(instance)) == 1
+    stop_pool(pool)
+    assert _engine_pids(instance) == []
+
+
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the process through /proc")
 def test_crashed_game_raises_a_clear_error():
     env = TwoColorsEnv()

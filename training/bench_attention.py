@@ -32,7 +32,7 @@ from rate_core import attention
 from rate_core.attention import attention_blocks, relative_attention, scores_computed
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer, ModelConfig
-from training.cli import OWN_DEFAULT, cli, device_or_exit, run_main
+from training.cli import OWN_DEFAULT, AtLeast, cli, device_or_exit, run_main
 
 
 @dataclass
@@ -43,11 +43,11 @@ class Args:
                                           ("tmaze", "minigrid_memory", "vizdoom_two_colors", "memory_maze")
                                           for mode in ("rate", "dt"))
     """checkpoint folders whose model configurations to measure (default: the shipped RATE and DT of every task)"""
-    batch_size: int = 32
+    batch_size: Annotated[int, AtLeast(1)] = 32
     """training samples per batch (the shipped models' batch)"""
-    repeats: int = 7
+    repeats: Annotated[int, AtLeast(1)] = 7
     """timed repeats of each way per case (after one warm-up); the ratio is their median"""
-    threads: int = 0
+    threads: Annotated[int, AtLeast(0)] = 0
     """torch CPU threads (0: torch's default)"""
     skip_below: Annotated[float | None, OWN_DEFAULT] = None
     """use blocks where they compute at most this share of the scores (1: wherever a key can be skipped;

@@ -17,6 +17,7 @@ The last line reads `speedup_vs_reference=<x> speedup_vs_batched_recompute=<y>`.
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
-from training.cli import cli, run_main
+from training.cli import AtLeast, check_env_settings, cli, device_or_exit, run_main
 
 
 @dataclass
@@ -34,18 +35,18 @@ class Args:
     """Measure env-steps/s of the engine and of two recompute loops on one checkpoint."""
 
     checkpoint: Path = Path("assets/checkpoints/tmaze/rate")
-    """a segment-recurrent checkpoint (rate, rmt or trxl) of a task with a native batched env"""
+    """a segment-recurrent checkpoint (rate, rmt or trxl) of T-Maze, whose batched env the loops share"""
     length: int = 900
     """T-Maze episode length"""
-    envs: int = 100
+    envs: Annotated[int, AtLeast(1)] = 100
     """environments in lockstep"""
-    reference_envs: int = 3
-    """episodes the one-env-at-a-time reference plays (whole episodes)"""
-    recompute_steps: int = 300
+    reference_envs: Annotated[int, AtLeast(1)] = 3
+    """episodes the one-env-at-a-time reference plays (whole episodes; at most --envs)"""
+    recompute_steps: Annotated[int, AtLeast(0)] = 300
     """steps the batched recompute loop plays (rounded to whole segments; 0: the whole episode)"""
     device: str = "auto"
     """cpu, cuda or auto"""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """first environment seed"""
 
 
@@ -108,8 +109,10 @@ def segment_latency(model, task, settings, envs: int, device, segments: int = 2)
 
 
 def main(args: Args) -> None:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(device_or_exit(args.device))
+    if args.reference_envs > args.envs:
+        raise SystemExit(f"error: --reference-envs ({args.reference_envs}) plays the first of the --envs "
+                         f"({args.envs}) episodes: give at most {args.envs}")
     try:
         model = load_checkpoint(args.checkpoint, device=device).eval()
     except CheckpointError as error:
@@ -117,8 +120,13 @@ def main(args: Args) -> None:
     if model.config.mode == "dt":
         raise SystemExit("error: the benchmark compares cached segment-recurrent inference; give a rate, rmt or "
                          "trxl checkpoint")
+    if model.task != "tmaze":
+        raise SystemExit(f"error: {args.checkpoint} is a {model.task} checkpoint; the benchmark plays T-Maze (its "
+                         f"episodes have one fixed length, which the recompute loops rely on): give a T-Maze "
+                         f"rate, rmt or trxl checkpoint")
     task = get_task(model.task)
     settings = {**task.default_settings, task.evaluation.setting: args.length}
+    check_env_settings(task, [settings], "--length")
     target = task.evaluation.target_return
     seeds = list(range(args.seed, args.seed + args.envs))
     k = model.config.segment_steps

@@ -1,6 +1,7 @@
 """What the tools' command lines share (tyro): `cli` parses a dataclass of arguments, markers for
 help texts that state a field's default in words, and the checks of values every tool makes the same
-way (a task by name, a device, a count): each ends the program with one line that says what to do."""
+way (a task by name, a device, a count, a field's bounds given as AtLeast / AtMost metadata): each ends
+the program with one line that says what to do."""
 
 import ast
 import dataclasses
@@ -32,6 +33,35 @@ NONE_DEFAULT = tyro.conf.arg(help_behavior_hint="(default: none)")
 """for a list of settings that is empty unless given"""
 
 
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A field's lowest value, as metadata: `count: Annotated[int, AtLeast(1)] = 4`. `cli` refuses a smaller
+    value (None, where a field allows it, is left alone) with one line before the tool does any work."""
+
+    lowest: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AtMost:
+    """A field's highest value, as metadata (beside AtLeast): `share: Annotated[float, AtLeast(0), AtMost(1)]`."""
+
+    highest: float
+
+
+def check_bounds(config, hints: dict) -> None:
+    """SystemExit naming the option if a field of `config` lies outside its AtLeast / AtMost bounds."""
+    for name, hint in hints.items():
+        value = getattr(config, name, None)
+        if value is None or typing.get_origin(hint) is not Annotated:
+            continue
+        for bound in hint.__metadata__:
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(bound, AtLeast) and not value >= bound.lowest:
+                raise SystemExit(f"error: {flag} must be at least {bound.lowest}, got {value}")
+            if isinstance(bound, AtMost) and not value <= bound.highest:
+                raise SystemExit(f"error: {flag} must be at most {bound.highest}, got {value}")
+
+
 def field_docs(config_class: type) -> dict[str, str]:
     """Each field's docstring (the string under it in the class body) as one line."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(config_class)))
@@ -59,6 +89,7 @@ def cli(config_class: type[T], args: list[str] | None = None) -> T:
     helped.__doc__ = config_class.__doc__
     helped.__module__ = config_class.__module__
     parsed = tyro.cli(helped, args=args, prog=program_name())
+    check_bounds(parsed, hints)
     # an instance of config_class itself (the subclass made here could not be pickled, e.g. to workers)
     return config_class(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(config_class) if f.init})
 
@@ -100,6 +131,17 @@ def at_least(flag: str, value, lowest) -> None:
         raise SystemExit(f"error: {flag} must be at least {lowest}, got {value}")
 
 
+def writable_file_or_exit(flag: str, path) -> None:
+    """SystemExit unless a file can be written at `path` (not a folder; its folder exists and is writable),
+    checked before the work whose results it will hold."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot write a file there (a folder, or its folder "
+                         f"{path.parent} is missing or read-only)")
+
+
 def check_env_settings(task, settings_list: list[dict], flags: str) -> None:
     """Build one env of `task` with each of `settings_list` and close it, so that settings an env refuses
     end the program with the env's own message before any work starts (flags: the options that gave them)."""
@@ -137,9 +179,20 @@ def _start_worker(on_stop) -> None:
             if on_stop is not None:
                 on_stop()
         finally:
-            os._exit(128 + signum)
+            try:
+                _close_engines()
+            finally:
+                os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _close_engines() -> None:
+    """Close the ViZDoom games of this process that on_stop did not (an env still being made when the
+    SIGTERM came, which no tool holds yet), where ViZDoom was used here at all."""
+    vizdoom = sys.modules.get("rate_core.envs.vizdoom_two_colors")
+    if vizdoom is not None:
+        vizdoom.close_all()
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:

@@ -16,16 +16,17 @@
 
 import copy
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from rate_core.checkpoint import load_checkpoint
+from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.model import ACTION_PAD
 from rate_core.rollout import make_policy
 from rate_core.tasks import get_task
-from training.cli import cli, run_main
+from training.cli import AtLeast, AtMost, cli, run_main
 from training.step import segment_slices
 
 TASK = get_task("vizdoom_two_colors")
@@ -39,17 +40,18 @@ class Args:
 
     checkpoint: str
     """checkpoint folder (config.json + model.safetensors)"""
-    episodes: int = 12
+    episodes: Annotated[int, AtLeast(1)] = 12
     """episodes of the acting probe (300 steps at most each)"""
-    forced_episodes: int = 24
+    forced_episodes: Annotated[int, AtLeast(0)] = 24
     """episodes of the teacher-forced probe (150 steps each); 0: skip it"""
-    memory_episodes: int = 300
-    """episodes of the memory probe (first segment, the teacher's actions); 0: skip it"""
-    cue: int = 0
+    memory_episodes: Annotated[int, AtLeast(0)] = 300
+    """episodes of the memory probe (first segment, the teacher's actions; half fit the decoder, half score
+    it, so at least 4); 0: skip it"""
+    cue: Annotated[int, AtLeast(0), AtMost(1)] = 0
     """1: play with the oracle cue (the pillar's colour in every frame), for a model trained with it"""
-    seed: int = 20_000
+    seed: Annotated[int, AtLeast(0)] = 20_000
     """first seed (far from the training data's 1,000,000 and the evaluator's 0)"""
-    threads: int = 1
+    threads: Annotated[int, AtLeast(1)] = 1
     """torch threads"""
 
 
@@ -191,10 +193,14 @@ def memory_probe(model, episodes: int, seed: int) -> dict:
 
 
 def main(args: Args) -> None:
+    if 0 < args.memory_episodes < 4:
+        raise SystemExit(f"error: --memory-episodes: half of them fit the colour decoder and half score it, so "
+                         f"give at least 4 (or 0 to skip the memory probe), got {args.memory_episodes}")
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint).eval()
-    if model.task != TASK.name:
-        raise SystemExit(f"error: {args.checkpoint} is a {model.task} checkpoint; this probe is for vizdoom_two_colors")
+    try:
+        model = load_checkpoint(args.checkpoint, task=TASK.name).eval()
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     rows = acting_probe(model, args.episodes, args.seed, cue=args.cue)
     print(f"acting ({args.episodes} episodes): at steps where the expert's action differs from the other colour's")
     for r in rows:

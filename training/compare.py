@@ -175,6 +175,10 @@ def main(args: Args) -> None:
     if differing:
         print(f"note: the two evaluations differ in {', '.join(differing)}")
     setting = first["protocol"]["setting"]
+    for name, report, other in (("A", first, second), ("B", second, first)):
+        alone = sorted({r[setting] for r in report["results"]} - {r[setting] for r in other["results"]})
+        if alone:
+            print(f"note: only {name} evaluated {setting} {', '.join(map(str, alone))} (left out below)")
     print(f"{setting:>12} {'episodes':>8} {'A':>9} {'B':>9} {'A - B':>17}  A wins / ties / B wins"
           "   (mean returns over the episodes both played)")
     for value, row in rows:

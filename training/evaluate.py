@@ -21,7 +21,8 @@ from rate_core.checkpoint import CheckpointError
 from rate_core.hub import is_hub_reference, load_reference
 from rate_core.rollout import EpisodeBatch, check_pixel_noise, make_policy, run_episodes
 from rate_core.tasks import Task, available_memory_gb, get_task
-from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, device_or_exit, run_main
+from training.cli import (OWN_DEFAULT, at_least, check_env_settings, cli, device_or_exit, run_main,
+                          writable_file_or_exit)
 from training.collect import parse_settings
 from training.dataset import DatasetError, load_dataset
 
@@ -203,7 +204,8 @@ def protocol_changed(args: Args, task: Task) -> list[str]:
     """The options of `args` that make the evaluation another than `task`'s protocol (whose results the
     checkpoint's own eval.json keeps); --max-envs and --device change no result."""
     default = Args(checkpoint=args.checkpoint)
-    protocols = {"values": tuple(task.evaluation.values), "episodes": task.evaluation.episodes}  # given, but the same
+    protocols = {"values": tuple(task.evaluation.values), "episodes": task.evaluation.episodes,  # given, but the same
+                 "actions": "sampled" if task.evaluation.sample_actions else "argmax"}
     return [f"--{name.replace('_', '-')}" for name in ("values", "step_cap", "settings", "target_return", "episodes",
                                                       "actions", "temperature", "memory_horizon", "hide_actions",
                                                       "pixel_noise", "seed")
@@ -264,9 +266,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
                          f"a checkpoint's own eval.json holds only the protocol's results (the app, training.scores "
                          f"and push read it as such)")
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise SystemExit(f"error: --json {out}: cannot write a file there (a folder, or its folder "
-                         f"{out.parent} is missing or read-only)")
+    writable_file_or_exit("--json", out)
     at_least("--seed", args.seed, 0)
     if args.episodes is not None:
         at_least("--episodes", args.episodes, 1)
@@ -283,6 +283,9 @@ def main(args: Args) -> None:
     overrides = {**overrides, **extra}
     check_env_settings(task, [{**task.default_settings, **overrides, protocol.setting: v} for v in values],
                        "the settings to evaluate")
+    if args.data is not None and args.target_return != "top-decile":
+        raise SystemExit("error: --data is read for --target-return top-decile only (the dataset's returns); add "
+                         "that, or leave --data out")
     if args.target_return == "top-decile":
         data = args.data or Path("data") / task.name / "expert"
         try:
@@ -307,6 +310,9 @@ def main(args: Args) -> None:
         protocol = replace(protocol, temperature=args.temperature)
     if not 0.0 <= args.hide_actions <= 1.0:
         raise SystemExit(f"error: --hide-actions is a probability in [0, 1], got {args.hide_actions}")
+    if args.hide_actions and not model.config.action_inputs:
+        raise SystemExit("error: --hide-actions: this model takes no action inputs (trained with "
+                         "--no-action-inputs), so there is nothing to hide; leave it at 0")
     try:
         check_pixel_noise(model, args.pixel_noise, "--pixel-noise")
     except ValueError as error:

@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import OWN_DEFAULT, at_least, check_env_settings, cli, run_main, task_or_exit
+from training.cli import (OWN_DEFAULT, at_least, check_env_settings, cli, run_main, task_or_exit,
+                          writable_file_or_exit)
 from training.collect import parse_settings, run_episode
 from training.evaluate import balanced_seeds, summarize
 
@@ -69,6 +70,8 @@ def main(args: Args) -> None:
     at_least("--seed", args.seed, 0)
     settings = parse_settings(task, args.settings)
     check_env_settings(task, [{**task.default_settings, **settings}], "--settings")
+    if args.json:
+        writable_file_or_exit("--json", args.json)
     result = report(args.task, args.episodes, settings, args.seed)
     print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: success "
           f"{result['success_rate']:.3f}, return {result['mean_return']:.3f} +- {result['return_sem']:.3f}, "

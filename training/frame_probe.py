@@ -31,7 +31,7 @@ all steps, while the pillar stands (steps 0-44) and after it has gone. Then the 
 import collections
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from rate_core.envs.vizdoom_two_colors import CUES, TwoColorsEnv, TwoColorsTeacher
 from rate_core.model import ImageEncoder
-from training.cli import cli, run_main, stop_pool, worker_pool
+from training.cli import AtLeast, cli, run_main, stop_pool, worker_pool
 from training.evaluate import standard_error
 
 PILLAR_STEPS = 45
@@ -66,7 +66,7 @@ class Args:
     """episodes played after training (0: do not play)"""
     play_cap: int = 2100
     """step cap of the played episodes"""
-    seed: int = 3_000_000
+    seed: Annotated[int, AtLeast(0)] = 3_000_000
     """first training seed (away from the datasets' 1,000,000 and the evaluator's 0)"""
     workers: int = 2
     """processes collecting episodes"""

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, AtLeast, check_env_settings, cli, run_main
 from training.collect import parse_settings, parse_teacher_options
 
 
@@ -30,11 +30,11 @@ class Args:
     """teacher A's options as NAME=NUMBER (collect --teacher-options); A acts"""
     b: Annotated[tuple[str, ...], NONE_DEFAULT] = ()
     """teacher B's options as NAME=NUMBER; B only labels"""
-    episodes: int = 4
+    episodes: Annotated[int, AtLeast(1)] = 4
     """episodes, seeds from --seed"""
-    seed: int = 1000000
+    seed: Annotated[int, AtLeast(0)] = 1000000
     """first seed (the shipped data's first)"""
-    early: int = 200
+    early: Annotated[int, AtLeast(1)] = 200
     """steps counted as the start of an episode"""
     settings: Annotated[tuple[str, ...], OWN_DEFAULT] = ()
     """environment settings as NAME=INT (default: the task's)"""
@@ -74,10 +74,10 @@ def main(args: Args) -> None:
     task = get_task(args.task)
     if task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher; pick one that has (e.g. memory_maze)")
-    if args.episodes < 1:
-        raise SystemExit("error: --episodes must be at least 1")
+    settings = parse_settings(task, args.settings)
+    check_env_settings(task, [settings], "--settings")
     result = probe(task.name, parse_teacher_options(task, args.a), parse_teacher_options(task, args.b),
-                   args.episodes, args.seed, args.early, parse_settings(task, args.settings))
+                   args.episodes, args.seed, args.early, settings)
     print(f"teacher A ({' '.join(args.a) or 'defaults'}): mean return {result['return']:.2f} over {args.episodes} "
           f"episodes from seed {args.seed}")
     print(f"teacher B ({' '.join(args.b) or 'defaults'}) gives A's label at {result['agree']:.4f} of "

@@ -19,6 +19,7 @@ says whether it lost the target's trail, or never found it.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from rate_core.checkpoint import CheckpointError, load_checkpoint
 from rate_core.rollout import make_policy, run_episodes
 from rate_core.tasks import get_task
-from training.cli import cli, run_main
+from training.cli import AtLeast, AtMost, cli, run_main
 from training.dataset import DatasetError, load_dataset
 
 TASK = get_task("memory_maze")
@@ -43,15 +44,15 @@ class Args:
     """checkpoint folder (config.json + model.safetensors)"""
     data: Path = Path("data/memory_maze/heldout")
     """held-out teacher episodes (collect --teacher --seed 2000000 ...); its seeds are replayed"""
-    episodes: int = 4
+    episodes: Annotated[int, AtLeast(1)] = 4
     """episodes the model plays"""
-    steps: int = 1000
+    steps: Annotated[int, AtLeast(1), AtMost(1000)] = 1000
     """steps of each of its episodes (the protocol's 1,000)"""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """first seed of the model's episodes (the evaluator's are 0-29)"""
-    recall: float = 0.0
+    recall: Annotated[float, AtLeast(0)] = 0.0
     """the teacher's recall (collect --teacher-options recall=M): the labels of the model's own episodes"""
-    threads: int = 1
+    threads: Annotated[int, AtLeast(1)] = 1
     """torch threads"""
 
 

@@ -561,6 +561,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.shift_augment and dataset.observations.ndim != 4:
         raise ValueError(f"--shift-augment moves image frames, but {task.name}'s observations have shape "
                          f"{dataset.observations.shape[1:]}; leave it at 0 for this task")
+    if config.shift_augment and config.shift_augment >= min(dataset.observations.shape[-2:]):
+        raise ValueError(f"--shift-augment {config.shift_augment} moves the frames ({dataset.observations.shape[-2]} x "
+                         f"{dataset.observations.shape[-1]} pixels) by up to their whole size, which leaves only "
+                         f"their edges repeated; give fewer pixels (e.g. 4)")
     val_dataset, val_index = None, None
     if config.val_data is not None:
         try:
@@ -624,14 +628,18 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config["model_set"] = tuple(saved_config.get("model_set", ()))  # JSON gives a list
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
                     "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set", "dropout", "learning_rate",
-                    "weight_decay", "warmup_steps", "decay", "grad_clip", "init", "action_dropout",
-                    "keyframe_weight"):
+                    "weight_decay", "warmup_steps", "decay", "grad_clip", "action_dropout", "keyframe_weight"):
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
         if Path(saved_config.get("data", "")).resolve() != Path(config.data).resolve():
             raise SystemExit(f"error: --resume with --data {config.data}, but the run in {out} was trained on "
                              f"{saved_config.get('data')}; use the same data or another --out")
+        saved_init = saved_config["init"]  # a path, compared as a place (relative or absolute, the same folder)
+        if (saved_init is None) != (config.init is None) or (
+                saved_init is not None and Path(saved_init).resolve() != Path(config.init).resolve()):
+            raise SystemExit(f"error: --resume with --init {config.init}, but the run in {out} started from "
+                             f"{saved_init}; use the same settings or another --out")
         saved = load_checkpoint(last, task=task.name, mode=model_config.mode)
         model.load_state_dict(saved.state_dict())
         start_epoch, step, trained = load_training_state(last, optimizer, scheduler, average)
@@ -774,5 +782,5 @@ def main(config: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, cli(TrainConfig), "interrupted: the last complete epoch is in the run's last/ folder; "
-             "continue with the same command and --resume")
+    run_main(main, cli(TrainConfig), "interrupted: the last complete epoch (if one was) is in the run's last/ "
+             "folder; continue with the same command and --resume")

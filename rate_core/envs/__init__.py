@@ -11,3 +11,10 @@ def action_index(action, count: int, what: str, names: str) -> int:
     if not isinstance(action, numbers.Integral) or isinstance(action, bool) or not 0 <= action < count:
         raise ValueError(f"invalid {what} action {action!r}: expected {names}")
     return int(action)
+
+
+def probability(name: str, value) -> float:
+    """`value` as a float in [0, 1], or ValueError naming the setting (an expert's noise, a detour rate)."""
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(f"{name} is a probability from 0 to 1, got {value}")
+    return float(value)

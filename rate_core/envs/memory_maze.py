@@ -55,7 +55,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rate_core.envs import action_index
+from rate_core.envs import action_index, probability
 
 OBS_SHAPE = (3, 64, 64)
 ACTIONS = ("noop", "forward", "left", "right", "fwd+left", "fwd+right")
@@ -433,7 +433,7 @@ class MemoryMazeExpert:
     clearance = 0.2  # cells between the straight line to an aim point and a wall (the ball's radius is 0.1)
 
     def __init__(self, noise: float = 0.1):
-        self.noise = noise
+        self.noise = probability("noise", noise)
         """probability of a random action at each step (coverage of states the planner would not visit)"""
 
     def reset(self, env: MemoryMazeEnv, info: dict) -> None:
@@ -669,7 +669,7 @@ class MemoryMazeTeacher:
     """
 
     def __init__(self, noise: float = 0.1, recall: float = 0.0, seen_only: bool = False):
-        self.noise = noise
+        self.noise = probability("noise", noise)
         """probability of a random action at each step"""
         self.recall = recall
         """steps the expert remembers what it saw (ExploringMemoryMazeExpert; 0: the whole episode)"""

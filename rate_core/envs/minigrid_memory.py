@@ -25,7 +25,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rate_core.envs import action_index
+from rate_core.envs import action_index, probability
 
 VIEW_TILE = 28
 ACTIONS = ("left", "right", "forward")
@@ -178,7 +178,10 @@ class MinigridMemoryExpert:
     episode's seed."""
 
     def __init__(self, noise: float = 0.05, wander: int = 4, look_by_cue: float = 1.0):
-        self.noise, self.wander, self.look_by_cue = noise, wander, look_by_cue
+        self.noise, self.look_by_cue = probability("noise", noise), probability("look_by_cue", look_by_cue)
+        if wander < 0:
+            raise ValueError(f"wander is a number of steps, 0 or more, got {wander}")
+        self.wander = wander
 
     def reset(self, env: MinigridMemoryEnv, info: dict) -> None:
         # the episode's seed fixes the expert's randomness too (env.np_random is seeded by reset)

@@ -26,6 +26,7 @@ right colour on screen; `make_vector_env` steps many envs in lockstep for the ro
 """
 
 import math
+import weakref
 from contextlib import contextmanager
 
 import cv2
@@ -34,7 +35,7 @@ import numpy as np
 import vizdoom as vzd
 from gymnasium import spaces
 
-from rate_core.envs import action_index
+from rate_core.envs import action_index, probability
 from rate_core.envs.lockstep import LockstepVectorEnv
 from rate_core.scenario import two_colors
 
@@ -57,6 +58,18 @@ _ENGINE_ERRORS = (vzd.ViZDoomUnexpectedExitException, vzd.ViZDoomErrorException,
 
 class GameCrashedError(RuntimeError):
     """The ViZDoom process behind an env stopped or failed; the env is closed and cannot go on."""
+
+
+_OPEN_ENVS = weakref.WeakSet()  # this process's envs whose ViZDoom game may be running (close_all)
+
+
+def close_all() -> None:
+    """Close every Two-Colors env of this process, those still being made included: a process about to
+    end (a tool's worker stopped by SIGTERM) calls it so that no ViZDoom engine outlives it. An engine
+    left running also keeps open the pipe by which a process pool sees its worker end, and the pool's
+    owner then hung at exit."""
+    for env in list(_OPEN_ENVS):
+        env.close()
 
 
 class TwoColorsEnv(gym.Env):
@@ -87,6 +100,7 @@ class TwoColorsEnv(gym.Env):
         self.action_space = spaces.Discrete(len(ACTIONS))
         config = two_colors.scenario_config()
         self.game = vzd.DoomGame()
+        _OPEN_ENVS.add(self)  # before init() starts the engine, so that close_all finds it from then on
         self.game.load_config(str(config))
         # Keep the engine's settings file next to the scenario, not in the working directory.
         self.game.set_doom_config_path(str(config.parent / "_vizdoom.ini"))
@@ -193,6 +207,7 @@ class TwoColorsEnv(gym.Env):
         game = getattr(self, "game", None)
         if game is not None:
             game.close()
+        _OPEN_ENVS.discard(self)
 
     def __del__(self):
         self.close()
@@ -226,7 +241,7 @@ class TwoColorsExpert:
     sight = 50.0
 
     def __init__(self, noise: float = 0.1):
-        self.noise = noise
+        self.noise = probability("noise", noise)
         """probability of a random action at each step (coverage of the states it would not visit)"""
 
     def reset(self, env, info) -> None:
@@ -297,9 +312,9 @@ class TwoColorsTeacher:
         if not 1 <= detour_min <= detour_max:
             raise ValueError(f"a detour lasts detour_min to detour_max steps, 1 <= detour_min <= detour_max; "
                              f"got {detour_min} and {detour_max}")
-        self.noise = noise
+        self.noise = probability("noise", noise)
         """probability of a random action at a step outside a detour"""
-        self.detour = detour
+        self.detour = probability("detour", detour)
         """probability per step outside a detour of starting one"""
         self.detour_min, self.detour_max = int(detour_min), int(detour_max)
         """a detour's length in steps, uniform in detour_min..detour_max (inclusive)"""
