@@ -37,8 +37,9 @@ def test_bench_train_runs_with_tiny_settings():
               "--micro-batch", "0")
     rows = [line.split() for line in out.splitlines() if line.startswith(("rate ", "dt "))]
     assert [r[0] for r in rows] == ["rate", "dt"]
-    for row in rows:
-        assert float(row[4].replace(",", "")) > 0 and float(row[5]) > 0 and float(row[6].replace(",", "")) > 0
+    for row in rows:  # mode, batch, device, warm-up s, s/step, tokens/s, peak GiB, GFLOP/step, GFLOP/s
+        assert float(row[3]) > 0 and float(row[5].replace(",", "")) > 0 and float(row[6]) > 0
+        assert float(row[7].replace(",", "")) > 0
     assert "RATE vs the reference implementation" in out
 
 

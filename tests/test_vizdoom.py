@@ -431,7 +431,7 @@ def test_colour_probe_reports_acting_and_memory(tmp_path, capsys):
     assert held_out_accuracy(rng.normal(size=(200, 5)), labels) < 0.7
     model.task = "tmaze"
     save_checkpoint(model, tmp_path / "other")
-    with pytest.raises(SystemExit, match="this probe is for vizdoom_two_colors"):
+    with pytest.raises(SystemExit, match="checkpoint is for task 'tmaze', expected 'vizdoom_two_colors'"):
         main(Args(checkpoint=str(tmp_path / "other"), episodes=1, memory_episodes=0))
 
 
