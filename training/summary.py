@@ -27,6 +27,8 @@ def parameter_table(modes) -> list[tuple[str, str, int, int | None]]:
 
 
 def main(args: Args) -> None:
+    if not args.modes:
+        raise SystemExit("error: --modes needs at least one of rate, rmt, trxl, dt")
     print(f"{'task':<20} {'mode':<5} {'ours':>11} {'paper':>11} {'ours/paper':>10}")
     for task, mode, ours, paper in parameter_table(args.modes):
         paper_text = f"{paper:>11,}" if paper else f"{'-':>11}"
