@@ -199,7 +199,7 @@ def test_usage_names_the_module_to_run_and_errors_are_one_line():
     ("training.bench_rollout", ["--seed", "-1"], "--seed must be at least 0, got -1"),
     ("training.bench_attention", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
     ("training.label_probe", ["--early", "0"], "--early must be at least 1, got 0"),
-    ("training.colour_probe", ["--checkpoint", "x", "--cue", "7"], "--cue must be at most 1, got 7"),
+    ("training.colour_probe", ["--checkpoint", "x", "--cue", "3"], "--cue must be at most 2, got 3"),
     ("training.pursuit_probe", ["--checkpoint", "x", "--steps", "2000"], "--steps must be at most 1000, got 2000"),
     ("training.pursuit_probe", ["--checkpoint", "x", "--recall", "nan"], "--recall must be at least 0, got nan"),
     ("training.frame_probe", ["--seed", "-1"], "--seed must be at least 0, got -1")])

@@ -3,7 +3,9 @@
 import functools
 import json
 import multiprocessing
+import os
 import shutil
+import struct
 import time
 from dataclasses import replace
 from itertools import pairwise
@@ -640,6 +642,18 @@ def test_the_collectors_pool_ends_without_waiting_for_the_episodes_in_hand(tmp_p
     stop_pool(pool)
     assert time.perf_counter() - start < 60 and not children_left(others)
     assert closed.exists()  # a ViZDoom game left open would keep its engine process running
+
+
+def test_stop_pool_frees_the_pools_thread_from_half_a_result():
+    # as a worker stopped while it wrote a result: a message's length and part of its body in the results pipe
+    pool = worker_pool(1)
+    pool.submit(int).result()  # the worker is up
+    manager = pool._executor_manager_thread
+    os.write(pool._result_queue._writer.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+    time.sleep(0.5)  # the pool's thread now waits for the rest of it
+    stop_pool(pool)
+    manager.join(timeout=20)
+    assert not manager.is_alive()  # else the interpreter's exit waits for it for ever
 
 
 @pytest.mark.parametrize("task_name, settings, teacher", [

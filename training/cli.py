@@ -202,11 +202,18 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
     that wait hung the process at exit: the pool's queue had lost its feeder thread, so the workers
     never heard they should stop."""
     workers = list((pool._processes or {}).values())  # no public way to them before Python 3.14's terminate_workers
+    results = pool._result_queue  # (shutdown forgets it)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in workers:
         process.terminate()
     for process in workers:
         process.join()
+    # A worker ended while it wrote a result (frames: megabytes) left half a message in the results pipe, and
+    # the pool's thread waited for the rest for ever, and the interpreter's exit for that thread (frame_probe
+    # after Ctrl-C: 1 hang in 4). No worker is left to write, so this process's own write end is the last:
+    # closed, the thread reads the end of the pipe and finishes.
+    if results is not None:
+        results._writer.close()
 
 
 def run_main(main, args, interrupted: str = "interrupted") -> None:

@@ -47,8 +47,9 @@ class Args:
     memory_episodes: Annotated[int, AtLeast(0)] = 300
     """episodes of the memory probe (first segment, the teacher's actions; half fit the decoder, half score
     it, so at least 4); 0: skip it"""
-    cue: Annotated[int, AtLeast(0), AtMost(1)] = 0
-    """1: play with the oracle cue (the pillar's colour in every frame), for a model trained with it"""
+    cue: Annotated[int, AtLeast(0), AtMost(2)] = 0
+    """the env's cue, for a model trained with it: 1 the pillar's colour in every frame (the oracle cue), 2 only
+    while the pillar stands"""
     seed: Annotated[int, AtLeast(0)] = 20_000
     """first seed (far from the training data's 1,000,000 and the evaluator's 0)"""
     threads: Annotated[int, AtLeast(1)] = 1
