@@ -124,6 +124,16 @@ def _orphans(parent: str | os.PathLike, prefix: str) -> list[Path]:
     return sorted(found, key=lambda path: path.stat().st_mtime_ns, reverse=True)
 
 
+def staging_folder(directory: str | os.PathLike, kind: str = "staging") -> Path:
+    """A new empty folder .NAME.<kind>-PID beside `directory`, to build its replacement in (then
+    replace_folder); recover_folder(directory, kind) removes one that a killed writer left."""
+    directory = Path(directory)
+    staging = directory.parent / f".{directory.name}.{kind}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
 def replace_folder(complete: str | os.PathLike, directory: str | os.PathLike) -> Path:
     """Put the finished folder `complete` (a staging folder beside `directory`) in place of `directory`.
     Two renames cannot be one, so the swap goes through names a kill can leave behind: `complete` is
@@ -194,10 +204,7 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
                          f"strings, lists and dicts") from None
     recover_folder(directory)  # what a writer killed mid-swap left, so that the check sees the folder it left
     check_replaceable(directory, CONFIG_NAME, "checkpoint", training_state=extra is not None)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_folder(directory)
     try:
         (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card
         model.save_pretrained(staging, config=config)

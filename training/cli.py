@@ -15,6 +15,7 @@ import threading
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from itertools import pairwise
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import tyro
@@ -56,8 +57,8 @@ def check_bounds(config, hints: dict) -> None:
             continue
         for bound in hint.__metadata__:
             flag = f"--{name.replace('_', '-')}"
-            if isinstance(bound, AtLeast) and not value >= bound.lowest:
-                raise SystemExit(f"error: {flag} must be at least {bound.lowest}, got {value}")
+            if isinstance(bound, AtLeast):
+                at_least(flag, value, bound.lowest)
             if isinstance(bound, AtMost) and not value <= bound.highest:
                 raise SystemExit(f"error: {flag} must be at most {bound.highest}, got {value}")
 
@@ -126,16 +127,14 @@ def device_or_exit(choice: str) -> str:
 
 
 def at_least(flag: str, value, lowest) -> None:
-    """SystemExit unless `value` (the value of option `flag`) is at least `lowest`."""
-    if value < lowest:
+    """SystemExit unless `value` (the value of option `flag`) is at least `lowest` (nan is not)."""
+    if not value >= lowest:
         raise SystemExit(f"error: {flag} must be at least {lowest}, got {value}")
 
 
 def writable_file_or_exit(flag: str, path) -> None:
     """SystemExit unless a file can be written at `path` (not a folder; its folder exists and is writable),
     checked before the work whose results it will hold."""
-    from pathlib import Path
-
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise SystemExit(f"error: {flag} {path}: cannot write a file there (a folder, or its folder "

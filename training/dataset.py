@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rate_core.checkpoint import check_replaceable, recover_folder, replace_folder
+from rate_core.checkpoint import check_replaceable, recover_folder, replace_folder, staging_folder
 from rate_core.model import ACTION_PAD
 
 FORMAT_VERSION = 1
@@ -109,9 +109,7 @@ class DatasetWriter:
         self.path, self.task = Path(path), task
         recover_folder(self.path, "partial")  # what a writer killed mid-write or mid-swap left
         check_replaceable(self.path, "meta.json", "dataset")  # before any work: close() would replace it
-        self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self.staging = staging_folder(self.path, "partial")
         self._files = {}  # array name -> open file
         self._layout = {}  # array name -> [dtype, shape of one row, rows written]
         self._lengths = []  # steps of each episode given to add_episode

@@ -92,20 +92,10 @@ def _behaviour(kind: str, block: int):
     return TwoColorsTeacher(noise=0.1, detour=1.0 / block, detour_min=block, detour_max=block)
 
 
-_env_in_hand = None  # a worker process's env of the job in hand, for stop_pool
-
-
-def _close_env_in_hand() -> None:
-    if _env_in_hand is not None:
-        _env_in_hand.close()
-
-
 def _collect(job) -> dict:
     """Frames, labels, the other colour's expert's actions and step numbers of some episodes."""
-    global _env_in_hand
     seeds, kind, block, cue = job
-    env, teacher = TwoColorsEnv(step_cap=150, cue=cue), _behaviour(kind, block)
-    _env_in_hand = env
+    env, teacher = TwoColorsEnv(step_cap=150, cue=cue), _behaviour(kind, block)  # stop_pool's SIGTERM closes it
     frames, labels, others, steps, red = [], [], [], [], []
     try:
         for seed in seeds:
@@ -131,7 +121,7 @@ def collect_frames(kind: str, block: int, cue: int, first_seed: int, episodes: i
     chunks = [list(chunk) for chunk in np.array_split(np.arange(first_seed, first_seed + episodes), max(1, workers * 4))
               if len(chunk)]
     jobs = [(chunk, kind, block, cue) for chunk in chunks]
-    pool = worker_pool(max(1, workers), on_stop=_close_env_in_hand)
+    pool = worker_pool(max(1, workers))
     try:
         parts = list(tqdm(pool.map(_collect, jobs), total=len(jobs), desc=f"collecting {episodes} episodes",
                           unit="chunk"))

@@ -9,7 +9,6 @@ the same table as model-index metadata) and an example episode video. `--dry-run
 that folder and uploads nothing. Log in first with `huggingface-cli login` (or set HF_TOKEN).
 """
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Annotated
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from rate_core.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_replaceable, load_checkpoint,
-                                  recover_folder, replace_folder)
+                                  recover_folder, replace_folder, staging_folder)
 from rate_core.hub import hub_model_card
 from rate_core.tasks import get_task
 from training.cli import OWN_DEFAULT, cli, run_main
@@ -84,9 +83,7 @@ def build_upload_folder(checkpoint: Path, repo_id: str, out: Path, video: bool =
                              f"again with python -m training.evaluate --checkpoint {checkpoint}")
     recover_folder(out)
     check_replaceable(out, UPLOAD_MARKER, "Hub upload folder")
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_folder(out)
     try:  # a failure or Ctrl-C here leaves the earlier upload folder as it was
         (staging / UPLOAD_MARKER).write_text("built by python -m training.push (not uploaded); push replaces "
                                              "only folders with this file\n")
