@@ -252,7 +252,7 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
     """run_episodes without its cache."""
     models = [load_model(choice, request.task.name) for choice in (left, right)]
     names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
-    limit = request.step_cap or request.settings.get("episode_length") or request.settings.get("step_cap")
+    limit = min(filter(None, (request.step_cap, request.task.episode_limit(request.settings))), default=None)
 
     def report(steps):
         progress((min(steps), limit) if limit else None,
@@ -294,7 +294,7 @@ def run_title(request: EpisodeRequest) -> str:
     words = [f"seed {request.seed}"]
     words += [f"{_setting_name(spec) if spec and name == spec.name else name} = {value}"
               for name, value in request.settings.items() if name != "step_cap"]
-    limit = request.settings.get("step_cap")  # the task's own limit (Minigrid, ViZDoom, Memory Maze)
+    limit = request.task.episode_limit(request.settings) if "step_cap" in request.settings else None
     if request.step_cap and (limit is None or request.step_cap < limit):
         words.append(f"the first {request.step_cap} steps" + (f" of at most {limit}" if limit else ""))
     elif limit:

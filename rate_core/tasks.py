@@ -137,6 +137,9 @@ class Task:
     worker_memory_gb: float = 0.0
     """host memory each worker process of the vector env holds besides its envs, in GB (vector envs
     that step their envs in one worker per CPU core, at most one per env)"""
+    max_steps: Callable[[dict], int] | None = None
+    """max_steps(settings) -> the most steps an episode with these settings can last, where the env
+    ends it earlier than its episode_length or step_cap setting says (None: that setting)"""
 
     @property
     def aux_classes(self) -> int:
@@ -160,6 +163,12 @@ class Task:
         while available_gb is not None and fits > 1 and self.env_memory_need_gb(fits) > 0.8 * available_gb:
             fits -= 1
         return fits
+
+    def episode_limit(self, settings: dict) -> int | None:
+        """The most steps an episode with these env settings lasts (None: the task sets no limit)."""
+        if self.max_steps is not None:
+            return self.max_steps({**self.default_settings, **settings})
+        return settings.get("episode_length") or settings.get("step_cap")
 
     def model_config(self, mode: str) -> ModelConfig:
         if mode not in self.model_configs:
@@ -298,6 +307,12 @@ def _minigrid_vector_env(num_envs: int, size: int = 41, step_cap: int = 500, ren
     return LockstepVectorEnv([lambda: _minigrid_env(size, step_cap, render_mode)] * num_envs)
 
 
+def _minigrid_max_steps(settings: dict) -> int:
+    from rate_core.envs.minigrid_memory import episode_limit
+
+    return episode_limit(settings["size"], settings["step_cap"])
+
+
 def _minigrid_expert():
     from rate_core.envs.minigrid_memory import MinigridMemoryExpert
 
@@ -336,6 +351,7 @@ register(Task(
     train=TrainDefaults(epochs=20, batch_size=32, learning_rate=5e-4, weight_decay=1e-3, warmup_steps=200,
                         eval_values=(41, 91)),
     default_settings={"size": 41, "step_cap": 500},
+    max_steps=_minigrid_max_steps,
     action_names=("left", "right", "forward"),
     demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91,
                              info="the hallway is about size - 5 cells long; trained at 11, 21 and 41"),

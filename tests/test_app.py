@@ -854,6 +854,14 @@ def test_outcome_text_names_the_run_and_says_when_the_app_cut_the_episode_short(
         "memory horizon 2 segments")
     assert run_title(make_request("minigrid_memory", 1, 91, 0.96, 0, True)) == (
         "**Minigrid-Memory**: seed 1, grid size = 91, at most 500 steps, target return 0.96, sampled actions")
+    # minigrid ends a grid of 9 after 5 * 9^2 = 405 steps, before the 500-step cap
+    assert run_title(make_request("minigrid_memory", 1, 9, 0.96, 0, True)) == (
+        "**Minigrid-Memory**: seed 1, grid size = 9, at most 405 steps, target return 0.96, sampled actions")
+    assert run_title(make_request("minigrid_memory", 1, 7, 0.96, 300, True)) == (  # a cap above the limit: no cap
+        "**Minigrid-Memory**: seed 1, grid size = 7, at most 245 steps, target return 0.96, sampled actions")
+    assert run_title(make_request("minigrid_memory", 1, 7, 0.96, 100, True)) == (
+        "**Minigrid-Memory**: seed 1, grid size = 7, the first 100 steps of at most 245, target return 0.96, "
+        "sampled actions")
     assert memory_panel(None) == [{"__type__": "update"}] * 11  # a superseded run changes nothing
 
 

@@ -244,6 +244,8 @@ def test_device_checks_say_what_to_use(monkeypatch):
 
 
 def test_ctrl_c_ends_a_tool_with_one_line():
+    import gc
+
     import pytest
 
     from training.cli import run_main
@@ -258,6 +260,8 @@ def test_ctrl_c_ends_a_tool_with_one_line():
         run_main(interrupted, None, "interrupted: resume with --resume")
     sys.unraisablehook = sys.__unraisablehook__  # run_main silenced it for the way out
     signal.signal(signal.SIGTERM, terminate)  # and made SIGTERM a Ctrl-C
+    assert gc.get_freeze_count() > 0  # and froze the heap for a quick exit
+    gc.unfreeze()
 
 
 def test_ctrl_c_leaves_no_complaints_from_what_it_left_half_made():

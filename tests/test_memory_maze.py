@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from rate_core.envs.lockstep import LockstepVectorEnv
 from rate_core.envs.memory_maze import (ACTIONS, BEARINGS, FRAME_SIZE, OBS_SHAPE, ExploringMemoryMazeExpert,
                                         MemoryMazeEnv, MemoryMazeExpert, _update_activation_vectorised, bearing,
                                         grid_distances)
-from rate_core.envs.subproc import SubprocLockstepVectorEnv, _worker, children_ignore_ctrl_c
+from rate_core.envs.subproc import SubprocLockstepVectorEnv, _worker, _worker_process, children_ignore_ctrl_c
 from rate_core.envs.tmaze import TMazeEnv
 from rate_core.tasks import get_task
 
@@ -329,6 +330,42 @@ class MarksItsClose(TMazeEnv):
     def close(self):
         self.mark.touch()
         super().close()
+
+
+class HalfMade:
+    """Complains when collected, as dm_control's MjrContext does when its making was stopped."""
+
+    def __del__(self):
+        raise AttributeError("HalfMade has no attribute '_ptr'")
+
+
+class SlowToMake(TMazeEnv):
+    """An env whose making is stopped half-way: it holds a HalfMade, leaves a file at `mark`, then waits."""
+
+    def __init__(self, mark: Path, **kwargs):
+        part = HalfMade()  # noqa: F841 (collected when the SIGTERM's SystemExit leaves this frame)
+        mark.touch()
+        time.sleep(60)
+        super().__init__(**kwargs)
+
+
+def test_a_worker_stopped_while_it_makes_its_envs_ends_quietly(tmp_path, capfd):
+    # the parent's Ctrl-C closes the workers with SIGTERM, which may stop one inside MuJoCo's context making:
+    # what it left half-made must not print "Exception ignored in ..." under the one line "interrupted"
+    mark = tmp_path / "making"
+    parent, child = multiprocessing.Pipe()
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_worker_process, args=(child, [functools.partial(SlowToMake, mark, episode_length=5)]))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mark.exists()
+    worker.terminate()
+    worker.join(timeout=30)
+    assert worker.exitcode == 128 + signal.SIGTERM
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "HalfMade" not in err, err
 
 
 def test_ctrl_c_is_the_parents_alone(tmp_path):

@@ -35,6 +35,12 @@ def test_step_cap_truncates_and_rewards_follow_minigrid():
     env.reset(seed=1)
     results = [env.step(0) for _ in range(245)]
     assert [r[3] for r in results] == [False] * 244 + [True] and not any(r[2] for r in results)
+    # the limit the task states (the app's "at most N steps") is that one, and minigrid's own
+    task = get_task("minigrid_memory")
+    assert task.episode_limit({"size": 7}) == 245 == env.grid_env.max_steps
+    assert task.episode_limit({"size": 9, "step_cap": 500}) == 405 == MinigridMemoryEnv(size=9).grid_env.max_steps
+    assert task.episode_limit({"size": 11, "step_cap": 500}) == 500
+    assert task.episode_limit({"size": 11, "step_cap": 5}) == 5
 
 
 def test_expert_sees_the_cue_then_reaches_the_matching_object():

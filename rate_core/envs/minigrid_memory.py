@@ -15,7 +15,8 @@ Reward: minigrid's 1 - 0.9 * step_count / max_steps (max_steps = 5 * size^2) for
 object that matches the cue, 0 for the other one.
 Start: the agent on the middle row at a random x between the start room and the hallway's end,
 facing east; the cue (key or ball) at the start room's north wall.
-End: terminated next to either object; truncated after `step_cap` steps.
+End: terminated next to either object; truncated after `step_cap` steps or minigrid's max_steps,
+whichever comes first (`episode_limit`).
 info: cue (0 = key, 1 = ball), success.
 """
 
@@ -34,6 +35,11 @@ FRAME_PIXELS = 480  # the map in a video frame is at most about this wide
 MAP_ROWS = 5  # a frame's map: the hallway's row and two on each side (walls, the cue and the two objects)
 CLOSE_UP_TILE = 16  # a map with smaller cells gets a close-up of the agent's surroundings at this size
 VIEW_ZOOM, VIEW_GAP = 2, 8  # the agent's view beside the map in render(): 2x, after an 8-pixel gap
+
+
+def episode_limit(size: int, step_cap: int) -> int:
+    """The most steps an episode lasts: step_cap, or minigrid's own limit (5 size^2) where it is lower."""
+    return min(step_cap, 5 * size**2)
 
 
 class MinigridMemoryEnv(gym.Env):

@@ -11,8 +11,10 @@ picklable: module-level functions or functools.partial of them, not lambdas.
 """
 
 import multiprocessing as mp
+import gc
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -57,6 +59,9 @@ def _send_error(connection, error: BaseException) -> None:
 
 
 def _exit_on_sigterm(signum, frame):
+    # What the SIGTERM leaves half-made may complain when collected (dm_control's MjrContext, stopped
+    # inside MuJoCo's rendering setup, prints an AttributeError): the parent has said why it stops.
+    sys.unraisablehook = lambda unraisable: None
     raise SystemExit(128 + signum)  # through the worker's finally, which closes its envs
 
 
@@ -105,6 +110,17 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
         connection.close()
 
 
+def _worker_process(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
+    """A worker process's whole life: _worker, then the heap frozen, so that the interpreter's last
+    garbage collection, over everything MuJoCo or ViZDoom made, is skipped (the process ends next; its
+    envs are closed): close() waited 0.67 s for 8 Memory Maze envs in 2 workers, 0.24 s so; after a Ctrl-C while
+    they were being made, 1.6-2.1 s before, 0.4-1.0 s so."""
+    try:
+        _worker(connection, env_fns)
+    finally:  # a SIGTERM's SystemExit too
+        gc.freeze()
+
+
 class SubprocLockstepVectorEnv(VectorEnv):
     """`len(env_fns)` envs made by the given (picklable) callables in `num_workers` processes
     (default: one per CPU core, at most one per env), each holding a contiguous share of the envs.
@@ -124,7 +140,7 @@ class SubprocLockstepVectorEnv(VectorEnv):
         first = 0
         for size in self._shares:
             parent, child = context.Pipe()
-            process = context.Process(target=_worker, args=(child, env_fns[first:first + size]), daemon=True)
+            process = context.Process(target=_worker_process, args=(child, env_fns[first:first + size]), daemon=True)
             with children_ignore_ctrl_c():
                 process.start()
             child.close()
