@@ -248,6 +248,13 @@ def wait_for_runs(timeout: float) -> bool:
         return _runs_done.wait_for(lambda: _runs == 0, timeout)
 
 
+def _stop_if_closing() -> None:
+    """AppClosing once the app is shutting down: checked before each video frame (encoder threads
+    call it too, so it does not use the run's progress, which belongs to the request's thread)."""
+    if CLOSING.is_set():
+        raise AppClosing
+
+
 def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
     """run_episodes without its cache."""
     models = [load_model(choice, request.task.name) for choice in (left, right)]
@@ -260,7 +267,7 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
 
     traces = play_pair(models, request, report)
     progress(None, desc="writing videos")
-    videos = episode_videos(traces, models, names, request.task)
+    videos = episode_videos(traces, models, names, request.task, check=_stop_if_closing)
     with _cache_lock:
         served = [Path(result[0]).parent for result in RESULT_CACHE.values()]
     prune_videos(keep=[*served, videos[0].parent])

@@ -657,6 +657,33 @@ def test_a_visitors_run_stops_when_the_app_shuts_down(monkeypatch):
     assert not ui._visits
 
 
+def test_videos_being_written_stop_when_the_app_shuts_down(monkeypatch, tmp_path):
+    # the exit waits for the runs under way: one writing its videos (seconds for long episodes) stops too
+    import app.episodes as episodes
+    import app.ui as ui
+
+    closing = threading.Event()
+    monkeypatch.setattr(ui, "CLOSING", closing)
+    monkeypatch.setattr(episodes, "VIDEO_ROOT", tmp_path)
+    request = make_request("tmaze", 3, 150, 1.0, 0, False)
+    checks, stop_if_closing = [], ui._stop_if_closing
+
+    def counting_check():
+        checks.append(1)
+        if len(checks) == 200:  # the server stops while the frames are being drawn and encoded
+            closing.set()
+        stop_if_closing()
+
+    monkeypatch.setattr(ui, "_stop_if_closing", counting_check)
+    with pytest.raises(ui.AppClosing):
+        ui._play_and_render(request, "shipped: rate", "shipped: dt", lambda *args, **kwargs: None)
+    assert 200 <= len(checks) < 210, len(checks)  # of 2 x 2 x 151 (each frame drawn, then encoded): stopped there
+    assert not list(tmp_path.rglob("*.mp4")), list(tmp_path.rglob("*"))  # no video, whole or partial
+    closing.clear()
+    left, right, *_ = ui._play_and_render(request, "shipped: rate", "shipped: dt", lambda *args, **kwargs: None)
+    assert Path(left).stat().st_size > 0 and Path(right).stat().st_size > 0  # the same run, not closing: written
+
+
 def test_a_failed_warm_up_example_is_reported_unless_the_app_is_closing(monkeypatch, capsys):
     import app.ui as ui
 
