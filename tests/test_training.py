@@ -573,6 +573,27 @@ def test_evaluate_reports_per_length(dataset_path, tmp_path):
         assert r["imbalance"] == pytest.approx(abs(up["mean_return"] - down["mean_return"]))
 
 
+def test_evaluate_table_shows_success_and_groups_only_where_the_task_has_them(capsys):
+    from training.evaluate import print_table
+
+    row = {"episodes": 4, "success_rate": 0.0, "mean_return": 7.5, "return_sem": 0.5, "mean_length": 1000.0,
+           "seconds": 3.0}
+    print_table(get_task("memory_maze"), [{"step_cap": 1000, **row}])  # no success in its envs, no groups
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split() == ["step_cap", "episodes", "return", "length", "seconds"]
+    assert line.split() == ["1000", "4", "7.500", "+-", "0.500", "1000.0", "3.0"]
+    groups = {"red": {**row, "mean_return": 8.0}, "green": {**row, "mean_return": 7.0}}
+    print_table(get_task("vizdoom_two_colors"), [{"step_cap": 2100, **row, "groups": groups, "imbalance": 1.0}])
+    header, line = capsys.readouterr().out.splitlines()
+    assert "success" not in header and header.endswith("per is_red")
+    assert line.endswith("red: 8.00 +- 0.50  green: 7.00 +- 0.50  imbalance 1.00"), line
+    groups = {"up": {**row, "success_rate": 1.0}, "down": {**row, "success_rate": 0.5}}
+    print_table(TASK, [{"episode_length": 30, **row, "success_rate": 0.75, "groups": groups, "imbalance": 0.0}])
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split() == ["episode_length", "episodes", "success", "return", "length", "seconds", "per", "cue"]
+    assert line.split()[:3] == ["30", "4", "0.75"] and "up: 1.00 / 7.50 +- 0.50  down: 0.50 / 7.50" in line
+
+
 def test_evaluation_in_batches_gives_the_same_results(dataset_path, tmp_path):
     from dataclasses import replace
 

@@ -236,17 +236,22 @@ def summarize(returns: np.ndarray, successes: np.ndarray) -> dict:
 
 
 def print_table(task: Task, results: list[dict]) -> None:
-    setting = task.evaluation.setting
-    print(f"{setting:>15} {'episodes':>9} {'success':>8} {'return':>16} {'length':>8} {'seconds':>8}   per "
-          f"{task.evaluation.balance_key or '-'}")
+    """One row per setting, and per group of episodes where the protocol has groups (success rate /
+    mean return +- SEM). Success only where the task scores it (ViZDoom's and Memory Maze's envs
+    report none: it would read 0.00)."""
+    setting, key = task.evaluation.setting, task.evaluation.balance_key
+    success = task.evaluation.metric == "success"
+    print(f"{setting:>15} {'episodes':>9}" + (f" {'success':>8}" if success else "")
+          + f" {'return':>16} {'length':>8} {'seconds':>8}" + (f"   per {key}" if key else ""))
     for r in results:
         ret = f"{r['mean_return']:.3f} +- {r['return_sem']:.3f}"
-        groups = "  ".join(f"{name}: {g['success_rate']:.2f} / {g['mean_return']:.2f} +- {g['return_sem']:.2f}"
+        groups = "  ".join(f"{name}: " + (f"{g['success_rate']:.2f} / " if success else "")
+                           + f"{g['mean_return']:.2f} +- {g['return_sem']:.2f}"
                            for name, g in r.get("groups", {}).items())
         if "imbalance" in r:
             groups += f"  imbalance {r['imbalance']:.2f}"
-        print(f"{r[setting]:>15} {r['episodes']:>9} {r['success_rate']:>8.2f} {ret:>16} {r['mean_length']:>8.1f} "
-              f"{r['seconds']:>8.1f}   {groups}")
+        print(f"{r[setting]:>15} {r['episodes']:>9}" + (f" {r['success_rate']:>8.2f}" if success else "")
+              + f" {ret:>16} {r['mean_length']:>8.1f} {r['seconds']:>8.1f}" + (f"   {groups}" if groups else ""))
 
 
 def main(args: Args) -> None:
