@@ -73,12 +73,15 @@ def main(args: Args) -> None:
     if args.json:
         writable_file_or_exit("--json", args.json)
     result = report(args.task, args.episodes, settings, args.seed)
-    print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: success "
-          f"{result['success_rate']:.3f}, return {result['mean_return']:.3f} +- {result['return_sem']:.3f}, "
-          f"mean length {result['mean_length']:.1f}")
+
+    def scores(row: dict) -> str:  # success only where the task scores it (ViZDoom's, Memory Maze's envs report none)
+        success = f"success {row['success_rate']:.3f}, " if task.evaluation.metric == "success" else ""
+        return (f"{success}return {row['mean_return']:.3f} +- {row['return_sem']:.3f}, "
+                f"mean length {row['mean_length']:.1f}")
+
+    print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: {scores(result)}")
     for name, group in result.get("groups", {}).items():
-        print(f"  {name:>8}: {group['episodes']} episodes, success {group['success_rate']:.3f}, return "
-              f"{group['mean_return']:.3f} +- {group['return_sem']:.3f}, mean length {group['mean_length']:.1f}")
+        print(f"  {name:>8}: {group['episodes']} episodes, {scores(group)}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
