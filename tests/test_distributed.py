@@ -74,3 +74,22 @@ def test_two_processes_keep_the_same_weights_under_a_time_limit(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sums = [json.loads((tmp_path / "run" / f"sums_{rank}.json").read_text()) for rank in (0, 1)]
     assert len(sums[0]) > 10 and sums[0] == sums[1]
+
+
+def test_the_process_group_waits_long_enough_for_process_0s_evaluation(monkeypatch):
+    # the others wait at a barrier while process 0 evaluates: torch's default limit (nccl 10 min, gloo 30)
+    # would end them during a long evaluation
+    import datetime
+
+    import torch.distributed as dist
+
+    from training import train as train_module
+
+    started = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: started.update(backend=backend, **kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert train_module.setup_distributed("cpu") == (1, 2, torch.device("cpu"))
+    assert started["backend"] == "gloo" and started["timeout"] >= datetime.timedelta(hours=1)

@@ -18,6 +18,7 @@ holds the loss per step and the periodic evaluations; curves.png draws them afte
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -527,6 +528,9 @@ def load_training_state(directory: Path, optimizer, scheduler,
     return meta["epoch"], meta["step"], float(meta.get("training_seconds", 0.0))  # 0: saved before it was kept
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)  # how long processes wait for each other under torchrun
+
+
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; starts the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -539,7 +543,10 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The other processes wait at a barrier while process 0 evaluates and writes the checkpoint after
+        # an epoch: torch's default limit for a collective (10 minutes for nccl, 30 for gloo) would end
+        # them during a long evaluation (ViZDoom's 500-step episodes on a busy CPU, a larger --eval-episodes).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
