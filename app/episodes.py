@@ -147,6 +147,15 @@ def _remember(key, load) -> MemoryTransformer:
     return _models[key]
 
 
+def files_stamp(folder: Path) -> tuple:
+    """Name, modification time and size of each file in folder: what changes when a checkpoint is
+    written again in place (() where the folder cannot be read)."""
+    try:
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*")) if p.is_file())
+    except OSError:
+        return ()
+
+
 def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTransformer:
     """The model of a checkpoint choice for `task` (shipped, a folder, or hf://USER/NAME), cached
     while its files do not change. AppError for anything that keeps it from playing `task`."""
@@ -162,8 +171,7 @@ def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTr
         if not path.exists():
             raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of "
                            f"a folder with config.json and model.safetensors")
-        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.glob("*")) if p.is_file())
-        key = (str(path.resolve()), task, stamp)
+        key = (str(path.resolve()), task, files_stamp(path))
         with _models_lock:
             return _fitting(_remember(key, lambda: load_checkpoint(path, task=task).eval()), task)
     except CheckpointError as error:

@@ -11,9 +11,9 @@ import gradio as gr
 import numpy as np
 
 from app import plots
-from app.episodes import (CHECKPOINT_ROOT, SHIPPED, AppError, EpisodeRequest, agent_name, default_pair, demo_tasks,
-                          episode_videos, load_model, local_paths_allowed, make_request, outcome, play_pair,
-                          prune_videos, shipped_choices, task_description, what_if)
+from app.episodes import (CHECKPOINT_ROOT, SHIPPED, AppError, EpisodeRequest, agent_name, checkpoint_path,
+                          default_pair, demo_tasks, episode_videos, files_stamp, load_model, local_paths_allowed,
+                          make_request, outcome, play_pair, prune_videos, shipped_choices, task_description, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
@@ -194,8 +194,13 @@ def _cached_run(task: str, left: str, right: str, seed: float, setting: float, t
     if not all(str(choice).startswith(SHIPPED) for choice in (left, right)):  # files may change: no cache
         with _playing(visitor):
             return _play_and_render(request, left, right, progress)
-    # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it
-    key = (request.task.name, left, right, request.seed, tuple(sorted(request.settings.items())),
+    # the run as played: a setting the task does not have (the hidden box keeps another task's value) is not in it;
+    # and the checkpoints' files as they are (a shipped checkpoint written again in place is another model)
+    try:
+        stamps = tuple(files_stamp(checkpoint_path(choice, request.task.name)) for choice in (left, right))
+    except AppError:  # not a shipped checkpoint of this task: _play_and_render says so
+        stamps = ()
+    key = (request.task.name, left, right, stamps, request.seed, tuple(sorted(request.settings.items())),
            request.target_return, request.step_cap, request.sample, request.memory_horizon)
     while True:
         with _cache_lock:

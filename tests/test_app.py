@@ -1023,6 +1023,27 @@ def test_a_run_queued_behind_a_newer_press_of_its_page_does_not_start(monkeypatc
     ui.forget_page(page)
 
 
+def test_a_cached_result_is_played_again_once_its_checkpoint_is_written_again(monkeypatch, tmp_path):
+    import os
+    import shutil
+
+    import app.ui as ui
+    from app.episodes import checkpoint_path
+
+    for mode in ("rate", "dt"):  # copies of the shipped checkpoints, to write one again in place
+        shutil.copytree(checkpoint_path(f"shipped: {mode}", "tmaze"), tmp_path / mode)
+    monkeypatch.setattr(ui, "checkpoint_path", lambda choice, task: tmp_path / choice.split(": ")[1])
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
+    played = []
+    monkeypatch.setattr(ui, "_play_and_render", lambda request, *rest: played.append(request.seed) or len(played))
+    inputs = ["tmaze", "shipped: rate", "shipped: dt", 5, 150, 1.0, 0, False, 0]
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    assert [ui._cached_run(*inputs, quiet) for _ in range(2)] == [1, 1]  # the second from the cache
+    weights = tmp_path / "dt" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # training wrote it
+    assert [ui._cached_run(*inputs, quiet) for _ in range(2)] == [2, 2] and played == [5, 5]
+
+
 def test_a_refused_run_is_one_line_in_the_log_and_its_message_is_the_outcome(capsys):
     from types import SimpleNamespace
 
