@@ -441,3 +441,10 @@ def test_ctrl_c_while_the_app_starts_ends_it_in_one_line():
     finally:
         app.kill()  # an app that ignored Ctrl-C is not left serving after the test
     assert app.returncode == 1 and err == "interrupted\n", err
+
+
+def test_the_modules_without_a_command_say_which_tool_to_run():
+    for module, tool in (("figures", "training.scores"), ("dataset", "training.collect"), ("step", "training.train")):
+        result = subprocess.run([sys.executable, "-m", f"training.{module}", "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 1 and f"python -m {tool} --help" in result.stderr, (module, result.stderr)

@@ -310,3 +310,8 @@ def load_dataset(path: str | os.PathLike, task: str | None = None) -> Dataset:
             raise DatasetError(f"{path / (name + '.npy')}: {len(arrays[name])} rows for {steps} steps; {collect_hint}")
     return Dataset(path, meta, arrays["observations"], arrays["actions"], rewards, starts, returns_to_go,
                    labels=arrays.get("labels"), aux_labels=arrays.get("aux_labels"))
+
+
+if __name__ == "__main__":
+    raise SystemExit("training.dataset reads and writes datasets (the format is in its docstring); it has no "
+                     "command of its own: python -m training.collect --help makes one, training.merge joins them")

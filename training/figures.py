@@ -33,3 +33,8 @@ def save_png(figure, out: Path) -> Path:
         plt.close(figure)
         partial.unlink(missing_ok=True)
     return out
+
+
+if __name__ == "__main__":
+    raise SystemExit("training.figures holds the plotting helpers of training.scores, training.curves and "
+                     "training.compare; it has no command of its own: python -m training.scores --help")

@@ -185,3 +185,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     if distributed:
         torch.distributed.all_reduce(losses)
     return [float(losses[i]) for i in active]
+
+
+if __name__ == "__main__":
+    raise SystemExit("training.step is the training step of training.train; it has no command of its own: "
+                     "python -m training.train --help")
