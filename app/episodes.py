@@ -558,21 +558,27 @@ def episode_videos(traces: list[EpisodeTrace], models: list[MemoryTransformer], 
     """One video per agent, with the same number of frames and frame rate (a shorter episode holds
     its last frame). check: called before each frame is drawn and encoded, from this thread and the
     encoders'; what it raises stops the videos (the app shutting down), the first such error raised
-    here once both encoders have stopped, and no partial file is left."""
+    here once both encoders have stopped, and the folder made for them is deleted."""
     check = check or (lambda: None)
-    if folder is None:
+    made = folder is None
+    if made:
         VIDEO_ROOT.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="episode_", dir=VIDEO_ROOT))
     count = max(len(trace.frames) for trace in traces)
     fps = video_fps(count)
     jobs = []
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the encoders are ffmpeg processes: encode both at once
-        for side, trace, model, name in zip(("left", "right")[: len(traces)], traces, models, names, strict=True):
-            memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
-            frames = []
-            for t, frame in enumerate(trace.frames):
-                check()
-                frames.append(annotate(frame, trace, t, task, name, memory))
-            frames += [frames[-1]] * (count - len(frames))
-            jobs.append(pool.submit(write_video, frames, folder / f"{side}.mp4", fps, check))
-        return [job.result() for job in jobs]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the encoders are ffmpeg processes: encode both at once
+            for side, trace, model, name in zip(("left", "right")[: len(traces)], traces, models, names, strict=True):
+                memory = model.config.num_mem_tokens > 0 or model.config.mem_len > 0
+                frames = []
+                for t, frame in enumerate(trace.frames):
+                    check()
+                    frames.append(annotate(frame, trace, t, task, name, memory))
+                frames += [frames[-1]] * (count - len(frames))
+                jobs.append(pool.submit(write_video, frames, folder / f"{side}.mp4", fps, check))
+            return [job.result() for job in jobs]
+    except BaseException:
+        if made:  # the pair's folder goes with it (one video of a pair is no result)
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -165,9 +165,11 @@ class Task:
         return fits
 
     def episode_limit(self, settings: dict) -> int | None:
-        """The most steps an episode with these env settings lasts (None: the task sets no limit)."""
+        """The most steps an episode with these env settings (the task's defaults for those not given)
+        lasts (None: the task sets no limit)."""
+        settings = {**self.default_settings, **settings}
         if self.max_steps is not None:
-            return self.max_steps({**self.default_settings, **settings})
+            return self.max_steps(settings)
         return settings.get("episode_length") or settings.get("step_cap")
 
     def model_config(self, mode: str) -> ModelConfig:

@@ -113,6 +113,19 @@ def test_expert_report_scores_the_expert_per_group():
     assert "up: 2 episodes" in out and "down: 2 episodes" in out
 
 
+def test_expert_report_gives_no_success_where_the_task_scores_return(monkeypatch, capsys):
+    from training import expert_report
+
+    row = {"episodes": 2, "success_rate": 0.0, "mean_return": 30.5, "return_sem": 1.5, "mean_length": 2100.0}
+    monkeypatch.setattr(expert_report, "report", lambda task, episodes, settings, seed: {
+        "task": task, "settings": settings, **row, "groups": {"red": row, "green": row}})
+    expert_report.main(expert_report.Args(task="vizdoom_two_colors", episodes=2))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(": return 30.500 +- 1.500, mean length 2100.0") and "success" not in "".join(lines)
+    assert lines[1].split() == ["red:", "2", "episodes,", "return", "30.500", "+-", "1.500,", "mean", "length",
+                                "2100.0"]
+
+
 def test_bench_env_prints_steps_per_second_last():
     out = run("-m", "training.bench_env", "--task", "tmaze", "--steps", "200")
     assert float(out.strip().splitlines()[-1].split("=")[1]) > 0
@@ -256,12 +269,15 @@ def test_ctrl_c_ends_a_tool_with_one_line():
     import signal
 
     terminate = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit, match="^interrupted: resume with --resume$"):
-        run_main(interrupted, None, "interrupted: resume with --resume")
-    sys.unraisablehook = sys.__unraisablehook__  # run_main silenced it for the way out
-    signal.signal(signal.SIGTERM, terminate)  # and made SIGTERM a Ctrl-C
-    assert gc.get_freeze_count() > 0  # and froze the heap for a quick exit
-    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        with pytest.raises(SystemExit, match="^interrupted: resume with --resume$"):
+            run_main(interrupted, None, "interrupted: resume with --resume")
+        assert gc.get_freeze_count() > 0  # it froze the heap for a quick exit
+    finally:
+        gc.unfreeze()
+        sys.unraisablehook = sys.__unraisablehook__  # run_main silenced it for the way out
+        signal.signal(signal.SIGTERM, terminate)  # and made SIGTERM a Ctrl-C
 
 
 def test_ctrl_c_leaves_no_complaints_from_what_it_left_half_made():

@@ -41,6 +41,10 @@ def test_step_cap_truncates_and_rewards_follow_minigrid():
     assert task.episode_limit({"size": 9, "step_cap": 500}) == 405 == MinigridMemoryEnv(size=9).grid_env.max_steps
     assert task.episode_limit({"size": 11, "step_cap": 500}) == 500
     assert task.episode_limit({"size": 11, "step_cap": 5}) == 5
+    # the other tasks' limit is their setting, the task's default where none is given
+    assert [get_task(name).episode_limit({}) for name in ("tmaze", "vizdoom_two_colors", "memory_maze")] == \
+        [150, 2100, 1000]
+    assert get_task("memory_maze").episode_limit({"step_cap": 300}) == 300
 
 
 def test_expert_sees_the_cue_then_reaches_the_matching_object():

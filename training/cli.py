@@ -233,5 +233,6 @@ def run_main(main, args, interrupted: str = "interrupted") -> None:
     finally:
         # The process ends next: the interpreter's last garbage collection would walk everything torch,
         # MuJoCo and the rest made (0.7 s of Memory Maze evaluate's 0.9 s exit); frozen, it is skipped.
-        # Files and processes are closed by the tools themselves, not by that collection.
+        # What must be closed (files, envs, worker processes) is closed by the tools or when its last
+        # reference goes, not by that collection; objects in reference cycles are not finalized.
         gc.freeze()
