@@ -66,6 +66,7 @@ def main() -> None:
     outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.episodes import ENV_POOL
     from app.ui import CLOSING, build_demo, wait_for_runs
+    from rate_core.envs.subproc import STOP_STARTS
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
     demo = build_demo().queue(default_concurrency_limit=2)
@@ -77,6 +78,7 @@ def main() -> None:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(outputs)])
     finally:
         CLOSING.set()  # the warm-up and runs stop: the exit would otherwise wait for them to play out
+        STOP_STARTS.set()  # and env workers still starting (a Memory Maze run's) are stopped, not waited for
     # Then exit at once, once the runs CLOSING stops have closed their envs and the kept ones are closed:
     # the interpreter's own teardown, after a ViZDoom game had played in another thread, sometimes aborted
     # in native code ("terminate called without an active exception", exit status -6: 5 of 20 SIGTERMs

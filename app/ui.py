@@ -15,6 +15,7 @@ from app.episodes import (CHECKPOINT_ROOT, SHIPPED, AppError, EpisodeRequest, ag
                           default_pair, demo_tasks, episode_videos, files_stamp, load_model, local_paths_allowed,
                           make_request, outcome, play_pair, prune_videos, shipped_choices, task_description, what_if)
 from rate_core.checkpoint import CheckpointError, read_checkpoint_config
+from rate_core.envs.subproc import EnvsStopped
 from rate_core.model import MemoryTransformer
 from rate_core.paper import PAPER_PARAMETER_COUNTS, PAPER_TASKS, paper_config
 from rate_core.tasks import get_task
@@ -270,7 +271,10 @@ def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
         progress((min(steps), limit) if limit else None,
                  desc=", ".join(f"{name}: step {step}" for name, step in zip(names, steps, strict=True)))
 
-    traces = play_pair(models, request, report)
+    try:
+        traces = play_pair(models, request, report)
+    except EnvsStopped:  # app.py stopped its env workers while they started: the app is shutting down
+        raise AppClosing from None
     progress(None, desc="writing videos")
     videos = episode_videos(traces, models, names, request.task, check=_stop_if_closing)
     with _cache_lock:

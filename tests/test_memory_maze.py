@@ -340,10 +340,12 @@ class HalfMade:
 
 
 class SlowToMake(TMazeEnv):
-    """An env whose making is stopped half-way: it holds a HalfMade, leaves a file at `mark`, then waits."""
+    """An env whose making is stopped half-way: it holds a HalfMade, leaves a file at `mark` (and its
+    process id in a file beside it), then waits."""
 
     def __init__(self, mark: Path, **kwargs):
         part = HalfMade()  # noqa: F841 (collected when the SIGTERM's SystemExit leaves this frame)
+        (mark.parent / f"pid{os.getpid()}").touch()
         mark.touch()
         time.sleep(60)
         super().__init__(**kwargs)
@@ -366,6 +368,35 @@ def test_a_worker_stopped_while_it_makes_its_envs_ends_quietly(tmp_path, capfd):
     assert worker.exitcode == 128 + signal.SIGTERM
     err = capfd.readouterr().err
     assert "Exception ignored" not in err and "HalfMade" not in err, err
+
+
+def test_env_workers_still_starting_stop_when_the_app_shuts_down(tmp_path):
+    # the app sets STOP_STARTS once its server stops: a run's workers still making their envs are ended, and
+    # the constructor raises at once instead of the shutdown waiting for envs nobody will step
+    import threading
+
+    from rate_core.envs import subproc
+
+    mark = tmp_path / "making"
+
+    def shut_down_once_making():
+        deadline = time.monotonic() + 60
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        subproc.STOP_STARTS.set()
+
+    app = threading.Thread(target=shut_down_once_making)
+    app.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(subproc.EnvsStopped, match="stopped while they made their envs"):
+            SubprocLockstepVectorEnv([functools.partial(SlowToMake, mark, episode_length=5)] * 2, num_workers=2)
+    finally:
+        subproc.STOP_STARTS.clear()
+        app.join()
+    assert mark.exists() and time.monotonic() - started < 30  # SlowToMake takes 60 s to make
+    pids = [int(path.name[3:]) for path in tmp_path.glob("pid*")]
+    assert pids and not any(_running(pid) for pid in pids)  # the workers are gone
 
 
 def test_ctrl_c_is_the_parents_alone(tmp_path):

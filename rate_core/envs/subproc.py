@@ -30,6 +30,16 @@ from gymnasium.vector.utils import batch_space
 from rate_core.envs.lockstep import LockstepVectorEnv, check_actions, check_reset_options, env_seeds
 
 
+STOP_STARTS = threading.Event()
+"""Set by an application that is shutting down (the app, once its server has stopped): a
+SubprocLockstepVectorEnv whose workers are still making their envs stops them and raises EnvsStopped,
+instead of the shutdown waiting seconds for envs nobody will step (Memory Maze: 1-2 s)."""
+
+
+class EnvsStopped(RuntimeError):
+    """The vector env's workers were stopped while making their envs (STOP_STARTS)."""
+
+
 @contextmanager
 def children_ignore_ctrl_c():
     """Processes started inside this block start with SIGINT ignored (Python keeps an inherited
@@ -162,9 +172,12 @@ class SubprocLockstepVectorEnv(VectorEnv):
     def _receive_all(self, starting: bool = False) -> list:
         """Every worker's answer to the last request, in worker order. A worker's exception is
         raised again here (the first one, with the worker's traceback as a note); starting: the
-        workers' first answer, after making their envs."""
+        workers' first answer, after making their envs (EnvsStopped once STOP_STARTS is set)."""
         answers, failure = [], None
         for worker, connection in enumerate(self._connections):
+            while starting and not connection.poll(0.05):
+                if STOP_STARTS.is_set():  # the constructor then ends the workers (close with terminate)
+                    raise EnvsStopped("the env workers were stopped while they made their envs (shutting down)")
             try:
                 status, result = connection.recv()
             except (EOFError, ConnectionError):
