@@ -107,6 +107,28 @@ def test_bench_rollout_prints_ratios_last():
     assert last.startswith("speedup_vs_reference=") and ref > 0 and batched > 0
 
 
+
+def test_bench_rollout_closes_every_env_it_makes(monkeypatch, capsys):
+    from rate_core.envs.tmaze import TMazeVectorEnv
+    from training import bench_rollout
+
+    made, closed = [], []
+    original_init, original_close = TMazeVectorEnv.__init__, TMazeVectorEnv.close
+
+    def init(self, *args, **kwargs):
+        made.append(id(self))
+        original_init(self, *args, **kwargs)
+
+    def close(self, **kwargs):
+        closed.append(id(self))
+        original_close(self, **kwargs)
+
+    monkeypatch.setattr(TMazeVectorEnv, "__init__", init)
+    monkeypatch.setattr(TMazeVectorEnv, "close", close)
+    bench_rollout.main(bench_rollout.Args(length=30, envs=2, reference_envs=1, recompute_steps=20, device="cpu"))
+    assert "speedup_vs_reference=" in capsys.readouterr().out
+    assert len(made) == 6 and set(closed) >= set(made)  # warm-up, engine, reference, batched, check, latency
+
 def test_expert_report_scores_the_expert_per_group():
     out = run("-m", "training.expert_report", "--task", "tmaze", "--episodes", "4", "--settings", "episode_length=20")
     assert "tmaze expert over 4 episodes" in out and "success 1.000" in out

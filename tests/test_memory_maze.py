@@ -356,8 +356,10 @@ def test_a_worker_stopped_while_it_makes_its_envs_ends_quietly(tmp_path, capfd):
     # what it left half-made must not print "Exception ignored in ..." under the one line "interrupted"
     mark = tmp_path / "making"
     parent, child = multiprocessing.Pipe()
+    made_first = tmp_path / "made first, closed"
     worker = multiprocessing.get_context("spawn").Process(
-        target=_worker_process, args=(child, [functools.partial(SlowToMake, mark, episode_length=5)]))
+        target=_worker_process, args=(child, [functools.partial(MarksItsClose, made_first, episode_length=5),
+                                              functools.partial(SlowToMake, mark, episode_length=5)]))
     worker.start()
     deadline = time.monotonic() + 60
     while not mark.exists() and time.monotonic() < deadline:
@@ -368,6 +370,24 @@ def test_a_worker_stopped_while_it_makes_its_envs_ends_quietly(tmp_path, capfd):
     assert worker.exitcode == 128 + signal.SIGTERM
     err = capfd.readouterr().err
     assert "Exception ignored" not in err and "HalfMade" not in err, err
+    assert made_first.exists()  # the env it had made before is closed (a ViZDoom engine would stop)
+
+
+class FailsToBeMade(TMazeEnv):
+    def __init__(self, **kwargs):
+        raise RuntimeError("no engine for this env")
+
+
+def test_envs_made_before_one_that_fails_to_be_made_are_closed(tmp_path):
+    marks = [tmp_path / "0", tmp_path / "1"]
+    with pytest.raises(RuntimeError, match="no engine for this env"):
+        LockstepVectorEnv([functools.partial(MarksItsClose, marks[0], episode_length=5),
+                           functools.partial(MarksItsClose, marks[1], episode_length=5), FailsToBeMade])
+    assert all(mark.exists() for mark in marks)
+    with pytest.raises(RuntimeError, match="no engine for this env"):  # in a worker: reported, the others closed
+        SubprocLockstepVectorEnv([functools.partial(MarksItsClose, tmp_path / "2", episode_length=5),
+                                  FailsToBeMade], num_workers=1)
+    assert (tmp_path / "2").exists()
 
 
 def test_env_workers_still_starting_stop_when_the_app_shuts_down(tmp_path):

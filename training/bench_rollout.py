@@ -14,6 +14,7 @@ mean cost per step is that of a full episode); the rates are env-steps per secon
 The last line reads `speedup_vs_reference=<x> speedup_vs_batched_recompute=<y>`.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,11 @@ def recompute_rollout(model, vector_env, seeds, target_return: float, max_steps:
 def segment_latency(model, task, settings, envs: int, device, segments: int = 2):
     """Mean seconds of one batched model step (the action logits) by position in the segment, and
     of the memory update at the end of a segment, over `segments` segments."""
-    env = task.make_vector_env(envs, **settings)
+    with contextlib.closing(task.make_vector_env(envs, **settings)) as env:
+        return _segment_latency(model, env, envs, device, segments)
+
+
+def _segment_latency(model, env, envs: int, device, segments: int):
     obs, _ = env.reset(seed=list(range(envs)))
     policy = make_policy(model, envs)
     k = model.config.segment_steps
@@ -133,38 +138,43 @@ def main(args: Args) -> None:
     print(f"{args.checkpoint} ({task.name}, {model.config.mode}, K={k}) on {device}, "
           f"{torch.get_num_threads()} threads; {task.evaluation.setting}={args.length}, {args.envs} envs")
 
-    # warm-up (allocator, kernels)
-    run_episodes(model, task.make_vector_env(args.envs, **settings), seeds, target, max_steps=k + 2)
+    # Every vector env made here is closed once the loops are done (not left to garbage collection).
+    with contextlib.ExitStack() as made:
+        def make_env(num_envs: int):
+            return made.enter_context(contextlib.closing(task.make_vector_env(num_envs, **settings)))
 
-    start = time.perf_counter()
-    engine = run_episodes(model, task.make_vector_env(args.envs, **settings), seeds, target, trace=False,
-                          progress=None)
-    engine_seconds = time.perf_counter() - start
-    engine_steps = int(engine.lengths.sum())
-    engine_rate = engine_steps / engine_seconds
+        # warm-up (allocator, kernels)
+        run_episodes(model, make_env(args.envs), seeds, target, max_steps=k + 2)
 
-    start = time.perf_counter()
-    ref_steps, ref_actions = 0, []
-    for seed in seeds[: args.reference_envs]:
-        actions = recompute_rollout(model, task.make_vector_env(1, **settings), [seed], target, None,
-                                    desc=f"reference seed {seed}")
-        ref_steps += actions.shape[1]
-        ref_actions.append(actions[0])
-    ref_seconds = time.perf_counter() - start
-    ref_rate = ref_steps / ref_seconds
+        start = time.perf_counter()
+        engine = run_episodes(model, make_env(args.envs), seeds, target, trace=False,
+                              progress=None)
+        engine_seconds = time.perf_counter() - start
+        engine_steps = int(engine.lengths.sum())
+        engine_rate = engine_steps / engine_seconds
 
-    steps = args.recompute_steps and max(k, args.recompute_steps // k * k)
-    start = time.perf_counter()
-    batched_actions = recompute_rollout(model, task.make_vector_env(args.envs, **settings), seeds, target,
-                                        steps or None, desc="batched recompute")
-    batched_seconds = time.perf_counter() - start
-    batched_rate = batched_actions.size / batched_seconds
+        start = time.perf_counter()
+        ref_steps, ref_actions = 0, []
+        for seed in seeds[: args.reference_envs]:
+            actions = recompute_rollout(model, make_env(1), [seed], target, None,
+                                        desc=f"reference seed {seed}")
+            ref_steps += actions.shape[1]
+            ref_actions.append(actions[0])
+        ref_seconds = time.perf_counter() - start
+        ref_rate = ref_steps / ref_seconds
 
-    # The three loops must agree on what they did (argmax; reference envs are the first ones).
-    check = run_episodes(model, task.make_vector_env(args.envs, **settings), seeds, target, trace=True)
-    agree = all(np.array_equal(check.traces[i].actions, a) for i, a in enumerate(ref_actions)) and all(
-        np.array_equal(check.traces[i].actions[: batched_actions.shape[1]], batched_actions[i])
-        for i in range(args.envs))
+        steps = args.recompute_steps and max(k, args.recompute_steps // k * k)
+        start = time.perf_counter()
+        batched_actions = recompute_rollout(model, make_env(args.envs), seeds, target,
+                                            steps or None, desc="batched recompute")
+        batched_seconds = time.perf_counter() - start
+        batched_rate = batched_actions.size / batched_seconds
+
+        # The three loops must agree on what they did (argmax; reference envs are the first ones).
+        check = run_episodes(model, make_env(args.envs), seeds, target, trace=True)
+        agree = all(np.array_equal(check.traces[i].actions, a) for i, a in enumerate(ref_actions)) and all(
+            np.array_equal(check.traces[i].actions[: batched_actions.shape[1]], batched_actions[i])
+            for i in range(args.envs))
 
     latency, update = segment_latency(model, task, settings, args.envs, device)
     print(f"{'loop':<20} {'env-steps':>10} {'seconds':>9} {'env-steps/s':>12}")

@@ -6,6 +6,7 @@ terminated/truncated False. Info values that are numbers or booleans become arra
 (num_envs,) (the last value for finished envs).
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +43,32 @@ def env_seeds(seed: int | list[int] | None, num_envs: int) -> list[int | None]:
     return seeds
 
 
+def close_envs(envs: list[gym.Env]) -> None:
+    """Close each of `envs`, every one even if some fail to close; the first failure is raised after."""
+    failure = None
+    for env in envs:
+        try:
+            env.close()
+        except Exception as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
 class LockstepVectorEnv(VectorEnv):
     """`len(env_fns)` envs made by the given callables, stepped in lockstep (see the module docstring)."""
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]):
         if not env_fns:
             raise ValueError("need at least one env")
-        self.envs = [make() for make in env_fns]
+        self.envs = []
+        try:
+            for make in env_fns:
+                self.envs.append(make())
+        except BaseException:  # an env that fails to be made (or Ctrl-C, or a worker's SIGTERM) closes those made
+            with contextlib.suppress(Exception):  # the failure to make one is the error to see
+                close_envs(self.envs)
+            raise
         first = self.envs[0]
         self.num_envs = len(self.envs)
         self.single_observation_space = first.observation_space
@@ -101,5 +121,4 @@ class LockstepVectorEnv(VectorEnv):
         return tuple(env.render() for env in self.envs)
 
     def close_extras(self, **kwargs) -> None:
-        for env in self.envs:
-            env.close()
+        close_envs(self.envs)

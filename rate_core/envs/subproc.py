@@ -82,8 +82,9 @@ def _worker(connection, env_fns: list[Callable[[], gym.Env]]) -> None:
     and a KeyboardInterrupt inside MuJoCo's context making leaves a half-made object that complains
     when collected). A parent that has gone (killed, or stopped by SIGTERM while the envs were being
     made or stepped) ends the worker quietly once its work in hand is done: there is no one to
-    answer, and no traceback. SIGTERM (close with terminate) closes the envs on the way out: a ViZDoom
-    game left open would keep its engine process running."""
+    answer, and no traceback. SIGTERM (close with terminate) closes the envs on the way out, also
+    those made when it stops the making of the others (LockstepVectorEnv closes them): a ViZDoom game
+    left open would keep its engine process running."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     envs = None
