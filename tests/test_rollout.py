@@ -154,6 +154,8 @@ def test_sample_actions_inverts_the_cumulative_distribution():
     assert sample_actions(probs, uniform).tolist() == [0, 0, 1, 1, 2, 2]
     short = torch.tensor([[0.5, 0.4999]])  # a cumulative sum that falls short of the draw: the last action
     assert sample_actions(short, torch.tensor([0.99995])).tolist() == [1]
+    zero_last = torch.tensor([[0.5, 0.4999, 0.0]])  # ... of nonzero probability
+    assert sample_actions(zero_last, torch.tensor([0.99995])).tolist() == [1]
     draws = sample_actions(probs[:1].expand(20000, 3), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     assert np.allclose(np.bincount(draws.numpy(), minlength=3) / 20000, [0.2, 0.5, 0.3], atol=0.015)
 
