@@ -229,10 +229,11 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
     spec = task.demo_setting
     if spec is not None:
         value = spec.default if setting_value is None else setting_value
-        if not float(value).is_integer() or not spec.minimum <= value <= spec.maximum:
-            raise AppError(f"{spec.label} must be a whole number from {spec.minimum} to {spec.maximum}, got {value}")
+        if not spec.allows(value):
+            raise AppError(f"{spec.label} must be {spec.described()}, got {value}")
         settings[spec.name] = int(value)
-    if seed is None or not float(seed).is_integer() or not 0 <= seed < 2**31:
+    seed = 0 if seed is None else seed  # an empty box is its default, as for every box
+    if not float(seed).is_integer() or not 0 <= seed < 2**31:
         raise AppError(f"seed must be a whole number from 0 to {2**31 - 1}, got {seed}")
     target = task.evaluation.target_return if target_return is None else float(target_return)
     if not abs(target) <= TARGET_RETURN_LIMIT:  # NaN too
@@ -440,6 +441,7 @@ def outcome(trace: EpisodeTrace, model: MemoryTransformer, task: Task) -> dict:
         "mode": model.config.mode, "steps": steps, "return": round(trace.total_return, 4),
         "segments": math.ceil(steps / model.config.context_length) if model.config.mode != "dt" else None,
         "memory_updates": len(trace.memory_update_steps), "memory_horizon": trace.memory_horizon,
+        "stopped_by_step_cap": trace.cut_short,
     }
     if task.evaluation.metric == "success":
         result["success"] = trace.success
@@ -455,17 +457,20 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: str, memory: bool) -> np.ndarray:
-    """The frame before step t (t = T: after the last step) with a strip of text under it: step,
-    action, reward, return so far, target return left; a yellow mark when a segment begins."""
-    frame_height, frame_width = frame.shape[:2]
-    # at least 640 wide for the text, and sizes divisible by 16 for H.264
-    width = max(MIN_VIDEO_WIDTH, -(-frame_width // 16) * 16)
-    height = -(-(frame_height + OVERLAY_HEIGHT) // 16) * 16 - OVERLAY_HEIGHT
-    image = Image.new("RGB", (width, height + OVERLAY_HEIGHT), (16, 18, 22))
-    image.paste(Image.fromarray(frame), ((width - frame_width) // 2, 0))
-    draw = ImageDraw.Draw(image)
-    font = _font(15)
+def end_verdict(trace: EpisodeTrace) -> str:
+    """How an episode ended, in words: success or failed where the env says, stopped by the step cap
+    before it ended (no verdict: the agent had not finished), else episode over."""
+    if trace.success:
+        return "success"
+    if trace.cut_short:
+        return "stopped by the step cap"
+    return "failed" if "success" in trace.info else "episode over"
+
+
+def frame_text(trace: EpisodeTrace, t: int, task: Task, name: str, memory: bool) -> tuple[str, str, bool]:
+    """The two lines under the frame before step t (t = T: after the last step), and whether a segment
+    begins there: the step's action, reward, return so far and target return left (or how the episode
+    ended), then the segment (or DT's window)."""
     k = trace.segment_steps
     done_return = float(trace.rewards[:t].sum())
     if t < trace.length:
@@ -475,12 +480,10 @@ def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: s
         line = (f"{name}   step {t}   action {action_name} (p={trace.probs[t, action]:.2f})   reward {reward:g}   "
                 f"return {done_return:g}   target left {trace.returns_to_go[t]:g}")
     else:
-        verdict = ("success" if trace.success else "failed") if "success" in trace.info else "episode over"
-        line = f"{name}   {verdict} after {trace.length} steps   return {done_return:g}"
-    draw.text((8, height + 6), line, fill=(235, 235, 235), font=font)
-    segment = t // k
-    if memory and t % k == 0 and 0 < t < trace.length:
-        draw.rectangle((0, height, width, height + 3), fill=(250, 210, 40))
+        line = f"{name}   {end_verdict(trace)} after {trace.length} steps   return {done_return:g}"
+    segment = min(t, trace.length - 1) // k  # the frame after the last step shows the last segment played
+    begins = memory and t % k == 0 and 0 < t < trace.length
+    if begins:
         horizon = trace.memory_horizon
         if horizon is None:
             reach = f"memory updated from the last {k} steps"
@@ -488,11 +491,27 @@ def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: s
             reach = "memory reset (memory horizon 1)"
         else:
             reach = f"memory rebuilt from the last {(horizon - 1) * k} steps only (memory horizon {horizon})"
-        note, colour = f"segment {segment + 1} begins: {reach}", (250, 210, 40)
+        note = f"segment {segment + 1} begins: {reach}"
     else:
         note = f"segment {segment + 1} (K = {k} steps)" if memory else f"window of the last {k} steps"
-        colour = (150, 150, 150)
-    image.paste(_text_strip(note, colour, width), (0, height + 27))
+    return line, note, begins
+
+
+def annotate(frame: np.ndarray, trace: EpisodeTrace, t: int, task: Task, name: str, memory: bool) -> np.ndarray:
+    """The frame before step t (t = T: after the last step) with a strip of text under it (frame_text);
+    a yellow mark when a segment begins."""
+    frame_height, frame_width = frame.shape[:2]
+    # at least 640 wide for the text, and sizes divisible by 16 for H.264
+    width = max(MIN_VIDEO_WIDTH, -(-frame_width // 16) * 16)
+    height = -(-(frame_height + OVERLAY_HEIGHT) // 16) * 16 - OVERLAY_HEIGHT
+    image = Image.new("RGB", (width, height + OVERLAY_HEIGHT), (16, 18, 22))
+    image.paste(Image.fromarray(frame), ((width - frame_width) // 2, 0))
+    draw = ImageDraw.Draw(image)
+    line, note, begins = frame_text(trace, t, task, name, memory)
+    draw.text((8, height + 6), line, fill=(235, 235, 235), font=_font(15))
+    if begins:
+        draw.rectangle((0, height, width, height + 3), fill=(250, 210, 40))
+    image.paste(_text_strip(note, (250, 210, 40) if begins else (150, 150, 150), width), (0, height + 27))
     return np.asarray(image)
 
 

@@ -322,11 +322,12 @@ def run_title(request: EpisodeRequest) -> str:
     return f"**{task.title}**: {', '.join(words)}"
 
 
-def _verdict(side: dict, step_cap: int | None) -> str:
+def _verdict(side: dict) -> str:
     parts = []
-    if "success" in side:
-        parts.append("**success**" if side["success"] else "**failed**")
-    stopped = " (stopped there by the step cap)" if step_cap and side["steps"] >= step_cap else ""
+    cut_short = side.get("stopped_by_step_cap", False)
+    if "success" in side:  # an episode the cap stopped before it ended has no verdict yet
+        parts.append("**success**" if side["success"] else "**not finished**" if cut_short else "**failed**")
+    stopped = " (stopped there by the step cap)" if cut_short else ""
     parts.append(f"return {side['return']:g} in {side['steps']} steps{stopped}")
     if side.get("segments"):
         parts += [plural(side["segments"], "segment"), plural(side["memory_updates"], "memory update")]
@@ -365,9 +366,8 @@ def memory_panel(panel_input):
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
     told = f"  \nThe episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
-    cap = summary.get("app_step_cap")
-    text = (f"{panel_input['title']}.  \n**{names[0]}**: {_verdict(summary['left'], cap)}.  \n"
-            f"**{names[1]}**: {_verdict(summary['right'], cap)}.{told}")
+    text = (f"{panel_input['title']}.  \n**{names[0]}**: {_verdict(summary['left'])}.  \n"
+            f"**{names[1]}**: {_verdict(summary['right'])}.{told}")
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]
@@ -385,8 +385,10 @@ def memory_panel(panel_input):
 def run_started(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
                 step_cap: float, sample: bool, memory_horizon: float = 0, request: gr.Request = None):
     """What the page shows as soon as Run is pressed: which run plays, and nothing of the last run (its
-    videos, summary and panels), so that they never stand beside another run's, and the press's number,
-    which the run carries. The run the page was playing stops (PageRuns)."""
+    videos, summary and panels), so that they never stand beside another run's, in each empty number box
+    the task's default, which the run plays (the seed, setting, target return, step cap and memory
+    horizon, in that order), and the press's number, which the run carries. The run the page was playing
+    stops (PageRuns)."""
     page = _page(request, task)
     number = page.press(task) if page else None
     try:
@@ -394,7 +396,19 @@ def run_started(task: str, left: str, right: str, seed: float, setting: float, t
         text = f"{PLAYING}{title}."
     except AppError:
         text = ""  # the run itself says what is wrong
-    return [text, None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS, number]
+    filled = [gr.skip()] * 5
+    if task in demo_tasks():
+        defaults = default_inputs(task)
+        boxes = zip((seed, setting, target_return, step_cap, memory_horizon), (3, 4, 5, 6, 8), strict=True)
+        filled = [gr.update(value=defaults[i]) if value is None and defaults[i] is not None else gr.skip()
+                  for value, i in boxes]
+    return [text, *cleared_run(), *filled, number]
+
+
+def cleared_run() -> list:
+    """Updates that empty the page of a run: its videos, summary and panel state, then the figures
+    (hidden) and their captions."""
+    return [None, None, None, None, *[gr.update(value=None, visible=False)] * PANELS, *[""] * PANELS]
 
 
 def run_failed() -> str:
@@ -408,7 +422,8 @@ def task_changed(task_name: str, outcome: str = "", request: gr.Request = None):
     its description, its checkpoint choices and the setting box's label (with its range: the app
     checks it, with its own message, in make_request). The values in the boxes are the example's or,
     when a visitor picks the task, task_defaults'. A run of another task that the page is playing stops
-    (PageRuns), and the outcome line says so."""
+    (PageRuns), and the outcome line says so; what the page showed of a run of the other task (its
+    outcome, videos and panels) goes."""
     task = get_task(task_name)
     page = _page(request, task_name)
     if page:
@@ -418,8 +433,9 @@ def task_changed(task_name: str, outcome: str = "", request: gr.Request = None):
     setting = gr.update(visible=False) if spec is None else gr.update(
         visible=True, label=f"{spec.label} ({spec.minimum} to {spec.maximum})", info=spec.info)
     stopped = (f"**Stopped**, as another task was chosen: {outcome[len(PLAYING):]}"
-               if (outcome or "").startswith(PLAYING) else gr.skip())
-    return task_description(task_name), gr.update(choices=choices), gr.update(choices=choices), setting, stopped
+               if (outcome or "").startswith(PLAYING) else "")
+    return [task_description(task_name), gr.update(choices=choices), gr.update(choices=choices), setting, stopped,
+            *cleared_run()]
 
 
 def task_defaults(task_name: str):
@@ -544,10 +560,15 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                                      "segments only (DT keeps its window)")
         run = gr.Button("Run", variant="primary")
         outcome_text = gr.Markdown(elem_id="outcome")
-        with gr.Row():
-            left_video = gr.Video(label="left agent", autoplay=True, loop=True, interactive=False, elem_id="left_video")
-            right_video = gr.Video(label="right agent", autoplay=True, loop=True, interactive=False,
-                                   elem_id="right_video")
+        with gr.Row():  # side by side, one above the other where the screen has no room for two 320-pixel videos
+            videos = []
+            for side in ("left", "right"):
+                with gr.Column(min_width=320):
+                    # the agent's name above its video, not a badge over the frame's top-left (T-Maze's cue text)
+                    gr.Markdown(f"**{side} agent**")
+                    videos.append(gr.Video(show_label=False, autoplay=True, loop=True, interactive=False,
+                                           elem_id=f"{side}_video"))
+            left_video, right_video = videos
         gr.Markdown("## Inside the memory")
         figures, captions = [], []
         for _ in range(PANELS):
@@ -581,8 +602,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         # the number of the press that a run answers (PageRuns): held by the page, so that a run queued behind
         # other visitors' runs carries its own press (a gr.State is read when the run starts, not when it is queued)
         press = gr.Number(visible=False, precision=0)
-        started = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions, press],
-                            api_name=False, queue=False)
+        started = run.click(run_started, inputs, [outcome_text, *run_outputs, *figures, *captions, seed, setting,
+                                                  target, cap, horizon, press], api_name=False, queue=False)
         run_event = started.then(run_episodes, [*inputs, press], run_outputs, api_name=False, concurrency_limit=2,
                                  concurrency_id="runs", trigger_mode="multiple")
         with gr.Column(visible=False):  # the API's endpoint: its inputs default to None, i.e. the task's defaults
@@ -594,8 +615,8 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                               concurrency_id="runs")
         shown(run_event)
         run_event.failure(run_failed, None, outcome_text, api_name=False)
-        task.change(task_changed, [task, outcome_text], [task_text, left, right, setting, outcome_text],
-                    api_name=False)
+        task.change(task_changed, [task, outcome_text],
+                    [task_text, left, right, setting, outcome_text, *run_outputs, *figures, *captions], api_name=False)
         task.input(task_defaults, task, [left, right, setting, target, cap, sample], api_name=False)
         if tasks:
             def first_run(request: gr.Request):

@@ -177,6 +177,8 @@ class EpisodeTrace:
     """(T + 1, *obs_shape) observations (when asked)"""
     memory_horizon: int | None = None
     """the segments memory and cache reached back over (run_episodes' memory_horizon; None: the whole episode)"""
+    cut_short: bool = False
+    """the episode was stopped by run_episodes' max_steps before the env ended it (no verdict yet)"""
 
     @property
     def length(self) -> int:
@@ -215,6 +217,7 @@ class _Recorder:
     def __init__(self, model, seeds, reset_info, num, frames, observations, memory_horizon=None):
         self.model, self.seeds, self.num, self.memory_horizon = model, list(seeds), num, memory_horizon
         self.want_frames, self.want_obs = frames, observations
+        self.cut_short = np.zeros(num, dtype=bool)
         self.steps = [dict(actions=[], logits=[], probs=[], rewards=[], rtg=[], info={}, memory=[], updates=[],
                            attention=[], aux=[], frames=[], obs=[]) for _ in range(num)]
         self.reset_info = [{k: v[i].item() for k, v in reset_info.items() if _per_env(v, num)} for i in range(num)]
@@ -256,7 +259,8 @@ class _Recorder:
 
     def traces(self) -> list[EpisodeTrace]:
         out = []
-        for seed, reset_info, rec in zip(self.seeds, self.reset_info, self.steps, strict=True):
+        for seed, reset_info, rec, cut_short in zip(self.seeds, self.reset_info, self.steps, self.cut_short,
+                                                    strict=True):
             out.append(EpisodeTrace(
                 seed=seed, actions=np.array(rec["actions"], dtype=np.int64),
                 logits=np.array(rec["logits"], dtype=np.float32).reshape(len(rec["actions"]), -1),
@@ -270,6 +274,7 @@ class _Recorder:
                 aux_probs=np.array(rec["aux"], dtype=np.float32) if rec["aux"] else None,
                 frames=np.array(rec["frames"]) if rec["frames"] else None,
                 observations=np.array(rec["obs"]) if rec["obs"] else None, memory_horizon=self.memory_horizon,
+                cut_short=bool(cut_short),
             ))
         return out
 
@@ -441,5 +446,6 @@ def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_step
             progress(step)
     if recorder is not None and len(ids):  # stopped by max_steps
         recorder.observe(ids, obs, _render_all(vector_env, num) if frames else None)
+        recorder.cut_short[ids] = True
     start_info = {k: np.asarray(v) for k, v in reset_info.items() if _per_env(np.asarray(v), num)}
     return EpisodeBatch(returns, lengths, successes, recorder.traces() if recorder else None, model_steps, start_info)

@@ -72,6 +72,17 @@ class DemoSetting:
     info: str = ""
     example: int | None = None
     """the value of the app's second example (default: half the maximum)"""
+    odd: bool = False
+    """only odd values (Minigrid's grid size)"""
+
+    def allows(self, value) -> bool:
+        """Whether `value` (a number) is one of the setting's values."""
+        return (float(value).is_integer() and self.minimum <= value <= self.maximum
+                and not (self.odd and value % 2 == 0))
+
+    def described(self) -> str:
+        """The setting's values in words, for a message: "a whole number from 10 to 1200"."""
+        return f"{'an odd' if self.odd else 'a'} whole number from {self.minimum} to {self.maximum}"
 
 
 @dataclass(frozen=True)
@@ -355,7 +366,7 @@ register(Task(
     default_settings={"size": 41, "step_cap": 500},
     max_steps=_minigrid_max_steps,
     action_names=("left", "right", "forward"),
-    demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91,
+    demo_setting=DemoSetting("size", "grid size (odd)", minimum=7, maximum=201, default=41, example=91, odd=True,
                              info="the hallway is about size - 5 cells long; trained at 11, 21 and 41"),
     explain=_minigrid_explain,
     about=("A gridworld seen through a 3x3 window in front of the agent. The start room holds an object, a key "

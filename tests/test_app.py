@@ -70,7 +70,7 @@ def test_task_description_shows_each_shipped_checkpoints_evaluation():
             assert row[column] == score, (row, score)
     # the page's task switch brings the description with it, and the checkpoint choices and the setting box's
     # range, but no values: an example that switches the task brings its own (task_defaults: the dropdown)
-    text, left, right, setting, _ = task_changed("minigrid_memory")
+    text, left, right, setting, _, *cleared = task_changed("minigrid_memory")
     assert text == task_description("minigrid_memory")
     assert left["choices"] == right["choices"] and "shipped: rate" in left["choices"]
     # the range is in the label, and the app checks it with its own message (make_request): a minimum or maximum
@@ -133,8 +133,16 @@ def test_settings_out_of_range_are_refused_with_the_allowed_range():
                                (("tmaze", 0, 150, 1.0, 0, "false"), "sample actions must be true or false")]:
         with pytest.raises(AppError, match=message):  # what the API may send
             make_request(*arguments)
+    for size in (40, 5, 203):  # an even grid gets the box's own words, as one out of range does
+        message = f"grid size \\(odd\\) must be an odd whole number from 7 to 201, got {size}$"
+        with pytest.raises(AppError, match=message):
+            make_request("minigrid_memory", 0, size, 0.96, 0, False)
     request = make_request("tmaze", 3, 200, None, 0, False)
     assert request.settings == {"episode_length": 200} and request.target_return == 1.0 and request.step_cap is None
+    # an empty box is its default, the seed's as every other's (the page then shows it in the box: run_started)
+    empty = make_request("tmaze", None, None, None, None, False, None)
+    assert (empty.seed, empty.settings, empty.target_return, empty.step_cap, empty.memory_horizon) == (
+        0, {"episode_length": 300}, 1.0, None, None)
     assert request.memory_horizon is None and make_request("tmaze", 3, 200, None, 0, False, 2).memory_horizon == 2
 
 
@@ -851,13 +859,13 @@ def test_memory_plot_shows_what_an_auxiliary_head_reads():
 def test_outcome_text_names_the_run_and_says_when_the_app_cut_the_episode_short():
     import matplotlib.pyplot as plt
 
-    from app.episodes import outcome, play, what_if
+    from app.episodes import frame_text, outcome, play, what_if
     from app.ui import memory_panel, run_title
     from rate_core.tasks import get_task
 
     task = get_task("tmaze")
     models = [load_model("shipped: rate", "tmaze"), load_model("shipped: dt", "tmaze")]
-    for cap, expected in ((40, True), (0, False)):
+    for cap, expected in ((50, True), (0, False)):  # 50: one whole segment
         request = make_request("tmaze", 0, 300, 1.0, cap, False)
         traces = [play(model, request) for model in models]
         summary = {"seed": 0, "settings": request.settings, "app_step_cap": request.step_cap,
@@ -865,10 +873,18 @@ def test_outcome_text_names_the_run_and_says_when_the_app_cut_the_episode_short(
                       for side, trace, model in zip(("left", "right"), traces, models, strict=True)}}
         text, *figures = memory_panel({"traces": traces, "names": ["RATE", "DT"], "task": "tmaze", "summary": summary,
                                        "title": run_title(request), "what_if": None})
-        first = "the first 40 steps, " if cap else ""
+        first = "the first 50 steps, " if cap else ""
         assert text.startswith(f"**T-Maze (passive)**: seed 0, corridor length T = 300, {first}target return 1, "
                                "the most likely actions.  \n**RATE**: "), text
-        assert ("return 0 in 40 steps (stopped there by the step cap)" in text) == expected, text
+        assert ("return 0 in 50 steps (stopped there by the step cap)" in text) == expected, text
+        # cut off before the junction, an episode has no verdict yet: not finished, not failed
+        assert ("**RATE**: **not finished**, " in text) == expected and ("**RATE**: **success**, " in text) != expected
+        assert summary["left"]["stopped_by_step_cap"] is expected
+        last, note, begins = frame_text(traces[0], traces[0].length, task, "RATE (left)", memory=True)
+        verdict = "stopped by the step cap after 50 steps" if cap else "success after 299 steps"
+        assert last == f"RATE (left)   {verdict}   return {traces[0].total_return:g}" and not begins
+        # the frame after the last step shows the last segment played (50 steps: the first), not a next one
+        assert note == f"segment {1 if cap else 6} (K = 50 steps)"
         assert "1 segment," in text if cap else "6 segments, 5 memory updates" in text
         assert figures[0]["visible"] is False  # no replay: the counterfactual panel is hidden, not an empty box
         assert all(figure["visible"] for figure in figures[1:5])
@@ -985,10 +1001,14 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
     third, playing = press("memory_maze", 41, results)
     while 41 not in reports:
         time.sleep(0.01)
-    *_, stopped = ui.task_changed("tmaze", playing, request=page)
+    _, _, _, _, stopped, *cleared = ui.task_changed("tmaze", playing, request=page)
     third.join(5)
     assert results == [[gr.skip()] * 4] and stopped.startswith("**Stopped**, as another task was chosen: **Memory Maze")
-    assert ui.task_changed("tmaze", "**T-Maze (passive)**: seed 1 ...", request=page)[-1] == gr.skip()
+    assert cleared[:4] == [None] * 4  # what the page showed of the other task's runs goes
+    # the outcome line of a run of the other task that had ended goes too, with its videos and panels
+    _, _, _, _, outcome, *cleared = ui.task_changed("tmaze", "**T-Maze (passive)**: seed 1 ...", request=page)
+    assert outcome == "" and cleared[:4] == [None] * 4 and all(not plot["visible"] for plot in cleared[4:4 + ui.PANELS])
+    assert cleared[4 + ui.PANELS:] == [""] * ui.PANELS
     # without a page (the API), runs never stop each other
     results.clear()
     api_runs = [threading.Thread(target=lambda seed=seed: results.append(ui.run_episodes(

@@ -127,6 +127,16 @@ class RaggedVectorEnv:
         return obs, reward, terminated, np.zeros(self.num_envs, dtype=bool), {"success": terminated & (actions == 1)}
 
 
+
+def test_traces_say_which_episodes_max_steps_cut_short():
+    # the envs end the first episode at step 4 and the third at 6; max_steps = 6 stops the second, which would go on
+    batch = run_episodes(tiny_model("rate"), RaggedVectorEnv([4, 9, 6]), seeds=[0, 1, 2], target_return=1.0,
+                         trace=True, max_steps=6)
+    assert batch.lengths.tolist() == [4, 6, 6]
+    assert [trace.cut_short for trace in batch.traces] == [False, True, False]  # the third ended at its 6th step
+    played_out = run_episodes(tiny_model("rate"), RaggedVectorEnv([4, 6]), seeds=[0, 1], target_return=1.0, trace=True)
+    assert [trace.cut_short for trace in played_out.traces] == [False, False]
+
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_engine_logits_equal_recompute_with_envs_ending_at_different_steps(variant):
     model = tiny_model(variant)

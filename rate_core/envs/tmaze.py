@@ -110,7 +110,7 @@ def _background(corridor_length: int, cue: int, first: int, cue_shown: bool, y: 
                   f"cue: {side}" + (" (shown now)" if cue_shown else " (shown at step 0 only)"),
                   fill=cue_colour, font=font)
     else:
-        draw.text((4, mid - 1.5 * row_h - 18), f"<- start and cue ({first} cells back)",
+        draw.text((4, mid - 1.5 * row_h - 18), f"<- start and cue: {first} cells left of this view",
                   fill=(220, 220, 220), font=font)
     return image
 
