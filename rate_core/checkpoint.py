@@ -8,6 +8,7 @@ CheckpointError naming the file and what is wrong with it.
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -105,30 +106,64 @@ def check_replaceable(directory: str | os.PathLike, marker: str, what: str, trai
 
 
 def remove_orphans(parent: str | os.PathLike, prefix: str) -> None:
-    """Remove the folders `parent`/`prefix`PID that a process killed mid-write left (PID no longer
-    running): staging folders are named by the writer's process id."""
+    """Remove the folders `parent`/`prefix`WRITER that a process killed mid-write left (see _orphans):
+    staging folders are named by their writer (writer_id)."""
     for path in _orphans(parent, prefix):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None where that cannot be read
+    (no such process, no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # field 22, counted after the command's name and state
+
+
+def writer_id() -> str:
+    """This process's name for the folders it writes: PID-START, its process id and when it started, so
+    that a later process given the same id (a restarted container's, whose first process is always
+    the same number; or any once ids wrap around) does not take a dead writer's folders for its own,
+    or for a live writer's. Where the start cannot be read, the process id alone."""
+    pid = os.getpid()
+    start = _process_start(pid)
+    return f"{pid}-{start}" if start else str(pid)
+
+
+def _writer_alive(writer: str) -> bool:
+    """Whether the process that named a folder `writer` (writer_id; older folders: PID) may still be
+    writing it: it is this process, or its process id runs a process that started when it did."""
+    if writer == writer_id():
+        return True
+    pid, _, start = writer.partition("-")
+    if int(pid) == os.getpid() or not _running(int(pid)):
+        return False  # this process's id, but another start (or none): the writer before it, gone
+    if start:
+        now = _process_start(int(pid))
+        return now is None or now == start  # another process under the writer's id: the writer is gone
+    return True  # a folder of the older kind, by a running process id: maybe its writer, left alone
+
+
 def _orphans(parent: str | os.PathLike, prefix: str) -> list[Path]:
-    """The folders `parent`/`prefix`PID of writers no longer running, newest first."""
+    """The folders `parent`/`prefix`WRITER of writers no longer running, newest first."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
     found = []
     for path in parent.iterdir():
-        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        writer = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+        if re.fullmatch(r"\d+(-\d+)?", writer) and not _writer_alive(writer):
             found.append(path)
     return sorted(found, key=lambda path: path.stat().st_mtime_ns, reverse=True)
 
 
 def staging_folder(directory: str | os.PathLike, kind: str = "staging") -> Path:
-    """A new empty folder .NAME.<kind>-PID beside `directory`, to build its replacement in (then
-    replace_folder); recover_folder(directory, kind) removes one that a killed writer left."""
+    """A new empty folder .NAME.<kind>-WRITER beside `directory` (writer_id), to build its replacement in
+    (then replace_folder); recover_folder(directory, kind) removes one that a killed writer left."""
     directory = Path(directory)
-    staging = directory.parent / f".{directory.name}.{kind}-{os.getpid()}"
+    staging = directory.parent / f".{directory.name}.{kind}-{writer_id()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
@@ -137,11 +172,11 @@ def staging_folder(directory: str | os.PathLike, kind: str = "staging") -> Path:
 def replace_folder(complete: str | os.PathLike, directory: str | os.PathLike) -> Path:
     """Put the finished folder `complete` (a staging folder beside `directory`) in place of `directory`.
     Two renames cannot be one, so the swap goes through names a kill can leave behind: `complete` is
-    renamed .NAME.ready-PID, the old folder .NAME.retired-PID, then ready -> NAME. recover_folder puts
+    renamed .NAME.ready-WRITER, the old folder .NAME.retired-WRITER, then ready -> NAME. recover_folder puts
     whichever is whole back at NAME (the new one if it was ready), so a kill at any moment leaves the
     old or the new folder, found at NAME by the next reader or writer."""
     directory = Path(directory)
-    ready = directory.parent / f".{directory.name}.ready-{os.getpid()}"
+    ready = directory.parent / f".{directory.name}.ready-{writer_id()}"
     shutil.rmtree(ready, ignore_errors=True)
     os.replace(complete, ready)
     _swap_in(ready, directory)
@@ -149,7 +184,7 @@ def replace_folder(complete: str | os.PathLike, directory: str | os.PathLike) ->
 
 
 def _swap_in(ready: Path, directory: Path) -> None:
-    retired = directory.parent / f".{directory.name}.retired-{os.getpid()}"
+    retired = directory.parent / f".{directory.name}.retired-{writer_id()}"
     shutil.rmtree(retired, ignore_errors=True)
     if directory.exists():
         os.replace(directory, retired)
@@ -160,13 +195,15 @@ def _swap_in(ready: Path, directory: Path) -> None:
 def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> None:
     """Finish or undo a replace_folder that a killed process left half done beside `directory`: its
     ready folder (complete, the newer) goes in place, else its retired one (the older) goes back if
-    `directory` is missing; the rest, and unfinished `.NAME.<staging>-PID` folders, are removed.
-    Only folders of processes no longer running are touched. Nothing happens where the folder cannot
-    be written (a read-only checkout)."""
+    `directory` is missing; the rest, and unfinished `.NAME.<staging>-WRITER` folders, are removed.
+    Only folders of writers no longer running are touched (see writer_id), and a ready folder older
+    than the folder in place is not put back over it. Nothing happens where the folder cannot be
+    written (a read-only checkout)."""
     directory = Path(directory)
     try:
         for ready in _orphans(directory.parent, f".{directory.name}.ready-")[:1]:
-            _swap_in(ready, directory)
+            if not directory.exists() or _written(ready) >= _written(directory):
+                _swap_in(ready, directory)
         for retired in _orphans(directory.parent, f".{directory.name}.retired-"):
             if not directory.exists():
                 os.replace(retired, directory)
@@ -176,6 +213,11 @@ def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> No
             remove_orphans(directory.parent, f".{directory.name}.{kind}-")
     except OSError:  # a folder we may not write, or another process recovering it at the same moment
         pass
+
+
+def _written(folder: Path) -> int:
+    """When the newest file in `folder` was written (ns): a folder's own time changes with renames."""
+    return max((path.stat().st_mtime_ns for path in folder.iterdir()), default=folder.stat().st_mtime_ns)
 
 
 def _running(pid: int) -> bool:
@@ -221,6 +263,9 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
     return replace_folder(staging, directory)
 
 
+RUN_FOLDERS = {"model": "the finished model", "last": "the last whole epoch, to resume from"}
+
+
 def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     """Parse and check config.json of a checkpoint folder; returns the dict with `model_config`
     turned into a ModelConfig."""
@@ -235,6 +280,10 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
+        inside = [name for name in ("model", "last") if (directory / name / CONFIG_NAME).is_file()]
+        if inside:  # train's --out: the checkpoints are in it
+            raise CheckpointError(f"{directory}: a training run's folder, not a checkpoint; give the checkpoint in it: "
+                                  + " or ".join(f"{directory / name} ({RUN_FOLDERS[name]})" for name in inside))
         raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -455,6 +455,51 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         if tuple(rtg.shape) not in ((batch, steps), (batch, steps, 1)):
             raise ValueError(f"rtg must be (B, T) or (B, T, 1) = {(batch, steps)} to go with the actions, "
                              f"got shape {tuple(rtg.shape)}")
+        self.check_actions(actions)
+
+    def check_actions(self, actions) -> None:
+        """ValueError for an action the model has no token for (act_dim or more: act_dim itself would be
+        read as padding); negative values are padding. Skipped while torch.compile traces the model."""
+        if actions.numel() and not torch.compiler.is_compiling():
+            highest = int(actions.max())
+            if highest >= self.config.act_dim:
+                raise ValueError(f"actions must be from 0 to {self.config.act_dim - 1} (negative: padding), got "
+                                 f"{highest}")
+
+    def check_state(self, state: MemoryState, batch: int | None = None) -> None:
+        """ValueError, saying what was expected, for a state that is not this model's (another number of
+        memory tokens, width, layers or cache) or not for a batch of `batch` rows (None: any, the same
+        for memory and cache): read anyway, the logits would be taken at the wrong tokens."""
+        c = self.config
+        if not isinstance(state, MemoryState):
+            raise ValueError(f"state must be a MemoryState (from initial_state() or the previous segment), got "
+                             f"{type(state).__name__}")
+        rows = set() if batch is None else {batch}
+        if c.num_mem_tokens == 0:
+            if state.memory is not None:
+                raise ValueError("this model has no memory tokens (num_mem_tokens=0), but the state holds memory: "
+                                 "it comes from another model")
+        else:
+            shape = None if state.memory is None else tuple(state.memory.shape)
+            if shape is None or len(shape) != 3 or shape[1:] != (c.num_mem_tokens, c.d_model):
+                raise ValueError(f"state.memory must be (B, num_mem_tokens, d_model) = (B, {c.num_mem_tokens}, "
+                                 f"{c.d_model}) for this model, got {shape}: a state from another model?")
+            rows.add(shape[0])
+        if state.cache is not None:
+            if c.mem_len == 0:
+                raise ValueError("this model keeps no cache (mem_len=0), but the state holds one: it comes from "
+                                 "another model")
+            if len(state.cache) != c.n_layer:
+                raise ValueError(f"state.cache must hold one tensor per layer ({c.n_layer}), got {len(state.cache)}")
+            for layer in state.cache:
+                shape = tuple(layer.shape)
+                if len(shape) != 3 or shape[2] != c.d_model or shape[1] > c.mem_len:
+                    raise ValueError(f"state.cache tensors must be (B, L, d_model) with L at most mem_len = "
+                                     f"{c.mem_len} and d_model = {c.d_model}, got {shape}")
+                rows.add(shape[0])
+        if len(rows) > 1:
+            raise ValueError(f"the state's batch does not match: {sorted(rows)} rows "
+                             + (f"(the inputs have {batch})" if batch is not None else "between memory and cache"))
 
     def action_tokens(self, actions):
         """actions (...) long, negative = padding -> (..., d) action tokens (all the padding token
@@ -534,6 +579,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         Transformer-XL cache and the read memory; read tokens see only each other, so their outputs
         do not depend on the segment), in buffers with room for the whole segment and the write
         tokens. Then call extend_segment for each step and finish_segment at the end."""
+        self.check_state(state)
         c = self.config
         m = c.num_mem_tokens
         device = self.content_bias.device
@@ -672,6 +718,7 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         batch, steps = actions.shape
         if state is None:
             state = self.initial_state(batch)
+        self.check_state(state, batch)
         hidden, state = self.advance(self.embed(rtg, obs, actions), state)
         m = self.config.num_mem_tokens
         outputs = hidden[:, m + 1 : m + 3 * steps : 3]

@@ -318,7 +318,8 @@ def run_episodes(model: MemoryTransformer, vector_env, seeds, target_return, sam
     the env's own observations): how much a model's score rests on frames exactly as its data's, as
     another renderer's (a GPU's) differ by a level here and there.
     """
-    check_rollout(model, vector_env, target_return, max_steps, temperature, hide_actions, pixel_noise)
+    check_rollout(model, vector_env, target_return, max_steps, temperature, hide_actions, pixel_noise, seeds,
+                  sample_seed)
     training = model.training
     model.eval()
     try:
@@ -335,8 +336,12 @@ def nudge_pixels(frame: np.ndarray, rng: np.random.Generator, probability: float
     return np.clip(frame.astype(np.int16) + hit * step, 0, 255).astype(np.uint8)
 
 
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps, temperature, hide_actions,
-                  pixel_noise: float = 0.0) -> None:
+                  pixel_noise: float = 0.0, seeds=(0,), sample_seed: int = 0) -> None:
     """Raise ValueError, saying what to pass, for arguments of run_episodes that would fail deep in
     the model or the env, or give a silently wrong result (a temperature of 0 gives NaN probabilities)."""
     if not hasattr(vector_env, "num_envs"):
@@ -354,8 +359,14 @@ def check_rollout(model: MemoryTransformer, vector_env, target_return, max_steps
     if targets.ndim > 1 or targets.size not in (1, vector_env.num_envs) or not np.isfinite(targets).all():
         raise ValueError(f"target_return: one finite number or one per env ({vector_env.num_envs}), "
                          f"got {target_return!r}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1 (None: play to the end), got {max_steps}")
+    if max_steps is not None and not (_whole(max_steps) and max_steps >= 1):
+        raise ValueError(f"max_steps must be a whole number, at least 1 (None: play to the end), got {max_steps!r}")
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != vector_env.num_envs or not all(
+            _whole(seed) and seed >= 0 for seed in seeds):
+        raise ValueError(f"seeds: one whole number from 0 per env ({vector_env.num_envs}), e.g. "
+                         f"range({vector_env.num_envs}), got {seeds!r}")
+    if not (_whole(sample_seed) and sample_seed >= 0):
+        raise ValueError(f"sample_seed must be a whole number from 0, got {sample_seed!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number (1: the model's own probabilities), got {temperature}")
     if not 0.0 <= hide_actions <= 1.0:

@@ -94,6 +94,53 @@ def test_a_save_killed_between_its_renames_leaves_the_new_checkpoint_for_the_nex
     assert [p.name for p in directory.parent.iterdir()] == ["ckpt"]
 
 
+
+def _weights(directory):
+    return load_checkpoint(directory).head.weight
+
+
+def test_a_dead_writers_folder_is_recovered_even_under_a_process_id_in_use(saved):
+    # killed writers' ready folders (a complete new checkpoint each, the folder itself missing), named by a process
+    # id that is in use again: this process's own (a restarted container's first process has the same id as the
+    # killed one's) and a live process's; and an older kind of name, the bare process id
+    import shutil
+
+    from rate_core.checkpoint import _process_start, writer_id
+
+    _, directory = saved
+    new = tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        while _process_start(sleeper.pid) is None:
+            pass
+        for writer in (f"{os.getpid()}-1", f"{sleeper.pid}-1", str(os.getpid())):
+            save_checkpoint(new, directory.parent / "new")
+            shutil.rmtree(directory)
+            (directory.parent / "new").rename(directory.parent / f".ckpt.ready-{writer}")
+            assert torch.equal(_weights(directory), new.head.weight), writer  # the reader finished the swap
+            assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+        # a live writer's folders are its own: not touched (this process's, and the sleeper's with its start)
+        for writer in (writer_id(), f"{sleeper.pid}-{_process_start(sleeper.pid)}"):
+            (directory.parent / f".ckpt.ready-{writer}").mkdir()
+            load_checkpoint(directory)
+            assert (directory.parent / f".ckpt.ready-{writer}").exists(), writer
+            (directory.parent / f".ckpt.ready-{writer}").rmdir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_dead_writers_ready_folder_older_than_the_folder_in_place_is_not_put_back(saved):
+    model, directory = saved
+    old = directory.parent / ".ckpt.ready-999999999-1"  # no process has this id
+    save_checkpoint(tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64)), directory.parent / "x")
+    (directory.parent / "x").rename(old)
+    newest = max(path.stat().st_mtime_ns for path in directory.iterdir())
+    for path in old.iterdir():  # written before the checkpoint in place
+        os.utime(path, ns=(newest - 10**9, newest - 10**9))
+    assert torch.equal(_weights(directory), model.head.weight)  # not rolled back to the dead writer's
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+
 def test_checkpoint_files_get_the_mode_of_ordinary_files(saved, tmp_path):
     _, directory = saved
     ordinary = tmp_path / "ordinary.txt"
@@ -319,6 +366,9 @@ def test_from_pretrained_of_a_local_folder_validates_like_load_checkpoint(saved,
     assert "config.json: no 'model_config' object" in same_error(directory)
     path.unlink()
     assert same_error(directory) == f"{path}: missing; a checkpoint folder needs config.json and model.safetensors"
+    save_checkpoint(tiny_model("rate"), tmp_path / "run" / "model")  # train's --out, given for its model
+    assert same_error(tmp_path / "run") == (f"{tmp_path / 'run'}: a training run's folder, not a checkpoint; give the "
+                                            f"checkpoint in it: {tmp_path / 'run' / 'model'} (the finished model)")
     assert "not found" not in caplog.text  # nor the mixin's own warning
     monkeypatch.chdir(tmp_path)  # a relative path that is not here could be a Hub repository: say both
     with pytest.raises(CheckpointError, match=r"^runs/missing: no such checkpoint folder here, and not in the local "

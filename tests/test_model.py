@@ -75,6 +75,34 @@ def test_inputs_in_another_layout_are_refused_saying_what_was_expected():
         vector(rtg, obs.transpose(0, 1), actions)  # time first
 
 
+
+def test_actions_without_a_token_and_states_of_another_model_are_refused():
+    model = tiny_model("rate_cached")  # memory tokens and a cache
+    rtg, obs, actions = random_batch(model.config, batch=2, steps=K)
+    _, state = model(rtg, obs, actions)
+    for bad in (model.config.act_dim, model.config.act_dim + 3):  # act_dim itself would be read as padding
+        with pytest.raises(ValueError, match=rf"actions must be from 0 to 3 \(negative: padding\), got {bad}"):
+            model(rtg, obs, actions.clone().index_fill_(1, torch.tensor([1]), bad))
+    model(rtg, obs, actions.clone().index_fill_(1, torch.tensor([1]), ACTION_PAD))  # padding: fine
+    other = tiny_model("rate_cached", num_mem_tokens=model.config.num_mem_tokens + 2)
+    _, foreign = other(rtg, obs, actions)
+    with pytest.raises(ValueError, match=r"state.memory must be \(B, num_mem_tokens, d_model\).*another model"):
+        model(rtg, obs, actions, foreign)
+    with pytest.raises(ValueError, match=r"state.memory must be"):
+        model.begin_segment(foreign)  # incremental inference checks it too
+    with pytest.raises(ValueError, match=r"the state's batch does not match: \[2, 3\] rows \(the inputs have 3\)"):
+        model(*random_batch(model.config, batch=3, steps=K), state)
+    wide = MemoryState(state.memory, tuple(torch.cat([c, c], dim=-1) for c in state.cache))
+    with pytest.raises(ValueError, match=r"state.cache tensors must be \(B, L, d_model\)"):
+        model(rtg, obs, actions, wide)
+    with pytest.raises(ValueError, match=r"state.cache must hold one tensor per layer \(2\), got 1"):
+        model(rtg, obs, actions, MemoryState(state.memory, state.cache[:1]))
+    dt = tiny_model("dt")
+    with pytest.raises(ValueError, match=r"no memory tokens \(num_mem_tokens=0\)"):
+        dt(rtg, obs, actions, state)
+    with pytest.raises(ValueError, match="state must be a MemoryState"):
+        model(rtg, obs, actions, (state.memory, state.cache))
+
 def test_attention_mask_follows_the_spec():
     model = tiny_model("rate_cached")
     m, seg, cache = 3, 6, 5

@@ -286,10 +286,18 @@ def test_run_episodes_refuses_what_it_cannot_play_and_leaves_the_models_mode_alo
     env = tmaze.make_vector_env(2, episode_length=K + 2)
     for kwargs, message in [(dict(temperature=0.0, sample=True), "temperature must be a positive number"),
                             (dict(temperature=-1.0), "temperature must be a positive number"),
-                            (dict(max_steps=0), "max_steps must be at least 1"),
-                            (dict(target_return=[1.0, 1.0, 1.0]), r"one finite number or one per env \(2\)")]:
+                            (dict(max_steps=0), "max_steps must be a whole number, at least 1"),
+                            (dict(max_steps=2.5), "max_steps must be a whole number, at least 1"),
+                            (dict(target_return=[1.0, 1.0, 1.0]), r"one finite number or one per env \(2\)"),
+                            (dict(seeds=5), r"seeds: one whole number from 0 per env \(2\), e.g. range\(2\), got 5"),
+                            (dict(seeds=None), "seeds: one whole number from 0 per env"),
+                            (dict(seeds=[None, None], sample=True), "seeds: one whole number from 0 per env"),
+                            (dict(seeds=[1, 2, 3]), "seeds: one whole number from 0 per env"),
+                            (dict(seeds=[1, -2]), "seeds: one whole number from 0 per env"),
+                            (dict(sample_seed=-1, sample=True), "sample_seed must be a whole number from 0")]:
         with pytest.raises(ValueError, match=message):
-            run_episodes(model, env, [1, 2], **{"target_return": 1.0, **kwargs})
+            run_episodes(model, env, **{"seeds": [1, 2], "target_return": 1.0, **kwargs})
+    run_episodes(model, env, np.array([1, 2]), 1.0, max_steps=1)  # numpy's whole numbers are whole numbers
     with pytest.raises(ValueError, match="needs a vector env .* got TMazeEnv"):
         run_episodes(model, tmaze.make_env(episode_length=K + 2), [1], 1.0)
     minigrid = get_task("minigrid_memory").make_vector_env(1, size=7)

@@ -363,6 +363,36 @@ def test_resume_refuses_different_settings(dataset_path, tmp_path):
             train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True, **change))
 
 
+
+def test_resume_checks_the_data_and_the_state_but_not_the_order_of_model_set(dataset_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rate_core.checkpoint import CheckpointError
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset_path, data)
+    run = tmp_path / "run"
+    train(_tiny_config(data, run, epochs=1, model_set=("n_layer=1", "d_model=32")))
+    # the same fields in another order are the same model: resumed (after its one epoch, nothing is left to do)
+    train(_tiny_config(data, run, epochs=1, model_set=("d_model=32", "n_layer=1"), resume=True))
+    state_json, state_tensors = run / "last" / "train_state.json", run / "last" / "train_state.safetensors"
+    saved_json, saved_tensors = state_json.read_text(), load_file(state_tensors)
+    # a damaged state (the writes are atomic: only a hand-edited or corrupted file) says so, not "error: rng.cpu"
+    save_file({k: v for k, v in saved_tensors.items() if k != "rng.cpu"}, state_tensors)
+    with pytest.raises(CheckpointError, match=r"training state incomplete or damaged \(1 of its tensors \(rng.cpu\) "
+                                              r"missing\).*delete"):
+        train(_tiny_config(data, run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
+    save_file(saved_tensors, state_tensors)
+    state_json.write_text(saved_json.replace('"epoch": 1', '"epoch": "1"'))
+    with pytest.raises(CheckpointError, match="epoch and step must be whole numbers"):
+        train(_tiny_config(data, run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
+    state_json.write_text(saved_json)
+    # the data collected again at the same path (other episodes): refused, where it trained on it unsaid
+    shutil.rmtree(data)
+    collect(TASK, data, episodes_per_setting=3, seed=500)
+    with pytest.raises(SystemExit, match=r"--resume: the dataset at .* is not the one the run in .* was trained on"):
+        train(_tiny_config(data, run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
+
 def test_training_without_action_inputs_is_recorded_and_kept_on_resume(dataset_path, tmp_path):
     model = load_checkpoint(train(_tiny_config(dataset_path, tmp_path / "blind", epochs=1, action_inputs=False)))
     assert model.config.action_inputs is False and model.training_info["action_inputs"] is False
@@ -813,6 +843,8 @@ def test_step_cap_option_sets_the_cap_whether_or_not_it_is_the_protocols_setting
         values_and_overrides(vizdoom, [1000], 500)
     with pytest.raises(ValueError, match="no step cap"):
         values_and_overrides(get_task("tmaze"), None, 100)
+    with pytest.raises(ValueError, match="--values: 11, 21 given more than once; give each value once"):
+        values_and_overrides(minigrid, [21, 11, 21, 11, 41], None)  # each would be evaluated and written twice
 
 
 def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_path, tmp_path, capsys):

@@ -19,6 +19,7 @@ collector never leaves something that looks like a dataset. Loading checks every
 meta.json and raises DatasetError naming the file and the problem.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -220,6 +221,14 @@ class Dataset:
 
     def episode_lengths(self) -> np.ndarray:
         return np.diff(self.episode_starts)
+
+    def fingerprint(self) -> str:
+        """A short hash of what the dataset is (its meta.json, where each episode starts and every reward):
+        another collection at the same path differs (train --resume refuses it)."""
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        for array in (self.episode_starts, self.rewards):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
     def episode_returns(self) -> np.ndarray:
         return np.asarray(self.returns_to_go[self.episode_starts[:-1]], dtype=np.float64)

@@ -189,6 +189,9 @@ def values_and_overrides(task: Task, values, step_cap: int | None) -> tuple[tupl
     command line's --values and --step-cap. Where the step cap is the protocol's setting
     (ViZDoom), --step-cap is the value to run."""
     protocol = task.evaluation
+    repeated = sorted({value for value in values or () if list(values).count(value) > 1})
+    if repeated:
+        raise ValueError(f"--values: {', '.join(map(str, repeated))} given more than once; give each value once")
     if step_cap is None:
         return tuple(values or protocol.values), {}
     if "step_cap" not in task.default_settings:

@@ -478,9 +478,11 @@ class WeightAverage:
 
 
 def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step: int, config: TrainConfig,
-                        average: WeightAverage | None = None, training_seconds: float = 0.0) -> None:
+                        average: WeightAverage | None = None, training_seconds: float = 0.0,
+                        dataset: str | None = None) -> None:
     """Optimiser, schedule, progress (with the seconds trained so far, which --max-minutes counts), RNG
-    state and the weight average into `directory` (safetensors + JSON, no pickle)."""
+    state and the weight average into `directory` (safetensors + JSON, no pickle); dataset: the
+    training data's fingerprint (Dataset.fingerprint), which --resume checks."""
     state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()
                if torch.is_tensor(v)}
@@ -496,6 +498,7 @@ def save_training_state(directory: Path, optimizer, scheduler, epoch: int, step:
         "ema_updates": average.updates if average is not None else None,
         "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "dataset": dataset, "tensors": sorted(tensors),
     }, indent=2))
 
 
@@ -508,6 +511,21 @@ def load_training_state(directory: Path, optimizer, scheduler,
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{directory}: training state unreadable ({error}); the run cannot go on from it: "
                               f"delete {directory.parent} to start over, or give another --out") from error
+    try:
+        return _restore_training_state(meta, tensors, optimizer, scheduler, average)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        problem = f"{error.args[0]} missing" if isinstance(error, KeyError) else str(error)
+        raise CheckpointError(f"{directory}: training state incomplete or damaged ({problem}); the run cannot go on "
+                              f"from it: delete {directory.parent} to start over, or give another --out") from error
+
+
+def _restore_training_state(meta: dict, tensors: dict, optimizer, scheduler, average) -> tuple[int, int, float]:
+    missing = sorted(set(meta.get("tensors", ())) - set(tensors))  # (runs from before the list was kept: unchecked)
+    if missing:
+        raise KeyError(f"{len(missing)} of its tensors ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})")
+    epoch, step = meta["epoch"], meta["step"]
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (epoch, step)):
+        raise ValueError(f"epoch and step must be whole numbers, got {epoch!r} and {step!r}")
     state: dict = {"state": {}, "param_groups": meta["param_groups"]}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -525,7 +543,7 @@ def load_training_state(directory: Path, optimizer, scheduler,
         for name, value in average.average.items():
             value.copy_(tensors[f"ema.{name}"])
         average.updates = meta["ema_updates"]
-    return meta["epoch"], meta["step"], float(meta.get("training_seconds", 0.0))  # 0: saved before it was kept
+    return epoch, step, float(meta.get("training_seconds", 0.0))  # 0: saved before it was kept
 
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)  # how long processes wait for each other under torchrun
@@ -620,7 +638,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     recover_folder(last)  # a run killed while it swapped in a new `last` left the old or the new beside it
     if config.resume and (last / STATE_JSON).exists():
         try:
-            saved_config = json.loads((last / STATE_JSON).read_text())["config"]
+            saved_state = json.loads((last / STATE_JSON).read_text())
+            saved_config = saved_state["config"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{last / STATE_JSON}: unreadable ({error}); delete {last} to start over") from error
         saved_config.setdefault("arch", "task")  # runs from before --arch existed
@@ -633,15 +652,23 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         saved_config.setdefault("action_dropout", 0.0)  # and before --action-dropout
         saved_config.setdefault("keyframe_weight", 1.0)  # and before --keyframe-weight
         saved_config["model_set"] = tuple(saved_config.get("model_set", ()))  # JSON gives a list
+        same_model_set = model_overrides(saved_config["model_set"]) == model_overrides(config.model_set)  # any order
         for key in ("task", "model", "arch", "action_inputs", "random_offsets", "shift_augment", "batch_size",
                     "epochs", "memory_grad", "seed", "ema", "aux_weight", "model_set", "dropout", "learning_rate",
                     "weight_decay", "warmup_steps", "decay", "grad_clip", "action_dropout", "keyframe_weight"):
+            if key == "model_set" and same_model_set:
+                continue
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
         if Path(saved_config.get("data", "")).resolve() != Path(config.data).resolve():
             raise SystemExit(f"error: --resume with --data {config.data}, but the run in {out} was trained on "
                              f"{saved_config.get('data')}; use the same data or another --out")
+        saved_data = saved_state.get("dataset")  # (runs from before it was kept: unchecked)
+        if saved_data is not None and saved_data != dataset.fingerprint():
+            raise SystemExit(f"error: --resume: the dataset at {config.data} is not the one the run in {out} was "
+                             f"trained on (it was collected again or changed since: {dataset.num_episodes} episodes "
+                             f"now); resume with that data, or train on this one with another --out")
         saved_init = saved_config["init"]  # a path, compared as a place (relative or absolute, the same folder)
         if (saved_init is None) != (config.init is None) or (
                 saved_init is not None and Path(saved_init).resolve() != Path(config.init).resolve()):
@@ -755,7 +782,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             log.write(json.dumps(record) + "\n")
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, extra=lambda folder: save_training_state(
-                folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at))
+                folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at,
+                dataset.fingerprint()))
             if config.curves:  # after the checkpoint: a kill while drawing loses no epoch
                 draw_curves(out, curves_label)
         if world > 1:
