@@ -459,8 +459,10 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
 
     def check_actions(self, actions) -> None:
         """ValueError for an action the model has no token for (act_dim or more: act_dim itself would be
-        read as padding); negative values are padding. Skipped while torch.compile traces the model."""
-        if actions.numel() and not torch.compiler.is_compiling():
+        read as padding); negative values are padding. Only for actions on the CPU: on a GPU, reading
+        the highest one would make the host wait for the device at every segment (train_step checks a
+        batch's once, with what it reads anyway); skipped while torch.compile traces the model."""
+        if actions.numel() and actions.device.type == "cpu" and not torch.compiler.is_compiling():
             highest = int(actions.max())
             if highest >= self.config.act_dim:
                 raise ValueError(f"actions must be from 0 to {self.config.act_dim - 1} (negative: padding), got "

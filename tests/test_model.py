@@ -361,6 +361,10 @@ def test_train_step_refuses_a_micro_batch_below_one_and_targets_of_another_shape
         train_step(model, optimizer, rtg, obs, actions, micro_batch=-1)
     with pytest.raises(ValueError, match=r"targets must have the actions' shape \(2, 12\).*got \(2, 4\)"):
         train_step(model, optimizer, rtg, obs, actions, targets=actions[:, :K])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"targets must be from 0 to 3 \(-10: padding\), got 4"):
+        train_step(model, optimizer, rtg, obs, actions, targets=actions.clone().fill_(4))  # checked once per batch
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # before any update
 
 @pytest.mark.parametrize("memory_grad", ["bptt", "detached"])
 def test_step_weights_give_a_weighted_mean_loss(memory_grad):

@@ -140,7 +140,14 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
                                  for seg in times]).to(torch.float64)
     if distributed:
         torch.distributed.all_reduce(counts_tensor)
-    counts = counts_tensor.tolist()
+    # the highest action and target read with the counts, in one wait for the device (the model checks its
+    # inputs' actions itself only on the CPU, where that costs no wait)
+    highest = torch.stack([actions.max(), targets.max()]).to(torch.float64)
+    *counts, top_action, top_target = torch.cat([counts_tensor, highest]).tolist()
+    for name, top in (("actions", top_action), ("targets", top_target)):
+        if top >= model.config.act_dim:
+            raise ValueError(f"{name} must be from 0 to {model.config.act_dim - 1} ({ACTION_PAD}: padding), got "
+                             f"{int(top)}")
     active = [i for i, count in enumerate(counts) if count]
     losses = torch.zeros(len(times), dtype=torch.float64, device=actions.device)
     # DistributedDataParallel averages gradients over processes; the losses here are partial sums.
