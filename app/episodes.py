@@ -240,6 +240,7 @@ def make_request(task_name: str, seed, setting_value, target_return, step_cap, s
         raise AppError(f"target return must be a number from {-TARGET_RETURN_LIMIT} to {TARGET_RETURN_LIMIT} "
                        f"(this task is evaluated at {task.evaluation.target_return:g}), got {target:g}")
     cap = None
+    step_cap = task.demo_step_cap if step_cap is None else step_cap  # an empty box: the task's default
     if step_cap not in (None, 0):
         if not float(step_cap).is_integer() or not 1 <= step_cap <= 100_000:
             raise AppError(f"step cap must be a whole number from 1 to 100000 (0: play to the end), got {step_cap}")

@@ -202,7 +202,7 @@ def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> No
     directory = Path(directory)
     try:
         for ready in _orphans(directory.parent, f".{directory.name}.ready-")[:1]:
-            if not directory.exists() or _written(ready) >= _written(directory):
+            if not directory.exists() or _made(ready) >= _made(directory):
                 _swap_in(ready, directory)
         for retired in _orphans(directory.parent, f".{directory.name}.retired-"):
             if not directory.exists():
@@ -215,9 +215,10 @@ def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> No
         pass
 
 
-def _written(folder: Path) -> int:
-    """When the newest file in `folder` was written (ns): a folder's own time changes with renames."""
-    return max((path.stat().st_mtime_ns for path in folder.iterdir()), default=folder.stat().st_mtime_ns)
+def _made(folder: Path) -> int:
+    """When `folder` was written (ns): its oldest file's time, which files added later (evaluate's
+    eval.json beside a checkpoint) do not change; a folder's own time changes with renames."""
+    return min((path.stat().st_mtime_ns for path in folder.iterdir()), default=folder.stat().st_mtime_ns)
 
 
 def _running(pid: int) -> bool:

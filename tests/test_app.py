@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.episodes import AppError, demo_tasks, load_model, make_request, task_description
-from app.ui import build_demo, describe, shipped_checkpoints, task_changed, task_defaults
+from app.ui import build_demo, default_inputs, describe, shipped_checkpoints, task_changed, task_defaults
 from rate_core.checkpoint import save_checkpoint
 from rate_core.tasks import TASKS
 from tests.tiny import tiny_model
@@ -143,6 +143,8 @@ def test_settings_out_of_range_are_refused_with_the_allowed_range():
     empty = make_request("tmaze", None, None, None, None, False, None)
     assert (empty.seed, empty.settings, empty.target_return, empty.step_cap, empty.memory_horizon) == (
         0, {"episode_length": 300}, 1.0, None, None)
+    for task_name, cap in (("vizdoom_two_colors", 500), ("memory_maze", 300)):  # the step caps the page fills in
+        assert make_request(task_name, None, None, None, None, True).step_cap == cap == default_inputs(task_name)[6]
     assert request.memory_horizon is None and make_request("tmaze", 3, 200, None, 0, False, 2).memory_horizon == 2
 
 

@@ -140,6 +140,12 @@ def test_a_dead_writers_ready_folder_older_than_the_folder_in_place_is_not_put_b
         os.utime(path, ns=(newest - 10**9, newest - 10**9))
     assert torch.equal(_weights(directory), model.head.weight)  # not rolled back to the dead writer's
     assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+    # a newer one is put in place although a file was added to the folder in place after it was written
+    newer = tiny_model("rate_cached", seed=7, obs_kind="image", obs_shape=(3, 64, 64))
+    save_checkpoint(newer, directory.parent / "x")
+    (directory.parent / "x").rename(old)
+    (directory / "eval.json").write_text("{}")  # evaluate's, after the dead writer's checkpoint was made
+    assert torch.equal(_weights(directory), newer.head.weight)
 
 def test_checkpoint_files_get_the_mode_of_ordinary_files(saved, tmp_path):
     _, directory = saved
