@@ -79,11 +79,13 @@ def _umask() -> int:
     return mask
 
 
-def check_replaceable(directory: str | os.PathLike, marker: str, what: str, training_state: bool = False) -> None:
+def check_replaceable(directory: str | os.PathLike, marker: str, what: str, training_state: bool = False,
+                      own: tuple[str, ...] | None = None) -> None:
     """Raise ValueError unless writing a new `what` (e.g. "checkpoint") to `directory` loses nothing but an
     older `what`: the folder does not exist, is empty, or holds a `what` (its `marker` file, no subfolders)
-    and, unless the new one brings its own (training_state), no training run's resume point.
-    Never the working folder or a folder above it."""
+    and, unless the new one brings its own (training_state), no training run's resume point; own: the
+    names of the files a `what` holds, where no other file may be lost (an eval.json of the checkpoint
+    there, a note; None: any file). Never the working folder or a folder above it."""
     directory = Path(directory)
     resolved, here = directory.resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
@@ -103,6 +105,11 @@ def check_replaceable(directory: str | os.PathLike, marker: str, what: str, trai
     if not training_state and any((directory / name).exists() for name in TRAINING_STATE_NAMES):
         raise ValueError(f"{directory} is a training run's resume point ({TRAINING_STATE_NAMES[0]}: what train "
                          f"--resume continues from); writing a {what} there would lose it: give another folder")
+    others = sorted(entry.name for entry in entries if own is not None and entry.name not in own)
+    if others:
+        raise ValueError(f"{directory} holds {', '.join(others[:4])}{' and more' * (len(others) > 4)} beside its "
+                         f"{what}, which writing a new {what} there would delete (an eval.json belongs to the "
+                         f"{what} there): give a new folder, or move them away yourself")
 
 
 def remove_orphans(parent: str | os.PathLike, prefix: str) -> None:
@@ -231,10 +238,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None) -> Path:
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", *TRAINING_STATE_NAMES)
+"""the files save_checkpoint writes (the training state: with train's `extra`)"""
+
+
+def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extra=None,
+                    replace_others: bool = False) -> Path:
     """Write `model` to `directory` atomically: a kill at any moment leaves either the previous
     complete checkpoint or the new complete one, never a mix or a half-written file. A folder there
-    that is not a checkpoint is left alone (ValueError, see check_replaceable).
+    that is not a checkpoint, or one with other files beside its checkpoint (its eval.json), is left
+    alone (ValueError, see check_replaceable), unless replace_others (train's own run folders, where an
+    eval.json of the weights replaced would be stale).
     extra: optional callable(folder) that writes more files (e.g. training state) into the same folder."""
     directory = Path(directory)
     if not isinstance(model.task, str):
@@ -246,7 +260,8 @@ def save_checkpoint(model: MemoryTransformer, directory: str | os.PathLike, extr
         raise ValueError(f"the model's training metadata cannot be saved as JSON ({error}); use plain numbers, "
                          f"strings, lists and dicts") from None
     recover_folder(directory)  # what a writer killed mid-swap left, so that the check sees the folder it left
-    check_replaceable(directory, CONFIG_NAME, "checkpoint", training_state=extra is not None)
+    check_replaceable(directory, CONFIG_NAME, "checkpoint", training_state=extra is not None,
+                      own=None if replace_others else CHECKPOINT_FILES)
     staging = staging_folder(directory)
     try:
         (staging / "README.md").write_text(model_card(model))  # save_pretrained keeps an existing card

@@ -95,6 +95,17 @@ def test_a_save_killed_between_its_renames_leaves_the_new_checkpoint_for_the_nex
 
 
 
+
+def test_a_checkpoint_with_other_files_beside_it_is_not_replaced_unless_asked(saved):
+    model, directory = saved
+    (directory / "eval.json").write_text("{}")  # its evaluation (minutes of work), or a note
+    with pytest.raises(ValueError, match=r"holds eval.json beside its checkpoint, which writing a new checkpoint "
+                                         r"there would delete .*give a new folder, or move them away yourself"):
+        save_checkpoint(tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64)), directory)
+    assert (directory / "eval.json").exists() and torch.equal(_weights(directory), model.head.weight)
+    save_checkpoint(model, directory, replace_others=True)  # train's own run folders: a stale eval.json goes
+    assert not (directory / "eval.json").exists()
+
 def _weights(directory):
     return load_checkpoint(directory).head.weight
 

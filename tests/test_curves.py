@@ -91,6 +91,10 @@ def test_the_png_is_written_whole_and_the_cli_explains_bad_input(tmp_path, capsy
         main(Args(runs=(tmp_path / "missing",)))
     with pytest.raises(SystemExit, match="must be a .png"):
         main(Args(runs=(run,), out=tmp_path / "c.jpg"))
+    (tmp_path / "folder.png").mkdir()
+    for out in (tmp_path / "nowhere" / "c.png", tmp_path / "folder.png"):  # one line, before the work
+        with pytest.raises(SystemExit, match=r"^error: --out .*: cannot write a file there"):
+            main(Args(runs=(run,), out=out))
     with pytest.raises(SystemExit, match="at least one run"):
         main(Args(runs=()))
     (tmp_path / "bad").mkdir()

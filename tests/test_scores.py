@@ -67,6 +67,8 @@ def test_the_cli_draws_shipped_checkpoints_folders(tmp_path, capsys):
         main(Args(evaluations=()))
     with pytest.raises(SystemExit, match="must be a .png"):
         main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "mm.svg"))
+    with pytest.raises(SystemExit, match=r"^error: --out .*nowhere/mm.png: cannot write a file there"):
+        main(Args(evaluations=(ASSETS / "memory_maze/rate",), out=tmp_path / "nowhere" / "mm.png"))
 
 
 
@@ -113,3 +115,38 @@ def test_two_evaluations_of_one_checkpoint_get_labels_that_say_how_they_differ()
                              [Path("a.json"), Path("h1.json"), Path("again.json"), Path("dt.json")])
     assert labels == ["tmaze/rate (rate), memory horizon all [a.json]", "tmaze/rate (rate), memory horizon 1",
                       "tmaze/rate (rate), memory horizon all [again.json]", "tmaze/dt (dt)"]
+
+
+def test_compare_plot_names_the_checkpoints_given_and_tells_two_evaluations_of_one_apart(tmp_path, monkeypatch):
+    from training import compare
+
+    drawn = []
+    monkeypatch.setattr(compare, "save_png", lambda figure, out: drawn.append(figure) or out)
+    # the shipped eval.json names the run that made the checkpoint; the axes name the folders given
+    compare.main(compare.Args(first=ASSETS / "memory_maze/rate", second=ASSETS / "memory_maze/dt/eval.json",
+                              plot=tmp_path / "p.png"))
+    axis = drawn[-1].axes[0]
+    assert axis.get_ylabel() == "A: return, memory_maze/rate (rate)"
+    assert axis.get_xlabel() == "B: return, memory_maze/dt (dt)"
+    # one checkpoint evaluated twice: the axes say which is which
+    report = json.loads((ASSETS / "tmaze/rate/eval.json").read_text())
+    (tmp_path / "h1.json").write_text(json.dumps({**report, "memory_horizon": 1}))
+    compare.main(compare.Args(first=tmp_path / "h1.json", second=ASSETS / "tmaze/rate", plot=tmp_path / "q.png"))
+    axis = drawn[-1].axes[0]
+    assert axis.get_ylabel().endswith("(rate), memory horizon 1") and axis.get_xlabel().endswith("memory horizon all")
+
+
+
+def test_an_evaluation_without_results_is_refused_saying_so(tmp_path):
+    report = json.loads((ASSETS / "tmaze/rate/eval.json").read_text())
+    (tmp_path / "empty.json").write_text(json.dumps({**report, "results": []}))
+    with pytest.raises(SystemExit, match=r"empty.json holds no results .*evaluate the checkpoint again"):
+        main(Args(evaluations=(tmp_path / "empty.json",), out=tmp_path / "s.png"))
+
+
+
+def test_a_dataset_given_as_an_evaluation_is_named_as_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"data is a dataset folder; give an evaluation"):
+        main(Args(evaluations=(tmp_path / "data",), out=tmp_path / "s.png"))

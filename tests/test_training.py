@@ -160,6 +160,10 @@ def test_teacher_probabilities_outside_0_to_1_are_refused(task_name):
         with pytest.raises(SystemExit, match=r"is a probability from 0 to 1, got"):
             parse_teacher_options(task, (item,))
     assert parse_teacher_options(task, ("noise=0.3",)) == {"noise": 0.3}
+    if task_name == "vizdoom_two_colors":  # a number of steps: whole, not cut to one
+        with pytest.raises(SystemExit, match="--teacher-options detour_min is a whole number, got 2.5"):
+            parse_teacher_options(task, ("detour_min=2.5",))
+        assert parse_teacher_options(task, ("detour_min=3",)) == {"detour_min": 3}
 
 
 def test_collect_teacher_option_on_a_task_without_one_says_so(tmp_path):
@@ -870,8 +874,11 @@ def test_evaluation_keeps_per_episode_returns_and_compare_pairs_them(dataset_pat
     assert [axis.get_title().split(":")[0] for axis in figure.axes] == ["episode_length = 10", "episode_length = 20"]
     sizes = figure.axes[0].collections[0].get_sizes()  # a point per distinct pair, its area the pairs' share
     assert sum(sizes - 24) == pytest.approx(600)
-    with pytest.raises(SystemExit, match="--plot: .*must be a .png"):
+    with pytest.raises(SystemExit, match="--plot .*must be a .png"):
         compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json", plot=tmp_path / "p.jpg"))
+    with pytest.raises(SystemExit, match=r"^error: --plot .*nowhere/p.png: cannot write a file there"):
+        compare_main(CompareArgs(first=tmp_path / "a.json", second=tmp_path / "b.json",
+                                 plot=tmp_path / "nowhere" / "p.png"))
 
     # a memory horizon is recorded, and compare says that the two evaluations differ in it
     main(Args(checkpoint=checkpoint, values=(10,), episodes=4, seed=3, memory_horizon=1, json=tmp_path / "h.json"))
@@ -1095,6 +1102,16 @@ def test_auxiliary_loss_is_added_to_the_action_loss(dataset_path):
     with pytest.raises(ValueError, match="auxiliary head"):
         train_step(MemoryTransformer(TASK.model_config("rate")), torch.optim.SGD(model.parameters(), lr=0.0),
                    rtg, obs, actions, aux_targets=aux, aux_weight=1.0)
+    # weights on the action targets (--keyframe-weight) leave the auxiliary loss its mean: a constant weight
+    # changes neither loss, so the update is the same as without weights
+    def updated(weights):
+        torch.manual_seed(0)
+        trained = MemoryTransformer(replace(TASK.model_config("rate"), dropout=0.0, dropatt=0.0, aux_classes=2))
+        train_step(trained, torch.optim.SGD(trained.parameters(), lr=0.1), rtg, obs, actions, targets=targets,
+                   aux_targets=aux, aux_weight=0.5, weights=weights, grad_clip=0.0)
+        return torch.cat([p.detach().flatten() for p in trained.parameters()])
+
+    assert torch.allclose(updated(None), updated(torch.full(actions.shape, 3.0)), atol=1e-6)
 
 
 def test_training_with_the_auxiliary_loss_logs_what_memory_holds_and_is_checked(dataset_path, tmp_path,
@@ -1143,6 +1160,21 @@ def test_writers_refuse_a_folder_that_is_not_theirs_and_lose_nothing(dataset_pat
         collect_tool.main(collect_tool.Args(task="tmaze", episodes=1, out=Path(".")))
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "src").is_dir()
     assert checkpoint.is_dir() and sorted(p.name for p in mine.iterdir()) == ["notes.txt", "src"]
+    # a dataset or checkpoint with a file of the user's beside it (a note; a checkpoint's eval.json) is not replaced
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(dataset_path, data)
+    (data / "NOTES.txt").write_text("how it was made")
+    with pytest.raises(SystemExit, match=r"holds NOTES.txt beside its dataset"):
+        merge.main(merge.Args(sources=(dataset_path, dataset_path), out=data))
+    with pytest.raises(SystemExit, match=r"holds NOTES.txt beside its dataset"):
+        collect_tool.main(collect_tool.Args(task="tmaze", episodes=1, out=data))
+    evaluated = tmp_path / "evaluated"
+    shutil.copytree(checkpoint, evaluated)
+    (evaluated / "eval.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"holds eval.json beside its checkpoint"):
+        average.main(average.Args(sources=(checkpoint, checkpoint), out=evaluated))
+    assert (data / "NOTES.txt").exists() and (evaluated / "eval.json").exists()
     # what the tools wrote before is theirs to replace
     twice = tmp_path / "twice"
     assert average.main(average.Args(sources=(checkpoint, checkpoint), out=twice)) == twice

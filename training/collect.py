@@ -22,7 +22,7 @@ from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
 from training.cli import (NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, run_main, stop_pool,
                           task_or_exit, worker_pool)
-from training.dataset import DatasetWriter
+from training.dataset import DATASET_FILES, DatasetWriter
 
 
 @dataclass
@@ -86,8 +86,13 @@ def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
         return {}
     if task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher to give --teacher-options to")
-    known = [name for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))]
-    options = _assignments(items, known, float, f"the teacher of {task.name}", "setting")
+    defaults = {name: value for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))}
+    options = _assignments(items, list(defaults), float, f"the teacher of {task.name}", "setting")
+    for name, value in options.items():  # a count (of steps) is a whole number: 2.5 is refused, not cut to 2
+        if isinstance(defaults[name], int) and not isinstance(defaults[name], bool):  # (a switch is 0 or 1)
+            if not value.is_integer():
+                raise SystemExit(f"error: --teacher-options {name} is a whole number, got {value:g}")
+            options[name] = int(value)
     try:
         task.make_teacher(**options)
     except ValueError as error:
@@ -295,7 +300,7 @@ def main(args: Args) -> None:
     task = task_or_exit(args.task)
     out = args.out or Path("data") / task.name / "expert"
     try:  # before any episode: collect replaces the folder at the end
-        check_replaceable(out, "meta.json", "dataset")
+        check_replaceable(out, "meta.json", "dataset", own=DATASET_FILES)
     except ValueError as error:
         raise SystemExit(f"error: --out {error}") from None
     seed = task.dataset_seed if args.seed is None else args.seed

@@ -18,7 +18,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli, run_main
+from training.cli import OWN_DEFAULT, cli, run_main, writable_file_or_exit
 from training.figures import plt, save_png
 
 
@@ -41,6 +41,9 @@ def load_evaluation(path: Path, per_episode: bool = True) -> dict:
     newer than the file (memory_horizon, hide_actions, pixel_noise) are filled in with what it played."""
     path = Path(path)
     if path.is_dir():
+        if (path / "meta.json").is_file() and not (path / "config.json").is_file():
+            raise SystemExit(f"error: {path} is a dataset folder; give an evaluation: an eval.json, or the checkpoint "
+                             f"folder that holds one")
         if not (path / "eval.json").is_file():
             raise SystemExit(f"error: {path} holds no eval.json; write it with python -m training.evaluate "
                              f"--checkpoint {path} --json {path / 'eval.json'}")
@@ -56,6 +59,9 @@ def load_evaluation(path: Path, per_episode: bool = True) -> dict:
         raise SystemExit(f"error: {path} cannot be read ({error.strerror})")
     if not isinstance(report, dict) or "results" not in report or "protocol" not in report:
         raise SystemExit(f"error: {path} is not an evaluation written by python -m training.evaluate")
+    if not isinstance(report["results"], list) or not report["results"]:
+        raise SystemExit(f"error: {path} holds no results (an evaluation stopped before its first setting ended?); "
+                         f"evaluate the checkpoint again")
     for result in report["results"] if per_episode else ():
         if "seeds" not in result or "returns" not in result:
             raise SystemExit(f"error: {path} has no per-episode returns (written by an older evaluator); "
@@ -112,9 +118,41 @@ def label_of(report: dict, folder: Path | None = None) -> str:
     return f"{'/'.join(path.parts[-2:])} ({report['mode']})"
 
 
-def plot_pairs(first: dict, second: dict):
+
+def evaluated_folder(path: Path) -> Path | None:
+    """The checkpoint folder an evaluation given as `path` belongs to, for its label: the folder itself, or
+    the folder of its eval.json (whose "checkpoint" may name the run that made it); None for a JSON elsewhere."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent if (path.parent / "config.json").is_file() else None
+
+
+def distinct_labels(labels: list[str], reports: list[dict], paths: list[Path]) -> list[str]:
+    """The labels, where two or more are the same (e.g. one checkpoint evaluated twice), each of those
+    extended by what sets its evaluation apart (memory horizon, hidden actions, pixel noise, target
+    return, temperature, seed), and by its file if that does not tell them apart."""
+    options = [("memory_horizon", "memory horizon"), ("hide_actions", "actions hidden"), ("pixel_noise", "pixel noise")]
+    protocol = [("target_return", "target return"), ("temperature", "temperature")]
+    out = list(labels)
+    for i, label in enumerate(labels):
+        same = [j for j, other in enumerate(labels) if other == label]
+        if len(same) < 2:
+            continue
+        value = {name: [reports[j].get(key) for j in same] for key, name in options + [("seed", "seed")]}
+        value |= {name: [reports[j]["protocol"].get(key) for j in same] for key, name in protocol}
+        mine = same.index(i)
+        extras = [f"{name} {'all' if values[mine] is None else values[mine]}"  # None: the whole episode
+                  for name, values in value.items() if len(set(map(str, values))) > 1]
+        out[i] = f"{label}, {', '.join(extras)}" if extras else label
+    return [f"{label} [{Path(path).name}]" if out.count(label) > 1 else label
+            for label, path in zip(out, paths, strict=True)]
+
+def plot_pairs(first: dict, second: dict, labels: tuple[str, str] | None = None):
     """A figure with one panel per shared setting value: each episode as a point at (B's return, A's return),
-    its area growing with the episodes that share it; above the diagonal A did better."""
+    its area growing with the episodes that share it; above the diagonal A did better. labels: A's and B's
+    names on the axes (default: label_of each)."""
+    label_a, label_b = labels or (label_of(first), label_of(second))
     rows = shared_rows(first, second)
     setting = first["protocol"]["setting"]
     figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows) + 0.6, 4.4), squeeze=False)
@@ -133,8 +171,8 @@ def plot_pairs(first: dict, second: dict):
         axis.set_xlim(low - pad, high + pad)
         axis.set_ylim(low - pad, high + pad)
         axis.set_aspect("equal")
-        axis.set_xlabel(f"B: return, {label_of(second)}", fontsize=8)
-        axis.set_ylabel(f"A: return, {label_of(first)}", fontsize=8)
+        axis.set_xlabel(f"B: return, {label_b}", fontsize=8)
+        axis.set_ylabel(f"A: return, {label_a}", fontsize=8)
         axis.set_title(f"{setting} = {value}: A - B {figures['difference']:+.2f} +- {figures['difference_sem']:.2f}\n"
                        f"A ahead in {figures['wins']}, ties {figures['ties']}, B ahead in {figures['losses']} "
                        f"of {figures['episodes']}", fontsize=9)
@@ -144,6 +182,10 @@ def plot_pairs(first: dict, second: dict):
 
 
 def main(args: Args) -> None:
+    if args.plot is not None:
+        if args.plot.suffix.lower() != ".png":
+            raise SystemExit(f"error: --plot {args.plot} must be a .png file")
+        writable_file_or_exit("--plot", args.plot)
     first, second = load_evaluation(args.first), load_evaluation(args.second)
     try:
         rows = compare(first, second)
@@ -187,7 +229,11 @@ def main(args: Args) -> None:
               f"{row['wins']} / {row['ties']} / {row['losses']}")
     if args.plot is not None:
         try:
-            print(f"wrote {save_png(plot_pairs(first, second), args.plot)}")
+            given = (args.first, args.second)
+            labels = distinct_labels([label_of(report, evaluated_folder(path))
+                                      for report, path in zip((first, second), given, strict=True)],
+                                     [first, second], list(given))
+            print(f"wrote {save_png(plot_pairs(first, second, tuple(labels)), args.plot)}")
         except (ValueError, OSError) as error:
             raise SystemExit(f"error: --plot: {error}")
 

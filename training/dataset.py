@@ -35,6 +35,8 @@ from rate_core.model import ACTION_PAD
 FORMAT_VERSION = 1
 ARRAYS = ("observations", "actions", "rewards", "episode_starts")
 OPTIONAL_ARRAYS = ("labels", "aux_labels")
+DATASET_FILES = ("meta.json", *(f"{name}.npy" for name in ARRAYS + OPTIONAL_ARRAYS))
+"""the files of a dataset folder (write_dataset and DatasetWriter replace no other)"""
 
 
 class DatasetError(ValueError):
@@ -109,7 +111,7 @@ class DatasetWriter:
     def __init__(self, path: str | os.PathLike, task: str):
         self.path, self.task = Path(path), task
         recover_folder(self.path, "partial")  # what a writer killed mid-write or mid-swap left
-        check_replaceable(self.path, "meta.json", "dataset")  # before any work: close() would replace it
+        check_replaceable(self.path, "meta.json", "dataset", own=DATASET_FILES)  # before any work: close() replaces it
         self.staging = staging_folder(self.path, "partial")
         self._files = {}  # array name -> open file
         self._layout = {}  # array name -> [dtype, shape of one row, rows written]
@@ -175,7 +177,7 @@ class DatasetWriter:
             "steps": declared["actions"]["shape"][0], "settings": settings, "arrays": declared,
         }
         (self.staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        check_replaceable(self.path, "meta.json", "dataset")  # what appeared there since __init__
+        check_replaceable(self.path, "meta.json", "dataset", own=DATASET_FILES)  # what appeared there since __init__
         return replace_folder(self.staging, self.path)  # the old dataset is deleted once the new is in place
 
     def abort(self) -> None:

@@ -18,8 +18,8 @@ from typing import Annotated
 import tyro
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main
-from training.compare import label_of, load_evaluation
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main, writable_file_or_exit
+from training.compare import distinct_labels, evaluated_folder, label_of, load_evaluation
 from training.figures import metric_label, plt, save_png
 
 
@@ -98,27 +98,6 @@ class Args:
     """levels to draw as dashed lines, as LABEL=VALUE pairs, e.g. --reference 'paper RATE=7.64' 'paper DT=6.83'"""
 
 
-def distinct_labels(labels: list[str], reports: list[dict], paths: list[Path]) -> list[str]:
-    """The labels, where two or more are the same (e.g. one checkpoint evaluated twice), each of those
-    extended by what sets its evaluation apart (memory horizon, hidden actions, pixel noise, target
-    return, temperature, seed), and by its file if that does not tell them apart."""
-    options = [("memory_horizon", "memory horizon"), ("hide_actions", "actions hidden"), ("pixel_noise", "pixel noise")]
-    protocol = [("target_return", "target return"), ("temperature", "temperature")]
-    out = list(labels)
-    for i, label in enumerate(labels):
-        same = [j for j, other in enumerate(labels) if other == label]
-        if len(same) < 2:
-            continue
-        value = {name: [reports[j].get(key) for j in same] for key, name in options + [("seed", "seed")]}
-        value |= {name: [reports[j]["protocol"].get(key) for j in same] for key, name in protocol}
-        mine = same.index(i)
-        extras = [f"{name} {'all' if values[mine] is None else values[mine]}"  # None: the whole episode
-                  for name, values in value.items() if len(set(map(str, values))) > 1]
-        out[i] = f"{label}, {', '.join(extras)}" if extras else label
-    return [f"{label} [{Path(path).name}]" if out.count(label) > 1 else label
-            for label, path in zip(out, paths, strict=True)]
-
-
 def main(args: Args) -> None:
     if not args.evaluations:
         raise SystemExit("error: give at least one evaluation, e.g. python -m training.scores "
@@ -133,8 +112,11 @@ def main(args: Args) -> None:
                              "e.g. 'paper RATE=7.64'") from None
         if not name.strip():
             raise SystemExit(f"error: --reference {pair!r}: the label before '=' is empty")
+    if args.out.suffix.lower() != ".png":
+        raise SystemExit(f"error: --out {args.out} must be a .png file")
+    writable_file_or_exit("--out", args.out)
     reports = [load_evaluation(path, per_episode=False) for path in args.evaluations]
-    labels = distinct_labels([label_of(report, path if path.is_dir() else None)
+    labels = distinct_labels([label_of(report, evaluated_folder(path))
                               for report, path in zip(reports, args.evaluations, strict=True)],
                              reports, args.evaluations)
     try:

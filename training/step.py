@@ -50,23 +50,25 @@ class SegmentLosses(torch.nn.Module):
         self.model = model
 
     def forward(self, rtg, obs, actions, times: list[slice], counts: list[float], state=None, targets=None,
-                aux_targets=None, aux_weight: float = 0.0, weights=None):
+                aux_targets=None, aux_weight: float = 0.0, weights=None, aux_counts: list[float] | None = None):
         """Returns (sum of the per-segment mean losses or None, per-segment detached action losses,
         state). counts: the number of targets of each segment that its summed loss is divided by.
         targets: the actions to predict (default: the input actions). aux_targets (B, T): the classes
         the model's auxiliary head predicts (ACTION_PAD where none), their mean cross-entropy
         weighted by aux_weight added to each segment's loss (the returned values stay the action
         losses). weights (B, T): each step's weight in the action loss (then counts are the segments'
-        summed weights; None: every target weighs 1)."""
+        summed weights; None: every target weighs 1). aux_counts: the number of auxiliary targets of each
+        segment, which its auxiliary loss is divided by (default: counts, the same where no weights)."""
+        aux_counts = counts if aux_counts is None else aux_counts
         targets = actions if targets is None else targets
         total, values = None, []
-        for seg, count in zip(times, counts, strict=True):
+        for seg, count, aux_count in zip(times, counts, aux_counts, strict=True):
             logits, aux_logits, state = self.model.segment(rtg[:, seg], obs[:, seg], actions[:, seg], state)
             if count:
                 loss = action_loss_sum(logits, targets[:, seg], None if weights is None else weights[:, seg]) / count
                 values.append(loss.detach())
-                if aux_weight:
-                    loss = loss + aux_weight * action_loss_sum(aux_logits, aux_targets[:, seg]) / count
+                if aux_weight and aux_count:
+                    loss = loss + aux_weight * action_loss_sum(aux_logits, aux_targets[:, seg]) / aux_count
                 total = loss if total is None else total + loss
             else:
                 values.append(None)
@@ -136,14 +138,18 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     # Per-segment target counts over the whole (global) batch, so that pieces add up to batch means.
     targets = actions if targets is None else targets
     valid = targets != ACTION_PAD
-    counts_tensor = torch.stack([(valid[:, seg] if weights is None else (weights * valid)[:, seg]).sum()
-                                 for seg in times]).to(torch.float64)
+    counted = [(valid[:, seg] if weights is None else (weights * valid)[:, seg]).sum() for seg in times]
+    separate_aux = bool(aux_weight) and weights is not None  # weighted action targets: the auxiliary ones count 1
+    if separate_aux:
+        counted += [(aux_targets[:, seg] != ACTION_PAD).sum() for seg in times]
+    counts_tensor = torch.stack(counted).to(torch.float64)
     if distributed:
         torch.distributed.all_reduce(counts_tensor)
     # the highest action and target read with the counts, in one wait for the device (the model checks its
     # inputs' actions itself only on the CPU, where that costs no wait)
     highest = torch.stack([actions.max(), targets.max()]).to(torch.float64)
     *counts, top_action, top_target = torch.cat([counts_tensor, highest]).tolist()
+    counts, aux_counts = (counts[:len(times)], counts[len(times):]) if separate_aux else (counts, counts)
     for name, top in (("actions", top_action), ("targets", top_target)):
         if top >= model.config.act_dim:
             raise ValueError(f"{name} must be from 0 to {model.config.act_dim - 1} ({ACTION_PAD}: padding), got "
@@ -159,7 +165,7 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
             total, values, state = runner(rtg[part], obs[part], actions[part], [times[i] for i in which],
                                           [counts[i] for i in which], state, targets[part],
                                           None if aux_targets is None else aux_targets[part], aux_weight,
-                                          None if weights is None else weights[part])
+                                          None if weights is None else weights[part], [aux_counts[i] for i in which])
             for i, value in zip(which, values, strict=True):
                 if value is not None:
                     losses[i] += value.to(torch.float64)

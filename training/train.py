@@ -781,7 +781,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         if main_process:
             log.write(json.dumps(record) + "\n")
             model.training_info["epochs_done"] = epoch + 1
-            save_checkpoint(model, last, extra=lambda folder: save_training_state(
+            save_checkpoint(model, last, replace_others=True, extra=lambda folder: save_training_state(
                 folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at,
                 dataset.fingerprint()))
             if config.curves:  # after the checkpoint: a kill while drawing loses no epoch
@@ -797,7 +797,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         log.close()
         if average is not None:
             model.load_state_dict(average.average)  # the finished model is the average
-        save_checkpoint(model, final)
+        save_checkpoint(model, final, replace_others=True)
         print(f"wrote {final}")
     if world > 1:
         dist.barrier()
