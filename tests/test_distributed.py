@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rate_core.checkpoint import load_checkpoint
@@ -17,15 +18,16 @@ from training.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("memory_grad", ["bptt", "detached"])  # detached: the MRV gets no gradient in a step
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, memory_grad):
     data = collect(get_task("tmaze"), tmp_path / "data", episodes_per_setting=4, seed=0)  # 12 samples
     common = dict(task="tmaze", model="rate", data=data, epochs=1, batch_size=4, warmup_steps=2, eval_every=0,
                   learning_rate=5e-5,  # Adam turns rounding noise of ~zero gradients into steps of ~lr
-                  seed=3, dropout=0.0)
+                  seed=3, dropout=0.0, memory_grad=memory_grad)
     single = load_checkpoint(train(TrainConfig(out=tmp_path / "one", **common)))
     args = ["--task", "tmaze", "--model", "rate", "--data", str(data), "--epochs", "1", "--batch-size", "4",
             "--warmup-steps", "2", "--learning-rate", "5e-5", "--eval-every", "0", "--seed", "3", "--dropout", "0",
-            "--out", str(tmp_path / "two")]
+            "--memory-grad", memory_grad, "--out", str(tmp_path / "two")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "training.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,

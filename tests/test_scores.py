@@ -134,6 +134,11 @@ def test_compare_plot_names_the_checkpoints_given_and_tells_two_evaluations_of_o
     compare.main(compare.Args(first=tmp_path / "h1.json", second=ASSETS / "tmaze/rate", plot=tmp_path / "q.png"))
     axis = drawn[-1].axes[0]
     assert axis.get_ylabel().endswith("(rate), memory horizon 1") and axis.get_xlabel().endswith("memory horizon all")
+    from training.compare import evaluated_folder
+
+    assert evaluated_folder(ASSETS / "tmaze/rate/eval.json") == ASSETS / "tmaze/rate"
+    (tmp_path / "config.json").write_text("{}")  # another JSON beside a checkpoint: named by what it evaluated
+    assert evaluated_folder(tmp_path / "h1.json") is None
 
 
 

@@ -391,6 +391,12 @@ def test_resume_checks_the_data_and_the_state_but_not_the_order_of_model_set(dat
     with pytest.raises(CheckpointError, match="epoch and step must be whole numbers"):
         train(_tiny_config(data, run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
     state_json.write_text(saved_json)
+    # the same data elsewhere (moved, or named from another folder) is the same data: resumed
+    shutil.copytree(data, tmp_path / "moved")
+    train(_tiny_config(tmp_path / "moved", run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
+    with pytest.raises(SystemExit, match=r"--resume with --data .*other, but the run in .* was trained on"):
+        other = collect(TASK, tmp_path / "other", episodes_per_setting=3, seed=700)
+        train(_tiny_config(other, run, epochs=1, model_set=("n_layer=1", "d_model=32"), resume=True))
     # the data collected again at the same path (other episodes): refused, where it trained on it unsaid
     shutil.rmtree(data)
     collect(TASK, data, episodes_per_setting=3, seed=500)

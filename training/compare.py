@@ -121,11 +121,12 @@ def label_of(report: dict, folder: Path | None = None) -> str:
 
 def evaluated_folder(path: Path) -> Path | None:
     """The checkpoint folder an evaluation given as `path` belongs to, for its label: the folder itself, or
-    the folder of its eval.json (whose "checkpoint" may name the run that made it); None for a JSON elsewhere."""
+    the folder of its own eval.json (whose "checkpoint" may name the run that made it); None for any other
+    JSON (then its "checkpoint" names what it evaluated: another JSON may sit in a folder it did not evaluate)."""
     path = Path(path)
     if path.is_dir():
         return path
-    return path.parent if (path.parent / "config.json").is_file() else None
+    return path.parent if path.name == "eval.json" and (path.parent / "config.json").is_file() else None
 
 
 def distinct_labels(labels: list[str], reports: list[dict], paths: list[Path]) -> list[str]:

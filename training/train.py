@@ -661,11 +661,15 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if str(saved_config.get(key)) != str(getattr(config, key)):
                 raise SystemExit(f"error: --resume with {key}={getattr(config, key)!r}, but the run in {out} used "
                                  f"{saved_config.get(key)!r}; use the same settings or another --out")
-        if Path(saved_config.get("data", "")).resolve() != Path(config.data).resolve():
+        # the same data: by its fingerprint (then it may have moved, or be named from another folder), or, for
+        # runs from before the fingerprint was kept, by its place
+        same_place = Path(saved_config.get("data", "")).resolve() == Path(config.data).resolve()
+        saved_data = saved_state.get("dataset")
+        same_data = same_place if saved_data is None else saved_data == dataset.fingerprint()
+        if not same_data and not same_place:
             raise SystemExit(f"error: --resume with --data {config.data}, but the run in {out} was trained on "
                              f"{saved_config.get('data')}; use the same data or another --out")
-        saved_data = saved_state.get("dataset")  # (runs from before it was kept: unchecked)
-        if saved_data is not None and saved_data != dataset.fingerprint():
+        if not same_data:
             raise SystemExit(f"error: --resume: the dataset at {config.data} is not the one the run in {out} was "
                              f"trained on (it was collected again or changed since: {dataset.num_episodes} episodes "
                              f"now); resume with that data, or train on this one with another --out")
@@ -692,7 +696,10 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.compile:
         runner = torch.compile(runner)
     if world > 1:
-        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+        # detached memory: the MRV's output only reaches the next segment through a detached state, so its
+        # parameters get no gradient in a step, which DDP must be told to expect
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=config.memory_grad == "detached")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     warning = bf16_warning(config, device, cpu_has_bf16()) if main_process else None
     if warning:
