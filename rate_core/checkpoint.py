@@ -6,6 +6,7 @@ Weights are safetensors: loading never unpickles. Every problem with a folder ra
 CheckpointError naming the file and what is wrong with it.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -162,8 +163,11 @@ def _orphans(parent: str | os.PathLike, prefix: str) -> list[Path]:
     for path in parent.iterdir():
         writer = path.name[len(prefix):] if path.name.startswith(prefix) else ""
         if re.fullmatch(r"\d+(-\d+)?", writer) and not _writer_alive(writer):
-            found.append(path)
-    return sorted(found, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+            try:
+                found.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:  # recovered meanwhile by another process
+                pass
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def staging_folder(directory: str | os.PathLike, kind: str = "staging") -> Path:
@@ -207,19 +211,47 @@ def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> No
     than the folder in place is not put back over it. Nothing happens where the folder cannot be
     written (a read-only checkout)."""
     directory = Path(directory)
+    kinds = ("ready", "retired", staging)
+    if not any(_orphans(directory.parent, f".{directory.name}.{kind}-") for kind in kinds):
+        return  # nothing left behind (the usual case: no lock taken)
     try:
-        for ready in _orphans(directory.parent, f".{directory.name}.ready-")[:1]:
-            if not directory.exists() or _made(ready) >= _made(directory):
-                _swap_in(ready, directory)
-        for retired in _orphans(directory.parent, f".{directory.name}.retired-"):
-            if not directory.exists():
-                os.replace(retired, directory)
-            else:
-                shutil.rmtree(retired, ignore_errors=True)
-        for kind in ("ready", staging):
-            remove_orphans(directory.parent, f".{directory.name}.{kind}-")
-    except OSError:  # a folder we may not write, or another process recovering it at the same moment
+        # one recovery at a time: readers that found the same leftovers at once (torchrun's processes loading
+        # an --init checkpoint) would otherwise swap twice, the second moving the recovered folder away
+        with _folder_lock(directory.parent):
+            for ready in _orphans(directory.parent, f".{directory.name}.ready-")[:1]:
+                if not directory.exists() or _made(ready) >= _made(directory):
+                    _swap_in(ready, directory)
+            for retired in _orphans(directory.parent, f".{directory.name}.retired-"):
+                if not directory.exists():
+                    os.replace(retired, directory)
+                else:
+                    shutil.rmtree(retired, ignore_errors=True)
+            for kind in ("ready", staging):
+                remove_orphans(directory.parent, f".{directory.name}.{kind}-")
+    except OSError:  # a folder we may not write
         pass
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on `folder` (flock on the folder itself: no lock file to leave behind) while the
+    block runs; other processes taking it wait. Where there is no flock (another OS, some network file
+    systems), the block runs unlocked."""
+    try:
+        import fcntl
+
+        handle = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _made(folder: Path) -> int:

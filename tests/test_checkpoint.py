@@ -158,6 +158,40 @@ def test_a_dead_writers_ready_folder_older_than_the_folder_in_place_is_not_put_b
     (directory / "eval.json").write_text("{}")  # evaluate's, after the dead writer's checkpoint was made
     assert torch.equal(_weights(directory), newer.head.weight)
 
+
+WAITS_FOR_THE_LOCK = """
+import sys, time
+from rate_core.checkpoint import load_checkpoint
+started = time.monotonic()
+load_checkpoint(sys.argv[1])
+print(time.monotonic() - started)
+"""
+
+
+def test_readers_recovering_one_folder_at_once_take_turns(saved):
+    # two readers that find a dead writer's ready folder at the same moment would both swap it in, the second
+    # moving the first's result away ("checkpoint folder does not exist": 1 trial in 30 of 4 readers): the
+    # recovery holds a lock on the folder's parent, so a second reader waits and then finds nothing to do
+    from rate_core.checkpoint import _folder_lock
+
+    _, directory = saved
+    new = tiny_model("rate_cached", seed=5, obs_kind="image", obs_shape=(3, 64, 64))
+    save_checkpoint(new, directory.parent / "x")
+    (directory.parent / "x").rename(directory.parent / ".ckpt.ready-999999999-1")
+    root = Path(__file__).resolve().parents[1]
+    with _folder_lock(directory.parent):  # another reader recovering
+        reader = subprocess.Popen([sys.executable, "-c", WAITS_FOR_THE_LOCK, str(directory)], cwd=root,
+                                  env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
+        try:
+            reader.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            pass
+        assert reader.poll() is None  # waiting for the lock
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and float(out) >= 0  # then recovered, once
+    assert torch.equal(_weights(directory), new.head.weight)
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+
 def test_checkpoint_files_get_the_mode_of_ordinary_files(saved, tmp_path):
     _, directory = saved
     ordinary = tmp_path / "ordinary.txt"
