@@ -146,6 +146,12 @@ def test_expert_report_gives_no_success_where_the_task_scores_return(monkeypatch
     assert lines[0].endswith(": return 30.500 +- 1.500, mean length 2100.0") and "success" not in "".join(lines)
     assert lines[1].split() == ["red:", "2", "episodes,", "return", "30.500", "+-", "1.500,", "mean", "length",
                                 "2100.0"]
+    single = {**row, "episodes": 1, "return_sem": 0.0}  # a group of one episode has no standard error, not 0
+    monkeypatch.setattr(expert_report, "report", lambda task, episodes, settings, seed: {
+        "task": task, "settings": settings, **row, "groups": {"red": single}})
+    expert_report.main(expert_report.Args(task="vizdoom_two_colors", episodes=2))
+    out = capsys.readouterr().out
+    assert "red: 1 episodes, return 30.500 (one episode: no standard error), mean length 2100.0" in out
 
 
 def test_bench_env_prints_steps_per_second_last():

@@ -76,8 +76,8 @@ def main(args: Args) -> None:
 
     def scores(row: dict) -> str:  # success only where the task scores it (ViZDoom's, Memory Maze's envs report none)
         success = f"success {row['success_rate']:.3f}, " if task.evaluation.metric == "success" else ""
-        return (f"{success}return {row['mean_return']:.3f} +- {row['return_sem']:.3f}, "
-                f"mean length {row['mean_length']:.1f}")
+        error = f" +- {row['return_sem']:.3f}" if row["episodes"] > 1 else " (one episode: no standard error)"
+        return f"{success}return {row['mean_return']:.3f}{error}, mean length {row['mean_length']:.1f}"
 
     print(f"{result['task']} expert over {result['episodes']} episodes, {result['settings']}: {scores(result)}")
     for name, group in result.get("groups", {}).items():
