@@ -7,6 +7,7 @@ CheckpointError naming the file and what is wrong with it.
 """
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -135,7 +136,11 @@ def writer_id() -> str:
     that a later process given the same id (a restarted container's, whose first process is always
     the same number; or any once ids wrap around) does not take a dead writer's folders for its own,
     or for a live writer's. Where the start cannot be read, the process id alone."""
-    pid = os.getpid()
+    return _writer_id(os.getpid())  # per process id: a forked child is another writer
+
+
+@functools.lru_cache(maxsize=4)
+def _writer_id(pid: int) -> str:
     start = _process_start(pid)
     return f"{pid}-{start}" if start else str(pid)
 
@@ -211,9 +216,12 @@ def recover_folder(directory: str | os.PathLike, staging: str = "staging") -> No
     than the folder in place is not put back over it. Nothing happens where the folder cannot be
     written (a read-only checkout)."""
     directory = Path(directory)
-    kinds = ("ready", "retired", staging)
-    if not any(_orphans(directory.parent, f".{directory.name}.{kind}-") for kind in kinds):
-        return  # nothing left behind (the usual case: no lock taken)
+    leftovers = tuple(f".{directory.name}.{kind}-" for kind in ("ready", "retired", staging))
+    try:  # one look at the folder: nothing named as a leftover (the usual case) needs no lock and no more
+        if not any(entry.name.startswith(leftovers) for entry in directory.parent.iterdir()):
+            return
+    except OSError:  # no such folder (yet)
+        return
     try:
         # one recovery at a time: readers that found the same leftovers at once (torchrun's processes loading
         # an --init checkpoint) would otherwise swap twice, the second moving the recovered folder away

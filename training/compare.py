@@ -18,8 +18,8 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli, run_main, writable_file_or_exit
-from training.figures import plt, save_png
+from training.cli import OWN_DEFAULT, cli, run_main
+from training.figures import plt, png_out_or_exit, save_png
 
 
 @dataclass
@@ -184,9 +184,7 @@ def plot_pairs(first: dict, second: dict, labels: tuple[str, str] | None = None)
 
 def main(args: Args) -> None:
     if args.plot is not None:
-        if args.plot.suffix.lower() != ".png":
-            raise SystemExit(f"error: --plot {args.plot} must be a .png file")
-        writable_file_or_exit("--plot", args.plot)
+        png_out_or_exit("--plot", args.plot)
     first, second = load_evaluation(args.first), load_evaluation(args.second)
     try:
         rows = compare(first, second)

@@ -21,8 +21,8 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli, run_main, writable_file_or_exit
-from training.figures import metric_label, plt, save_png
+from training.cli import OWN_DEFAULT, cli, run_main
+from training.figures import metric_label, plt, png_out_or_exit, save_png
 
 
 @dataclass
@@ -204,9 +204,7 @@ def main(args: Args) -> None:
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}")
     out = args.out or Path(logs[0].name) / "curves.png"
-    if out.suffix.lower() != ".png":
-        raise SystemExit(f"error: --out {out} must be a .png file")
-    writable_file_or_exit("--out", out)
+    png_out_or_exit("--out", out)
     for log in logs:
         print(summary(log))
     print(f"wrote {write_curves(logs, out, metric_label(_task_of(Path(logs[0].name))))}")

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rate_core.tasks import get_task, result_key  # noqa: E402
+from training.cli import writable_file_or_exit  # noqa: E402
 
 
 def metric_label(task_name: str | None) -> str:
@@ -17,6 +18,14 @@ def metric_label(task_name: str | None) -> str:
         return result_key(get_task(task_name).evaluation.metric).replace("_", " ")
     except (KeyError, TypeError, ValueError):
         return "score"
+
+
+def png_out_or_exit(flag: str, out: Path) -> None:
+    """SystemExit unless a PNG can be written at `out` (the value of option `flag`): a .png name, in a
+    folder that exists and can be written; checked before the work that draws it (save_png writes it)."""
+    if Path(out).suffix.lower() != ".png":
+        raise SystemExit(f"error: {flag} {out} must be a .png file")
+    writable_file_or_exit(flag, out)
 
 
 def save_png(figure, out: Path) -> Path:

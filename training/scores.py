@@ -18,9 +18,9 @@ from typing import Annotated
 import tyro
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main, writable_file_or_exit
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, cli, run_main
 from training.compare import distinct_labels, evaluated_folder, label_of, load_evaluation
-from training.figures import metric_label, plt, save_png
+from training.figures import metric_label, plt, png_out_or_exit, save_png
 
 
 def metric_and_error(row: dict, metric: str) -> tuple[float, float]:
@@ -112,9 +112,7 @@ def main(args: Args) -> None:
                              "e.g. 'paper RATE=7.64'") from None
         if not name.strip():
             raise SystemExit(f"error: --reference {pair!r}: the label before '=' is empty")
-    if args.out.suffix.lower() != ".png":
-        raise SystemExit(f"error: --out {args.out} must be a .png file")
-    writable_file_or_exit("--out", args.out)
+    png_out_or_exit("--out", args.out)
     reports = [load_evaluation(path, per_episode=False) for path in args.evaluations]
     labels = distinct_labels([label_of(report, evaluated_folder(path))
                               for report, path in zip(reports, args.evaluations, strict=True)],

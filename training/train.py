@@ -577,6 +577,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     if config.batch_size < world:
         raise ValueError(f"--batch-size ({config.batch_size}) must be at least the number of processes ({world})")
     dataset = load_dataset(config.data, task=task.name)
+    fingerprint = dataset.fingerprint()  # once: --resume checks it, every epoch's training state keeps it
     if config.aux_weight and dataset.aux_labels is None:
         raise DatasetError(f"--aux-weight needs the auxiliary labels ({task.aux_label}) in the dataset, and "
                            f"{config.data} has none: collect it again with this version of training.collect")
@@ -665,7 +666,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
         # runs from before the fingerprint was kept, by its place
         same_place = Path(saved_config.get("data", "")).resolve() == Path(config.data).resolve()
         saved_data = saved_state.get("dataset")
-        same_data = same_place if saved_data is None else saved_data == dataset.fingerprint()
+        same_data = same_place if saved_data is None else saved_data == fingerprint
         if not same_data and not same_place:
             raise SystemExit(f"error: --resume with --data {config.data}, but the run in {out} was trained on "
                              f"{saved_config.get('data')}; use the same data or another --out")
@@ -790,7 +791,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             model.training_info["epochs_done"] = epoch + 1
             save_checkpoint(model, last, replace_others=True, extra=lambda folder: save_training_state(
                 folder, optimizer, scheduler, epoch + 1, step, config, average, time.monotonic() - started_at,
-                dataset.fingerprint()))
+                fingerprint))
             if config.curves:  # after the checkpoint: a kill while drawing loses no epoch
                 draw_curves(out, curves_label)
         if world > 1:
