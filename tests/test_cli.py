@@ -492,3 +492,16 @@ def test_the_modules_without_a_command_say_which_tool_to_run():
         result = subprocess.run([sys.executable, "-m", f"training.{module}", "--help"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 1 and f"python -m {tool} --help" in result.stderr, (module, result.stderr)
+
+
+def test_an_output_file_is_checked_by_making_one_where_permissions_say_yes_but_the_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from training.cli import writable_file_or_exit
+
+    writable_file_or_exit("--json", tmp_path / "x.json")
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+    # /proc (and folders like it) pass os.access for root, and refuse the file only when it is written
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    with pytest.raises(SystemExit, match=r"^error: --json /proc/x.json: cannot write a file there"):
+        writable_file_or_exit("--json", "/proc/x.json")

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import textwrap
 import threading
 import typing
@@ -137,9 +138,19 @@ def writable_file_or_exit(flag: str, path) -> None:
     """SystemExit unless a file can be written at `path` (not a folder; its folder exists and is writable),
     checked before the work whose results it will hold."""
     path = Path(path)
-    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+    if path.is_dir() or not path.parent.is_dir() or not _can_make_file_in(path.parent):
         raise SystemExit(f"error: {flag} {path}: cannot write a file there (a folder, or its folder "
                          f"{path.parent} is missing or read-only)")
+
+
+def _can_make_file_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, by making one (and deleting it): os.access passes for
+    root on a read-only mount or in /proc, where the write would fail only after the work."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check."):
+            return True
+    except OSError:
+        return False
 
 
 def check_env_settings(task, settings_list: list[dict], flags: str) -> None:
