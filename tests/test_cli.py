@@ -505,3 +505,26 @@ def test_an_output_file_is_checked_by_making_one_where_permissions_say_yes_but_t
     monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
     with pytest.raises(SystemExit, match=r"^error: --json /proc/x.json: cannot write a file there"):
         writable_file_or_exit("--json", "/proc/x.json")
+
+
+def test_tools_that_write_a_folder_refuse_a_place_they_cannot_write_before_any_work():
+    from training import average, collect, merge
+
+    with pytest.raises(SystemExit, match=r"^error: --out /proc/d: cannot write in its folder /proc"):
+        collect.main(cli(collect.Args, ["--task", "tmaze", "--episodes", "2", "--out", "/proc/d"]))
+    with pytest.raises(SystemExit, match=r"^error: --out /proc/x/d: cannot make its folder /proc/x"):
+        collect.main(cli(collect.Args, ["--task", "tmaze", "--episodes", "2", "--out", "/proc/x/d"]))
+    shipped = "assets/checkpoints/tmaze/rate"
+    with pytest.raises(SystemExit, match=r"^error: --out /proc/avg: cannot write in its folder /proc"):
+        average.main(cli(average.Args, [shipped, shipped, "--out", "/proc/avg"]))
+    with pytest.raises(SystemExit, match=r"^error: --out /proc/m: cannot write in its folder /proc"):
+        merge.main(cli(merge.Args, ["a", "b", "--out", "/proc/m"]))
+
+
+def test_evaluate_says_to_give_json_where_the_checkpoint_folder_cannot_take_eval_json(tmp_path, monkeypatch):
+    from training import cli as cli_module
+    from training import evaluate
+
+    monkeypatch.setattr(cli_module, "_can_make_file_in", lambda folder: False)
+    with pytest.raises(SystemExit, match=r"cannot write eval.json in the checkpoint's folder .*; give --json OUT"):
+        evaluate.main(cli(evaluate.Args, ["--checkpoint", "assets/checkpoints/tmaze/rate"]))

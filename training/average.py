@@ -20,7 +20,7 @@ import tyro
 
 from rate_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from rate_core.model import MemoryTransformer
-from training.cli import OWN_DEFAULT, cli, run_main
+from training.cli import OWN_DEFAULT, cli, folder_out_or_exit, run_main
 
 
 @dataclass
@@ -84,6 +84,7 @@ def average_checkpoints(sources: list[Path], weights: list[float] | None = None)
 def main(args: Args) -> Path:
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the average to a new folder")
+    folder_out_or_exit("--out", args.out)
     try:
         model = average_checkpoints(list(args.sources), None if args.weights is None else list(args.weights))
         path = save_checkpoint(model, args.out)  # ValueError for a folder there that is not a checkpoint

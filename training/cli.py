@@ -143,6 +143,18 @@ def writable_file_or_exit(flag: str, path) -> None:
                          f"{path.parent} is missing or read-only)")
 
 
+def folder_out_or_exit(flag: str, path) -> None:
+    """SystemExit unless a folder can be put at `path` (its parent is made if missing and must take new
+    entries), checked before the work: a tool builds its output beside `path` and swaps it in at the end."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: {flag} {path}: cannot make its folder {parent} ({error.strerror})") from None
+    if not _can_make_file_in(parent):
+        raise SystemExit(f"error: {flag} {path}: cannot write in its folder {parent} (read-only)")
+
+
 def _can_make_file_in(folder: Path) -> bool:
     """Whether a file can be made in `folder`, by making one (and deleting it): os.access passes for
     root on a read-only mount or in /proc, where the write would fail only after the work."""

@@ -20,8 +20,8 @@ from rate_core.checkpoint import CheckpointError, check_replaceable, load_checkp
 from rate_core.model import MemoryTransformer
 from rate_core.rollout import make_policy, sample_actions
 from rate_core.tasks import Task, get_task
-from training.cli import (NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, run_main, stop_pool,
-                          task_or_exit, worker_pool)
+from training.cli import (NONE_DEFAULT, OWN_DEFAULT, at_least, check_env_settings, cli, folder_out_or_exit, run_main,
+                          stop_pool, task_or_exit, worker_pool)
 from training.dataset import DATASET_FILES, DatasetWriter
 
 
@@ -303,6 +303,7 @@ def main(args: Args) -> None:
         check_replaceable(out, "meta.json", "dataset", own=DATASET_FILES)
     except ValueError as error:
         raise SystemExit(f"error: --out {error}") from None
+    folder_out_or_exit("--out", out)
     seed = task.dataset_seed if args.seed is None else args.seed
     at_least("--seed", seed, 0)
     at_least("--workers", args.workers, 1)

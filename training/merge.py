@@ -14,7 +14,7 @@ from typing import Annotated
 import numpy as np
 import tyro
 
-from training.cli import OWN_DEFAULT, cli, run_main
+from training.cli import OWN_DEFAULT, cli, folder_out_or_exit, run_main
 from training.dataset import DatasetError, load_dataset, merge_datasets
 
 
@@ -34,6 +34,7 @@ def main(args: Args) -> Path:
         raise SystemExit("error: give at least two dataset folders to merge")
     if any(args.out.resolve() == source.resolve() for source in args.sources):
         raise SystemExit(f"error: --out {args.out} is one of the sources; write the merge to a new folder")
+    folder_out_or_exit("--out", args.out)
     try:
         sources = [load_dataset(source) for source in args.sources]
         path = merge_datasets(args.out, sources)  # ValueError for a folder there that is not a dataset
