@@ -516,14 +516,18 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
     def attention_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
         """(m + S + m, L + m + S + m) bool mask (README, "The model") for S segment tokens and a
         cache of L positions: True where the query row may attend to the key column. Masks are
-        built once per shape and shared (do not modify them)."""
+        built once per shape and shared (do not modify them). Safe for threads sharing the model (the
+        app plays two episodes at once): the mask is returned from a local, as another thread may
+        clear the shared dict between a look-up and a read."""
         key = (num_tokens, cache_len, str(torch.device(device or "cpu")))
         masks = self.__dict__.setdefault("_masks", {})
-        if key not in masks:
+        mask = masks.get(key)
+        if mask is None:
+            mask = self._build_mask(num_tokens, cache_len, device)
             if len(masks) > 64:
                 masks.clear()
-            masks[key] = self._build_mask(num_tokens, cache_len, device)
-        return masks[key]
+            masks[key] = mask
+        return mask
 
     def _build_mask(self, num_tokens: int, cache_len: int, device=None) -> torch.Tensor:
         m = self.config.num_mem_tokens

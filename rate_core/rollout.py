@@ -290,10 +290,12 @@ def _render_all(vector_env, num: int):
 def sample_actions(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Actions (B,) drawn from probs (B, A) by inverting the cumulative distribution at uniform (B,) in [0, 1):
     the first action whose cumulative probability reaches the uniform draw. A draw above a cumulative sum
-    that rounding left short of 1 takes the last action of nonzero probability (never one of probability 0)."""
+    that rounding left short of 1 takes the last action of nonzero probability, a draw of exactly 0 the
+    first one (never one of probability 0)."""
     drawn = (probs.cumsum(-1) < uniform[:, None].to(probs.dtype)).sum(-1)
+    first_possible = (probs > 0).int().argmax(-1)
     last_possible = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(drawn, last_possible)
+    return torch.minimum(torch.maximum(drawn, first_possible), last_possible)
 
 
 @torch.no_grad()

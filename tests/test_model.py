@@ -451,3 +451,31 @@ def test_auxiliary_head_reads_the_step_outputs_and_leaves_acting_unchanged(varia
     assert torch.equal(loaded.segment(rtg, obs, actions)[1], with_aux.segment(rtg, obs, actions)[1])
     with pytest.raises(ValueError, match="aux_classes must be >= 0"):
         tiny_config(variant, aux_classes=-1)
+
+
+def test_the_mask_cache_serves_threads_that_share_the_model_while_one_clears_it():
+    import sys
+    import threading
+
+    model = tiny_model("dt", context_length=50, sections=3)  # a DT episode passes 64 window shapes: the cache clears
+    errors = []
+
+    def play(offset):
+        try:
+            for _ in range(60):
+                for n in range(1, 151):
+                    assert model.attention_mask(3 * ((n + offset) % 150 + 1), 0) is not None
+        except Exception as error:  # noqa: BLE001 - any error of a thread is the finding
+            errors.append(repr(error))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that a clear falls between a look-up and a read
+    try:
+        threads = [threading.Thread(target=play, args=(offset,)) for offset in (0, 75)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []

@@ -166,6 +166,8 @@ def test_sample_actions_inverts_the_cumulative_distribution():
     assert sample_actions(short, torch.tensor([0.99995])).tolist() == [1]
     zero_last = torch.tensor([[0.5, 0.4999, 0.0]])  # ... of nonzero probability
     assert sample_actions(zero_last, torch.tensor([0.99995])).tolist() == [1]
+    zero_first = torch.tensor([[0.0, 0.12, 0.88]])  # a draw of exactly 0: the first action of nonzero probability
+    assert sample_actions(zero_first, torch.tensor([0.0])).tolist() == [1]
     draws = sample_actions(probs[:1].expand(20000, 3), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     assert np.allclose(np.bincount(draws.numpy(), minlength=3) / 20000, [0.2, 0.5, 0.3], atol=0.015)
 

@@ -138,9 +138,11 @@ def writable_file_or_exit(flag: str, path) -> None:
     """SystemExit unless a file can be written at `path` (not a folder; its folder exists and is writable),
     checked before the work whose results it will hold."""
     path = Path(path)
-    if path.is_dir() or not path.parent.is_dir() or not _can_make_file_in(path.parent):
-        raise SystemExit(f"error: {flag} {path}: cannot write a file there (a folder, or its folder "
-                         f"{path.parent} is missing or read-only)")
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path}: cannot write a file there (a folder); give a file's path")
+    if not path.parent.is_dir() or not _can_make_file_in(path.parent):
+        raise SystemExit(f"error: {flag} {path}: cannot write a file there (its folder {path.parent} is missing "
+                         f"or read-only)")
 
 
 def folder_out_or_exit(flag: str, path) -> None:
