@@ -342,7 +342,7 @@ class ImageEncoder(nn.Module):
         return self._encode(images)
 
     def _encode(self, images):
-        return self.proj(self.convs(images.float() / 255.0))
+        return self.proj(self.convs(images.to(self.proj[0].weight.dtype) / 255.0))
 
 
 _HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
@@ -426,9 +426,10 @@ class MemoryTransformer(nn.Module, PyTorchModelHubMixin, library_name="rate_core
         the order R_1, o_1, a_1, R_2, ..."""
         self.check_inputs(rtg, obs, actions)
         batch, steps = actions.shape
-        rtg = rtg.reshape(batch, steps, 1).float()
+        dtype = self.rtg_encoder.weight.dtype  # the weights' (float32 unless the model was converted)
+        rtg = rtg.reshape(batch, steps, 1).to(dtype)
         obs = obs.reshape(batch * steps, *self.config.obs_shape)
-        obs_tokens = self.obs_encoder(obs.float() if self.config.obs_kind == "vector" else obs)
+        obs_tokens = self.obs_encoder(obs.to(dtype) if self.config.obs_kind == "vector" else obs)
         tokens = torch.stack([
             self.rtg_encoder(rtg),
             obs_tokens.view(batch, steps, -1),

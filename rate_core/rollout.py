@@ -223,7 +223,7 @@ class _Recorder:
         self.reset_info = [{k: v[i].item() for k, v in reset_info.items() if _per_env(v, num)} for i in range(num)]
         if model.initial_memory is not None:
             for rec in self.steps:
-                rec["memory"].append(model.initial_memory.detach().cpu().numpy())
+                rec["memory"].append(model.initial_memory.detach().float().cpu().numpy())
 
     def observe(self, ids, obs, frames):
         for i in ids:
@@ -430,11 +430,11 @@ def _play(model, vector_env, seeds, target_return, sample, sample_seed, max_step
         update = policy.record_action(fed)
         action_np = action.cpu().numpy()
         if recorder is not None:
-            recorder.act(ids, rtg_all[ids].copy(), logits.float().cpu().numpy(), probs.cpu().numpy(), action_np,
-                         None if attention is None else attention.cpu().numpy(),
-                         None if aux is None else aux.cpu().numpy())
+            recorder.act(ids, rtg_all[ids].copy(), logits.float().cpu().numpy(), probs.float().cpu().numpy(), action_np,
+                         None if attention is None else attention.float().cpu().numpy(),
+                         None if aux is None else aux.float().cpu().numpy())
             if update is not None:
-                recorder.memory_update(ids, step, update[1].cpu().numpy())
+                recorder.memory_update(ids, step, update[1].float().cpu().numpy())
         full_actions[:] = 0
         full_actions[ids] = action_np
         obs, reward, terminated, truncated, info = vector_env.step(full_actions)

@@ -385,3 +385,25 @@ def test_cached_policy_reads_the_auxiliary_head_as_a_recompute_does(variant):
     assert np.allclose(batch.traces[0].aux_probs.sum(-1), 1.0, atol=1e-5)
     assert run_episodes(tiny_model(variant), RaggedVectorEnv([2]), seeds=[0], target_return=1.0,
                         trace=True).traces[0].aux_probs is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["rate", "dt"])
+def test_a_model_converted_to_another_dtype_plays_and_traces(variant, dtype):
+    # as one would convert a model for inference (bfloat16 on a GPU): its inputs follow the weights' dtype
+    lengths = [2 * K + 3, 5]
+    reference = run_episodes(tiny_model(variant), RaggedVectorEnv(lengths), seeds=[3, 4], target_return=1.0,
+                             trace=True)
+    converted = run_episodes(tiny_model(variant).to(dtype), RaggedVectorEnv(lengths), seeds=[3, 4], target_return=1.0,
+                             trace=True)
+    assert converted.lengths.tolist() == lengths
+    for ours, theirs in zip(converted.traces, reference.traces, strict=True):
+        assert ours.probs.dtype == np.float32 and np.allclose(ours.probs.sum(-1), 1.0, atol=1e-2)
+        if dtype == torch.float64:  # more precise than float32: the same play
+            assert ours.actions.tolist() == theirs.actions.tolist()
+            assert np.allclose(ours.logits, theirs.logits, atol=1e-4)
+    image = tiny_model(variant, obs_kind="image", obs_shape=(3, 64, 64)).to(dtype)
+    frames = torch.randint(0, 256, (1, 2 * K, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = image(torch.ones(1, 2 * K), frames, torch.zeros(1, 2 * K, dtype=torch.long))[0]
+    assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
