@@ -151,7 +151,7 @@ class EpisodeTrace:
     logits: np.ndarray
     """(T, A) action logits"""
     probs: np.ndarray
-    """(T, A) action probabilities (softmax of the logits)"""
+    """(T, A) action probabilities: softmax of the logits divided by the rollout's temperature (1 by default)"""
     rewards: np.ndarray
     """(T,) rewards"""
     returns_to_go: np.ndarray
