@@ -134,7 +134,7 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
     Returns the two videos, a JSON summary per agent, and the traces for the memory panel; for a
     run of a page that has since pressed Run again or chosen another task, no update (gr.skip()).
     press: the number of the page's Run press this run answers (PageRuns.press; None: the latest).
-    Bad input: a page gets no videos and the message for its outcome line (memory_panel), with no
+    Bad input: a page gets no videos and the message for its outcome line (outcome_line), with no
     error toast or "Error" badges; an API call gets gr.Error, as it does when the app shuts down
     under its run. The background warm-up gives way to a visitor's run (warm_cache)."""
     page = _page(request)
@@ -166,7 +166,11 @@ def run_episodes(task: str, left: str, right: str, seed: float, setting: float, 
         if page is None:
             raise gr.Error(str(error), duration=None, print_exception=False) from None
         result = [None, None, None, {"refused": str(error)}]
-    return [gr.skip()] * 4 if result is None or superseded() else result
+    if result is None or superseded():
+        return [gr.skip()] * 4
+    if page is not None:  # the panel shows it only while the page still shows this run (_stale)
+        result = [*result[:3], {**result[3], "task": task, "press": number}]
+    return result
 
 
 def run_api(task: str, left: str | None = None, right: str | None = None, seed: float | None = 0,
@@ -262,8 +266,16 @@ def _stop_if_closing() -> None:
 
 
 def _play_and_render(request: EpisodeRequest, left: str, right: str, progress):
-    """run_episodes without its cache."""
-    models = [load_model(choice, request.task.name) for choice in (left, right)]
+    """run_episodes without its cache. AppError naming the agent for a checkpoint that cannot play (both
+    agents', where both cannot)."""
+    models, refused = [], []
+    for side, choice in (("left", left), ("right", right)):
+        try:
+            models.append(load_model(choice, request.task.name))
+        except AppError as error:
+            refused.append(f"{side} agent: {error}")
+    if refused:
+        raise AppError("  \n".join(refused))
     names = [agent_name(models[0], "left"), agent_name(models[1], "right")]
     limit = min(filter(None, (request.step_cap, request.task.episode_limit(request.settings))), default=None)
 
@@ -354,20 +366,44 @@ def aux_truth(task, trace) -> np.ndarray | None:
     return np.array([task.aux_values.index(v) if v in task.aux_values else -1 for v in values])
 
 
-def memory_panel(panel_input):
-    """Outcome text, the figures and their captions for the traces of a run; no update without one
-    (a run that was superseded: the page keeps what its latest run shows); for a refused run, its
-    message as the outcome (run_started has emptied the panels)."""
+def memory_panel(panel_input, request: gr.Request = None):
+    """Outcome text, the figures and their captions for the traces of a run (outcome_line, then
+    panel_figures, which the page asks for apart, so that the line comes with the videos)."""
+    return [outcome_line(panel_input, request), *panel_figures(panel_input, request)]
+
+
+def _stale(panel_input, request) -> bool:
+    """No panel input (a run that was superseded), or one of a run that the page no longer shows: Run
+    pressed again or another task chosen since the run ended, before its panels were drawn."""
     if not panel_input:
-        return [gr.skip()] * (1 + 2 * PANELS)
+        return True
+    page = _page(request)
+    return page is not None and "press" in panel_input and page.superseded(panel_input["press"],
+                                                                            panel_input["task"])
+
+
+def outcome_line(panel_input, request: gr.Request = None):
+    """The outcome line of a run (which run, and each agent's verdict); for a refused run, its message;
+    no update for a stale one (_stale: the page keeps what its latest run shows)."""
+    if _stale(panel_input, request):
+        return gr.skip()
     if "refused" in panel_input:
-        return [f"**Not played**: {panel_input['refused']}", *[gr.skip()] * (2 * PANELS)]
+        return f"**Not played**: {panel_input['refused']}"
     traces, names = panel_input["traces"], panel_input["names"]
     task = get_task(panel_input["task"])
     summary = panel_input["summary"]
     told = f"  \nThe episode's {task.explain(traces[0].reset_info)}." if task.explain else ""
-    text = (f"{panel_input['title']}.  \n**{names[0]}**: {_verdict(summary['left'])}.  \n"
+    return (f"{panel_input['title']}.  \n**{names[0]}**: {_verdict(summary['left'])}.  \n"
             f"**{names[1]}**: {_verdict(summary['right'])}.{told}")
+
+
+def panel_figures(panel_input, request: gr.Request = None):
+    """The figures and their captions for the traces of a run; no update for a refused run (run_started
+    has emptied the panels) or a stale one (_stale)."""
+    if _stale(panel_input, request) or "refused" in panel_input:
+        return [gr.skip()] * (2 * PANELS)
+    traces, names = panel_input["traces"], panel_input["names"]
+    task = get_task(panel_input["task"])
     memory_index = next((i for i, t in enumerate(traces) if t.memory is not None), None)
     trace = traces[memory_index] if memory_index is not None else None
     name = names[memory_index] if memory_index is not None else names[0]
@@ -379,7 +415,7 @@ def memory_panel(panel_input):
                plots.action_probabilities(traces, names, task.action_names)]
     # the counterfactual panel only where the task has a replay (T-Maze), not an empty box
     shown = [gr.update(value=figure, visible=figure is not None) for figure, _ in figures]
-    return [text, *shown, *[caption for _, caption in figures]]
+    return [*shown, *[caption for _, caption in figures]]
 
 
 def run_started(task: str, left: str, right: str, seed: float, setting: float, target_return: float,
@@ -589,12 +625,13 @@ def build_demo(warm: bool = True) -> gr.Blocks:
             paper_text = gr.Markdown()
             config_view = gr.JSON(label="model config")
 
-        panel_outputs = [outcome_text, *figures, *captions]
+        panel_outputs = [*figures, *captions]
         run_outputs = [left_video, right_video, summary, panel_state]
 
         def shown(run_event):
             """The panels, and both videos restarted together, once a run's videos are there."""
-            run_event.success(memory_panel, panel_state, panel_outputs, api_name=False, trigger_mode="multiple")
+            run_event.success(outcome_line, panel_state, outcome_text, api_name=False, trigger_mode="multiple")
+            run_event.success(panel_figures, panel_state, panel_outputs, api_name=False, trigger_mode="multiple")
             run_event.success(None, [left_video, right_video], None, js=RESTART_VIDEOS, trigger_mode="multiple")
 
         # Run first empties the page of the last run (see run_started); a second press while a run plays is not

@@ -383,7 +383,8 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
     config_path = directory / CONFIG_NAME
     model_config = config["model_config"]
     if task is not None and config.get("task") != task:
-        raise CheckpointError(f"{config_path}: checkpoint is for task {config.get('task')!r}, expected {task!r}")
+        raise CheckpointError(f"{config_path}: checkpoint is for task {config.get('task')!r}, expected {task!r}: "
+                              f"use a checkpoint trained on {task}")
     if mode is not None and model_config.mode != mode:
         raise CheckpointError(f"{config_path}: checkpoint is a {model_config.mode!r} model, expected {mode!r}")
 

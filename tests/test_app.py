@@ -971,7 +971,7 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
             reports.append(request.seed)
             progress((step, 300), desc=f"step {step}")
             time.sleep(0.01)
-        return f"seed {request.seed}"
+        return [None, None, None, {"seed": request.seed}]  # videos, summary, panel input
 
     monkeypatch.setattr(ui, "_play_and_render", slow_play)
     monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
@@ -997,7 +997,7 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
     first.join(5)
     assert time.perf_counter() - started < 1 and results == [[gr.skip()] * 4]  # stopped at once, nothing shown
     second.join(5)
-    assert results[1] == "seed 13"
+    assert results[1][3] == {"seed": 13, "task": "tmaze", "press": ui._page(page).generation}  # the panel's run
     # another task chosen while Memory Maze plays: that run stops and the outcome line says so
     results.clear()
     third, playing = press("memory_maze", 41, results)
@@ -1019,7 +1019,8 @@ def test_a_new_run_or_another_task_stops_the_run_the_page_plays(monkeypatch):
         run.start()
     for run in api_runs:
         run.join(10)
-    assert sorted(results) == ["seed 1", "seed 2"]
+    assert sorted(result[3]["seed"] for result in results) == [1, 2]
+    assert all("press" not in result[3] for result in results)  # no page: the panels are always drawn
     ui.forget_page(page)
     assert "a page" not in ui._pages
 
@@ -1034,14 +1035,15 @@ def test_a_run_queued_behind_a_newer_press_of_its_page_does_not_start(monkeypatc
     import app.ui as ui
 
     played = []
-    monkeypatch.setattr(ui, "_play_and_render", lambda request, *rest: played.append(request.seed) or request.seed)
+    monkeypatch.setattr(ui, "_play_and_render",
+                        lambda request, *rest: played.append(request.seed) or [None] * 3 + [{"seed": request.seed}])
     monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
     page = SimpleNamespace(session_hash="a page in the queue")
     inputs = {seed: ["tmaze", "shipped: rate", "shipped: dt", seed, 150, 1.0, 0, False, 0] for seed in (15, 16)}
     presses = {seed: ui.run_started(*inputs[seed], request=page)[-1] for seed in (15, 16)}
     quiet = lambda *args, **kwargs: None  # noqa: E731
     assert ui.run_episodes(*inputs[15], presses[15], request=page, progress=quiet) == [gr.skip()] * 4
-    assert ui.run_episodes(*inputs[16], presses[16], request=page, progress=quiet) == 16
+    assert ui.run_episodes(*inputs[16], presses[16], request=page, progress=quiet)[3]["seed"] == 16
     assert played == [16]
     ui.forget_page(page)
 
@@ -1108,3 +1110,48 @@ def test_old_videos_are_pruned_but_those_still_served_are_kept(tmp_path):
     (tmp_path / "other").mkdir()  # not an episode folder: never touched
     assert prune_videos(keep=[folders[5]], root=tmp_path, limit=2) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["episode_0", "episode_1", "episode_5", "other"]
+
+
+def test_a_run_that_ended_as_its_page_moved_on_draws_no_panels_there(monkeypatch):
+    # the run ends, then (before its outcome and panels are drawn) the page chooses another task or
+    # presses Run again: the page shows nothing of that run beside the other task or the newer run
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app.ui as ui
+
+    monkeypatch.setattr(ui, "RESULT_CACHE", ui.OrderedDict())
+    skip = gr.skip()
+    inputs = ["tmaze", "shipped: rate", "shipped: dt", 5, 150, 1.0, 0, False, 0]
+    page = SimpleNamespace(session_hash="a page that moves on")
+    press = ui.run_started(*inputs, request=page)[-1]
+    *_, panel_input = ui.run_episodes(*inputs, press, request=page, progress=lambda *args, **kwargs: None)
+    assert panel_input["press"] == press and panel_input["task"] == "tmaze"
+    text = ui.outcome_line(panel_input, page)  # the page still shows the run: drawn
+    assert text.startswith("**T-Maze (passive)**: seed 5")
+    assert skip not in ui.panel_figures(panel_input, page)
+    ui.task_changed("memory_maze", text, request=page)  # another task chosen
+    assert ui.outcome_line(panel_input, page) == skip
+    assert ui.panel_figures(panel_input, page) == [skip] * (2 * ui.PANELS)
+    ui.task_changed("tmaze", "", request=page)
+    ui.run_started(*inputs[:3], 6, *inputs[4:], request=page)  # Run pressed again
+    assert ui.memory_panel(panel_input, page) == [skip] * (1 + 2 * ui.PANELS)
+    assert ui.outcome_line(panel_input).startswith("**T-Maze")  # the API and tests have no page: drawn
+    ui.forget_page(page)
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_checkpoints_that_cannot_play_are_named_by_side_both_at_once():
+    import app.ui as ui
+    from app.episodes import AppError
+
+    request = make_request("tmaze", 0, 150, 1.0, 0, False)
+    with pytest.raises(AppError) as both:
+        ui._play_and_render(request, "/nowhere/L", "assets/checkpoints/minigrid_memory/rate", lambda *a, **k: None)
+    left, right = str(both.value).split("  \n")  # one line each, in the outcome's markdown
+    assert left.startswith("left agent: checkpoint folder /nowhere/L does not exist")
+    assert right.startswith("right agent: ") and right.endswith("use a checkpoint trained on tmaze"), right
+    with pytest.raises(AppError, match=r"^right agent: checkpoint folder /nowhere/R does not exist"):
+        ui._play_and_render(request, "shipped: rate", "/nowhere/R", lambda *a, **k: None)
