@@ -148,3 +148,20 @@ def test_render_shows_the_hallway_the_agent_and_its_view_beside_it(size):
         assert _agent_columns(near).size > (CLOSE_UP_TILE / tile) ** 2 / 2 * _agent_columns(overview).size
     assert _agent_columns(moved[:, :size * tile]).size == _agent_columns(overview).size + (
         _agent_columns(near).size if close_up else 0)  # the agent is drawn nowhere else
+
+
+def test_a_step_after_the_episode_ended_or_before_reset_is_refused():
+    from rate_core.envs.lockstep import LockstepVectorEnv
+
+    env = MinigridMemoryEnv(size=11, step_cap=2)
+    with pytest.raises(RuntimeError, match=r"call reset\(\) first"):
+        env.step(0)
+    env.reset(seed=1)
+    env.step(0)
+    assert env.step(0)[3]  # truncated by the step cap
+    with pytest.raises(RuntimeError, match=r"episode is over; call reset\(\) first"):  # no second reward
+        env.step(0)
+    vector = LockstepVectorEnv([lambda: MinigridMemoryEnv(size=11)] * 2)
+    with pytest.raises(RuntimeError, match=r"call reset\(\) before step\(\)"):
+        vector.step(np.zeros(2, dtype=np.int64))
+    vector.close()

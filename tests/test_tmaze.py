@@ -108,3 +108,19 @@ def test_vector_env_equals_single_envs():
         for i, env in enumerate(singles):
             single_obs, single_info = env.reset()
             assert np.array_equal(obs[i], single_obs) and info["cue"][i] == single_info["cue"]
+
+
+def test_vector_env_refuses_a_step_before_reset_and_ignores_finished_envs_actions():
+    vec = TMazeVectorEnv(2, episode_length=5)
+    with pytest.raises(RuntimeError, match=r"call reset\(\) before step\(\)"):
+        vec.step(np.array([FORWARD, FORWARD]))
+    vec.reset(seed=0)
+    for _ in range(3):
+        vec.step(np.array([FORWARD, BACK]))  # the first env reaches the junction (the oracle's T - 1 = 4 steps)
+    _, _, terminated, _, _ = vec.step(np.array([UP, BACK]))
+    assert terminated[0] and not vec.done[1]
+    # as the single env and the lockstep env: a finished env's action is not looked at (the engine sends 0)
+    _, reward, terminated, truncated, _ = vec.step(np.array([-10, BACK]))
+    assert reward[0] == 0 and not terminated[0] and not truncated[0] and truncated[1]
+    with pytest.raises(ValueError, match="whole-number actions in 0..3"):  # an active env's action still counts
+        TMazeVectorEnv(1, episode_length=3).step(np.array([7]))

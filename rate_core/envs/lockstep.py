@@ -106,6 +106,8 @@ class LockstepVectorEnv(VectorEnv):
         actions = np.asarray(actions)
         if actions.shape[:1] != (self.num_envs,):
             raise ValueError(f"expected {self.num_envs} actions, got an array of shape {actions.shape}")
+        if any(obs is None for obs in self._obs):
+            raise RuntimeError("call reset() before step()")
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)

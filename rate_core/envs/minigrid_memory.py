@@ -61,6 +61,7 @@ class MinigridMemoryEnv(gym.Env):
         self._steps = 0
         self._cue = 0
         self._background = None
+        self._over = True
 
     def _observation(self) -> np.ndarray:
         return np.ascontiguousarray(self.grid_env.get_pov_render(VIEW_TILE).transpose(2, 0, 1))
@@ -70,17 +71,21 @@ class MinigridMemoryEnv(gym.Env):
         self.grid_env.reset(seed=seed)
         self._background = None
         self._steps = 0
+        self._over = False
         cue = self.grid_env.grid.get(1, self.size // 2 - 1)
         self._cue = CUE_TYPES.index(cue.type)
         return self._observation(), {"cue": self._cue}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         action = action_index(action, len(ACTIONS), "Minigrid-Memory", "0 (left), 1 (right) or 2 (forward)")
+        if self._over:
+            raise RuntimeError("this Minigrid-Memory episode is over; call reset() first")
         _, reward, terminated, out_of_time, _ = self.grid_env.step(action)
         self._steps += 1
         # minigrid's own limit (max_steps = 5 * size**2) ends the episode too: past it, its reward for the
         # right object would go below 0 (on grids of 7 and 9, whose limits of 245 and 405 are below step_cap)
         truncated = not terminated and (out_of_time or self._steps >= self.step_cap)
+        self._over = bool(terminated) or truncated
         return self._observation(), float(reward), bool(terminated), truncated, {
             "cue": self._cue, "success": bool(terminated and reward > 0)}
 

@@ -204,6 +204,7 @@ class TMazeVectorEnv(VectorEnv):
         self.noise = np.zeros((num_envs, episode_length + 1), dtype=np.float32)
         self.t = np.zeros(num_envs, dtype=np.int64)
         self.done = np.zeros(num_envs, dtype=bool)
+        self._reset_once = False
         self._rngs = [gym.utils.seeding.np_random()[0] for _ in range(num_envs)]  # as TMazeEnv's np_random
 
     def _observations(self) -> np.ndarray:
@@ -228,15 +229,18 @@ class TMazeVectorEnv(VectorEnv):
         self.position[:] = 0
         self.t[:] = 0
         self.done[:] = False
+        self._reset_once = True
         return self._observations(), {"cue": self.cue.copy()}
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         actions = np.asarray(actions)
-        if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer) \
-                or ((actions < 0) | (actions > 3)).any():
-            raise ValueError(f"expected {self.num_envs} whole-number actions in 0..3, got {actions!r}")
-        actions = actions.astype(np.int64)
         active = ~self.done
+        if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer) \
+                or ((active & ((actions < 0) | (actions > 3))).any()):
+            raise ValueError(f"expected {self.num_envs} whole-number actions in 0..3, got {actions!r}")
+        if not self._reset_once:
+            raise RuntimeError("call reset() before step()")
+        actions = np.where(active, actions, 0).astype(np.int64)  # a finished env's action is ignored
         move = _MOVES[actions]
         along = active & (move[:, 1] == 0)
         new_x = self.position[:, 0] + move[:, 0]
