@@ -65,7 +65,7 @@ def main() -> None:
     check_address(args.host, args.port)  # before the demo starts its background work
     outputs = outputs_folder()  # before gradio is imported: it reads GRADIO_TEMP_DIR once
     from app.episodes import ENV_POOL
-    from app.ui import CLOSING, build_demo, wait_for_runs
+    from app.ui import APP_CSS, CLOSING, build_demo, wait_for_runs
     from rate_core.envs.subproc import STOP_STARTS
 
     ENV_POOL.limit = args.keep_envs  # before the warm-up plays
@@ -75,7 +75,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # launch() returns when the server stops (Ctrl-C, SIGTERM)
         # allowed_paths: Gradio serves files from the working and temporary folders only, and outputs may be elsewhere
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(outputs)])
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(outputs)],
+                    css=APP_CSS)
     finally:
         CLOSING.set()  # the warm-up and runs stop: the exit would otherwise wait for them to play out
         STOP_STARTS.set()  # and env workers still starting (a Memory Maze run's) are stopped, not waited for

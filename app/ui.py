@@ -517,16 +517,32 @@ def warm_cache(examples: list[list], pause_seconds: float = 0.5) -> None:
 RESTART_VIDEOS = """(left, right) => {
     if (!left || !right) return;
     const asked = Date.now();
+    const players = () => ["left_video", "right_video"].map(id => document.querySelector(`#${id} video`));
     const restart = () => {
-        const players = ["left_video", "right_video"].map(id => document.querySelector(`#${id} video`));
-        if (players.every(player => player && player.readyState >= 2)) {
-            players.forEach(player => { player.currentTime = 0; player.play(); });
+        const both = players();
+        if (both.every(player => player && player.readyState >= 2)) {
+            both.forEach(player => { player.currentTime = 0; player.play(); });
         } else if (Date.now() - asked < 30000) {
             setTimeout(restart, 100);
         }
     };
     restart();
+    // the two videos have the same frames: each loops on its own, and a stall of one (a busy tab) would
+    // leave them apart; every second, the right one is put back on the left one's time if they drifted
+    clearInterval(window.rateVideoSync);
+    window.rateVideoSync = setInterval(() => {
+        const [one, other] = players();
+        if (!one || !other || one.paused || other.paused || one.readyState < 2 || other.readyState < 2) return;
+        const near_loop = one.currentTime < 0.5 || one.currentTime > one.duration - 0.5;
+        if (!near_loop && Math.abs(one.currentTime - other.currentTime) > 0.15) other.currentTime = one.currentTime;
+    }, 1000);
 }"""
+
+# Where the window is narrow: the score tables scroll instead of wrapping a letter per line, and the checkbox
+# takes a line of its own as the number boxes do (gradio leaves a checkbox no minimum width)
+APP_CSS = """#task_text table { display: block; overflow-x: auto; width: max-content; max-width: 100%; }
+#task_text th, #task_text td { white-space: nowrap; }
+#sample_box { min-width: min(160px, 100%) !important; }"""
 
 
 def forget_page(request: gr.Request):
@@ -576,24 +592,26 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         agent_info = ("shipped, a checkpoint folder path, or hf://USER/NAME" if local_paths_allowed()
                       else "shipped, or hf://USER/NAME")
         with gr.Row():
-            task = gr.Dropdown(tasks, value=first[0], label="task")
+            task = gr.Dropdown([(get_task(name).title, name) for name in tasks], value=first[0], label="task")
             left = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[1], allow_custom_value=True,
                                label="left agent", info=agent_info)
             right = gr.Dropdown(shipped_choices(first[0]) if tasks else [], value=first[2], allow_custom_value=True,
                                 label="right agent", info=agent_info)
-        task_text = gr.Markdown(task_description(first[0]) if tasks else "")
+        task_text = gr.Markdown(task_description(first[0]) if tasks else "", elem_id="task_text")
         with gr.Row():  # no precision=0 on the whole-number boxes: gradio would round 1.5 to 2 unsaid; the app
             # checks them and says what is allowed
-            seed = gr.Number(value=0, label="seed", info="the same episode for both agents")
+            seed = gr.Number(value=0, label="seed", info="the same episode for both agents", min_width=160)
             setting = gr.Number(value=first[4], visible=spec is not None,
                                 label=f"{spec.label} ({spec.minimum} to {spec.maximum})" if spec else "setting",
-                                info=spec.info if spec else None)
-            target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step")
-            cap = gr.Number(value=first[6], label="step cap", info="0: play each episode to its end")
-            sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action")
+                                info=spec.info if spec else None, min_width=160)
+            target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step",
+                               min_width=160)
+            cap = gr.Number(value=first[6], label="step cap", info="0: play each episode to its end", min_width=160)
+            sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action",
+                                 elem_id="sample_box")
             horizon = gr.Number(value=0, label="memory horizon (segments)",
                                 info="0: remember the whole episode; H: RATE, RMT and TrXL remember the last H "
-                                     "segments only (DT keeps its window)")
+                                     "segments only (DT keeps its window)", min_width=160)
         run = gr.Button("Run", variant="primary")
         outcome_text = gr.Markdown(elem_id="outcome")
         with gr.Row():  # side by side, one above the other where the screen has no room for two 320-pixel videos
@@ -661,7 +679,9 @@ def build_demo(warm: bool = True) -> gr.Blocks:
                 number = _page(request, first[0]).press(first[0])
                 return run_episodes(*first, number, request=request, progress=lambda *a, **k: None)
 
-            shown(demo.load(first_run, None, run_outputs, api_name=False))
+            first_title = f"{PLAYING}{run_title(make_request(*first[:1], *first[3:]))}."  # as run_started says
+            playing = demo.load(lambda: first_title, None, outcome_text, api_name=False, queue=False)
+            shown(playing.then(first_run, None, run_outputs, api_name=False))
         demo.unload(forget_page)
         for trigger in (demo.load, paper_task.change, paper_mode.change):
             trigger(describe, [paper_task, paper_mode], [paper_text, config_view], api_name=False)

@@ -81,6 +81,19 @@ def test_browser_runs_an_episode_and_both_videos_play():
             out.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out / "app.png"), full_page=True)
             assert "success" in page.content()
+            # a video that fell behind (a stalled tab) is put back on the other's time within a couple of seconds
+            page.evaluate("(v => { v.currentTime = Math.max(0, v.currentTime - 1.5); })"
+                          "(document.querySelector('#right_video video'))")
+            page.wait_for_timeout(2500)
+            both_videos_in_step(page)
+            # a phone-wide window: the score table scrolls in its own box, the checkbox keeps a line's width
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.wait_for_timeout(500)
+            widths = page.evaluate("[document.querySelector('#sample_box').getBoundingClientRect().width, "
+                                   "document.querySelector('#task_text table').getBoundingClientRect().right, "
+                                   "window.innerWidth]")
+            assert widths[0] >= 150 and widths[1] <= widths[2], widths
+            page.set_viewport_size({"width": 1280, "height": 900})
             # Run again, and again within 0.3 s with another seed: the last run's outcome, videos and panels go at
             # once, the second press is not dropped but supersedes the first, and the page shows the seed it plays
             caption = "replayed with only the cue changed"
@@ -100,7 +113,7 @@ def test_browser_runs_an_episode_and_both_videos_play():
             both_videos_in_step(page)
             # another task chosen while a run plays stops it (the outcome says so); the new task's Run is played
             page.get_by_label("task", exact=True).click()
-            page.get_by_role("option", name="memory_maze").click()
+            page.get_by_role("option", name="Memory Maze 9x9").click()
             page.wait_for_timeout(1500)
             seed.fill("41")
             run.click()
@@ -109,7 +122,7 @@ def test_browser_runs_an_episode_and_both_videos_play():
                                    "(document.querySelector('#outcome').innerText)", timeout=15_000)
             page.wait_for_timeout(2000)
             page.get_by_label("task", exact=True).click()
-            page.get_by_role("option", name="tmaze").click()
+            page.get_by_role("option", name="T-Maze (passive)").click()
             page.wait_for_function("document.querySelector('#outcome').innerText.startsWith('Stopped')", timeout=10_000)
             # picking a task in the dropdown brings that task's default run
             # (the boxes fill in as the page updates, after the outcome line: wait for them too)
