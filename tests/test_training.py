@@ -177,7 +177,10 @@ def test_learning_rate_schedule():
     assert lr_multiplier(0, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_multiplier(9, 10, 100, "cosine") == pytest.approx(1.0)
     assert lr_multiplier(100, 10, 100, "cosine") == pytest.approx(0.1)
-    assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.55)
+    assert lr_multiplier(55, 10, 101, "linear") == pytest.approx(0.55)  # half way from step 10 to the last, 100
+    for decay in ("linear", "cosine"):  # the last step's rate is the documented 10% of the peak
+        assert lr_multiplier(99, 10, 100, decay) == pytest.approx(0.1)
+        assert lr_multiplier(98, 10, 100, decay) > 0.1
 
 
 def _tiny_config(dataset_path, out=None, **overrides):
@@ -1271,3 +1274,32 @@ def test_training_refuses_bad_values_and_other_data_on_resume(dataset_path, tmp_
     (tmp_path / "run" / "last" / "train_state.safetensors").write_bytes(b"\x10\x00")  # truncated
     with pytest.raises(CheckpointError, match="training state unreadable"):
         train(_tiny_config(dataset_path, tmp_path / "run", epochs=1, resume=True))
+
+
+def test_the_log_gives_each_batch_the_rate_it_used_and_the_average_follows_every_update(dataset_path, tmp_path,
+                                                                                       monkeypatch):
+    import training.step as step_module
+    import training.train as train_module
+
+    used, updates, averaged = [], [], []
+    real_train_step, real_optimizer_step = train_module.train_step, step_module._optimizer_step
+
+    def spy_train_step(model, optimizer, *args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])  # the rate of the batch's first update
+        return real_train_step(model, optimizer, *args, **kwargs)
+
+    def spy_optimizer_step(*args, **kwargs):
+        updates.append(1)
+        return real_optimizer_step(*args, **kwargs)
+
+    real_update = train_module.WeightAverage.update
+    monkeypatch.setattr(train_module, "train_step", spy_train_step)
+    monkeypatch.setattr(step_module, "_optimizer_step", spy_optimizer_step)
+    monkeypatch.setattr(train_module.WeightAverage, "update", lambda self: averaged.append(1) or real_update(self))
+    run = tmp_path / "detached"
+    train(_tiny_config(dataset_path, run, ema=0.9, memory_grad="detached"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    logged = [record["lr"] for record in log if "lr" in record]
+    assert logged == pytest.approx(used) and len(used) > 1
+    # detached: N updates a batch, each followed by the average (not once a batch)
+    assert len(averaged) == len(updates) > len(used)

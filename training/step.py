@@ -75,11 +75,13 @@ class SegmentLosses(torch.nn.Module):
         return total, values, state
 
 
-def _optimizer_step(model, optimizer, grad_clip, scheduler):
+def _optimizer_step(model, optimizer, grad_clip, scheduler, on_update=None):
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if on_update is not None:
+        on_update()
     if scheduler is not None:
         scheduler.step()
 
@@ -96,7 +98,7 @@ def _schedule_step(scheduler) -> None:
 def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, obs, actions, targets=None,
                memory_grad: str = "bptt", grad_clip: float = 1.0, scheduler=None,
                micro_batch: int | None = None, runner: torch.nn.Module | None = None,
-               aux_targets=None, aux_weight: float = 0.0, weights=None) -> list[float]:
+               aux_targets=None, aux_weight: float = 0.0, weights=None, on_update=None) -> list[float]:
     """One training step on a batch of K*N-step samples.
 
     rtg (B, K*N) float; obs (B, K*N, *obs_shape); actions (B, K*N) long, ACTION_PAD for padding.
@@ -113,6 +115,8 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
     (e.g. train --keyframe-weight); None: the plain mean.
     scheduler: stepped once per update (per segment when detached), also where a segment (detached)
     or the batch has no targets and no update is made, so that the schedule ends where planned.
+    on_update: called after each optimiser step (e.g. a moving average of the weights), not where no
+    update is made.
     Returns the mean loss of each segment that has targets (a list of floats, in segment order;
     over the global batch when distributed).
     """
@@ -180,7 +184,7 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
             if total is not None:
                 (total * (scale / len(active))).backward()
         if active:
-            _optimizer_step(model, optimizer, grad_clip, scheduler)
+            _optimizer_step(model, optimizer, grad_clip, scheduler, on_update)
         else:  # nothing to learn from: no update, but the schedule keeps pace with the steps
             _schedule_step(scheduler)
     else:
@@ -192,7 +196,7 @@ def train_step(model: MemoryTransformer, optimizer: torch.optim.Optimizer, rtg, 
                     (total * scale).backward()
                 states[p] = detach_state(state)
             if counts[i]:
-                _optimizer_step(model, optimizer, grad_clip, scheduler)
+                _optimizer_step(model, optimizer, grad_clip, scheduler, on_update)
             else:  # a segment of padding only: no update, the schedule keeps pace
                 _schedule_step(scheduler)
     if distributed:

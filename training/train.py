@@ -127,7 +127,9 @@ class TrainConfig:
     --no-curves: don't)"""
     val_data: Path | None = None
     """held-out dataset of the same task (e.g. collect --seed away from the training data's seeds): the
-    model's loss on it (dropout off) is logged after every epoch as val_loss, to tell overfitting apart"""
+    model's loss on it (dropout off) is logged after every epoch as val_loss, to tell overfitting apart
+    (the mean over all held-out steps; the training loss is the mean of the segments' means, in which the
+    later segments' fewer real steps count as much: the two differ a little even without overfitting)"""
     val_windows: int = 256
     """at most this many windows of --val-data (a fixed random subset) for val_loss"""
     ema: float = 0.0
@@ -442,7 +444,7 @@ def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
         return (step + 1) / warmup
     if decay == "none" or total <= warmup:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))  # the last step is total - 1
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
     return 0.1 + 0.9 * shape
 
@@ -723,7 +725,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
     for epoch in range(start_epoch, config.epochs):
         samples = epoch_samples[epoch]
         batches_per_epoch = math.ceil(len(samples) / config.batch_size)
-        order = np.random.default_rng(config.seed + epoch).permutation(len(samples))
+        # seeded by (seed, epoch), not seed + epoch: runs of neighbouring seeds must not share batch orders
+        order = np.random.default_rng([config.seed, epoch, 0]).permutation(len(samples))
         started = time.perf_counter()
         bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not main_process)
@@ -747,21 +750,20 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             if config.action_dropout:
                 actions = drop_actions(actions, config.action_dropout, config.seed, epoch, b, len(index),
                                        slice(rank, None, world))
+            lr = scheduler.get_last_lr()[0]  # the rate of this batch's (first) update, logged beside its loss
             with autocast:
                 losses = train_step(model, optimizer, rtg, obs, actions, targets=targets,
                                     memory_grad=config.memory_grad,
                                     grad_clip=config.grad_clip, scheduler=scheduler,
                                     micro_batch=config.micro_batch or None, runner=runner,
                                     aux_targets=aux[0] if aux else None, aux_weight=config.aux_weight,
-                                    weights=weights)
+                                    weights=weights, on_update=average.update if average is not None else None)
             step += steps_per_batch
-            if average is not None:
-                average.update()
             loss = float(np.mean(losses)) if losses else float("nan")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if main_process:
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss, "segment_losses": losses,
-                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
+                                      "lr": lr}) + "\n")
         if stopped:  # a partial epoch: `last` keeps the last whole one, for --resume
             if main_process:
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "stopped": "max_minutes"}) + "\n")
@@ -771,8 +773,8 @@ def train(config: TrainConfig, on_epoch_end: Callable[[int], None] | None = None
             with averaged():
                 record["val_loss"], aux_accuracy = held_out_scores(model, val_dataset, val_index, sample_len, device,
                                                                    autocast)
-            print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f} over {len(val_index)} windows "
-                  f"(last batch's training loss {loss:.4f})")
+            print(f"epoch {epoch + 1}: held-out loss {record['val_loss']:.4f}, the mean over the steps of "
+                  f"{len(val_index)} windows (last batch's training loss {loss:.4f}, the mean of its segments' means)")
             if aux_accuracy is not None:
                 record["val_aux_accuracy"] = aux_accuracy
                 print(f"epoch {epoch + 1}: held-out {task.aux_label} read by the auxiliary head, per segment: "
