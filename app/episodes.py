@@ -118,9 +118,13 @@ def checkpoint_path(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> Pat
 
 
 def local_paths_allowed() -> bool:
-    """Whether visitors may name checkpoint folders on the server's disk (RATE_APP_LOCAL_PATHS=0: a
-    public server, no looking around its files)."""
-    return os.environ.get("RATE_APP_LOCAL_PATHS", "1") != "0"
+    """Whether visitors may name checkpoint folders on the server's disk: RATE_APP_LOCAL_PATHS=0 for a
+    public server (no looking around its files), =1 to allow them; unset, allowed except on a Hugging
+    Face Space (SPACE_ID set), which is public."""
+    setting = os.environ.get("RATE_APP_LOCAL_PATHS")
+    if setting is None:
+        return "SPACE_ID" not in os.environ
+    return setting != "0"
 
 
 def _choice_text(choice) -> str:
@@ -132,19 +136,37 @@ def _choice_text(choice) -> str:
 
 
 _models: OrderedDict = OrderedDict()  # loaded models, the least recently used dropped beyond MODELS_KEPT
-_models_lock = threading.Lock()
+_models_lock = threading.Lock()  # held only to look up or add an entry, never while a model loads
+_loading: dict = {}  # key -> the lock of that key's load
 MODELS_KEPT = 16
 
 
 def _remember(key, load) -> MemoryTransformer:
-    """_models[key], loaded by load() if missing (under _models_lock)."""
-    if key in _models:
-        _models.move_to_end(key)
-    else:
-        _models[key] = load()
-        while len(_models) > MODELS_KEPT:
-            _models.popitem(last=False)
-    return _models[key]
+    """_models[key], loaded by load() if missing. Two runs that want the same model load it once; a run
+    that wants another model does not wait for this load (an hf:// download can take minutes)."""
+    def cached():
+        if key in _models:
+            _models.move_to_end(key)
+            return _models[key]
+        return None
+
+    with _models_lock:
+        model = cached()
+        if model is not None:
+            return model
+        loading = _loading.setdefault(key, threading.Lock())
+    with loading:
+        with _models_lock:
+            model = cached()
+        if model is not None:  # loaded by the run this one waited for
+            return model
+        model = load()
+        with _models_lock:
+            _models[key] = model
+            while len(_models) > MODELS_KEPT:
+                _models.popitem(last=False)
+            _loading.pop(key, None)
+        return model
 
 
 def files_stamp(folder: Path) -> tuple:
@@ -161,19 +183,17 @@ def load_model(choice: str, task: str, root: Path = CHECKPOINT_ROOT) -> MemoryTr
     while its files do not change. AppError for anything that keeps it from playing `task`."""
     choice = _choice_text(choice)
     if is_hub_reference(choice):  # through MemoryTransformer.from_pretrained (the Hub cache when offline)
-        with _models_lock:
-            try:
-                return _fitting(_remember((choice, task), lambda: load_reference(choice, task=task).eval()), task)
-            except CheckpointError as error:
-                raise AppError(str(error)) from None
+        try:
+            return _fitting(_remember((choice, task), lambda: load_reference(choice, task=task).eval()), task)
+        except CheckpointError as error:
+            raise AppError(str(error)) from None
     path = checkpoint_path(choice, task, root)
     try:
         if not path.exists():
             raise AppError(f"checkpoint folder {path} does not exist: pick a shipped checkpoint or give the path of "
                            f"a folder with config.json and model.safetensors")
         key = (str(path.resolve()), task, files_stamp(path))
-        with _models_lock:
-            return _fitting(_remember(key, lambda: load_checkpoint(path, task=task).eval()), task)
+        return _fitting(_remember(key, lambda: load_checkpoint(path, task=task).eval()), task)
     except CheckpointError as error:
         raise AppError(str(error)) from None
     except (OSError, ValueError) as error:  # e.g. a path too long for the file system

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from rate_core.model import MemoryTransformer, ModelConfig
@@ -391,23 +391,20 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing; a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{weights_path}: cannot be read ({error}); the file is truncated or corrupt") from error
-    # bytes that still parse can be garbage, and a diverged run saves NaN: one cheap pass over the weights
-    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    if bad:
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{weights_path}: tensor {bad[0]!r} holds NaN or infinite values{more}; the file is "
-                              f"corrupt or the training diverged")
+    def unreadable(error):
+        return CheckpointError(f"{weights_path}: cannot be read ({error}); the file is truncated or corrupt")
 
+    try:  # the names and shapes first, from the file's header: a wrong or huge file is refused before it is read
+        with safe_open(weights_path, framework="pt") as header:
+            shapes = {name: tuple(header.get_slice(name).get_shape()) for name in header.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise unreadable(error) from error
     with torch.device("meta"):  # shapes without memory: a config edited to a huge width must not take the RAM
         expected = MemoryTransformer(model_config).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong_shape = [f"{k}: file {shapes[k]} vs config {tuple(v.shape)}"
+                   for k, v in expected.items() if k in shapes and shapes[k] != tuple(v.shape)]
     if missing or unexpected or wrong_shape:
         details = "; ".join(filter(None, [
             f"missing tensors {missing[:5]}" if missing else "",
@@ -415,6 +412,16 @@ def load_checkpoint(directory: str | os.PathLike, task: str | None = None, mode:
             f"wrong shapes {wrong_shape[:5]}" if wrong_shape else "",
         ]))
         raise CheckpointError(f"{weights_path}: does not match {CONFIG_NAME} ({details})")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise unreadable(error) from error
+    # bytes that still parse can be garbage, and a diverged run saves NaN: one cheap pass over the weights
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{weights_path}: tensor {bad[0]!r} holds NaN or infinite values{more}; the file is "
+                              f"corrupt or the training diverged")
     model = MemoryTransformer(model_config, task=config.get("task", ""), training=config.get("training"))
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -16,7 +16,9 @@ from rate_core.model import MemoryTransformer
 from rate_core.tasks import TASKS, result_key
 
 HF_PREFIX = "hf://"
-CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval.json", "*.mp4"]
+# what a hf:// reference downloads: the model and its scores; not the card or the video (a repository named by
+# anyone, e.g. a visitor of the demo, may hold large files the loader never reads), and only at the top level
+DOWNLOAD_FILES = [CONFIG_NAME, WEIGHTS_NAME, "eval.json"]
 DOWNLOAD_ARGS = ("force_download", "token", "cache_dir", "local_files_only")  # from_pretrained's, as the mixin's
 
 
@@ -49,7 +51,7 @@ def checkpoint_folder(ref: str | os.PathLike, **download) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=CHECKPOINT_FILES, **download))
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=DOWNLOAD_FILES, **download))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{ref}: not in the local Hugging Face cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1); "
@@ -135,14 +137,23 @@ def hub_model_card(model: MemoryTransformer, repo_id: str, evaluation: dict | No
                  f"| {protocol['setting']} | episodes |{' success |' * with_success} return |\n"
                  f"| --- | --- |{' --- |' * with_success} --- |\n"
                  + "\n".join(rows) + "\n")
-    video_md = f"\n## Example episode\n\n<video src=\"{video}\" controls></video>\n" if video else ""
+    cap = TASKS[model.task].demo_step_cap if model.task in TASKS else None
+    video_md = (f"\n## Example episode\n\nSeed 0, the most likely action at each step"
+                f"{f', the first {cap} steps' if cap else ''} (not the evaluation's protocol).\n\n"
+                f"<video src=\"{video}\" controls></video>\n") if video else ""
+    if c.mode == "dt":
+        shape = (f"a Decision Transformer: {c.n_layer} layers of width {c.d_model}, {c.n_head} heads of {c.d_head}, "
+                 f"no memory: it acts on a sliding window of the last {c.segment_steps} steps")
+    else:
+        shape = (f"a `{c.mode}` memory transformer: {c.n_layer} layers of width {c.d_model}, {c.n_head} heads of "
+                 f"{c.d_head}, {c.num_mem_tokens} memory tokens, Transformer-XL cache {c.mem_len}, segments of "
+                 f"{c.context_length} steps read {c.sections} at a time in training")
     body = f"""
 # {c.mode.upper()} on {title or task_name}
 
-A `{c.mode}` memory transformer from rate_core (RATE: Recurrent Action Transformer with Memory,
-arXiv 2306.09459): {c.n_layer} layers of width {c.d_model}, {c.n_head} heads of {c.d_head},
-{c.num_mem_tokens} memory tokens, Transformer-XL cache {c.mem_len}, segments of {c.segment_steps}
-steps; {model.num_parameters():,} parameters. Weights are safetensors (no pickle).
+From rate_core (RATE: Recurrent Action Transformer with Memory, arXiv 2306.09459), {shape};
+{model.num_parameters():,} parameters. Weights are safetensors (no pickle). Loading needs `rate_core`, the
+library of the repository that pushed this model (`pip install -e .` in its checkout).
 
 ```python
 from rate_core.hub import load_reference

@@ -1155,3 +1155,34 @@ def test_checkpoints_that_cannot_play_are_named_by_side_both_at_once():
     assert right.startswith("right agent: ") and right.endswith("use a checkpoint trained on tmaze"), right
     with pytest.raises(AppError, match=r"^right agent: checkpoint folder /nowhere/R does not exist"):
         ui._play_and_render(request, "shipped: rate", "/nowhere/R", lambda *a, **k: None)
+
+
+def test_a_space_keeps_visitors_off_its_disk_unless_told_and_a_slow_load_holds_up_no_other(monkeypatch):
+    import app.episodes as episodes
+
+    monkeypatch.delenv("RATE_APP_LOCAL_PATHS", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert episodes.local_paths_allowed()
+    monkeypatch.setenv("SPACE_ID", "someone/rate-demo")  # set by Hugging Face on a Space
+    assert not episodes.local_paths_allowed()
+    monkeypatch.setenv("RATE_APP_LOCAL_PATHS", "1")
+    assert episodes.local_paths_allowed()
+    # a slow load (an hf:// download) of one model: another model loads meanwhile; the same model loads once
+    monkeypatch.setattr(episodes, "_models", episodes.OrderedDict())
+    release, loads, order = threading.Event(), [], []
+
+    def slow():
+        loads.append("slow")
+        release.wait(10)
+        return "slow model"
+
+    threads = [threading.Thread(target=lambda: order.append(episodes._remember("slow", slow))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    while not loads:
+        time.sleep(0.01)
+    order.append(episodes._remember("fast", lambda: "fast model"))  # does not wait for the download
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["fast model", "slow model", "slow model"] and loads == ["slow"]

@@ -470,3 +470,17 @@ def test_a_device_this_machine_lacks_is_named(saved, monkeypatch):
 
     assert resolve_device("mps").type == "mps"  # the library passes on the devices torch knows
     assert next(load_checkpoint(directory, device="auto").parameters()).device.type == "cpu"
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_from_the_header_before_they_are_read(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import rate_core.checkpoint as checkpoint
+
+    folder = tmp_path / "foreign"
+    save_checkpoint(tiny_model("rate"), folder)
+    save_file({"junk": torch.zeros(64, 64)}, folder / "model.safetensors")  # e.g. a large file of another model
+    monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("the weights were read"))
+    with pytest.raises(CheckpointError, match=r"does not match config.json \(missing tensors .*unexpected tensors "
+                                              r"\['junk'\]"):
+        load_checkpoint(folder)

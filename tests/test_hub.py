@@ -171,3 +171,49 @@ def test_from_pretrained_takes_hf_references_and_refuses_unknown_keywords(tmp_pa
     with pytest.raises(CheckpointError, match=r"a Hugging Face Hub reference, not a folder; load it with "
                                               r"rate_core.hub.load_reference\('hf://someone/rate-tmaze'\)"):
         load_checkpoint("hf://someone/rate-tmaze")
+
+
+def test_a_hub_reference_downloads_the_model_and_its_scores_only():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from rate_core.hub import DOWNLOAD_FILES
+
+    repo = ["README.md", "config.json", "model.safetensors", "eval.json", "episode.mp4", "videos/a.mp4",
+            "other/config.json", "pytorch_model.bin"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=DOWNLOAD_FILES)) == ["config.json", "eval.json",
+                                                                              "model.safetensors"]
+
+
+def test_push_uploads_what_the_card_says_and_keeps_a_public_repository_from_a_private_upload(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from training import push
+    from training.cli import cli
+
+    calls = []
+
+    class FakeApi:  # the Hub, with an existing public repository
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def repo_info(self, repo_id, **kwargs):
+            return SimpleNamespace(private=False)
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            return "https://huggingface.co/someone/rate-tmaze/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    argv = ["--checkpoint", str(SHIPPED), "--repo-id", "someone/rate-tmaze", "--no-video",
+            "--out", str(tmp_path / "up")]
+    with pytest.raises(SystemExit, match="exists and is public .*nothing uploaded"):
+        push.main(cli(push.Args, [*argv, "--private"]))
+    assert [name for name, _ in calls] == ["create_repo"]
+    push.main(cli(push.Args, argv))
+    upload = calls[-1][1]
+    # an earlier push's video (this one has none) or eval.json is deleted in the same commit
+    assert upload["delete_patterns"] == ["*.mp4", "eval.json"] and upload["ignore_patterns"] == [".rate_core_upload"]
+    with pytest.raises(SystemExit, match=r"--checkpoint hf://someone/x: push uploads a local checkpoint folder"):
+        push.main(cli(push.Args, ["--checkpoint", "hf://someone/x", "--repo-id", "someone/y"]))

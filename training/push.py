@@ -44,7 +44,8 @@ class Args:
     video: bool = True
     """include an example episode video (seed 0, the task's default settings)"""
     private: bool = False
-    """create the repository as private"""
+    """create the repository as private (an existing repository keeps its visibility: push stops if it
+    is public and --private was given)"""
 
 
 def example_video(model, folder: Path) -> str | None:
@@ -107,6 +108,9 @@ def main(args: Args) -> None:
     except HFValidationError as error:
         raise SystemExit(f"error: --repo-id must be USER/NAME (letters, digits, '-', '_', '.'), got "
                          f"{args.repo_id!r}: {error}") from None
+    if str(args.checkpoint).startswith("hf:/"):  # a Path keeps one slash of hf://
+        raise SystemExit(f"error: --checkpoint {str(args.checkpoint).replace('hf:/', 'hf://', 1)}: push uploads a "
+                         f"local checkpoint folder; that one is on the Hub already")
     out = args.out or Path("outputs") / "push" / args.repo_id.split("/")[1]
     try:
         check_replaceable(out, UPLOAD_MARKER, "Hub upload folder")
@@ -129,8 +133,15 @@ def main(args: Args) -> None:
     api = HfApi()
     try:
         api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
+        if args.private and not api.repo_info(args.repo_id, repo_type="model").private:
+            raise SystemExit(f"error: {args.repo_id} exists and is public (--private only sets a new repository's "
+                             f"visibility); nothing uploaded: make it private on the Hub first, or leave out --private")
+        # an earlier push's video or eval.json that this folder has not goes: the repository holds what the card says
         info = api.upload_folder(repo_id=args.repo_id, folder_path=folder, repo_type="model",
-                                 commit_message=f"Upload {folder.name} from rate_core", ignore_patterns=[UPLOAD_MARKER])
+                                 commit_message=f"Upload {folder.name} from rate_core", ignore_patterns=[UPLOAD_MARKER],
+                                 delete_patterns=["*.mp4", "eval.json"])
+    except SystemExit:
+        raise
     except Exception as error:  # network, authentication, permissions: say what to do
         raise SystemExit(f"error: upload to {args.repo_id} failed ({error}); check the network and "
                          f"`huggingface-cli login`, or use --dry-run to only build the folder")
