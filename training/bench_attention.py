@@ -92,6 +92,8 @@ def timed(inputs, allowed, scale: float, skip_hidden: bool) -> float:
 
 
 def main(args: Args) -> None:
+    if not args.checkpoints:
+        raise SystemExit("error: --checkpoints needs at least one checkpoint folder (left out: the shipped ones)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_or_exit(args.device)

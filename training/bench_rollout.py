@@ -49,6 +49,11 @@ class Args:
     """cpu, cuda or auto"""
     seed: Annotated[int, AtLeast(0)] = 0
     """first environment seed"""
+    rounds: Annotated[int, AtLeast(1)] = 3
+    """rounds of the three loops, one after another in each, so that a burst of load on a shared machine
+    hits one round's ratios, not one loop; the speedups are the medians of the rounds' ratios"""
+    threads: Annotated[int, AtLeast(0)] = 0
+    """torch CPU threads (0: torch's default)"""
 
 
 @torch.no_grad()
@@ -97,7 +102,7 @@ def _segment_latency(model, env, envs: int, device, segments: int):
 
     def clock():
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter()
 
     for s in range(segments):
@@ -114,6 +119,8 @@ def _segment_latency(model, env, envs: int, device, segments: int):
 
 
 def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(device_or_exit(args.device))
     if args.reference_envs > args.envs:
         raise SystemExit(f"error: --reference-envs ({args.reference_envs}) plays the first of the --envs "
@@ -146,29 +153,33 @@ def main(args: Args) -> None:
         # warm-up (allocator, kernels)
         run_episodes(model, make_env(args.envs), seeds, target, max_steps=k + 2)
 
-        start = time.perf_counter()
-        engine = run_episodes(model, make_env(args.envs), seeds, target, trace=False,
-                              progress=None)
-        engine_seconds = time.perf_counter() - start
-        engine_steps = int(engine.lengths.sum())
-        engine_rate = engine_steps / engine_seconds
-
-        start = time.perf_counter()
-        ref_steps, ref_actions = 0, []
-        for seed in seeds[: args.reference_envs]:
-            actions = recompute_rollout(model, make_env(1), [seed], target, None,
-                                        desc=f"reference seed {seed}")
-            ref_steps += actions.shape[1]
-            ref_actions.append(actions[0])
-        ref_seconds = time.perf_counter() - start
-        ref_rate = ref_steps / ref_seconds
-
         steps = args.recompute_steps and max(k, args.recompute_steps // k * k)
-        start = time.perf_counter()
-        batched_actions = recompute_rollout(model, make_env(args.envs), seeds, target,
-                                            steps or None, desc="batched recompute")
-        batched_seconds = time.perf_counter() - start
-        batched_rate = batched_actions.size / batched_seconds
+        engine_steps = engine_seconds = ref_steps = ref_seconds = batched_steps = batched_seconds = 0
+        ref_actions, ratios = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            engine = run_episodes(model, make_env(args.envs), seeds, target, trace=False, progress=None)
+            e_seconds, e_steps = time.perf_counter() - start, int(engine.lengths.sum())
+
+            start = time.perf_counter()
+            r_steps, r_actions = 0, []
+            for seed in seeds[: args.reference_envs]:
+                actions = recompute_rollout(model, make_env(1), [seed], target, None, desc=f"reference seed {seed}")
+                r_steps += actions.shape[1]
+                r_actions.append(actions[0])
+            r_seconds = time.perf_counter() - start
+
+            start = time.perf_counter()
+            batched_actions = recompute_rollout(model, make_env(args.envs), seeds, target,
+                                                steps or None, desc="batched recompute")
+            b_seconds = time.perf_counter() - start
+            ratios.append((e_steps / e_seconds / (r_steps / r_seconds),
+                           e_steps / e_seconds / (batched_actions.size / b_seconds)))
+            engine_steps, engine_seconds = engine_steps + e_steps, engine_seconds + e_seconds
+            ref_steps, ref_seconds, ref_actions = ref_steps + r_steps, ref_seconds + r_seconds, r_actions
+            batched_steps, batched_seconds = batched_steps + batched_actions.size, batched_seconds + b_seconds
+        engine_rate, ref_rate, batched_rate = (engine_steps / engine_seconds, ref_steps / ref_seconds,
+                                               batched_steps / batched_seconds)
 
         # The three loops must agree on what they did (argmax; reference envs are the first ones).
         check = run_episodes(model, make_env(args.envs), seeds, target, trace=True)
@@ -181,15 +192,17 @@ def main(args: Args) -> None:
     print(f"{'engine':<20} {engine_steps:>10} {engine_seconds:>9.2f} {engine_rate:>12.1f}")
     print(f"{'reference':<20} {ref_steps:>10} {ref_seconds:>9.2f} {ref_rate:>12.1f}   "
           f"({args.reference_envs} envs, one at a time)")
-    print(f"{'batched recompute':<20} {batched_actions.size:>10} {batched_seconds:>9.2f} {batched_rate:>12.1f}   "
+    print(f"{'batched recompute':<20} {batched_steps:>10} {batched_seconds:>9.2f} {batched_rate:>12.1f}   "
           f"({batched_actions.shape[1]} steps of {args.envs} envs)")
     print(f"actions of the three loops agree: {agree}")
     print(f"model step latency with {args.envs} envs: segment start {latency[0] * 1e3:.2f} ms, "
           f"middle {latency[k // 2] * 1e3:.2f} ms, end {latency[-1] * 1e3:.2f} ms; memory update after the segment "
           f"{update * 1e3:.2f} ms (once per {k} steps)")
     print(f"success rate of the engine's episodes: {engine.successes.mean():.2f}")
-    print(f"speedup_vs_reference={engine_rate / ref_rate:.1f} "
-          f"speedup_vs_batched_recompute={batched_rate and engine_rate / batched_rate:.1f}")
+    print("per-round speedups (reference, batched recompute): "
+          + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in ratios))
+    print(f"speedup_vs_reference={np.median([a for a, _ in ratios]):.1f} "
+          f"speedup_vs_batched_recompute={np.median([b for _, b in ratios]):.1f}")
 
 
 if __name__ == "__main__":

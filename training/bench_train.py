@@ -8,15 +8,17 @@ Each case runs in a fresh process so that its peak memory is its own. Tokens are
 (3 per step: return-to-go, observation, action); memory tokens are not counted.
 """
 
+import dataclasses
 import multiprocessing as mp
 import resource
 import time
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.cli import cli, run_main
+from training.cli import AtLeast, cli, device_or_exit, run_main
 
 REFERENCE_RATE_TOKENS_PER_S = 1800  # a reference implementation, RATE batch 128, this kind of 2-core machine
 
@@ -25,15 +27,15 @@ REFERENCE_RATE_TOKENS_PER_S = 1800  # a reference implementation, RATE batch 128
 class Args:
     """Measure tokens/s and peak memory of one training step of the T-Maze paper configs."""
 
-    steps: int = 3
+    steps: Annotated[int, AtLeast(1)] = 3
     """timed training steps per case (after one warm-up step)"""
-    rate_batch: int = 128
+    rate_batch: Annotated[int, AtLeast(1)] = 128
     """batch size of the RATE case (samples of 3 segments x 50 steps)"""
-    dt_batch: int = 64
+    dt_batch: Annotated[int, AtLeast(1)] = 64
     """batch size of the DT case (samples of one 150-step window)"""
-    memory_grad: str = "bptt"
+    memory_grad: Literal["bptt", "detached"] = "bptt"
     """bptt (default training) or detached (the reference scheme)"""
-    micro_batch: int = 32
+    micro_batch: Annotated[int, AtLeast(0)] = 32
     """samples per forward/backward; gradients accumulate to one update of the whole batch (0: whole batch)"""
     activation_checkpointing: bool = False
     """recompute each layer in backward instead of keeping its activations (less memory, slower)"""
@@ -43,6 +45,9 @@ class Args:
     """torch.compile the losses, as train --compile (the warm-up step then includes the compilation)"""
     bf16: bool = False
     """bfloat16 autocast of the forward pass, as train --bf16"""
+    threads: Annotated[int, AtLeast(0)] = 0
+    """torch CPU threads in each case's process (0: torch's default, one per core); on a shared machine,
+    1 keeps a burst of other load from slowing a step many times over"""
 
 
 def inplace_baddbmm_flop(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -57,8 +62,9 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     from rate_core.paper import paper_config
     from training.step import SegmentLosses, train_step
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(args.device)  # resolved by main
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = paper_config("tmaze", mode)
     model = MemoryTransformer(config).to(device)
@@ -80,19 +86,19 @@ def _run_case(mode: str, batch: int, args: Args, queue) -> None:
     start = time.perf_counter()
     step()  # warm-up (and compilation)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     warmup = time.perf_counter() - start
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # Matrix-multiply work of one step, counted on 2 samples and scaled (it is linear in the batch).
@@ -109,12 +115,12 @@ def matmul_peak_gflops(device: str) -> float:
     a = torch.randn(1024, 1024, device=device)
     a @ a
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(10):
         a @ a
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
@@ -126,11 +132,15 @@ def measure(mode: str, batch: int, args: Args) -> dict:
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise RuntimeError(f"{mode} at batch {batch} failed (exit code {process.exitcode}; out of memory?)")
+        likely = "; killed: out of memory?" if process.exitcode == -9 else "; its error is above"
+        raise RuntimeError(f"{mode} at batch {batch} failed (exit code {process.exitcode}{likely})")
     return queue.get()
 
 
 def main(args: Args) -> None:
+    args = dataclasses.replace(args, device=device_or_exit(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory_grad={args.memory_grad}, "
           f"micro_batch={args.micro_batch or 'whole batch'}, activation_checkpointing={args.activation_checkpointing}, "
           f"compile={args.compile}, bf16={args.bf16}")
@@ -149,8 +159,10 @@ def main(args: Args) -> None:
     ceiling = rate["tokens_per_s"] * peak / (rate["gflop"] / rate["seconds"])
     print(f"\nmatrix-multiply peak of this device: {peak:.0f} GFLOP/s (float32, 1024 x 1024); at that rate the "
           f"RATE step's matrix multiplies alone would allow {ceiling:,.0f} tokens/s")
-    print(f"RATE vs the reference implementation's ~{REFERENCE_RATE_TOKENS_PER_S:,} tokens/s (batch 128, 2-core CPU): "
-          f"{rate['tokens_per_s'] / REFERENCE_RATE_TOKENS_PER_S:.1f}x")
+    if rate["device"] == "cpu" and args.rate_batch == 128 and args.memory_grad == "bptt":  # the figure's setting
+        print(f"RATE vs a reference implementation's ~{REFERENCE_RATE_TOKENS_PER_S:,} tokens/s, a figure recorded at "
+              f"batch 128 on this kind of 2-core CPU (not measured in this run): "
+              f"{rate['tokens_per_s'] / REFERENCE_RATE_TOKENS_PER_S:.1f}x")
     print("peak memory: " + ("CUDA max_memory_allocated" if rate["device"].startswith("cuda") else
                              f"process peak RSS (the interpreter and torch alone take {rate['baseline_gib']:.2f} GiB)"))
 
