@@ -188,12 +188,13 @@ def main(args: Args) -> None:
             for i in range(args.envs))
 
     latency, update = segment_latency(model, task, settings, args.envs, device)
-    print(f"{'loop':<20} {'env-steps':>10} {'seconds':>9} {'env-steps/s':>12}")
+    each = f" in each of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"{'loop':<20} {'env-steps':>10} {'seconds':>9} {'env-steps/s':>12}   (all rounds together)")
     print(f"{'engine':<20} {engine_steps:>10} {engine_seconds:>9.2f} {engine_rate:>12.1f}")
     print(f"{'reference':<20} {ref_steps:>10} {ref_seconds:>9.2f} {ref_rate:>12.1f}   "
-          f"({args.reference_envs} envs, one at a time)")
+          f"({args.reference_envs} envs, one at a time{each})")
     print(f"{'batched recompute':<20} {batched_steps:>10} {batched_seconds:>9.2f} {batched_rate:>12.1f}   "
-          f"({batched_actions.shape[1]} steps of {args.envs} envs)")
+          f"({batched_actions.shape[1]} steps of {args.envs} envs{each})")
     print(f"actions of the three loops agree: {agree}")
     print(f"model step latency with {args.envs} envs: segment start {latency[0] * 1e3:.2f} ms, "
           f"middle {latency[k // 2] * 1e3:.2f} ms, end {latency[-1] * 1e3:.2f} ms; memory update after the segment "
