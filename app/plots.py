@@ -23,6 +23,9 @@ def _empty(title: str, message: str):
 
 
 def _segment_lines(axis, trace: EpisodeTrace):
+    """Dotted lines where the trace's segments begin (none for DT, which slides its window step by step)."""
+    if trace.sliding_window:
+        return
     for step in range(trace.segment_steps, trace.length, trace.segment_steps):
         axis.axvline(step, color="0.6", linestyle=":", linewidth=1)
 
@@ -99,6 +102,7 @@ def memory_change(trace: EpisodeTrace | None, name: str):
     twin.plot(steps, cosine, "s--", color="tab:blue", label="cosine similarity to the previous memory")
     twin.set_ylabel("cosine similarity", color="tab:blue")
     twin.set_ylim(min(-0.05, cosine.min() - 0.05), 1.05)
+    axis.set_ylim(0, max(1e-9, change.max()) * 1.1)  # from 0, as the twin axis: not a drop where there is none
     axis.set_title(title, fontsize=11)
     lines = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     # under the axes, where it hides no point
@@ -137,8 +141,9 @@ def memory_attention(trace: EpisodeTrace | None, name: str, class_names: tuple[s
         classes = trace.aux_probs.shape[1]
         labels = [class_names[c] if c < len(class_names) else f"class {c}" for c in range(classes)]
         if classes <= 3:
-            for c in range(classes):
-                axis.plot(steps, trace.aux_probs[:, c], linewidth=1.6, label=labels[c])
+            for c in range(classes):  # a class named by a colour (ViZDoom's pillar) is drawn in it
+                colour = {"green": "tab:green", "red": "tab:red"}.get(labels[c], f"C{c}")
+                axis.plot(steps, trace.aux_probs[:, c], linewidth=1.6, label=labels[c], color=colour)
             axis.set_ylim(-0.04, 1.04)  # a curve at 0 or 1 stays visible
             axis.set_ylabel("probability")
             axis.legend(fontsize=8, ncol=4, loc="center right")

@@ -179,6 +179,8 @@ class EpisodeTrace:
     """the segments memory and cache reached back over (run_episodes' memory_horizon; None: the whole episode)"""
     cut_short: bool = False
     """the episode was stopped by run_episodes' max_steps before the env ended it (no verdict yet)"""
+    sliding_window: bool = False
+    """the model acts on a sliding window of its last segment_steps steps (DT), not in segments"""
 
     @property
     def length(self) -> int:
@@ -274,7 +276,7 @@ class _Recorder:
                 aux_probs=np.array(rec["aux"], dtype=np.float32) if rec["aux"] else None,
                 frames=np.array(rec["frames"]) if rec["frames"] else None,
                 observations=np.array(rec["obs"]) if rec["obs"] else None, memory_horizon=self.memory_horizon,
-                cut_short=bool(cut_short),
+                cut_short=bool(cut_short), sliding_window=self.model.config.mode == "dt",
             ))
         return out
 

@@ -1186,3 +1186,25 @@ def test_a_space_keeps_visitors_off_its_disk_unless_told_and_a_slow_load_holds_u
     for thread in threads:
         thread.join(10)
     assert order == ["fast model", "slow model", "slow model"] and loads == ["slow"]
+
+
+def test_panels_draw_no_segments_for_dt_start_the_change_axis_at_zero_and_colour_named_classes_so():
+    import matplotlib.pyplot as plt
+
+    from app import plots
+    from app.episodes import play
+
+    request = make_request("tmaze", 0, 300, 1.0, 0, False)
+    rate, dt = (play(load_model(f"shipped: {mode}", "tmaze"), request) for mode in ("rate", "dt"))
+    assert dt.sliding_window and not rate.sliding_window
+    figure, _ = plots.action_probabilities([rate, dt], ["RATE", "DT"], ("0", "1", "2", "3"))
+    dotted = [[line for line in axis.get_lines() if line.get_linestyle() == ":"] for axis in figure.axes[0:4:2]]
+    assert len(dotted[0]) == 5 and dotted[1] == []  # RATE's 6 segments begin at 50, ..., 250; DT slides
+    figure, _ = plots.memory_change(rate, "RATE")
+    assert figure.axes[0].get_ylim()[0] == 0  # from 0, as the cosine axis beside it
+    plt.close("all")
+    rate.aux_probs = np.tile([0.2, 0.8], (rate.length, 1)).astype(np.float32)
+    figure, _ = plots.memory_attention(rate, "RATE", ("green", "red"), "", None)
+    colours = {line.get_label(): line.get_color() for axis in figure.axes for line in axis.get_lines()}
+    assert colours["green"] == "tab:green" and colours["red"] == "tab:red"
+    plt.close("all")

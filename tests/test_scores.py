@@ -2,6 +2,8 @@
 
 import json
 import math
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -121,7 +123,7 @@ def test_compare_plot_names_the_checkpoints_given_and_tells_two_evaluations_of_o
     from training import compare
 
     drawn = []
-    monkeypatch.setattr(compare, "save_png", lambda figure, out: drawn.append(figure) or out)
+    monkeypatch.setattr(compare, "save_png", lambda figure, out, **kwargs: drawn.append(figure) or out)
     # the shipped eval.json names the run that made the checkpoint; the axes name the folders given
     compare.main(compare.Args(first=ASSETS / "memory_maze/rate", second=ASSETS / "memory_maze/dt/eval.json",
                               plot=tmp_path / "p.png"))
@@ -155,3 +157,21 @@ def test_a_dataset_given_as_an_evaluation_is_named_as_one(tmp_path):
     (tmp_path / "data" / "meta.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"data is a dataset folder; give an evaluation"):
         main(Args(evaluations=(tmp_path / "data",), out=tmp_path / "s.png"))
+
+
+def test_compare_plot_of_many_settings_is_a_grid_whose_text_fits_and_whose_near_points_merge(tmp_path):
+    from PIL import Image
+
+    from training import compare
+
+    out = tmp_path / "mg.png"
+    compare.main(compare.Args(first=ASSETS / "minigrid_memory/rate", second=ASSETS / "minigrid_memory/dt",
+                              plot=out))
+    width, height = Image.open(out).size
+    assert height > width / 2  # six settings: two rows of three, not one strip 2,800 pixels wide
+    pixels = np.asarray(Image.open(out).convert("L"))
+    assert (pixels[-1] < 128).sum() == 0 and (pixels[0] < 128).sum() == 0  # no text cut at the edges
+    figure = compare.plot_pairs(*(compare.load_evaluation(ASSETS / f"minigrid_memory/{m}/eval.json") for m in
+                                  ("rate", "dt")))
+    counts = [len(axis.collections[0].get_offsets()) for axis in figure.axes if axis.get_visible()]
+    assert max(counts) <= 4  # returns within 4% of the range are one point, its count written on it

@@ -156,13 +156,20 @@ def plot_pairs(first: dict, second: dict, labels: tuple[str, str] | None = None)
     label_a, label_b = labels or (label_of(first), label_of(second))
     rows = shared_rows(first, second)
     setting = first["protocol"]["setting"]
-    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows) + 0.6, 4.4), squeeze=False)
-    for axis, (value, a, b) in zip(axes[0], rows, strict=True):
+    columns = min(3, len(rows))  # at most three panels a row, so that their text stays readable
+    lines = -(-len(rows) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns + 0.6, 4.6 * lines), squeeze=False)
+    for axis in axes.flat[len(rows):]:
+        axis.set_visible(False)
+    for axis, (value, a, b) in zip(axes.flat, rows, strict=False):
         x, y = paired_returns(a, b)
         figures = paired(a, b)
-        points, counts = np.unique(np.stack([y, x], axis=1), axis=0, return_counts=True)
         low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         pad = 0.12 * (high - low) if high > low else 0.5
+        # episodes within 4% of the range of each other are one point (returns that vary a little, as
+        # Minigrid's, would otherwise pile their counts into an unreadable smudge)
+        grid = (high - low) / 25 if high > low else 1.0
+        points, counts = np.unique(np.round(np.stack([y, x], axis=1) / grid) * grid, axis=0, return_counts=True)
         axis.plot([low - pad, high + pad], [low - pad, high + pad], color="0.6", linestyle="--", linewidth=1)
         sizes = 24 + 600 * counts / len(x)  # area: a floor for single episodes, then the share of the episodes
         axis.scatter(points[:, 0], points[:, 1], s=sizes, alpha=0.6, color="tab:blue", edgecolors="none")
@@ -232,7 +239,7 @@ def main(args: Args) -> None:
             labels = distinct_labels([label_of(report, evaluated_folder(path))
                                       for report, path in zip((first, second), given, strict=True)],
                                      [first, second], list(given))
-            print(f"wrote {save_png(plot_pairs(first, second, tuple(labels)), args.plot)}")
+            print(f"wrote {save_png(plot_pairs(first, second, tuple(labels)), args.plot, tight=True)}")
         except (ValueError, OSError) as error:
             raise SystemExit(f"error: --plot: {error}")
 

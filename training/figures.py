@@ -28,15 +28,17 @@ def png_out_or_exit(flag: str, out: Path) -> None:
     writable_file_or_exit(flag, out)
 
 
-def save_png(figure, out: Path) -> Path:
+def save_png(figure, out: Path, tight: bool = False) -> Path:
     """Write figure to out as a PNG through a temporary file renamed into place (a kill leaves the old
-    file or none, never half of one), and close it. Raises ValueError if out does not end in .png."""
+    file or none, never half of one), and close it. Raises ValueError if out does not end in .png.
+    tight: the image takes in all the figure's text (equal-aspect panels can leave their labels outside)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"{out} must be a .png file")
     partial = out.with_name(f".{out.name}.partial")
     try:
-        figure.savefig(partial, dpi=110, format="png")
+        fit = {"bbox_inches": "tight", "pad_inches": 0.15} if tight else {}
+        figure.savefig(partial, dpi=110, format="png", **fit)
         os.replace(partial, out)
     finally:
         plt.close(figure)
