@@ -2,10 +2,9 @@
 
 import json
 import math
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
