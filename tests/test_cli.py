@@ -7,6 +7,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -544,3 +545,51 @@ def test_evaluate_says_to_give_json_where_the_checkpoint_folder_cannot_take_eval
     monkeypatch.setattr(cli_module, "_can_make_file_in", lambda folder: False)
     with pytest.raises(SystemExit, match=r"cannot write eval.json in the checkpoint's folder .*; give --json OUT"):
         evaluate.main(cli(evaluate.Args, ["--checkpoint", "assets/checkpoints/tmaze/rate"]))
+
+
+def test_ctrl_c_ends_the_process_even_where_a_pool_thread_stop_pool_could_not_end_still_waits():
+    # the pool's thread blocked on half a result (seen after Ctrl-C in frame_probe): the interpreter's exit
+    # would wait for it for ever; run_main's way out ends the process at once
+    script = ("import threading\n"
+              "from training import cli\n"
+              "def main(args):\n"
+              "    stuck = threading.Thread(target=threading.Event().wait)\n"
+              "    stuck.start()\n"
+              "    cli._STUCK_POOL_THREADS.append(stuck)\n"
+              "    raise KeyboardInterrupt\n"
+              "cli.run_main(main, None, 'interrupted: test')\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "interrupted: test"
+    assert time.monotonic() - started < 30
+
+
+def test_probe_tools_refuse_bad_input_in_one_line_naming_the_option_given(tmp_path, monkeypatch):
+    from training import colour_probe, frame_probe, label_probe, render_check
+
+    with pytest.raises(SystemExit, match=r"^error: unknown task 'nope'"):
+        label_probe.main(cli(label_probe.Args, ["--task", "nope"]))
+    with pytest.raises(SystemExit, match=r"^error: --a: noise is a probability"):
+        label_probe.main(cli(label_probe.Args, ["--task", "memory_maze", "--a", "noise=2"]))
+    with pytest.raises(SystemExit, match=r"^error: --save /proc/x.npz: cannot write a file there"):
+        render_check.main(cli(render_check.Args, ["--task", "tmaze", "--save", "/proc/x.npz", "--steps", "5"]))
+    (tmp_path / "x.npz").mkdir()
+    with pytest.raises(SystemExit, match=r"cannot write a file there \(a folder\)"):
+        render_check.main(cli(render_check.Args, ["--task", "tmaze", "--save", str(tmp_path / "x.npz")]))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]  # nothing recorded, nothing left
+    for argv, message in [(["--play-episodes", "-1"], "--play-episodes is 0"),
+                          (["--aux-weight", "nan", "--first-frame"], "--aux-weight are 0 .off. or positive")]:
+        with pytest.raises(SystemExit, match=message):
+            frame_probe.main(cli(frame_probe.Args, argv))
+    # the memory probe plays the cue the model was given, as the other probes do
+    import training.collect as collect
+
+    played = []
+    monkeypatch.setattr(collect, "run_episode", lambda task, settings, *a, **k: played.append(settings)
+                        or {"actions": []})
+    from rate_core.checkpoint import load_checkpoint
+
+    model = load_checkpoint("assets/checkpoints/vizdoom_two_colors/rate")
+    with contextlib.suppress(Exception):  # no episode was long enough: nothing to decode, which is fine here
+        colour_probe.memory_probe(model, 2, 10_000, cue=1)
+    assert played and all(settings["cue"] == 1 for settings in played)

@@ -79,24 +79,24 @@ def parse_settings(task: Task, items: tuple[str, ...]) -> dict:
     return _assignments(items, options, int, task.name, "environment setting")
 
 
-def parse_teacher_options(task: Task, items: tuple[str, ...]) -> dict:
-    """{NAME: number} from command-line items NAME=NUMBER, checked against the settings the task's
-    teacher has."""
+def parse_teacher_options(task: Task, items: tuple[str, ...], flag: str = "--teacher-options") -> dict:
+    """{NAME: number} from command-line items NAME=NUMBER (option `flag`), checked against the settings
+    the task's teacher has."""
     if not items:
         return {}
     if task.make_teacher is None:
-        raise SystemExit(f"error: task {task.name} has no teacher to give --teacher-options to")
+        raise SystemExit(f"error: task {task.name} has no teacher to give {flag} to")
     defaults = {name: value for name, value in vars(task.make_teacher()).items() if isinstance(value, (int, float))}
     options = _assignments(items, list(defaults), float, f"the teacher of {task.name}", "setting")
     for name, value in options.items():  # a count (of steps) is a whole number: 2.5 is refused, not cut to 2
         if isinstance(defaults[name], int) and not isinstance(defaults[name], bool):  # (a switch is 0 or 1)
             if not value.is_integer():
-                raise SystemExit(f"error: --teacher-options {name} is a whole number, got {value:g}")
+                raise SystemExit(f"error: {flag} {name} is a whole number, got {value:g}")
             options[name] = int(value)
     try:
         task.make_teacher(**options)
     except ValueError as error:
-        raise SystemExit(f"error: --teacher-options: {error}") from None
+        raise SystemExit(f"error: {flag}: {error}") from None
     return options
 
 

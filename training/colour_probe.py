@@ -165,7 +165,7 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
         return float(((x[n:] @ w + b > 0).float() == y[n:]).float().mean())
 
 
-def memory_probe(model, episodes: int, seed: int) -> dict:
+def memory_probe(model, episodes: int, seed: int, cue: int = 0) -> dict:
     """Held-out accuracy of decoding the colour from the memory after segment 1 and from the encoder's
     output on the first frame (first segments of teacher episodes, teacher-forced)."""
     from training.collect import run_episode
@@ -173,7 +173,7 @@ def memory_probe(model, episodes: int, seed: int) -> dict:
     steps = model.config.context_length
     memory, first_frame, colours = [], [], []
     for episode_seed in tqdm(range(seed, seed + episodes), desc="memory probe", unit="episode"):
-        episode = run_episode(TASK, {"step_cap": steps}, episode_seed, teacher=True)
+        episode = run_episode(TASK, {"step_cap": steps, "cue": cue}, episode_seed, teacher=True)
         if len(episode["actions"]) < steps:
             continue
         rewards = episode["rewards"].astype(np.float32)
@@ -216,7 +216,7 @@ def main(args: Args) -> None:
             print(f"  {label:>30}: p(expert's) {f[name]['p_expert']:.3f}, p(other colour's) "
                   f"{f[name]['p_other_colour']:.3f}, expert's preferred at {f[name]['expert_preferred']:.2f}")
     if args.memory_episodes:
-        m = memory_probe(model, args.memory_episodes, args.seed + 10_000)
+        m = memory_probe(model, args.memory_episodes, args.seed + 10_000, args.cue)
         print(f"colour decodable (held-out accuracy over {m['episodes'] - m['episodes'] // 2} episodes, "
               f"red share {m['red_share']:.2f}): encoder on the first frame {m['encoder_first_frame']:.2f}"
               + (f", memory after segment 1 {m['memory_after_segment_1']:.2f}"

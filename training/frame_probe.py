@@ -246,7 +246,9 @@ def main(args: Args) -> dict:
     for name in ("episodes", "test_episodes", "epochs", "block", "play_cap", "workers", "threads", "frames"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.head_hidden < 0 or args.aux_weight < 0:
+    if args.play_episodes < 0:
+        raise SystemExit(f"error: --play-episodes is 0 (do not play) or more, got {args.play_episodes}")
+    if not (args.head_hidden >= 0 and args.aux_weight >= 0):  # nan is refused too
         raise SystemExit("error: --head-hidden and --aux-weight are 0 (off) or positive")
     if args.aux_weight and not args.first_frame:
         raise SystemExit("error: --aux-weight reads the colour from the first frame: add --first-frame")

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rate_core.tasks import get_task
-from training.cli import NONE_DEFAULT, OWN_DEFAULT, AtLeast, check_env_settings, cli, run_main
+from training.cli import NONE_DEFAULT, OWN_DEFAULT, AtLeast, check_env_settings, cli, run_main, task_or_exit
 from training.collect import parse_settings, parse_teacher_options
 
 
@@ -71,12 +71,12 @@ def probe(task_name: str, a: dict, b: dict, episodes: int, seed: int, early: int
 
 
 def main(args: Args) -> None:
-    task = get_task(args.task)
+    task = task_or_exit(args.task)
     if task.make_teacher is None:
         raise SystemExit(f"error: task {task.name} has no teacher; pick one that has (e.g. memory_maze)")
     settings = parse_settings(task, args.settings)
     check_env_settings(task, [settings], "--settings")
-    result = probe(task.name, parse_teacher_options(task, args.a), parse_teacher_options(task, args.b),
+    result = probe(task.name, parse_teacher_options(task, args.a, "--a"), parse_teacher_options(task, args.b, "--b"),
                    args.episodes, args.seed, args.early, settings)
     print(f"teacher A ({' '.join(args.a) or 'defaults'}): mean return {result['return']:.2f} over {args.episodes} "
           f"episodes from seed {args.seed}")

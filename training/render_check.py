@@ -24,7 +24,7 @@ from typing import Annotated
 import numpy as np
 
 from rate_core.tasks import Task
-from training.cli import OWN_DEFAULT, at_least, cli, run_main, task_or_exit
+from training.cli import OWN_DEFAULT, at_least, cli, run_main, task_or_exit, writable_file_or_exit
 
 
 @dataclass
@@ -105,6 +105,9 @@ def main(args: Args) -> None:
     at_least("--seed", args.seed, 0)
     if args.save is not None and args.save.suffix != ".npz":
         raise SystemExit(f"error: --save {args.save}: the file name must end in .npz")
+    if args.save is not None:  # before the recording, not after it
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        writable_file_or_exit("--save", args.save)
     if theirs is not None:
         if theirs["task"] != task.name:
             raise SystemExit(f"error: --compare {args.compare} holds {theirs['task']} observations; give "
