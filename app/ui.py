@@ -600,18 +600,17 @@ def build_demo(warm: bool = True) -> gr.Blocks:
         task_text = gr.Markdown(task_description(first[0]) if tasks else "", elem_id="task_text")
         with gr.Row():  # no precision=0 on the whole-number boxes: gradio would round 1.5 to 2 unsaid; the app
             # checks them and says what is allowed
-            seed = gr.Number(value=0, label="seed", info="the same episode for both agents", min_width=160)
+            seed = gr.Number(value=0, label="seed", info="the same episode for both agents")
             setting = gr.Number(value=first[4], visible=spec is not None,
                                 label=f"{spec.label} ({spec.minimum} to {spec.maximum})" if spec else "setting",
-                                info=spec.info if spec else None, min_width=160)
-            target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step",
-                               min_width=160)
-            cap = gr.Number(value=first[6], label="step cap", info="0: play each episode to its end", min_width=160)
+                                info=spec.info if spec else None)
+            target = gr.Number(value=first[5], label="target return", info="return-to-go given at the first step")
+            cap = gr.Number(value=first[6], label="step cap", info="0: play each episode to its end")
             sample = gr.Checkbox(value=first[7], label="sample actions", info="off: always the most likely action",
                                  elem_id="sample_box")
             horizon = gr.Number(value=0, label="memory horizon (segments)",
                                 info="0: remember the whole episode; H: RATE, RMT and TrXL remember the last H "
-                                     "segments only (DT keeps its window)", min_width=160)
+                                     "segments only (DT keeps its window)")
         run = gr.Button("Run", variant="primary")
         outcome_text = gr.Markdown(elem_id="outcome")
         with gr.Row():  # side by side, one above the other where the screen has no room for two 320-pixel videos

@@ -274,13 +274,13 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: this evaluation is not the protocol's ({', '.join(changed)}): give --json OUT; "
                          f"a checkpoint's own eval.json holds only the protocol's results (the app, training.scores "
                          f"and push read it as such)")
-    if args.json is None:
-        try:
-            writable_file_or_exit("--checkpoint", out)
-        except SystemExit:
+    try:
+        writable_file_or_exit("--json", out)
+    except SystemExit:
+        if args.json is None:  # the checkpoint's own folder, which the user did not name
             raise SystemExit(f"error: cannot write eval.json in the checkpoint's folder {out.parent} (read-only?); "
                              f"give --json OUT") from None
-    writable_file_or_exit("--json", out)
+        raise
     at_least("--seed", args.seed, 0)
     if args.episodes is not None:
         at_least("--episodes", args.episodes, 1)

@@ -118,8 +118,7 @@ def main(args: Args) -> None:
     print(f"{task.title}: {len(observations)} observations {observations.shape[1:]} from {args.episodes} "
           f"episode{'s' * (args.episodes != 1)} (seeds from {args.seed}) of up to {args.steps} random actions; "
           f"renderer: {drawn_by}")
-    if args.save is not None:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
+    if args.save is not None:  # (its folder made and checked above)
         partial = args.save.with_name(args.save.name + ".partial.npz")  # a killed run leaves no half-written file
         np.savez_compressed(partial, task=task.name, renderer=drawn_by, seed=args.seed, steps=args.steps,
                             episodes=args.episodes, observations=observations, rewards=rewards)
